@@ -1,0 +1,608 @@
+//! The centroid snapshot: the versioned, self-describing JSON file `discover` writes and
+//! `assign`, `validate` and the daemon read.
+//!
+//! A snapshot is only ever used through [`ValidSnapshot`], which [`Snapshot::validate`] builds
+//! after checking everything a consumer relies on (format, feature schema, dimensions, finite
+//! numbers, unique ids and names). A file that fails any check is refused whole, with the first
+//! problem named, so a running consumer can keep the snapshot it has.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::domain::features::{Axis, FeatureId, FEATURE_SCHEMA_VERSION};
+use crate::domain::membership::check_exponent;
+use crate::domain::state::StateParams;
+
+/// The `format` field of every snapshot.
+pub const SNAPSHOT_FORMAT: &str = "segmentd.snapshot";
+/// Version of the snapshot file layout.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+/// Largest k a snapshot may hold.
+pub const MAX_SEGMENTS_PER_AXIS: usize = 32;
+
+/// Why a snapshot was refused.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// The file could not be read or written.
+    #[error("snapshot file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The bytes are not a snapshot document.
+    #[error("snapshot is not valid JSON for the snapshot format: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// A check failed.
+    #[error("snapshot rejected: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> SnapshotError {
+    SnapshotError::Invalid(msg.into())
+}
+
+/// Per-feature standardisation: `z = (x − mean) / std`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scaler {
+    /// Mean of each feature (population estimate, design-weighted).
+    pub mean: Vec<f64>,
+    /// Standard deviation of each feature; > 0.
+    pub std: Vec<f64>,
+}
+
+impl Scaler {
+    /// Standardises `raw` into `out`.
+    #[inline]
+    pub fn transform(&self, raw: &[f64], out: &mut [f64]) {
+        for (((o, x), m), s) in out.iter_mut().zip(raw).zip(&self.mean).zip(&self.std) {
+            *o = (x - m) / s;
+        }
+    }
+
+    /// Maps standardised values back to feature units.
+    pub fn inverse(&self, z: &[f64]) -> Vec<f64> {
+        z.iter()
+            .zip(&self.mean)
+            .zip(&self.std)
+            .map(|((z, m), s)| m + z * s)
+            .collect()
+    }
+}
+
+/// One segment of an axis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    /// Stable id, unique within the axis.
+    pub id: u32,
+    /// Human-readable name derived from the centroid, unique within the axis.
+    pub name: String,
+    /// Centroid in standardised units (what distances are measured against).
+    pub centroid: Vec<f64>,
+    /// Centroid in feature units, for people.
+    pub centroid_features: Vec<f64>,
+    /// Sampled customers assigned to it when the snapshot was made.
+    pub size: usize,
+    /// Estimated share of the population (design-weighted): the drift baseline.
+    pub share: f64,
+    /// Weighted mean distance of its members to the centroid: the drift baseline for spread.
+    pub mean_distance: f64,
+}
+
+/// Score of one candidate k.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KScore {
+    /// Number of clusters.
+    pub k: usize,
+    /// Mean silhouette on the silhouette sample.
+    pub silhouette: f64,
+    /// k-means inertia on the standardised data.
+    pub inertia: f64,
+}
+
+/// The model of one axis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AxisModel {
+    /// Which axis.
+    pub axis: Axis,
+    /// Feature names, in centroid order.
+    pub features: Vec<String>,
+    /// Features of the axis left out, with the reason (constant on the sample, missing from
+    /// the input).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped_features: Vec<DroppedFeature>,
+    /// Standardisation.
+    pub scaler: Scaler,
+    /// Chosen number of segments.
+    pub k: usize,
+    /// Mean silhouette of the chosen k.
+    pub silhouette: f64,
+    /// Inertia of the chosen k.
+    pub inertia: f64,
+    /// Every k tried.
+    pub candidates: Vec<KScore>,
+    /// Customers clustered on this axis.
+    pub customers: usize,
+    /// The segments.
+    pub segments: Vec<Segment>,
+}
+
+/// A feature an axis model does without.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DroppedFeature {
+    /// Feature name.
+    pub feature: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// An axis the snapshot has no model for, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkippedAxis {
+    /// Which axis.
+    pub axis: Axis,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// One stratum of the lifetime-value sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierRecord {
+    /// Tier name.
+    pub name: String,
+    /// Lowest lifetime value in the tier.
+    pub ltv_min: f64,
+    /// Highest lifetime value in the tier.
+    pub ltv_max: f64,
+    /// Customers in the tier.
+    pub population: usize,
+    /// Customers sampled from it.
+    pub sampled: usize,
+    /// Design weight of each sampled customer (population / sampled).
+    pub weight: f64,
+}
+
+/// Where the snapshot came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSource {
+    /// What made it (`discover`, `recluster`).
+    pub kind: String,
+    /// Input files or topics.
+    pub inputs: Vec<String>,
+    /// The time features were read at.
+    pub as_of: String,
+    /// Customers in the population.
+    pub population: usize,
+    /// Customers in the sample.
+    pub sampled: usize,
+    /// The strata of the sample (empty when the whole population was clustered).
+    pub tiers: Vec<TierRecord>,
+}
+
+/// The clustering parameters used, recorded for reproducibility.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusteringRecord {
+    /// Smallest k tried.
+    pub min_k: usize,
+    /// Largest k tried.
+    pub max_k: usize,
+    /// k-means restarts.
+    pub n_init: usize,
+    /// k-means iteration cap.
+    pub max_iter: usize,
+    /// k-means relative tolerance.
+    pub tol: f64,
+    /// Points used for the exact silhouette.
+    pub silhouette_sample: usize,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+/// A centroid snapshot, as stored. Use [`Snapshot::validate`] before reading it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// Always [`SNAPSHOT_FORMAT`].
+    pub format: String,
+    /// Layout version, [`SNAPSHOT_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Version of the feature definitions the centroids were built on.
+    pub feature_schema_version: u32,
+    /// The snapshot's own version; every membership names it.
+    pub version: u64,
+    /// When it was made (RFC 3339).
+    pub created_at: String,
+    /// Rolling-state parameters the features were computed with; consumers must use the same.
+    pub state_params: StateParams,
+    /// Exponent of the fuzzy memberships.
+    pub membership_exponent: f64,
+    /// Where it came from.
+    pub source: SnapshotSource,
+    /// How it was clustered.
+    pub clustering: ClusteringRecord,
+    /// One model per clustered axis.
+    pub axes: Vec<AxisModel>,
+    /// Axes without a model, and why.
+    pub skipped_axes: Vec<SkippedAxis>,
+}
+
+/// A checked axis model with its features resolved.
+#[derive(Debug, Clone)]
+pub struct ValidAxis {
+    /// The stored model.
+    pub model: AxisModel,
+    /// Catalogue ids of `model.features`, in order.
+    pub feature_ids: Vec<FeatureId>,
+}
+
+/// A snapshot that passed every check.
+#[derive(Debug, Clone)]
+pub struct ValidSnapshot {
+    snapshot: Snapshot,
+    axes: Vec<ValidAxis>,
+}
+
+impl ValidSnapshot {
+    /// The stored document.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// The axis models, in snapshot order.
+    pub fn axes(&self) -> &[ValidAxis] {
+        &self.axes
+    }
+
+    /// The snapshot version.
+    pub fn version(&self) -> u64 {
+        self.snapshot.version
+    }
+
+    /// Rolling-state parameters.
+    pub fn state_params(&self) -> &StateParams {
+        &self.snapshot.state_params
+    }
+}
+
+impl Snapshot {
+    /// Reads and validates a snapshot file.
+    pub fn load(path: &Path) -> Result<ValidSnapshot, SnapshotError> {
+        let bytes = std::fs::read(path).map_err(|source| SnapshotError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_slice(&bytes)
+    }
+
+    /// Parses and validates snapshot JSON.
+    pub fn from_slice(bytes: &[u8]) -> Result<ValidSnapshot, SnapshotError> {
+        let snapshot: Snapshot = serde_json::from_slice(bytes)?;
+        snapshot.validate()
+    }
+
+    /// Writes the snapshot as pretty JSON, atomically (temp file, then rename), so a watcher
+    /// never sees half a file.
+    pub fn save(&self, path: &Path) -> Result<(), SnapshotError> {
+        let io = |source| SnapshotError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let json = serde_json::to_vec_pretty(self)?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, json).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Checks everything a consumer relies on.
+    pub fn validate(self) -> Result<ValidSnapshot, SnapshotError> {
+        if self.format != SNAPSHOT_FORMAT {
+            return Err(invalid(format!(
+                "format is {:?}, expected {SNAPSHOT_FORMAT:?}",
+                self.format
+            )));
+        }
+        if self.format_version != SNAPSHOT_FORMAT_VERSION {
+            return Err(invalid(format!(
+                "format_version {} is not supported (this build reads {SNAPSHOT_FORMAT_VERSION})",
+                self.format_version
+            )));
+        }
+        if self.feature_schema_version != FEATURE_SCHEMA_VERSION {
+            return Err(invalid(format!(
+                "feature_schema_version {} does not match this build's {FEATURE_SCHEMA_VERSION}",
+                self.feature_schema_version
+            )));
+        }
+        self.state_params
+            .validate()
+            .map_err(|e| invalid(format!("state_params: {e}")))?;
+        check_exponent(self.membership_exponent).map_err(|e| invalid(e.to_string()))?;
+        if self.axes.is_empty() {
+            return Err(invalid("no axis models"));
+        }
+        let mut seen_axes = Vec::new();
+        let mut axes = Vec::with_capacity(self.axes.len());
+        for model in &self.axes {
+            if seen_axes.contains(&model.axis) {
+                return Err(invalid(format!("axis {} appears twice", model.axis)));
+            }
+            seen_axes.push(model.axis);
+            axes.push(validate_axis(model)?);
+        }
+        Ok(ValidSnapshot {
+            snapshot: self,
+            axes,
+        })
+    }
+}
+
+fn validate_axis(model: &AxisModel) -> Result<ValidAxis, SnapshotError> {
+    let axis = model.axis;
+    let d = model.features.len();
+    if d == 0 {
+        return Err(invalid(format!("{axis}: no features")));
+    }
+    let mut feature_ids = Vec::with_capacity(d);
+    for name in &model.features {
+        let id = FeatureId::by_name(name)
+            .ok_or_else(|| invalid(format!("{axis}: unknown feature {name:?}")))?;
+        if id.def().axis != axis {
+            return Err(invalid(format!(
+                "{axis}: feature {name:?} belongs to axis {}",
+                id.def().axis
+            )));
+        }
+        if feature_ids.contains(&id) {
+            return Err(invalid(format!("{axis}: feature {name:?} listed twice")));
+        }
+        feature_ids.push(id);
+    }
+    let scaler = &model.scaler;
+    if scaler.mean.len() != d || scaler.std.len() != d {
+        return Err(invalid(format!(
+            "{axis}: scaler has {} means and {} deviations for {d} features",
+            scaler.mean.len(),
+            scaler.std.len()
+        )));
+    }
+    if scaler.mean.iter().any(|m| !m.is_finite())
+        || scaler.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+    {
+        return Err(invalid(format!(
+            "{axis}: scaler values must be finite with positive deviations"
+        )));
+    }
+    let k = model.segments.len();
+    if k == 0 || k > MAX_SEGMENTS_PER_AXIS || k != model.k {
+        return Err(invalid(format!(
+            "{axis}: k is {} with {k} segments (must match, 1..={MAX_SEGMENTS_PER_AXIS})",
+            model.k
+        )));
+    }
+    let mut ids = Vec::with_capacity(k);
+    let mut names: Vec<&str> = Vec::with_capacity(k);
+    for seg in &model.segments {
+        if ids.contains(&seg.id) {
+            return Err(invalid(format!("{axis}: segment id {} repeats", seg.id)));
+        }
+        ids.push(seg.id);
+        let name = seg.name.trim();
+        if name.is_empty() || names.contains(&name) {
+            return Err(invalid(format!(
+                "{axis}: segment names must be non-empty and unique ({:?})",
+                seg.name
+            )));
+        }
+        names.push(name);
+        if seg.centroid.len() != d || seg.centroid_features.len() != d {
+            return Err(invalid(format!(
+                "{axis}: segment {} centroid has {} values for {d} features",
+                seg.id,
+                seg.centroid.len()
+            )));
+        }
+        if seg.centroid.iter().any(|v| !v.is_finite())
+            || seg.centroid_features.iter().any(|v| !v.is_finite())
+        {
+            return Err(invalid(format!(
+                "{axis}: segment {} centroid is not finite",
+                seg.id
+            )));
+        }
+        let share_ok = seg.share.is_finite() && (0.0..=1.0).contains(&seg.share);
+        let distance_ok = seg.mean_distance.is_finite() && seg.mean_distance >= 0.0;
+        if !(share_ok && distance_ok) {
+            return Err(invalid(format!(
+                "{axis}: segment {} share or mean distance out of range",
+                seg.id
+            )));
+        }
+    }
+    let total: f64 = model.segments.iter().map(|s| s.share).sum();
+    if (total - 1.0).abs() > 1e-6 {
+        return Err(invalid(format!(
+            "{axis}: segment shares sum to {total}, not 1"
+        )));
+    }
+    Ok(ValidAxis {
+        model: model.clone(),
+        feature_ids,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A small valid snapshot: purchase_frequency with two segments.
+    pub(crate) fn sample_snapshot() -> Snapshot {
+        Snapshot {
+            format: SNAPSHOT_FORMAT.into(),
+            format_version: SNAPSHOT_FORMAT_VERSION,
+            feature_schema_version: FEATURE_SCHEMA_VERSION,
+            version: 1,
+            created_at: "2024-03-01T00:00:00Z".into(),
+            state_params: StateParams::default(),
+            membership_exponent: 1.0,
+            source: SnapshotSource {
+                kind: "discover".into(),
+                inputs: vec!["orders.csv".into()],
+                as_of: "2024-03-01T00:00:00Z".into(),
+                population: 10,
+                sampled: 10,
+                tiers: vec![],
+            },
+            clustering: ClusteringRecord {
+                min_k: 2,
+                max_k: 6,
+                n_init: 10,
+                max_iter: 300,
+                tol: 1e-4,
+                silhouette_sample: 5000,
+                seed: 0,
+            },
+            axes: vec![AxisModel {
+                axis: Axis::PurchaseFrequency,
+                features: vec!["monthly_orders_log".into(), "lifetime_orders_log".into()],
+                dropped_features: vec![],
+                scaler: Scaler {
+                    mean: vec![1.0, 2.0],
+                    std: vec![0.5, 1.0],
+                },
+                k: 2,
+                silhouette: 0.6,
+                inertia: 3.0,
+                candidates: vec![],
+                customers: 10,
+                segments: vec![
+                    Segment {
+                        id: 1,
+                        name: "frequent".into(),
+                        centroid: vec![1.0, 1.0],
+                        centroid_features: vec![1.5, 3.0],
+                        size: 4,
+                        share: 0.4,
+                        mean_distance: 0.5,
+                    },
+                    Segment {
+                        id: 2,
+                        name: "infrequent".into(),
+                        centroid: vec![-1.0, -1.0],
+                        centroid_features: vec![0.5, 1.0],
+                        size: 6,
+                        share: 0.6,
+                        mean_distance: 0.4,
+                    },
+                ],
+            }],
+            skipped_axes: vec![],
+        }
+    }
+
+    #[test]
+    fn a_good_snapshot_round_trips() {
+        let snap = sample_snapshot();
+        let json = serde_json::to_vec(&snap).unwrap();
+        let valid = Snapshot::from_slice(&json).unwrap();
+        assert_eq!(valid.snapshot(), &snap);
+        assert_eq!(valid.axes()[0].feature_ids.len(), 2);
+    }
+
+    #[test]
+    fn every_broken_invariant_is_named() {
+        type Breaker = Box<dyn Fn(&mut Snapshot)>;
+        let cases: Vec<(&str, Breaker)> = vec![
+            ("format", Box::new(|s| s.format = "other".into())),
+            ("format_version", Box::new(|s| s.format_version = 99)),
+            (
+                "feature_schema_version",
+                Box::new(|s| s.feature_schema_version = 99),
+            ),
+            (
+                "half-life",
+                Box::new(|s| s.state_params.half_life_days = 0.0),
+            ),
+            ("exponent", Box::new(|s| s.membership_exponent = f64::NAN)),
+            (
+                "unknown feature",
+                Box::new(|s| s.axes[0].features[0] = "nope".into()),
+            ),
+            (
+                "belongs to axis",
+                Box::new(|s| s.axes[0].features[0] = "avg_order_value_log".into()),
+            ),
+            ("scaler", Box::new(|s| s.axes[0].scaler.std[1] = 0.0)),
+            ("k is", Box::new(|s| s.axes[0].k = 3)),
+            ("repeats", Box::new(|s| s.axes[0].segments[1].id = 1)),
+            (
+                "unique",
+                Box::new(|s| s.axes[0].segments[1].name = "frequent".into()),
+            ),
+            (
+                "centroid has",
+                Box::new(|s| {
+                    s.axes[0].segments[0]
+                        .centroid
+                        .pop()
+                        .map(|_| ())
+                        .unwrap_or(())
+                }),
+            ),
+            (
+                "not finite",
+                Box::new(|s| s.axes[0].segments[0].centroid[0] = f64::INFINITY),
+            ),
+            ("sum to", Box::new(|s| s.axes[0].segments[0].share = 0.1)),
+            (
+                "appears twice",
+                Box::new(|s| {
+                    let dup = s.axes[0].clone();
+                    s.axes.push(dup);
+                }),
+            ),
+            ("no axis models", Box::new(|s| s.axes.clear())),
+        ];
+        for (needle, break_it) in cases {
+            let mut snap = sample_snapshot();
+            break_it(&mut snap);
+            let err = snap.validate().expect_err(needle).to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+    }
+
+    #[test]
+    fn truncated_and_unknown_fields_are_refused() {
+        let json = serde_json::to_vec(&sample_snapshot()).unwrap();
+        assert!(matches!(
+            Snapshot::from_slice(&json[..json.len() / 2]),
+            Err(SnapshotError::Parse(_))
+        ));
+        let mut value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        value["surprise"] = serde_json::json!(1);
+        assert!(Snapshot::from_slice(&serde_json::to_vec(&value).unwrap()).is_err());
+    }
+
+    #[test]
+    fn save_then_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap.json");
+        sample_snapshot().save(&path).unwrap();
+        assert_eq!(Snapshot::load(&path).unwrap().version(), 1);
+        assert!(matches!(
+            Snapshot::load(&dir.path().join("missing.json")),
+            Err(SnapshotError::Io { .. })
+        ));
+    }
+}
