@@ -12,7 +12,7 @@
 //! unit mistake (milliseconds read as seconds) or a corrupt field, and letting it in would decay
 //! a customer's whole history to nothing.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -40,17 +40,14 @@ impl EventTime {
     /// First year no longer accepted.
     pub const MAX_YEAR: i32 = 2100;
 
+    /// 1990-01-01T00:00:00Z: the first accepted second.
+    const MIN_UNIX: i64 = 631_152_000;
+    /// 2100-01-01T00:00:00Z: the first refused second.
+    const MAX_UNIX: i64 = 4_102_444_800;
+
     /// Wraps epoch seconds, checking the accepted range.
     pub fn from_unix(seconds: i64) -> Result<Self, TimeError> {
-        let min = Utc
-            .with_ymd_and_hms(Self::MIN_YEAR, 1, 1, 0, 0, 0)
-            .single()
-            .map_or(i64::MIN, |t| t.timestamp());
-        let max = Utc
-            .with_ymd_and_hms(Self::MAX_YEAR, 1, 1, 0, 0, 0)
-            .single()
-            .map_or(i64::MAX, |t| t.timestamp());
-        if (min..max).contains(&seconds) {
+        if (Self::MIN_UNIX..Self::MAX_UNIX).contains(&seconds) {
             Ok(Self(seconds))
         } else {
             Err(TimeError::OutOfRange(seconds.to_string()))
@@ -270,6 +267,16 @@ mod tests {
             EventTime::parse("1850-01-01"),
             Err(TimeError::OutOfRange(_))
         ));
+    }
+
+    #[test]
+    fn range_constants_match_the_calendar() {
+        use chrono::TimeZone;
+        let at = |y| Utc.with_ymd_and_hms(y, 1, 1, 0, 0, 0).unwrap().timestamp();
+        assert_eq!(EventTime::MIN_UNIX, at(EventTime::MIN_YEAR));
+        assert_eq!(EventTime::MAX_UNIX, at(EventTime::MAX_YEAR));
+        assert!(EventTime::from_unix(EventTime::MAX_UNIX - 1).is_ok());
+        assert!(EventTime::from_unix(EventTime::MAX_UNIX).is_err());
     }
 
     #[test]
