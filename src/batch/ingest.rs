@@ -1,0 +1,947 @@
+//! Streaming CSV ingestion: files → typed events → per-customer state, in one pass per file,
+//! with memory bounded by the per-customer state (plus one open order per customer).
+//!
+//! Order lines are grouped into orders: consecutive lines of a customer with the same order id
+//! (or, without an order id column, the same timestamp — a basket) form one order event. An
+//! export may interleave customers freely, but the lines of one order must be contiguous among
+//! that customer's lines; an order whose lines reappear after another order of the same
+//! customer is reported as a bad row, since counting it twice would inflate every frequency
+//! feature.
+//!
+//! Bad rows (an unparsable number, a missing id, a negative quantity that is not a return, a
+//! NaN, an unknown channel) are counted by reason with their line numbers, and the read goes
+//! on; `strict` turns the first one into an error.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rustc_hash::FxHashMap;
+use thiserror::Error;
+
+use crate::domain::event::{
+    CustomerId, Engagement, EngagementAction, Event, EventBody, EventError, MessageChannel, Order,
+    OrderChannel, OrderLine, Return, SupportContact,
+};
+use crate::domain::features::Sources;
+use crate::domain::state::{ApplyOutcome, CustomerState, StateParams};
+use crate::domain::time::EventTime;
+
+use super::mapping::{resolve, ColumnMap, Field, FileKind, MappingError, ResolvedColumns};
+
+/// How many bad rows per file are kept with their line numbers for the terminal report (all of
+/// them go to the bad-rows file when one is asked for).
+pub const REPORTED_BAD_ROWS: usize = 10;
+
+/// One input file.
+#[derive(Debug, Clone)]
+pub struct InputFile {
+    /// What the rows are.
+    pub kind: FileKind,
+    /// Where it is.
+    pub path: PathBuf,
+    /// User column names per field.
+    pub columns: ColumnMap,
+}
+
+/// How to read.
+#[derive(Debug, Clone, Default)]
+pub struct IngestOptions {
+    /// Stop at the first bad row.
+    pub strict: bool,
+    /// Draw a progress bar on a terminal.
+    pub progress: bool,
+    /// Write every bad row (file, line, reason) to this CSV.
+    pub bad_rows_path: Option<PathBuf>,
+}
+
+/// Why ingestion stopped.
+#[derive(Debug, Error)]
+pub enum IngestError {
+    /// A file could not be opened or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The CSV structure is broken beyond one row (unreadable header, invalid UTF-8 header).
+    #[error("{path}: {source}")]
+    Csv {
+        /// The file.
+        path: String,
+        /// The error.
+        source: csv::Error,
+    },
+    /// The header does not fit the mapping.
+    #[error("{path}: {source}")]
+    Mapping {
+        /// The file.
+        path: String,
+        /// The error.
+        source: MappingError,
+    },
+    /// A bad row in strict mode.
+    #[error("{path}:{line}: {reason} (strict mode stops at the first bad row)")]
+    Strict {
+        /// The file.
+        path: String,
+        /// 1-based line number.
+        line: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A rejected row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRow {
+    /// 1-based line number in the file (the header is line 1).
+    pub line: u64,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
+/// What reading one file did.
+#[derive(Debug, Clone, Default)]
+pub struct FileReport {
+    /// The file.
+    pub path: PathBuf,
+    /// Its kind.
+    pub kind: Option<FileKind>,
+    /// Data rows read.
+    pub rows: u64,
+    /// Events applied to state.
+    pub events: u64,
+    /// Events ignored because their id was applied already.
+    pub duplicates: u64,
+    /// Bad rows, total.
+    pub bad_rows: u64,
+    /// Bad rows by reason category.
+    pub bad_by_reason: BTreeMap<String, u64>,
+    /// The first [`REPORTED_BAD_ROWS`] bad rows.
+    pub examples: Vec<BadRow>,
+    /// Time spent.
+    pub elapsed: Duration,
+}
+
+/// Every customer's state, built from the input.
+#[derive(Debug, Default)]
+pub struct Population {
+    index: FxHashMap<CustomerId, u32>,
+    ids: Vec<CustomerId>,
+    states: Vec<CustomerState>,
+    /// Kinds of data seen in the input.
+    pub sources: Sources,
+    /// Latest event time seen.
+    pub max_time: Option<EventTime>,
+    /// Order lines read.
+    pub order_lines: u64,
+}
+
+impl Population {
+    /// Number of customers.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there are no customers.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Customer ids, in first-seen order.
+    pub fn ids(&self) -> &[CustomerId] {
+        &self.ids
+    }
+
+    /// States, aligned with [`Population::ids`].
+    pub fn states(&self) -> &[CustomerState] {
+        &self.states
+    }
+
+    fn slot(&mut self, id: &CustomerId) -> usize {
+        if let Some(&i) = self.index.get(id) {
+            return i as usize;
+        }
+        let i = self.ids.len();
+        self.index.insert(id.clone(), i as u32);
+        self.ids.push(id.clone());
+        self.states.push(CustomerState::default());
+        i
+    }
+
+    /// Applies one event to its customer's state.
+    pub fn apply(&mut self, event: &Event, params: &StateParams) -> ApplyOutcome {
+        let slot = self.slot(&event.customer_id);
+        let outcome = self.states[slot].apply(event, params);
+        if outcome == ApplyOutcome::Applied {
+            self.max_time = Some(
+                self.max_time
+                    .map_or(event.event_time, |t| t.max(event.event_time)),
+            );
+        }
+        outcome
+    }
+}
+
+/// Reads every file into one population.
+pub fn ingest(
+    files: &[InputFile],
+    params: &StateParams,
+    options: &IngestOptions,
+) -> Result<(Population, Vec<FileReport>), IngestError> {
+    let mut population = Population::default();
+    let mut bad_sink = match &options.bad_rows_path {
+        Some(path) => {
+            let file = File::create(path).map_err(|source| IngestError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let mut w = BufWriter::new(file);
+            writeln!(w, "file,line,reason").map_err(|source| IngestError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Some((path.clone(), w))
+        }
+        None => None,
+    };
+    let mut reports = Vec::with_capacity(files.len());
+    for file in files {
+        // Declaring a file of returns, contacts or engagement says the input has that kind of
+        // data even when a customer has none of it: zero returns is a real value.
+        population.sources.insert(match file.kind {
+            FileKind::Orders => Sources::ORDERS,
+            FileKind::Returns => Sources::RETURNS,
+            FileKind::Support => Sources::SUPPORT,
+            FileKind::Engagement => Sources::ENGAGEMENT,
+        });
+        let report = read_file(file, params, options, &mut population, &mut bad_sink)?;
+        reports.push(report);
+    }
+    if let Some((path, mut w)) = bad_sink {
+        w.flush().map_err(|source| IngestError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok((population, reports))
+}
+
+type BadSink = Option<(PathBuf, BufWriter<File>)>;
+
+struct Reader<'a> {
+    kind: FileKind,
+    cols: ResolvedColumns,
+    path_text: String,
+    params: &'a StateParams,
+    strict: bool,
+    report: FileReport,
+    /// Open order (and open return, for orders files with an event type) per customer slot.
+    open: FxHashMap<u32, OpenGroup>,
+}
+
+struct OpenGroup {
+    key: String,
+    first_line: u64,
+    event: Event,
+}
+
+fn progress_bar(len: u64, enabled: bool, path: &Path) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    // The stderr target draws only when stderr is a terminal, so piped runs stay quiet.
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    bar
+}
+
+fn read_file(
+    file: &InputFile,
+    params: &StateParams,
+    options: &IngestOptions,
+    population: &mut Population,
+    bad_sink: &mut BadSink,
+) -> Result<FileReport, IngestError> {
+    let started = Instant::now();
+    let path_text = file.path.display().to_string();
+    let io = |source| IngestError::Io {
+        path: path_text.clone(),
+        source,
+    };
+    let handle = File::open(&file.path).map_err(io)?;
+    let len = handle.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = progress_bar(len, options.progress, &file.path);
+    let source: Box<dyn Read> = Box::new(bar.wrap_read(handle));
+    let mut csv = csv::ReaderBuilder::new()
+        .flexible(true)
+        .buffer_capacity(1 << 20)
+        .from_reader(source);
+    let headers: Vec<String> = csv
+        .headers()
+        .map_err(|source| IngestError::Csv {
+            path: path_text.clone(),
+            source,
+        })?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').to_owned())
+        .collect();
+    let cols =
+        resolve(file.kind, &headers, &file.columns).map_err(|source| IngestError::Mapping {
+            path: path_text.clone(),
+            source,
+        })?;
+    if file.kind == FileKind::Orders {
+        for (field, source) in [
+            (Field::ProductId, Sources::PRODUCT),
+            (Field::Category, Sources::CATEGORY),
+            (Field::ListPrice, Sources::LIST_PRICE),
+            (Field::Discount, Sources::LIST_PRICE),
+            (Field::Channel, Sources::CHANNEL),
+        ] {
+            if cols.has(field) {
+                population.sources.insert(source);
+            }
+        }
+    }
+    let mut reader = Reader {
+        kind: file.kind,
+        cols,
+        path_text: path_text.clone(),
+        params,
+        strict: options.strict,
+        report: FileReport {
+            path: file.path.clone(),
+            kind: Some(file.kind),
+            ..FileReport::default()
+        },
+        open: FxHashMap::default(),
+    };
+    let mut record = csv::StringRecord::new();
+    loop {
+        let line = csv.position().line() + u64::from(csv.position().line() == 0);
+        match csv.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {
+                reader.report.rows += 1;
+                let line = record.position().map_or(line, |p| p.line());
+                if let Err(reason) = reader.row(&record, line, population) {
+                    reader.bad(line, reason, bad_sink)?;
+                }
+            }
+            Err(err) => {
+                // A malformed row (bad quoting, invalid UTF-8) is one bad row, not the end.
+                reader.report.rows += 1;
+                let line = err.position().map_or(line, |p| p.line());
+                if matches!(err.kind(), csv::ErrorKind::Io(_)) {
+                    return Err(IngestError::Csv {
+                        path: path_text,
+                        source: err,
+                    });
+                }
+                reader.bad(line, format!("unreadable row: {err}"), bad_sink)?;
+            }
+        }
+    }
+    let open: Vec<(u32, OpenGroup)> = reader.open.drain().collect();
+    let mut open = open;
+    open.sort_by_key(|(_, g)| g.first_line);
+    for (_, group) in open {
+        reader.flush(group, population, bad_sink)?;
+    }
+    bar.finish_and_clear();
+    reader.report.elapsed = started.elapsed();
+    Ok(reader.report)
+}
+
+impl Reader<'_> {
+    fn bad(&mut self, line: u64, reason: String, sink: &mut BadSink) -> Result<(), IngestError> {
+        if self.strict {
+            return Err(IngestError::Strict {
+                path: self.path_text.clone(),
+                line,
+                reason,
+            });
+        }
+        self.report.bad_rows += 1;
+        let category = reason
+            .split_once(':')
+            .map_or(reason.as_str(), |(head, _)| head)
+            .to_owned();
+        *self.report.bad_by_reason.entry(category).or_default() += 1;
+        if self.report.examples.len() < REPORTED_BAD_ROWS {
+            self.report.examples.push(BadRow {
+                line,
+                reason: reason.clone(),
+            });
+        }
+        if let Some((path, w)) = sink {
+            let mut csv_line = csv::WriterBuilder::new()
+                .has_headers(false)
+                .from_writer(Vec::new());
+            let written = csv_line
+                .write_record([self.path_text.as_str(), &line.to_string(), &reason])
+                .and_then(|_| csv_line.flush().map_err(csv::Error::from));
+            let bytes = csv_line.into_inner().unwrap_or_default();
+            if written.is_ok() {
+                w.write_all(&bytes).map_err(|source| IngestError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(
+        &mut self,
+        group: OpenGroup,
+        population: &mut Population,
+        sink: &mut BadSink,
+    ) -> Result<(), IngestError> {
+        self.apply(group.event, group.first_line, population, sink)
+    }
+
+    fn apply(
+        &mut self,
+        event: Event,
+        line: u64,
+        population: &mut Population,
+        sink: &mut BadSink,
+    ) -> Result<(), IngestError> {
+        match population.apply(&event, self.params) {
+            ApplyOutcome::Applied => {
+                self.report.events += 1;
+                Ok(())
+            }
+            ApplyOutcome::Duplicate => {
+                self.report.duplicates += 1;
+                if matches!(&event.body, EventBody::Order(_)) {
+                    self.bad(
+                        line,
+                        format!(
+                            "order lines not contiguous: lines of {} appear again after another order of customer {}; ignored",
+                            event.event_id, event.customer_id
+                        ),
+                        sink,
+                    )
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn text<'r>(&self, record: &'r csv::StringRecord, field: Field) -> Option<&'r str> {
+        self.cols
+            .get(field)
+            .and_then(|i| record.get(i))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    }
+
+    fn number(&self, record: &csv::StringRecord, field: Field) -> Result<Option<f64>, String> {
+        match self.text(record, field) {
+            None => Ok(None),
+            Some(raw) => {
+                let value: f64 = parse_number(raw)
+                    .ok_or_else(|| format!("bad number in {}: {raw:?}", field.as_str()))?;
+                if !value.is_finite() {
+                    return Err(format!(
+                        "bad number in {}: {raw:?} is not finite",
+                        field.as_str()
+                    ));
+                }
+                Ok(Some(value))
+            }
+        }
+    }
+
+    fn common(
+        &self,
+        record: &csv::StringRecord,
+    ) -> Result<(CustomerId, EventTime, String), String> {
+        let customer = CustomerId::parse(self.text(record, Field::CustomerId).unwrap_or(""))
+            .map_err(|e| format!("bad customer_id: {e}"))?;
+        let raw_time = self
+            .text(record, Field::EventTime)
+            .ok_or_else(|| "missing event_time: empty".to_owned())?;
+        let time = EventTime::parse(raw_time).map_err(|e| format!("bad event_time: {e}"))?;
+        Ok((customer, time, raw_time.to_owned()))
+    }
+
+    fn row(
+        &mut self,
+        record: &csv::StringRecord,
+        line: u64,
+        population: &mut Population,
+    ) -> Result<(), String> {
+        match self.kind {
+            FileKind::Orders => self.order_row(record, line, population),
+            FileKind::Returns => {
+                let (customer_id, event_time, raw_time) = self.common(record)?;
+                let amount = self
+                    .number(record, Field::Amount)?
+                    .ok_or("missing amount: empty")?
+                    .abs();
+                let order_id = self.text(record, Field::OrderId).map(str::to_owned);
+                let event_id = match self.text(record, Field::ReturnId) {
+                    Some(id) => format!("return:{id}"),
+                    None => content_id("return", record, &customer_id, &raw_time),
+                };
+                self.emit(
+                    Event {
+                        event_id,
+                        customer_id,
+                        event_time,
+                        body: EventBody::Return(Return {
+                            order_id,
+                            amount,
+                            reason: self.text(record, Field::Reason).map(str::to_owned),
+                        }),
+                    },
+                    line,
+                    population,
+                )
+            }
+            FileKind::Support => {
+                let (customer_id, event_time, raw_time) = self.common(record)?;
+                let topic = self
+                    .text(record, Field::Topic)
+                    .ok_or("missing topic: empty")?
+                    .to_owned();
+                let complexity = self
+                    .number(record, Field::Complexity)?
+                    .ok_or("missing complexity: empty")?;
+                let event_id = match self.text(record, Field::ContactId) {
+                    Some(id) => format!("support:{id}"),
+                    None => content_id("support", record, &customer_id, &raw_time),
+                };
+                self.emit(
+                    Event {
+                        event_id,
+                        customer_id,
+                        event_time,
+                        body: EventBody::SupportContact(SupportContact { topic, complexity }),
+                    },
+                    line,
+                    population,
+                )
+            }
+            FileKind::Engagement => {
+                let (customer_id, event_time, raw_time) = self.common(record)?;
+                let channel =
+                    MessageChannel::parse(self.text(record, Field::Channel).unwrap_or(""))
+                        .map_err(|e| format!("bad channel: {e}"))?;
+                let action =
+                    EngagementAction::parse(self.text(record, Field::Action).unwrap_or(""))
+                        .map_err(|e| format!("bad action: {e}"))?;
+                let event_id = match self.text(record, Field::EventId) {
+                    Some(id) => format!("engagement:{id}"),
+                    None => content_id("engagement", record, &customer_id, &raw_time),
+                };
+                self.emit(
+                    Event {
+                        event_id,
+                        customer_id,
+                        event_time,
+                        body: EventBody::Engagement(Engagement { channel, action }),
+                    },
+                    line,
+                    population,
+                )
+            }
+        }
+    }
+
+    /// Validates and applies a single-row event.
+    fn emit(&mut self, event: Event, line: u64, population: &mut Population) -> Result<(), String> {
+        event.validate().map_err(|e| describe(&e))?;
+        match population.apply(&event, self.params) {
+            ApplyOutcome::Applied => self.report.events += 1,
+            ApplyOutcome::Duplicate => self.report.duplicates += 1,
+        }
+        let _ = line;
+        Ok(())
+    }
+
+    fn order_row(
+        &mut self,
+        record: &csv::StringRecord,
+        line: u64,
+        population: &mut Population,
+    ) -> Result<(), String> {
+        let (customer_id, event_time, raw_time) = self.common(record)?;
+        let is_return = match self.text(record, Field::EventType) {
+            None => false,
+            Some(t) => match t.to_ascii_lowercase().as_str() {
+                "order" | "sale" | "purchase" | "sold" | "buy" => false,
+                "return" | "refund" | "returned" | "credit" => true,
+                other => {
+                    return Err(format!(
+                        "bad event_type: {other:?} is neither an order nor a return"
+                    ))
+                }
+            },
+        };
+        let quantity = self.number(record, Field::Quantity)?.unwrap_or(1.0);
+        let unit_price = self.number(record, Field::UnitPrice)?;
+        let line_total = self.number(record, Field::LineTotal)?;
+        if unit_price.is_none() && line_total.is_none() {
+            return Err("missing price: unit_price and line_total are both empty".into());
+        }
+        if is_return {
+            let amount = line_total
+                .or_else(|| unit_price.map(|p| p * quantity))
+                .unwrap_or(0.0)
+                .abs();
+            let key = self
+                .text(record, Field::OrderId)
+                .map_or_else(|| raw_time.clone(), str::to_owned);
+            let event = Event {
+                event_id: format!("return:{key}"),
+                customer_id,
+                event_time,
+                body: EventBody::Return(Return {
+                    order_id: self.text(record, Field::OrderId).map(str::to_owned),
+                    amount,
+                    reason: None,
+                }),
+            };
+            return self.group(event, key, line, population, true);
+        }
+        if quantity < 0.0 {
+            return Err(format!(
+                "negative quantity: {quantity} on a line that is not a return"
+            ));
+        }
+        if quantity == 0.0 {
+            return Err("zero quantity: nothing was bought".into());
+        }
+        let unit_price = match (unit_price, line_total) {
+            (Some(p), _) => p,
+            (None, Some(total)) => total / quantity,
+            (None, None) => 0.0,
+        };
+        let list_price = match (
+            self.number(record, Field::ListPrice)?,
+            self.number(record, Field::Discount)?,
+        ) {
+            (Some(list), _) => Some(list),
+            // Discounts are a line amount; exports disagree on their sign.
+            (None, Some(discount)) => Some(unit_price + discount.abs() / quantity),
+            (None, None) => None,
+        };
+        let order_line = OrderLine {
+            product_id: self.text(record, Field::ProductId).map(str::to_owned),
+            category: self.text(record, Field::Category).map(str::to_owned),
+            quantity,
+            unit_price,
+            list_price,
+        };
+        order_line.validate().map_err(|e| describe(&e))?;
+        let channel = match self.text(record, Field::Channel) {
+            None => None,
+            Some(raw) => Some(OrderChannel::parse(raw).map_err(|e| format!("bad channel: {e}"))?),
+        };
+        population.order_lines += 1;
+        let order_id = self.text(record, Field::OrderId).map(str::to_owned);
+        let key = order_id.clone().unwrap_or_else(|| raw_time.clone());
+        let event = Event {
+            event_id: format!("order:{key}"),
+            customer_id,
+            event_time,
+            body: EventBody::Order(Order {
+                order_id,
+                channel,
+                lines: vec![order_line],
+            }),
+        };
+        self.group(event, key, line, population, false)
+    }
+
+    /// Adds a row's event to its customer's open group, or closes the open group and opens a
+    /// new one.
+    fn group(
+        &mut self,
+        event: Event,
+        key: String,
+        line: u64,
+        population: &mut Population,
+        is_return: bool,
+    ) -> Result<(), String> {
+        // Returns and orders of a customer are grouped separately: a return line between two
+        // lines of an order must not split the order.
+        let slot = population.slot(&event.customer_id) as u32;
+        let slot_key = slot * 2 + u32::from(is_return);
+        // The slot space doubles; u32 customer indexes stay below 2^31 in any batch input.
+        if let Some(open) = self.open.get_mut(&slot_key) {
+            if open.key == key {
+                merge_into(&mut open.event, event);
+                return Ok(());
+            }
+        }
+        let previous = self.open.insert(
+            slot_key,
+            OpenGroup {
+                key,
+                first_line: line,
+                event,
+            },
+        );
+        if let Some(group) = previous {
+            let mut sink = None;
+            self.flush(group, population, &mut sink)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+fn merge_into(open: &mut Event, next: Event) {
+    open.event_time = open.event_time.min(next.event_time);
+    match (&mut open.body, next.body) {
+        (EventBody::Order(order), EventBody::Order(more)) => {
+            order.lines.extend(more.lines);
+            if order.channel.is_none() {
+                order.channel = more.channel;
+            }
+        }
+        (EventBody::Return(ret), EventBody::Return(more)) => ret.amount += more.amount,
+        _ => {}
+    }
+}
+
+fn describe(e: &EventError) -> String {
+    match e {
+        EventError::NotFinite { field } | EventError::Negative { field, .. } => {
+            format!("bad {field}: {e}")
+        }
+        EventError::ZeroQuantity => format!("zero quantity: {e}"),
+        EventError::Complexity(_) => format!("bad complexity: {e}"),
+        other => format!("invalid event: {other}"),
+    }
+}
+
+/// Parses a number the way exports write them: optional thousands separators are not accepted
+/// (ambiguous with decimal commas), `NaN` and `inf` parse and are then refused as not finite.
+fn parse_number(raw: &str) -> Option<f64> {
+    let raw = raw.strip_prefix('$').unwrap_or(raw);
+    raw.parse::<f64>().ok()
+}
+
+/// An event id for rows that carry none: a hash of the row's content, so an identical row
+/// repeated (a double export) counts once, while different rows at the same time do not.
+fn content_id(
+    kind: &str,
+    record: &csv::StringRecord,
+    customer: &CustomerId,
+    raw_time: &str,
+) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for field in record.iter() {
+        h.update(field.as_bytes());
+        h.update(&[0x1f]);
+    }
+    format!("{kind}:{customer}:{raw_time}:{:016x}", h.digest())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        let mut f = File::create(&path).unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        path
+    }
+
+    fn read(
+        kind: FileKind,
+        text: &str,
+        strict: bool,
+    ) -> Result<(Population, Vec<FileReport>), IngestError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "in.csv", text);
+        ingest(
+            &[InputFile {
+                kind,
+                path,
+                columns: ColumnMap::new(),
+            }],
+            &StateParams::default(),
+            &IngestOptions {
+                strict,
+                ..IngestOptions::default()
+            },
+        )
+    }
+
+    #[test]
+    fn lines_group_into_orders() {
+        let text =
+            "\u{feff}customer_id,order_id,event_time,product_id,category,quantity,unit_price\n\
+            a,o1,2024-01-01,p1,x,1,10\n\
+            b,o2,2024-01-01,p1,x,2,5\n\
+            a,o1,2024-01-01,p2,y,1,4\n\
+            a,o3,2024-01-05,p1,x,1,10\n";
+        let (pop, reports) = read(FileKind::Orders, text, false).unwrap();
+        assert_eq!(pop.len(), 2);
+        assert_eq!(pop.order_lines, 4);
+        let a = &pop.states()[0];
+        assert_eq!(a.orders, 2);
+        assert_eq!(a.lines, 3);
+        assert_eq!(a.revenue, 24.0);
+        assert_eq!(reports[0].events, 3);
+        assert_eq!(reports[0].bad_rows, 0);
+        assert!(pop
+            .sources
+            .contains(Sources::CATEGORY.union(Sources::PRODUCT)));
+        assert!(!pop.sources.contains(Sources::LIST_PRICE));
+    }
+
+    #[test]
+    fn without_an_order_id_a_basket_is_a_customer_day() {
+        let text = "customer_id,event_time,line_total,quantity\n\
+            a,11/1/2000,10,1\n\
+            a,11/1/2000,20,2\n\
+            a,11/2/2000,5,1\n";
+        let (pop, _) = read(FileKind::Orders, text, false).unwrap();
+        assert_eq!(pop.states()[0].orders, 2);
+        assert_eq!(pop.states()[0].units, 4.0);
+    }
+
+    #[test]
+    fn bad_rows_are_counted_with_lines_and_reasons() {
+        let text = "customer_id,order_id,event_time,quantity,unit_price,channel\n\
+            a,o1,2024-01-01,1,10,web\n\
+            ,o2,2024-01-01,1,10,web\n\
+            b,o3,2024-01-01,abc,10,web\n\
+            c,o4,2024-01-01,-1,10,web\n\
+            d,o5,2024-01-01,1,NaN,web\n\
+            e,o6,not a date,1,10,web\n\
+            f,o7,2024-01-01,1,10,carrier pigeon\n\
+            g,o8,2024-01-01,1,-3,web\n\
+            h,o9,2024-01-01,1,10,web\n";
+        let (pop, reports) = read(FileKind::Orders, text, false).unwrap();
+        let r = &reports[0];
+        assert_eq!(r.rows, 9);
+        assert_eq!(r.bad_rows, 7);
+        assert_eq!(pop.len(), 2, "only a and h are valid");
+        let lines: Vec<u64> = r.examples.iter().map(|b| b.line).collect();
+        assert_eq!(lines, vec![3, 4, 5, 6, 7, 8, 9]);
+        assert!(r.examples[0].reason.contains("customer id is empty"));
+        assert!(r.examples[1].reason.contains("bad number in quantity"));
+        assert!(r.examples[2].reason.contains("negative quantity"));
+        assert!(r.examples[3].reason.contains("not finite"));
+        assert!(r.examples[4].reason.contains("bad event_time"));
+        assert!(r.examples[5].reason.contains("bad channel"));
+        assert!(r.examples[6].reason.contains("unit_price"));
+        assert_eq!(r.bad_by_reason["negative quantity"], 1);
+    }
+
+    #[test]
+    fn strict_mode_stops_at_the_first_bad_row() {
+        let text =
+            "customer_id,event_time,quantity,unit_price\na,2024-01-01,1,10\nb,2024-01-01,x,10\n";
+        let err = read(FileKind::Orders, text, true).unwrap_err();
+        assert!(
+            err.to_string().contains(":3: bad number in quantity"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_type_column_carries_returns() {
+        let text = "customer_id,order_id,event_time,quantity,line_total,event_type\n\
+            a,o1,2024-01-01,2,20,sale\n\
+            a,o1,2024-01-03,-1,-10,return\n";
+        let (pop, _) = read(FileKind::Orders, text, false).unwrap();
+        let s = &pop.states()[0];
+        assert_eq!(s.orders, 1);
+        assert_eq!(s.returns, 1);
+        assert_eq!(s.returned_value, 10.0);
+    }
+
+    #[test]
+    fn discount_columns_give_list_prices() {
+        let text = "customer_id,event_time,quantity,line_total,discount\n\
+            a,2024-01-01,2,8,-2\n";
+        let (pop, _) = read(FileKind::Orders, text, false).unwrap();
+        let s = &pop.states()[0];
+        assert_eq!(s.priced_list, 10.0);
+        assert_eq!(s.discounted_lines, 1);
+    }
+
+    #[test]
+    fn reappearing_orders_are_reported_not_double_counted() {
+        let text = "customer_id,order_id,event_time,quantity,unit_price\n\
+            a,o1,2024-01-01,1,10\n\
+            a,o2,2024-01-02,1,10\n\
+            a,o1,2024-01-01,1,10\n\
+            a,o3,2024-01-03,1,10\n";
+        let (pop, reports) = read(FileKind::Orders, text, false).unwrap();
+        assert_eq!(pop.states()[0].orders, 3, "o1, o2, o3 once each");
+        assert_eq!(reports[0].bad_rows, 1);
+        assert!(reports[0].examples[0].reason.contains("not contiguous"));
+        assert_eq!(reports[0].examples[0].line, 4);
+    }
+
+    #[test]
+    fn other_kinds_parse() {
+        let (pop, r) = read(
+            FileKind::Support,
+            "customer_id,event_time,topic,complexity\na,2024-01-01,how_to,4\nb,2024-01-01,billing,9\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(pop.states()[0].contacts, 1);
+        assert_eq!(r[0].bad_rows, 1);
+        assert!(r[0].examples[0].reason.contains("complexity"));
+        let (pop, r) = read(
+            FileKind::Engagement,
+            "customer_id,event_time,channel,action\na,2024-01-01,email,open\na,2024-01-01,email,open\na,2024-01-01,fax,open\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(pop.states()[0].opens, 1, "an identical row counts once");
+        assert_eq!(r[0].duplicates, 1);
+        assert_eq!(r[0].bad_rows, 1);
+    }
+
+    #[test]
+    fn unknown_columns_in_a_mapping_fail_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "in.csv", "customer_id,event_time,amount\n");
+        let mut columns = ColumnMap::new();
+        columns.insert("line_total".into(), "total".into());
+        let err = ingest(
+            &[InputFile {
+                kind: FileKind::Orders,
+                path,
+                columns,
+            }],
+            &StateParams::default(),
+            &IngestOptions::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("\"total\""), "{err}");
+    }
+}

@@ -1,0 +1,11 @@
+//! The batch subcommands over order-history files: `discover`, `assign`, `validate` and
+//! `generate`. They read CSV exports through [`ingest`] into the same per-customer state the
+//! daemon keeps, and use the same feature and model code.
+
+pub mod assign;
+pub mod discover;
+pub mod generate;
+pub mod ingest;
+pub mod mapping;
+pub mod report;
+pub mod validate;

@@ -1,0 +1,228 @@
+//! Terminal reports of the batch commands: concise, aligned, numbers with separators.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::domain::features::{Axis, FEATURES};
+
+use super::assign::AssignOutcome;
+use super::discover::DiscoverOutcome;
+use super::ingest::FileReport;
+use super::validate::ValidateOutcome;
+
+/// `1234567` → `1,234,567`.
+pub fn count(n: impl Into<u64>) -> String {
+    let digits = n.into().to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0}%", x * 100.0)
+}
+
+/// Per-file reading summary, with bad rows by reason and the first few with line numbers.
+pub fn print_files(files: &[FileReport]) {
+    for f in files {
+        let kind = f.kind.map_or("?", |k| k.as_str());
+        println!(
+            "read {kind:<10} {}: {} rows, {} events, {} bad rows, {} duplicates ({})",
+            f.path.display(),
+            count(f.rows),
+            count(f.events),
+            count(f.bad_rows),
+            count(f.duplicates),
+            secs(f.elapsed)
+        );
+        if f.bad_rows > 0 {
+            for (reason, n) in &f.bad_by_reason {
+                println!("    {:>8} × {reason}", count(*n));
+            }
+            for bad in &f.examples {
+                println!("    line {}: {}", bad.line, bad.reason);
+            }
+            if f.bad_rows as usize > f.examples.len() {
+                println!(
+                    "    … {} more (write them all with --bad-rows FILE)",
+                    count(f.bad_rows - f.examples.len() as u64)
+                );
+            }
+        }
+    }
+}
+
+/// The `discover` report.
+pub fn print_discover(o: &DiscoverOutcome, out: &Path) {
+    let s = &o.snapshot;
+    println!(
+        "\n{} customers, {} order lines; features as of {}",
+        count(o.customers as u64),
+        count(o.order_lines),
+        s.source.as_of
+    );
+    if s.source.tiers.is_empty() {
+        println!(
+            "sample: the whole population ({})",
+            count(s.source.sampled as u64)
+        );
+    } else {
+        let tiers: Vec<String> = s
+            .source
+            .tiers
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {} of {} (ltv {:.0}–{:.0})",
+                    t.name,
+                    count(t.sampled as u64),
+                    count(t.population as u64),
+                    t.ltv_min,
+                    t.ltv_max
+                )
+            })
+            .collect();
+        println!(
+            "sample: {} customers — {}",
+            count(s.source.sampled as u64),
+            tiers.join(" · ")
+        );
+    }
+    println!(
+        "\n{:<28} {:>2} {:>10}  segments (population share)",
+        "axis", "k", "silhouette"
+    );
+    for axis in &s.axes {
+        let segs: Vec<String> = axis
+            .segments
+            .iter()
+            .map(|seg| format!("{} {}", seg.name, pct(seg.share)))
+            .collect();
+        println!(
+            "{:<28} {:>2} {:>10.3}  {}",
+            axis.axis.as_str(),
+            axis.k,
+            axis.silhouette,
+            segs.join(" | ")
+        );
+        for d in &axis.dropped_features {
+            println!("{:<28}    without {}: {}", "", d.feature, d.reason);
+        }
+    }
+    for skip in &s.skipped_axes {
+        println!("{:<28} skipped: {}", skip.axis.as_str(), skip.reason);
+    }
+    println!(
+        "\ntimings: read {} · sample and features {} · clustering {}",
+        secs(o.read_time),
+        secs(o.feature_time),
+        secs(o.cluster_time)
+    );
+    println!(
+        "snapshot version {} written to {}",
+        s.version,
+        out.display()
+    );
+}
+
+/// The `assign` report.
+pub fn print_assign(o: &AssignOutcome, out: &Path) {
+    println!(
+        "\nassigned {} customers against snapshot version {}",
+        count(o.customers as u64),
+        o.version
+    );
+    for axis in &o.axes {
+        let total = axis.assigned.max(1) as f64;
+        let segs: Vec<String> = axis
+            .segments
+            .iter()
+            .map(|(_, name, c)| format!("{name} {}", pct(*c as f64 / total)))
+            .collect();
+        let missing = if axis.missing > 0 {
+            format!(" ({} without this axis)", count(axis.missing as u64))
+        } else {
+            String::new()
+        };
+        println!("  {:<28} {}{missing}", axis.axis, segs.join(" | "));
+    }
+    println!(
+        "timings: read {} · assign and write {}",
+        secs(o.read_time),
+        secs(o.assign_time)
+    );
+    println!("memberships written to {}", out.display());
+}
+
+/// The `validate` report; the verdict is the last line.
+pub fn print_validate(o: &ValidateOutcome) {
+    let t = &o.thresholds;
+    println!(
+        "\nsnapshot version {} against the population (pass: KL < {}, mean shift <= {}, agreement >= {})",
+        o.version, t.max_kl, t.max_mean_shift, t.min_agreement
+    );
+    println!(
+        "{:<28} {:>10} {:>8} {:>11} {:>10}  verdict",
+        "axis", "customers", "KL", "mean shift", "agreement"
+    );
+    for a in &o.axes {
+        println!(
+            "{:<28} {:>10} {:>8.4} {:>11.3} {:>10.3}  {}",
+            a.axis,
+            count(a.customers as u64),
+            a.kl,
+            a.max_mean_shift,
+            a.agreement,
+            if a.pass { "pass" } else { "FAIL" }
+        );
+        if a.max_mean_shift > t.max_mean_shift {
+            if let Some((segment, feature)) = &a.worst {
+                println!(
+                    "{:<28}   largest mean shift: {feature} in \"{segment}\"",
+                    ""
+                );
+            }
+        }
+    }
+    println!("time: {}", secs(o.elapsed));
+    println!(
+        "verdict: {}",
+        if o.pass {
+            "PASS — the sample represents the population"
+        } else {
+            "FAIL — see the axes marked FAIL"
+        }
+    );
+}
+
+/// The feature catalogue for `segmentd schema`.
+pub fn print_schema() {
+    for axis in Axis::ALL {
+        println!("{axis}");
+        for def in FEATURES.iter().filter(|d| d.axis == axis) {
+            println!("  {:<26} {:<8} {}", def.name, def.range, def.formula);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_get_separators() {
+        assert_eq!(count(0u64), "0");
+        assert_eq!(count(999u64), "999");
+        assert_eq!(count(1000u64), "1,000");
+        assert_eq!(count(1_234_567u64), "1,234,567");
+    }
+}
