@@ -1,4 +1,36 @@
 //! segmentd keeps every customer of a shop assigned to behavioural segments.
+//!
+//! ## Pipeline
+//! ```text
+//!  CSV rows / Kafka JSON ──parse at the edge──▶ domain::event::Event
+//!        │
+//!        ▼
+//!  domain::state::CustomerState::apply      (rolling, order-independent, de-duplicated)
+//!        │
+//!        ▼
+//!  domain::features::FeatureVector          (13 axes, 39 features, read "as of" a time)
+//!        │
+//!        ▼
+//!  model::assign::Assigner ◀── model::snapshot::ValidSnapshot ◀── model::discover (k-means,
+//!        │                        silhouette-chosen k, stratified sample, segment names)
+//!        ▼
+//!  memberships (segment id, name, fuzzy shares per axis, snapshot version)
+//! ```
+//!
+//! ## Layout
+//! - [`domain`]: pure types and math, no I/O — events, state, features, memberships.
+//! - [`model`]: k-means, silhouette, matching, sampling, naming, snapshots, assignment.
+//! - [`batch`]: the CSV subcommands (`discover`, `assign`, `validate`) and the ingest they share.
+//! - [`synth`]: the seeded synthetic shop used by `generate`, the demo and benchmarks.
+//! - [`config`]: layered, validated configuration.
+//! - [`cli`]: command-line parsing and dispatch.
+//! - [`telemetry`]: logging setup.
 #![warn(missing_docs)]
 
+pub mod batch;
+pub mod cli;
+pub mod config;
 pub mod domain;
+pub mod model;
+pub mod synth;
+pub mod telemetry;

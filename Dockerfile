@@ -1,0 +1,27 @@
+# Multi-stage build: compile in the Rust image, run from a slim Debian with only the binary.
+# Build:  docker build -t segmentd .
+# Run:    docker run --rm -v "$PWD/data:/data" segmentd discover --orders /data/orders.csv --out /data/snapshot.json
+
+FROM rust:1.88-bookworm AS build
+WORKDIR /src
+# Dependencies first, so a source change does not rebuild them.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src benches examples \
+    && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/model.rs && echo 'fn main() {}' > benches/pipeline.rs \
+    && echo 'fn main() {}' > examples/kmeans_inertia.rs \
+    && cargo build --release --locked \
+    && rm -rf src benches examples
+COPY . .
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin segmentd
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 segmentd
+COPY --from=build /src/target/release/segmentd /usr/local/bin/segmentd
+COPY config/segmentd.toml /etc/segmentd/segmentd.toml
+USER segmentd
+WORKDIR /data
+ENTRYPOINT ["segmentd"]
+CMD ["--help"]

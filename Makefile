@@ -1,0 +1,53 @@
+# segmentd — the two quick-start commands are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+BIN := $(or $(CARGO_TARGET_DIR),target)/release/segmentd
+EXAMPLE := out/example
+
+# ccache makes rebuilds of the bundled C/C++ libraries come from cache.
+export CCACHE_DIR ?= $(HOME)/.cache/segmentd-ccache
+ifneq ($(shell command -v ccache 2>/dev/null),)
+export CC := ccache gcc
+export CXX := ccache g++
+endif
+
+.PHONY: deps build demo test lint bench bench-batch clean
+
+deps:
+	@./scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --release
+
+# The main job, on a bundled (seeded, generated) example shop: generate, discover, assign,
+# validate.
+demo: build
+	$(BIN) generate --customers 20000 --order-lines 250000 --seed 42 --out-dir $(EXAMPLE)
+	$(BIN) discover --orders $(EXAMPLE)/orders.csv --returns $(EXAMPLE)/returns.csv \
+	  --support $(EXAMPLE)/support.csv --engagement $(EXAMPLE)/engagement.csv \
+	  --out $(EXAMPLE)/snapshot.json
+	$(BIN) assign --snapshot $(EXAMPLE)/snapshot.json --orders $(EXAMPLE)/orders.csv \
+	  --returns $(EXAMPLE)/returns.csv --support $(EXAMPLE)/support.csv \
+	  --engagement $(EXAMPLE)/engagement.csv --out $(EXAMPLE)/memberships.csv
+	$(BIN) validate --snapshot $(EXAMPLE)/snapshot.json --orders $(EXAMPLE)/orders.csv \
+	  --returns $(EXAMPLE)/returns.csv --support $(EXAMPLE)/support.csv \
+	  --engagement $(EXAMPLE)/engagement.csv
+	@echo "first rows of $(EXAMPLE)/memberships.csv:" && head -3 $(EXAMPLE)/memberships.csv | cut -c1-300
+
+test: deps
+	$(CARGO) test --all-targets
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+# Criterion benches: feature update, assignment, k-means, silhouette.
+bench: deps
+	$(CARGO) bench
+
+# End-to-end batch figures on 93,565 customers and 1,000,000 order lines.
+bench-batch: build
+	./scripts/bench-batch.sh
+
+clean:
+	rm -rf out

@@ -1,0 +1,374 @@
+//! Command-line interface: argument types (clap) and dispatch to the commands.
+//!
+//! Exit codes: 0 success; 1 `validate` verdict FAIL; 2 usage or configuration error (including
+//! a column mapping that does not fit the file); 3 runtime failure (unreadable input, a bad
+//! row under `--strict`, an unwritable output).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::batch::assign::{AssignJob, OutputFormat};
+use crate::batch::discover::DiscoverJob;
+use crate::batch::ingest::{IngestOptions, InputFile};
+use crate::batch::mapping::{parse_map_args, FileKind, MappingError};
+use crate::batch::report;
+use crate::batch::validate::ValidateJob;
+use crate::config::{Config, ConfigError, SampleSizeSetting};
+use crate::domain::time::EventTime;
+use crate::model::sampling::SampleSize;
+
+/// segmentd keeps every customer of a shop assigned to behavioural segments.
+#[derive(Debug, Parser)]
+#[command(name = "segmentd", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SEGMENTD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// More logging (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Discover segments on a lifetime-value-stratified sample and write a centroid snapshot.
+    Discover(DiscoverArgs),
+    /// Assign every customer to the nearest centroids of a snapshot, with fuzzy memberships.
+    Assign(AssignArgs),
+    /// Check that a snapshot's sample represents the whole population.
+    Validate(ValidateArgs),
+    /// Write a seeded synthetic shop (orders, returns, support, engagement CSVs).
+    Generate(GenerateArgs),
+    /// Print the feature catalogue (the 13 axes and their features).
+    Schema(SchemaArgs),
+}
+
+/// Input files and how to read them, shared by the batch commands.
+#[derive(Debug, Args)]
+pub struct InputArgs {
+    /// Order lines CSV (one row per line; lines with the same order id, or the same customer
+    /// and timestamp, form one order).
+    #[arg(long, value_name = "FILE")]
+    pub orders: PathBuf,
+    /// Returns CSV.
+    #[arg(long, value_name = "FILE")]
+    pub returns: Option<PathBuf>,
+    /// Support contacts CSV.
+    #[arg(long, value_name = "FILE")]
+    pub support: Option<PathBuf>,
+    /// Messaging engagement CSV.
+    #[arg(long, value_name = "FILE")]
+    pub engagement: Option<PathBuf>,
+    /// Column mapping FIELD=COLUMN (orders) or KIND.FIELD=COLUMN (returns., support.,
+    /// engagement.); repeatable. Unmapped fields use their own name as the column name.
+    #[arg(long = "map", value_name = "FIELD=COLUMN")]
+    pub map: Vec<String>,
+    /// TOML config file (see config/segmentd.toml).
+    #[arg(long, value_name = "FILE", env = "SEGMENTD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Stop at the first bad row instead of counting and skipping it.
+    #[arg(long)]
+    pub strict: bool,
+    /// Write every bad row (file, line, reason) to this CSV.
+    #[arg(long, value_name = "FILE")]
+    pub bad_rows: Option<PathBuf>,
+    /// Compute features as of this time (any accepted timestamp format); default: the latest
+    /// event in the input.
+    #[arg(long, value_name = "TIME")]
+    pub as_of: Option<String>,
+    /// Never draw progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// `segmentd discover`.
+#[derive(Debug, Args)]
+pub struct DiscoverArgs {
+    /// Inputs.
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Customers to sample (default 5000, from the config), or "all" for the whole population.
+    #[arg(long, value_name = "N|all")]
+    pub sample_size: Option<SampleSize>,
+    /// Seed of sampling and clustering.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Smallest k tried.
+    #[arg(long)]
+    pub min_k: Option<usize>,
+    /// Largest k tried.
+    #[arg(long)]
+    pub max_k: Option<usize>,
+    /// Rolling-feature half-life in days.
+    #[arg(long)]
+    pub half_life_days: Option<f64>,
+    /// Version number of the snapshot.
+    #[arg(long, default_value_t = 1)]
+    pub snapshot_version: u64,
+    /// Where to write the snapshot.
+    #[arg(long, short, value_name = "FILE", default_value = "snapshot.json")]
+    pub out: PathBuf,
+}
+
+/// `segmentd assign`.
+#[derive(Debug, Args)]
+pub struct AssignArgs {
+    /// Snapshot written by `discover`.
+    #[arg(long, value_name = "FILE")]
+    pub snapshot: PathBuf,
+    /// Inputs.
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Output file.
+    #[arg(long, short, value_name = "FILE", default_value = "memberships.csv")]
+    pub out: PathBuf,
+    /// Output format (default: from the extension; .jsonl is JSON Lines, else CSV).
+    #[arg(long, value_enum)]
+    pub format: Option<OutputFormat>,
+    /// Add each axis's standardised feature values to every row.
+    #[arg(long)]
+    pub with_features: bool,
+}
+
+/// `segmentd validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Snapshot written by `discover`.
+    #[arg(long, value_name = "FILE")]
+    pub snapshot: PathBuf,
+    /// Inputs (the whole population).
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// KL divergence threshold (default 0.1).
+    #[arg(long)]
+    pub max_kl: Option<f64>,
+    /// Relative mean shift threshold (default 0.1).
+    #[arg(long)]
+    pub max_mean_shift: Option<f64>,
+    /// Agreement threshold (default 0.75).
+    #[arg(long)]
+    pub min_agreement: Option<f64>,
+}
+
+/// `segmentd generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Customers.
+    #[arg(long, default_value_t = 10_000)]
+    pub customers: usize,
+    /// Order lines, exactly.
+    #[arg(long, default_value_t = 100_000)]
+    pub order_lines: usize,
+    /// Days of history.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+    /// First day (YYYY-MM-DD).
+    #[arg(long, default_value = "2024-01-01")]
+    pub start: String,
+    /// Seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Persona mix, e.g. "big_spender=0.3,bargain_hunter=0.2" (default: the built-in mix).
+    #[arg(long)]
+    pub mix: Option<String>,
+    /// Output directory.
+    #[arg(long, short, value_name = "DIR", default_value = "shop")]
+    pub out_dir: PathBuf,
+}
+
+/// `segmentd schema`.
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// Print the README's Markdown table.
+    #[arg(long)]
+    pub markdown: bool,
+}
+
+/// An error with the exit code it maps to.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    let usage = err.chain().any(|cause| {
+        cause.is::<ConfigError>()
+            || cause.is::<MappingError>()
+            || matches!(
+                cause.downcast_ref::<crate::batch::ingest::IngestError>(),
+                Some(crate::batch::ingest::IngestError::Mapping { .. })
+            )
+    });
+    if usage {
+        2
+    } else {
+        3
+    }
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Discover(args) => discover(args),
+        Command::Assign(args) => assign(args),
+        Command::Validate(args) => validate(args),
+        Command::Generate(args) => generate(args),
+        Command::Schema(args) => {
+            if args.markdown {
+                print!("{}", crate::domain::features::markdown_table());
+            } else {
+                report::print_schema();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Config plus the input files, with `--map` applied over the config's mappings.
+fn prepare(
+    input: &InputArgs,
+) -> anyhow::Result<(Config, Vec<InputFile>, IngestOptions, Option<EventTime>)> {
+    let mut config = Config::load(input.config.as_deref())?;
+    for (kind, map) in parse_map_args(&input.map)? {
+        config.input.extend(kind, map);
+    }
+    let mut files = vec![InputFile {
+        kind: FileKind::Orders,
+        path: input.orders.clone(),
+        columns: config.input.columns(FileKind::Orders).clone(),
+    }];
+    for (kind, path) in [
+        (FileKind::Returns, &input.returns),
+        (FileKind::Support, &input.support),
+        (FileKind::Engagement, &input.engagement),
+    ] {
+        if let Some(path) = path {
+            files.push(InputFile {
+                kind,
+                path: path.clone(),
+                columns: config.input.columns(kind).clone(),
+            });
+        }
+    }
+    let options = IngestOptions {
+        strict: input.strict,
+        progress: !input.no_progress && std::io::stderr().is_terminal(),
+        bad_rows_path: input.bad_rows.clone(),
+    };
+    let as_of = input
+        .as_of
+        .as_deref()
+        .map(EventTime::parse)
+        .transpose()
+        .map_err(|e| ConfigError::Invalid(format!("--as-of: {e}")))?;
+    Ok((config, files, options, as_of))
+}
+
+fn discover(args: DiscoverArgs) -> anyhow::Result<ExitCode> {
+    let (mut config, inputs, ingest, as_of) = prepare(&args.input)?;
+    if let Some(size) = args.sample_size {
+        config.discover.sample_size = SampleSizeSetting::from_size(size);
+    }
+    let c = &mut config.discover.clustering;
+    if let Some(seed) = args.seed {
+        c.seed = seed;
+    }
+    if let Some(k) = args.min_k {
+        c.min_k = k;
+    }
+    if let Some(k) = args.max_k {
+        c.max_k = k;
+    }
+    if let Some(h) = args.half_life_days {
+        config.features.half_life_days = h;
+    }
+    config.validate()?;
+    let outcome = crate::batch::discover::run(&DiscoverJob {
+        inputs,
+        config,
+        as_of,
+        version: args.snapshot_version,
+        out: args.out.clone(),
+        ingest,
+    })?;
+    report::print_discover(&outcome, &args.out);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn assign(args: AssignArgs) -> anyhow::Result<ExitCode> {
+    let (config, inputs, ingest, as_of) = prepare(&args.input)?;
+    // Only a half-life the user set explicitly is checked against the snapshot's.
+    let configured = (config.features != crate::domain::state::StateParams::default())
+        .then_some(config.features);
+    let format = args
+        .format
+        .unwrap_or_else(|| OutputFormat::from_path(&args.out));
+    let outcome = crate::batch::assign::run(&AssignJob {
+        snapshot: args.snapshot,
+        inputs,
+        as_of,
+        out: args.out.clone(),
+        format,
+        with_features: args.with_features,
+        state_params: configured,
+        ingest,
+    })
+    .context("assign failed")?;
+    report::print_assign(&outcome, &args.out);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
+    let (mut config, inputs, ingest, as_of) = prepare(&args.input)?;
+    let t = &mut config.validate;
+    if let Some(v) = args.max_kl {
+        t.max_kl = v;
+    }
+    if let Some(v) = args.max_mean_shift {
+        t.max_mean_shift = v;
+    }
+    if let Some(v) = args.min_agreement {
+        t.min_agreement = v;
+    }
+    config.validate()?;
+    let outcome = crate::batch::validate::run(&ValidateJob {
+        snapshot: args.snapshot,
+        inputs,
+        as_of,
+        thresholds: config.validate,
+        ingest,
+    })?;
+    report::print_validate(&outcome);
+    Ok(if outcome.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
+    crate::batch::generate::run(&args)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,376 @@
+//! Typed, layered configuration.
+//!
+//! Precedence, lowest first:
+//! 1. built-in defaults (every field has one that works);
+//! 2. the TOML file given with `--config` (unknown keys are errors);
+//! 3. environment variables `SEGMENTD__SECTION__KEY=value` (double underscores separate the
+//!    path; values are parsed as TOML scalars, falling back to strings), e.g.
+//!    `SEGMENTD__DISCOVER__SEED=7`;
+//! 4. command-line flags.
+//!
+//! [`Config::load`] merges layers 1–3 and validates once; commands apply their flags on top and
+//! call [`Config::validate`] again, so every command works on a checked configuration.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::batch::mapping::{ColumnMap, FileKind};
+use crate::domain::membership::check_exponent;
+use crate::domain::state::StateParams;
+use crate::model::discover::ClusteringParams;
+use crate::model::sampling::{check_tiers, default_tiers, TierSpec};
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "SEGMENTD__";
+
+/// Why configuration could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file or an override is not valid for the schema (includes unknown keys).
+    #[error("config: {0}")]
+    Parse(String),
+    /// A value is out of range.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Rolling-feature parameters.
+    pub features: StateParams,
+    /// Input column mappings per kind of file.
+    pub input: InputConfig,
+    /// `segmentd discover`.
+    pub discover: DiscoverConfig,
+    /// `segmentd assign`.
+    pub assign: AssignConfig,
+    /// `segmentd validate`.
+    pub validate: ValidateConfig,
+}
+
+/// Column mappings, one table per kind of file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputConfig {
+    /// Orders file mapping.
+    pub orders: FileMapping,
+    /// Returns file mapping.
+    pub returns: FileMapping,
+    /// Support file mapping.
+    pub support: FileMapping,
+    /// Engagement file mapping.
+    pub engagement: FileMapping,
+}
+
+/// One file kind's mapping.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileMapping {
+    /// Field name → the export's column name.
+    pub columns: ColumnMap,
+}
+
+impl InputConfig {
+    /// The mapping for a kind of file.
+    pub fn columns(&self, kind: FileKind) -> &ColumnMap {
+        match kind {
+            FileKind::Orders => &self.orders.columns,
+            FileKind::Returns => &self.returns.columns,
+            FileKind::Support => &self.support.columns,
+            FileKind::Engagement => &self.engagement.columns,
+        }
+    }
+
+    /// Adds (or replaces) mappings for a kind of file.
+    pub fn extend(&mut self, kind: FileKind, map: ColumnMap) {
+        let target = match kind {
+            FileKind::Orders => &mut self.orders.columns,
+            FileKind::Returns => &mut self.returns.columns,
+            FileKind::Support => &mut self.support.columns,
+            FileKind::Engagement => &mut self.engagement.columns,
+        };
+        target.extend(map);
+    }
+}
+
+/// `segmentd discover` settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoverConfig {
+    /// Customers to sample, or `"all"` for the whole population.
+    pub sample_size: SampleSizeSetting,
+    /// Lifetime-value tiers and their quotas (quotas scale to `sample_size`).
+    pub tiers: Vec<TierSpec>,
+    /// k-means and silhouette settings (the seed also drives sampling).
+    pub clustering: ClusteringParams,
+}
+
+impl Default for DiscoverConfig {
+    fn default() -> Self {
+        Self {
+            sample_size: SampleSizeSetting::Count(5000),
+            tiers: default_tiers(),
+            clustering: ClusteringParams::default(),
+        }
+    }
+}
+
+/// A sample size in config: a number or `"all"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SampleSizeSetting {
+    /// This many customers.
+    Count(usize),
+    /// `"all"`.
+    Word(AllWord),
+}
+
+/// The literal `"all"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllWord {
+    /// Everyone.
+    All,
+}
+
+impl SampleSizeSetting {
+    /// As the sampling module's type.
+    pub fn get(self) -> crate::model::sampling::SampleSize {
+        match self {
+            Self::Count(n) => crate::model::sampling::SampleSize::Count(n),
+            Self::Word(AllWord::All) => crate::model::sampling::SampleSize::All,
+        }
+    }
+
+    /// From the sampling module's type.
+    pub fn from_size(size: crate::model::sampling::SampleSize) -> Self {
+        match size {
+            crate::model::sampling::SampleSize::Count(n) => Self::Count(n),
+            crate::model::sampling::SampleSize::All => Self::Word(AllWord::All),
+        }
+    }
+}
+
+/// `segmentd assign` settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssignConfig {
+    /// Exponent of the fuzzy memberships written into new snapshots: 1 is `1/(1+d)`, larger
+    /// is crisper, smaller softer.
+    pub membership_exponent: f64,
+}
+
+impl Default for AssignConfig {
+    fn default() -> Self {
+        Self {
+            membership_exponent: 1.0,
+        }
+    }
+}
+
+/// `segmentd validate` thresholds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidateConfig {
+    /// Largest KL divergence of segment shares, sample against population, that passes.
+    pub max_kl: f64,
+    /// Largest relative difference between a segment's mean feature value in the population
+    /// and in the sample, `|Δ| / max(|sample mean|, feature std)`, that passes.
+    pub max_mean_shift: f64,
+    /// Smallest share of customers on which the two-stage assignment agrees with a clustering
+    /// of the whole population (after matching labels) that passes.
+    pub min_agreement: f64,
+}
+
+impl Default for ValidateConfig {
+    fn default() -> Self {
+        Self {
+            max_kl: 0.1,
+            max_mean_shift: 0.1,
+            min_agreement: 0.75,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then `SEGMENTD__` environment overrides; validated.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        Self::load_with_env(path, &env)
+    }
+
+    /// [`Config::load`] with explicit environment pairs (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
+        let mut doc = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (key, value) in env {
+            apply_env(&mut doc, key, value)?;
+        }
+        let config: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; called after each layer of overrides.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |e: String| ConfigError::Invalid(e);
+        self.features
+            .validate()
+            .map_err(|e| bad(format!("features: {e}")))?;
+        check_tiers(&self.discover.tiers).map_err(|e| bad(format!("discover.tiers: {e}")))?;
+        self.discover
+            .clustering
+            .check()
+            .map_err(|e| bad(format!("discover.clustering: {e}")))?;
+        if let SampleSizeSetting::Count(0) = self.discover.sample_size {
+            return Err(bad(
+                "discover.sample_size must be at least 1 or \"all\"".into()
+            ));
+        }
+        check_exponent(self.assign.membership_exponent).map_err(|e| bad(format!("assign: {e}")))?;
+        let v = &self.validate;
+        for (name, value) in [
+            ("max_kl", v.max_kl),
+            ("max_mean_shift", v.max_mean_shift),
+            ("min_agreement", v.min_agreement),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(bad(format!("validate.{name} must be a number >= 0")));
+            }
+        }
+        if v.min_agreement > 1.0 {
+            return Err(bad("validate.min_agreement must be at most 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Sets `SEGMENTD__A__B=v` as `a.b = v` in the document.
+fn apply_env(doc: &mut toml::Table, key: &str, value: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = key[ENV_PREFIX.len()..]
+        .split("__")
+        .map(|p| p.to_ascii_lowercase())
+        .collect();
+    if path.iter().any(String::is_empty) {
+        return Err(ConfigError::Parse(format!(
+            "environment override {key} has an empty part"
+        )));
+    }
+    // Parse the value as a TOML value ("7", "true", "[1,2]", "\"x\""), else take it as text.
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let mut table = doc;
+    for part in &path[..path.len() - 1] {
+        let entry = table
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| {
+            ConfigError::Parse(format!("environment override {key}: {part} is not a table"))
+        })?;
+    }
+    if let Some(last) = path.last() {
+        table.insert(last.clone(), parsed);
+    }
+    Ok(())
+}
+
+/// The documented example config shipped in `config/segmentd.toml`, checked by tests to load.
+pub const EXAMPLE_CONFIG: &str = include_str!("../config/segmentd.toml");
+
+/// A parsed `KIND.FIELD=COLUMN` map, merged per kind.
+pub type MapArgs = BTreeMap<FileKind, ColumnMap>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load_with_env(None, &[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.features.half_life_days, 90.0);
+    }
+
+    #[test]
+    fn the_shipped_example_loads() {
+        let f = write(EXAMPLE_CONFIG);
+        Config::load_with_env(Some(f.path()), &[]).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let f = write("[discover]\nsample_sise = 10\n");
+        let err = Config::load_with_env(Some(f.path()), &[]).unwrap_err();
+        assert!(err.to_string().contains("sample_sise"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let f =
+            write("[discover]\nsample_size = 100\n[input.orders.columns]\ncustomer_id = \"cid\"\n");
+        let env = vec![
+            (
+                "SEGMENTD__DISCOVER__SAMPLE_SIZE".to_owned(),
+                "all".to_owned(),
+            ),
+            (
+                "SEGMENTD__DISCOVER__CLUSTERING__SEED".to_owned(),
+                "7".to_owned(),
+            ),
+        ];
+        let c = Config::load_with_env(Some(f.path()), &env).unwrap();
+        assert_eq!(
+            c.discover.sample_size,
+            SampleSizeSetting::Word(AllWord::All)
+        );
+        assert_eq!(c.discover.clustering.seed, 7);
+        assert_eq!(c.input.orders.columns["customer_id"], "cid");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let f = write("[features]\nhalf_life_days = -1\n");
+        let err = Config::load_with_env(Some(f.path()), &[]).unwrap_err();
+        assert!(err.to_string().contains("half-life"), "{err}");
+        let f = write("[validate]\nmin_agreement = 2\n");
+        assert!(Config::load_with_env(Some(f.path()), &[]).is_err());
+    }
+}

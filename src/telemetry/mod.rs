@@ -1,0 +1,21 @@
+//! Observability: tracing setup (and, with the daemon, metrics and HTTP endpoints).
+
+use tracing_subscriber::{fmt, EnvFilter};
+
+use crate::cli::LogFormat;
+
+/// Installs the global tracing subscriber on stderr. `RUST_LOG` wins over `verbosity`
+/// (0 info, 1 debug, 2+ trace). Calling it twice is harmless (the second call is ignored).
+pub fn init_tracing(format: LogFormat, verbosity: u8) {
+    let default = match verbosity {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

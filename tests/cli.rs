@@ -1,0 +1,375 @@
+//! End-to-end tests of the batch commands through the real binary, on generated fixtures.
+//! All integration tests live in this one binary so they share one build and link step.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use segmentd::model::snapshot::Snapshot;
+
+fn segmentd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_segmentd"))
+        .args(args)
+        .env_remove("SEGMENTD_CONFIG")
+        .output()
+        .expect("segmentd runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+/// A small synthetic shop written by `segmentd generate`.
+fn shop(dir: &Path) -> PathBuf {
+    let out = dir.join("shop");
+    let run = segmentd(&[
+        "generate",
+        "--customers",
+        "600",
+        "--order-lines",
+        "9000",
+        "--days",
+        "200",
+        "--seed",
+        "3",
+        "--out-dir",
+        p(&out),
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    out
+}
+
+fn inputs(shop: &Path) -> Vec<String> {
+    vec![
+        "--orders".into(),
+        shop.join("orders.csv").display().to_string(),
+        "--returns".into(),
+        shop.join("returns.csv").display().to_string(),
+        "--support".into(),
+        shop.join("support.csv").display().to_string(),
+        "--engagement".into(),
+        shop.join("engagement.csv").display().to_string(),
+    ]
+}
+
+fn run_with(base: &[&str], extra: &[String]) -> Output {
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(extra.iter().map(String::as_str));
+    segmentd(&args)
+}
+
+#[test]
+fn discover_assign_validate_on_a_generated_shop() {
+    let dir = tempfile::tempdir().unwrap();
+    let shop = shop(dir.path());
+    let snap = dir.path().join("snapshot.json");
+    let run = run_with(
+        &["discover", "--sample-size", "400", "--out", p(&snap)],
+        &inputs(&shop),
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    let report = text(&run);
+    assert!(report.contains("purchase_frequency"), "{report}");
+    assert!(report.contains("silhouette"), "{report}");
+    let valid = Snapshot::load(&snap).expect("discover writes a valid snapshot");
+    let s = valid.snapshot();
+    assert_eq!(s.source.population, 600);
+    assert_eq!(s.source.sampled, 400);
+    assert_eq!(s.axes.len(), 13, "skipped: {:?}", s.skipped_axes);
+    for axis in &s.axes {
+        assert!((2..=6).contains(&axis.k));
+        assert_eq!(axis.candidates.len(), 5);
+    }
+
+    // CSV with standardised features.
+    let csv_out = dir.path().join("m.csv");
+    let run = run_with(
+        &[
+            "assign",
+            "--snapshot",
+            p(&snap),
+            "--out",
+            p(&csv_out),
+            "--with-features",
+        ],
+        &inputs(&shop),
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    let mut reader = csv::Reader::from_path(&csv_out).unwrap();
+    let headers = reader.headers().unwrap().clone();
+    assert_eq!(&headers[0], "customer_id");
+    assert!(headers
+        .iter()
+        .any(|h| h == "purchase_value.z.avg_order_value_log"));
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 600);
+    // Memberships of each assigned axis sum to 1.
+    let m_cols: Vec<usize> = headers
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.starts_with("purchase_frequency.m"))
+        .map(|(i, _)| i)
+        .collect();
+    for row in &rows {
+        if row[m_cols[0]].is_empty() {
+            continue;
+        }
+        let sum: f64 = m_cols.iter().map(|&i| row[i].parse::<f64>().unwrap()).sum();
+        assert!((sum - 1.0).abs() < 1e-3, "memberships sum to {sum}");
+    }
+
+    // JSON Lines.
+    let jsonl = dir.path().join("m.jsonl");
+    let run = run_with(
+        &["assign", "--snapshot", p(&snap), "--out", p(&jsonl)],
+        &inputs(&shop),
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    let body = std::fs::read_to_string(&jsonl).unwrap();
+    let first: serde_json::Value = serde_json::from_str(body.lines().next().unwrap()).unwrap();
+    assert_eq!(first["snapshot_version"], 1);
+    assert!(
+        first["axes"].as_object().unwrap().len() + first["missing_axes"].as_array().unwrap().len()
+            == 13
+    );
+
+    // Validation prints a verdict per axis; on the same data it should pass the share check.
+    let run = run_with(&["validate", "--snapshot", p(&snap)], &inputs(&shop));
+    let report = text(&run);
+    assert!(report.contains("verdict:"), "{report}");
+    assert!(matches!(run.status.code(), Some(0) | Some(1)), "{report}");
+}
+
+#[test]
+fn new_customers_are_assigned_against_an_existing_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let shop = shop(dir.path());
+    let snap = dir.path().join("snapshot.json");
+    let run = run_with(&["discover", "--out", p(&snap)], &inputs(&shop));
+    assert!(run.status.success(), "{}", text(&run));
+    let later = dir.path().join("later.csv");
+    std::fs::write(
+        &later,
+        "customer_id,order_id,event_time,product_id,category,quantity,unit_price,list_price,channel\n\
+         NEW1,n1,2024-07-01 10:00:00,P1,C1,1,10.00,12.00,web\n\
+         NEW1,n2,2024-07-09 10:00:00,P2,C2,2,5.00,5.00,app\n",
+    )
+    .unwrap();
+    let out = dir.path().join("later_m.csv");
+    let run = segmentd(&[
+        "assign",
+        "--snapshot",
+        p(&snap),
+        "--orders",
+        p(&later),
+        "--out",
+        p(&out),
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    let body = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        body.lines().nth(1).unwrap().starts_with("NEW1,1,"),
+        "{body}"
+    );
+}
+
+/// An export shaped like a real grocery file: BOM, every field quoted, M/D/YYYY dates, ids
+/// with leading zeros, no order id, no list price, no returns or support.
+fn grocery_export(path: &Path, customers: u32) {
+    let mut out = String::from("\u{feff}\"TRANSACTION_DT\",\"CUSTOMER_ID\",\"AGE_GROUP\",\"PRODUCT_SUBCLASS\",\"PRODUCT_ID\",\"AMOUNT\",\"ASSET\",\"SALES_PRICE\"\n");
+    let mut x: u64 = 12345;
+    let mut next = |m: u64| {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) % m
+    };
+    for c in 0..customers {
+        let visits = 1 + next(12) + u64::from(c % 5) * 3;
+        let spend_level = 20 + (c % 7) as u64 * 30;
+        for _ in 0..visits {
+            let day = 1 + next(28);
+            let month = [11, 12, 1, 2][next(4) as usize];
+            let year = if month >= 11 { 2000 } else { 2001 };
+            for _ in 0..(1 + next(6)) {
+                let qty = 1 + next(3);
+                let price = spend_level + next(50);
+                out.push_str(&format!(
+                    "\"{month}/{day}/{year}\",\"{:08}\",\"30-34\",\"{}\",\"{}\",\"{qty}\",\"{}\",\"{}\"\n",
+                    c + 1,
+                    100100 + next(40 + u64::from(c % 9) * 10),
+                    4710000000000 + next(400),
+                    price * qty * 8 / 10,
+                    price * qty
+                ));
+            }
+        }
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn a_grocery_export_maps_and_reports_the_axes_it_cannot_compute() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("grocery.csv");
+    grocery_export(&file, 300);
+    let snap = dir.path().join("snap.json");
+    let run = segmentd(&[
+        "discover",
+        "--orders",
+        p(&file),
+        "--map",
+        "customer_id=CUSTOMER_ID",
+        "--map",
+        "event_time=TRANSACTION_DT",
+        "--map",
+        "category=PRODUCT_SUBCLASS",
+        "--map",
+        "quantity=AMOUNT",
+        "--map",
+        "line_total=SALES_PRICE",
+        "--out",
+        p(&snap),
+    ]);
+    let report = text(&run);
+    assert!(run.status.success(), "{report}");
+    assert!(report.contains("price_sensitivity"), "{report}");
+    assert!(
+        report.contains("skipped: the input has no list_price"),
+        "{report}"
+    );
+    assert!(report.contains("return_behavior"), "{report}");
+    let s = Snapshot::load(&snap).unwrap();
+    let skipped: Vec<&str> = s
+        .snapshot()
+        .skipped_axes
+        .iter()
+        .map(|a| a.axis.as_str())
+        .collect();
+    for axis in [
+        "price_sensitivity",
+        "return_behavior",
+        "communication_preference",
+        "problem_complexity_profile",
+        "product_knowledge",
+    ] {
+        assert!(skipped.contains(&axis), "{axis} not skipped: {skipped:?}");
+    }
+    // PRODUCT_ID matches the product_id field by name, case-insensitively: no mapping needed.
+    for axis in [
+        "category_exploration",
+        "repurchase_behavior",
+        "value_sophistication",
+    ] {
+        assert!(
+            s.axes().iter().any(|a| a.model.axis.as_str() == axis),
+            "{axis} missing"
+        );
+    }
+}
+
+#[test]
+fn a_mapping_that_does_not_fit_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("grocery.csv");
+    grocery_export(&file, 5);
+    let run = segmentd(&[
+        "discover",
+        "--orders",
+        p(&file),
+        "--map",
+        "customer_id=CUSTOMER_ID",
+    ]);
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run));
+    assert!(
+        text(&run).contains("--map event_time=COLUMN"),
+        "{}",
+        text(&run)
+    );
+    let run = segmentd(&[
+        "discover",
+        "--orders",
+        p(&file),
+        "--map",
+        "customer_id=NOPE",
+    ]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(text(&run).contains("\"NOPE\""), "{}", text(&run));
+}
+
+#[test]
+fn a_file_full_of_bad_rows_is_reported_line_by_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.csv");
+    std::fs::write(
+        &file,
+        "customer_id,order_id,event_time,quantity,unit_price\n\
+         ,o1,2024-01-01,1,10\n\
+         a,o2,2024-13-45,1,10\n\
+         b,o3,2024-01-01,-2,10\n\
+         c,o4,2024-01-01,1,NaN\n\
+         d,o5,2024-01-01,one,10\n\
+         e,o6,2999-01-01,1,10\n\
+         \"f,o7,2024-01-01,1,10\n",
+    )
+    .unwrap();
+    let bad_rows = dir.path().join("bad_rows.csv");
+    let run = segmentd(&[
+        "discover",
+        "--orders",
+        p(&file),
+        "--bad-rows",
+        p(&bad_rows),
+        "--out",
+        p(&dir.path().join("s.json")),
+    ]);
+    let report = text(&run);
+    assert_eq!(run.status.code(), Some(3), "{report}");
+    assert!(report.contains("no valid events"), "{report}");
+    for needle in [
+        "line 2: bad customer_id",
+        "line 3: bad event_time",
+        "line 4: negative quantity",
+        "line 5: bad number in unit_price",
+        "line 6: bad number in quantity",
+        "line 7: bad event_time",
+    ] {
+        assert!(report.contains(needle), "{needle:?} missing from {report}");
+    }
+    let written = std::fs::read_to_string(&bad_rows).unwrap();
+    assert!(written.lines().count() >= 7, "{written}");
+
+    let run = segmentd(&["discover", "--orders", p(&file), "--strict"]);
+    assert_eq!(run.status.code(), Some(3));
+    assert!(text(&run).contains(":2: bad customer_id"), "{}", text(&run));
+}
+
+#[test]
+fn unknown_config_keys_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[discover]\nsampel_size = 3\n").unwrap();
+    let file = dir.path().join("o.csv");
+    grocery_export(&file, 3);
+    let run = segmentd(&["discover", "--orders", p(&file), "--config", p(&cfg)]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(text(&run).contains("sampel_size"), "{}", text(&run));
+}
+
+#[test]
+fn the_readme_feature_table_matches_the_code() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = segmentd::domain::features::markdown_table();
+    assert!(
+        readme.contains(&table),
+        "README's feature table is stale: regenerate it with `segmentd schema --markdown`"
+    );
+}
