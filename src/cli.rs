@@ -96,6 +96,10 @@ pub struct InputArgs {
     /// Never draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
+    /// How many days of event time the lines of one order may be spread through the file
+    /// (default 3, from the config).
+    #[arg(long, value_name = "DAYS")]
+    pub order_window_days: Option<f64>,
 }
 
 /// `segmentd discover`.
@@ -251,6 +255,10 @@ fn prepare(
     input: &InputArgs,
 ) -> anyhow::Result<(Config, Vec<InputFile>, IngestOptions, Option<EventTime>)> {
     let mut config = Config::load(input.config.as_deref())?;
+    if let Some(days) = input.order_window_days {
+        config.input.order_window_days = days;
+        config.validate()?;
+    }
     for (kind, map) in parse_map_args(&input.map)? {
         config.input.extend(kind, map);
     }
@@ -276,6 +284,7 @@ fn prepare(
         strict: input.strict,
         progress: !input.no_progress && std::io::stderr().is_terminal(),
         bad_rows_path: input.bad_rows.clone(),
+        order_window: config.input.order_window_seconds(),
     };
     let as_of = input
         .as_of

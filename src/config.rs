@@ -61,10 +61,14 @@ pub struct Config {
     pub validate: ValidateConfig,
 }
 
-/// Column mappings, one table per kind of file.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Column mappings, one table per kind of file, and how order lines are grouped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InputConfig {
+    /// How far apart in event time the lines of one order may be spread through a file (real
+    /// exports are only roughly sorted). An order stays open this long behind the latest event
+    /// read; a line of an order already closed is reported as a bad row.
+    pub order_window_days: f64,
     /// Orders file mapping.
     pub orders: FileMapping,
     /// Returns file mapping.
@@ -83,7 +87,24 @@ pub struct FileMapping {
     pub columns: ColumnMap,
 }
 
+impl Default for InputConfig {
+    fn default() -> Self {
+        Self {
+            order_window_days: 3.0,
+            orders: FileMapping::default(),
+            returns: FileMapping::default(),
+            support: FileMapping::default(),
+            engagement: FileMapping::default(),
+        }
+    }
+}
+
 impl InputConfig {
+    /// The grouping window in seconds.
+    pub fn order_window_seconds(&self) -> i64 {
+        (self.order_window_days * 86_400.0).round() as i64
+    }
+
     /// The mapping for a kind of file.
     pub fn columns(&self, kind: FileKind) -> &ColumnMap {
         match kind {
@@ -246,6 +267,11 @@ impl Config {
         self.features
             .validate()
             .map_err(|e| bad(format!("features: {e}")))?;
+        if !(self.input.order_window_days.is_finite() && self.input.order_window_days >= 0.0) {
+            return Err(bad(
+                "input.order_window_days must be a number of days >= 0".into()
+            ));
+        }
         check_tiers(&self.discover.tiers).map_err(|e| bad(format!("discover.tiers: {e}")))?;
         self.discover
             .clustering

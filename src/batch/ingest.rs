@@ -1,12 +1,16 @@
 //! Streaming CSV ingestion: files → typed events → per-customer state, in one pass per file,
-//! with memory bounded by the per-customer state (plus one open order per customer).
+//! with memory bounded by the per-customer state plus the orders still open (below).
 //!
-//! Order lines are grouped into orders: consecutive lines of a customer with the same order id
-//! (or, without an order id column, the same timestamp — a basket) form one order event. An
-//! export may interleave customers freely, but the lines of one order must be contiguous among
-//! that customer's lines; an order whose lines reappear after another order of the same
-//! customer is reported as a bad row, since counting it twice would inflate every frequency
-//! feature.
+//! Order lines are grouped into orders: lines of a customer with the same order id (or, without
+//! an order id column, the same timestamp — a basket) form one order event. Real exports are
+//! only roughly sorted (one grocery export interleaves a customer's baskets of neighbouring
+//! days), so an order stays open while its lines may still come. Every [`SWEEP_ROWS`] rows,
+//! orders that received no line since the previous sweep and whose time lies more than the
+//! grouping window (`order_window`, default 3 days) behind the latest event time read so far
+//! are closed and applied. That bounds memory by the orders inside the window, whether the
+//! file is sorted by time, by customer, or a little of both. A line of an order that was
+//! already closed is reported as a bad row rather than counted as a second order, which would
+//! inflate every frequency feature; widen the window for files with more disorder.
 //!
 //! Bad rows (an unparsable number, a missing id, a negative quantity that is not a return, a
 //! NaN, an unknown channel) are counted by reason with their line numbers, and the read goes
@@ -36,6 +40,13 @@ use super::mapping::{resolve, ColumnMap, Field, FileKind, MappingError, Resolved
 /// them go to the bad-rows file when one is asked for).
 pub const REPORTED_BAD_ROWS: usize = 10;
 
+/// Rows between two sweeps of the open orders.
+pub const SWEEP_ROWS: u64 = 65_536;
+
+/// Default grouping window: how far (in event time) the lines of one order may be spread
+/// through a file.
+pub const DEFAULT_ORDER_WINDOW_SECONDS: i64 = 3 * 86_400;
+
 /// One input file.
 #[derive(Debug, Clone)]
 pub struct InputFile {
@@ -48,7 +59,7 @@ pub struct InputFile {
 }
 
 /// How to read.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct IngestOptions {
     /// Stop at the first bad row.
     pub strict: bool,
@@ -56,6 +67,19 @@ pub struct IngestOptions {
     pub progress: bool,
     /// Write every bad row (file, line, reason) to this CSV.
     pub bad_rows_path: Option<PathBuf>,
+    /// Grouping window in seconds (see the module docs).
+    pub order_window: i64,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        Self {
+            strict: false,
+            progress: false,
+            bad_rows_path: None,
+            order_window: DEFAULT_ORDER_WINDOW_SECONDS,
+        }
+    }
 }
 
 /// Why ingestion stopped.
@@ -125,6 +149,8 @@ pub struct FileReport {
     pub bad_by_reason: BTreeMap<String, u64>,
     /// The first [`REPORTED_BAD_ROWS`] bad rows.
     pub examples: Vec<BadRow>,
+    /// Most orders open at once (the grouping's memory high-water mark).
+    pub peak_open_orders: usize,
     /// Time spent.
     pub elapsed: Duration,
 }
@@ -242,13 +268,24 @@ struct Reader<'a> {
     params: &'a StateParams,
     strict: bool,
     report: FileReport,
-    /// Open order (and open return, for orders files with an event type) per customer slot.
-    open: FxHashMap<u32, OpenGroup>,
+    /// Open orders (and returns, for orders files with an event type), by customer slot,
+    /// kind and a hash of the order key.
+    open: FxHashMap<(u32, bool, u64), OpenGroup>,
+    /// Groups closed early (a key-hash collision) waiting to be applied.
+    ready: Vec<OpenGroup>,
+    /// Latest event time read in this file.
+    watermark: i64,
+    /// Data rows read so far, and the row count at the last sweep.
+    row: u64,
+    last_sweep: u64,
+    window: i64,
 }
 
 struct OpenGroup {
     key: String,
     first_line: u64,
+    /// The last row that added a line.
+    last_row: u64,
     event: Event,
 }
 
@@ -278,6 +315,17 @@ fn read_file(
     options: &IngestOptions,
     population: &mut Population,
     bad_sink: &mut BadSink,
+) -> Result<FileReport, IngestError> {
+    read_file_swept(file, params, options, population, bad_sink, SWEEP_ROWS)
+}
+
+fn read_file_swept(
+    file: &InputFile,
+    params: &StateParams,
+    options: &IngestOptions,
+    population: &mut Population,
+    bad_sink: &mut BadSink,
+    sweep_rows: u64,
 ) -> Result<FileReport, IngestError> {
     let started = Instant::now();
     let path_text = file.path.display().to_string();
@@ -332,6 +380,11 @@ fn read_file(
             ..FileReport::default()
         },
         open: FxHashMap::default(),
+        ready: Vec::new(),
+        watermark: i64::MIN,
+        row: 0,
+        last_sweep: 0,
+        window: options.order_window,
     };
     let mut record = csv::StringRecord::new();
     loop {
@@ -340,9 +393,16 @@ fn read_file(
             Ok(false) => break,
             Ok(true) => {
                 reader.report.rows += 1;
+                reader.row += 1;
                 let line = record.position().map_or(line, |p| p.line());
                 if let Err(reason) = reader.row(&record, line, population) {
                     reader.bad(line, reason, bad_sink)?;
+                }
+                for group in std::mem::take(&mut reader.ready) {
+                    reader.flush(group, population, bad_sink)?;
+                }
+                if reader.row - reader.last_sweep >= sweep_rows {
+                    reader.sweep(false, population, bad_sink)?;
                 }
             }
             Err(err) => {
@@ -359,12 +419,7 @@ fn read_file(
             }
         }
     }
-    let open: Vec<(u32, OpenGroup)> = reader.open.drain().collect();
-    let mut open = open;
-    open.sort_by_key(|(_, g)| g.first_line);
-    for (_, group) in open {
-        reader.flush(group, population, bad_sink)?;
-    }
+    reader.sweep(true, population, bad_sink)?;
     bar.finish_and_clear();
     reader.report.elapsed = started.elapsed();
     Ok(reader.report)
@@ -409,6 +464,36 @@ impl Reader<'_> {
         Ok(())
     }
 
+    /// Closes open groups that are idle since the last sweep and older than the window behind
+    /// the watermark (or all of them, at the end of the file), in file order so the result does
+    /// not depend on hash-map order.
+    fn sweep(
+        &mut self,
+        all: bool,
+        population: &mut Population,
+        sink: &mut BadSink,
+    ) -> Result<(), IngestError> {
+        self.report.peak_open_orders = self.report.peak_open_orders.max(self.open.len());
+        let horizon = self.watermark.saturating_sub(self.window);
+        let last_sweep = self.last_sweep;
+        let closing: Vec<(u32, bool, u64)> = self
+            .open
+            .iter()
+            .filter(|(_, g)| {
+                all || (g.last_row <= last_sweep && g.event.event_time.unix() <= horizon)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        let mut groups: Vec<OpenGroup> =
+            closing.iter().filter_map(|k| self.open.remove(k)).collect();
+        groups.sort_by_key(|g| g.first_line);
+        for group in groups {
+            self.flush(group, population, sink)?;
+        }
+        self.last_sweep = self.row;
+        Ok(())
+    }
+
     fn flush(
         &mut self,
         group: OpenGroup,
@@ -436,7 +521,7 @@ impl Reader<'_> {
                     self.bad(
                         line,
                         format!(
-                            "order lines not contiguous: lines of {} appear again after another order of customer {}; ignored",
+                            "order already closed: lines of {} of customer {} arrive after the order was applied (the file is out of order by more than the grouping window); ignored",
                             event.event_id, event.customer_id
                         ),
                         sink,
@@ -676,8 +761,7 @@ impl Reader<'_> {
         self.group(event, key, line, population, false)
     }
 
-    /// Adds a row's event to its customer's open group, or closes the open group and opens a
-    /// new one.
+    /// Adds a row's event to its open group, or opens one.
     fn group(
         &mut self,
         event: Event,
@@ -686,30 +770,29 @@ impl Reader<'_> {
         population: &mut Population,
         is_return: bool,
     ) -> Result<(), String> {
-        // Returns and orders of a customer are grouped separately: a return line between two
-        // lines of an order must not split the order.
+        self.watermark = self.watermark.max(event.event_time.unix());
         let slot = population.slot(&event.customer_id) as u32;
-        let slot_key = slot * 2 + u32::from(is_return);
-        // The slot space doubles; u32 customer indexes stay below 2^31 in any batch input.
-        if let Some(open) = self.open.get_mut(&slot_key) {
+        // Returns and orders are grouped apart: a return line between two lines of an order
+        // must not split the order.
+        let id = (slot, is_return, xxhash_rust::xxh3::xxh3_64(key.as_bytes()));
+        if let Some(open) = self.open.get_mut(&id) {
             if open.key == key {
                 merge_into(&mut open.event, event);
+                open.last_row = self.row;
                 return Ok(());
             }
         }
         let previous = self.open.insert(
-            slot_key,
+            id,
             OpenGroup {
                 key,
                 first_line: line,
+                last_row: self.row,
                 event,
             },
         );
-        if let Some(group) = previous {
-            let mut sink = None;
-            self.flush(group, population, &mut sink)
-                .map_err(|e| e.to_string())?;
-        }
+        // Two keys of one customer with the same 64-bit hash: close the older group now.
+        self.ready.extend(previous);
         Ok(())
     }
 }
@@ -891,17 +974,107 @@ mod tests {
     }
 
     #[test]
-    fn reappearing_orders_are_reported_not_double_counted() {
-        let text = "customer_id,order_id,event_time,quantity,unit_price\n\
-            a,o1,2024-01-01,1,10\n\
-            a,o2,2024-01-02,1,10\n\
-            a,o1,2024-01-01,1,10\n\
-            a,o3,2024-01-03,1,10\n";
+    fn interleaved_baskets_within_the_window_are_grouped() {
+        // A grocery export interleaves a customer's baskets of neighbouring days.
+        let text = "customer_id,event_time,quantity,line_total\n\
+            a,11/7/2000,1,10\n\
+            a,11/8/2000,1,20\n\
+            a,11/7/2000,2,30\n\
+            b,11/7/2000,1,5\n\
+            a,11/8/2000,1,40\n";
         let (pop, reports) = read(FileKind::Orders, text, false).unwrap();
-        assert_eq!(pop.states()[0].orders, 3, "o1, o2, o3 once each");
-        assert_eq!(reports[0].bad_rows, 1);
-        assert!(reports[0].examples[0].reason.contains("not contiguous"));
-        assert_eq!(reports[0].examples[0].line, 4);
+        let a = &pop.states()[0];
+        assert_eq!(a.orders, 2);
+        assert_eq!(a.lines, 4);
+        assert_eq!(a.revenue, 100.0);
+        assert_eq!(reports[0].bad_rows, 0);
+    }
+
+    #[test]
+    fn lines_of_a_closed_order_are_reported_not_double_counted() {
+        // o1 reappears after the watermark has moved 10 days past it and a sweep has closed
+        // it: with a zero window and one sweep per row the close is immediate.
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "in.csv",
+            "customer_id,order_id,event_time,quantity,unit_price\n\
+             a,o1,2024-01-01,1,10\n\
+             b,o2,2024-01-11,1,10\n\
+             c,o3,2024-01-11,1,10\n\
+             a,o1,2024-01-01,1,10\n",
+        );
+        let mut population = Population::default();
+        let mut sink = None;
+        let file = InputFile {
+            kind: FileKind::Orders,
+            path,
+            columns: ColumnMap::new(),
+        };
+        let options = IngestOptions {
+            order_window: 0,
+            ..IngestOptions::default()
+        };
+        let report = read_file_with_sweep(&file, &options, &mut population, &mut sink, 1);
+        assert_eq!(population.states()[0].orders, 1);
+        assert_eq!(report.bad_rows, 1);
+        assert!(
+            report.examples[0].reason.contains("already closed"),
+            "{:?}",
+            report.examples
+        );
+        assert_eq!(report.examples[0].line, 5);
+    }
+
+    fn read_file_with_sweep(
+        file: &InputFile,
+        options: &IngestOptions,
+        population: &mut Population,
+        sink: &mut BadSink,
+        sweep_rows: u64,
+    ) -> FileReport {
+        read_file_swept(
+            file,
+            &StateParams::default(),
+            options,
+            population,
+            sink,
+            sweep_rows,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_customer_sorted_file_keeps_few_orders_open() {
+        // 3 customers x 40 orders, sorted by customer, swept every 8 rows: finished
+        // customers' orders close, so far fewer than the 120 orders are ever open at once.
+        let mut text = String::from("customer_id,order_id,event_time,quantity,unit_price\n");
+        for c in 0..3 {
+            for o in 0..40 {
+                text.push_str(&format!("c{c},o{c}-{o},2024-01-{:02},1,10\n", 1 + o % 28));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = InputFile {
+            kind: FileKind::Orders,
+            path: write(dir.path(), "in.csv", &text),
+            columns: ColumnMap::new(),
+        };
+        let mut population = Population::default();
+        let report = read_file_with_sweep(
+            &file,
+            &IngestOptions::default(),
+            &mut population,
+            &mut None,
+            8,
+        );
+        assert_eq!(report.bad_rows, 0);
+        assert!(population.states().iter().all(|s| s.orders == 40));
+        assert!(
+            report.peak_open_orders < 40,
+            "peak {}",
+            report.peak_open_orders
+        );
     }
 
     #[test]

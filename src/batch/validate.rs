@@ -94,7 +94,12 @@ pub fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
         floored.into_iter().map(|x| x / total).collect::<Vec<_>>()
     };
     let (p, q) = (norm(p), norm(q));
-    p.iter().zip(&q).map(|(a, b)| a * (a / b).ln()).sum()
+    // KL is never negative; clamp the rounding of two equal distributions.
+    p.iter()
+        .zip(&q)
+        .map(|(a, b)| a * (a / b).ln())
+        .sum::<f64>()
+        .max(0.0)
 }
 
 /// Share of points on which two labelings agree after the best one-to-one matching of labels.
