@@ -815,6 +815,109 @@ mod tests {
         assert_eq!(CustomerState::decode(&encoded).unwrap(), s);
     }
 
+    /// Numbers equal to a relative 1e-9 (decayed sums round differently in another order);
+    /// everything else exactly.
+    fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+        use serde_json::Value::*;
+        match (a, b) {
+            (Number(x), Number(y)) => {
+                let (x, y) = (x.as_f64().unwrap_or(0.0), y.as_f64().unwrap_or(0.0));
+                (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0)
+            }
+            (Array(x), Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_json(a, b))
+            }
+            (Object(x), Object(y)) => {
+                x.len() == y.len()
+                    && x.iter()
+                        .all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+            }
+            _ => a == b,
+        }
+    }
+
+    fn arb_event() -> impl proptest::strategy::Strategy<Value = (i64, u8, u8, u8, u8)> {
+        // (day offset within two years, kind, product, category, amount)
+        (0i64..730, 0u8..4, 0u8..60, 0u8..12, 1u8..200)
+    }
+
+    fn make_event(
+        i: usize,
+        (day, kind, product, category, amount): (i64, u8, u8, u8, u8),
+    ) -> Event {
+        let t = T0 + day * DAY + (i as i64 % 86_000);
+        let body = match kind {
+            0 | 1 => EventBody::Order(Order {
+                order_id: None,
+                channel: Some(if kind == 0 {
+                    crate::domain::event::OrderChannel::Web
+                } else {
+                    crate::domain::event::OrderChannel::Store
+                }),
+                lines: (0..=(amount % 3))
+                    .map(|l| OrderLine {
+                        product_id: Some(format!("p{}", product.wrapping_add(l))),
+                        category: Some(format!("c{category}")),
+                        quantity: 1.0 + f64::from(l),
+                        unit_price: f64::from(amount) / 4.0,
+                        list_price: (amount % 2 == 0).then_some(f64::from(amount) / 3.0),
+                    })
+                    .collect(),
+            }),
+            2 => EventBody::Return(Return {
+                order_id: None,
+                amount: f64::from(amount) / 10.0,
+                reason: None,
+            }),
+            _ => EventBody::Engagement(Engagement {
+                channel: MessageChannel::ALL[usize::from(product % 4)],
+                action: [
+                    EngagementAction::Open,
+                    EngagementAction::Click,
+                    EngagementAction::Unsubscribe,
+                    EngagementAction::Subscribe,
+                ][usize::from(category % 4)],
+            }),
+        };
+        Event {
+            event_id: format!("e{i}"),
+            customer_id: CustomerId::parse("c").unwrap(),
+            event_time: EventTime::from_unix(t).unwrap(),
+            body,
+        }
+    }
+
+    use proptest::prelude::{prop_assert, Just, Strategy};
+
+    proptest::proptest! {
+        /// The state is the same whatever order the events arrive in.
+        #[test]
+        fn state_does_not_depend_on_arrival_order(
+            (raw, order) in proptest::collection::vec(arb_event(), 1..60)
+                .prop_flat_map(|raw| {
+                    let n = raw.len();
+                    (Just(raw), Just((0..n).collect::<Vec<_>>()).prop_shuffle())
+                })
+        ) {
+            let events: Vec<Event> = raw.into_iter().enumerate().map(|(i, r)| make_event(i, r)).collect();
+            let p = params();
+            let mut in_order = CustomerState::default();
+            for e in &events {
+                in_order.apply(e, &p);
+            }
+            let mut shuffled = CustomerState::default();
+            for &i in &order {
+                shuffled.apply(&events[i], &p);
+            }
+            // The dedup ring holds the last ids seen, which depend on arrival order by design.
+            in_order.recent = RecentIds::default();
+            shuffled.recent = RecentIds::default();
+            let a = serde_json::to_value(&in_order).unwrap();
+            let b = serde_json::to_value(&shuffled).unwrap();
+            prop_assert!(same_json(&a, &b), "{a}\n!=\n{b}");
+        }
+    }
+
     #[test]
     fn codec_round_trips_and_checks_version() {
         let mut s = CustomerState::default();
