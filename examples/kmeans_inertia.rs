@@ -1,7 +1,8 @@
 //! Fits k-means to a CSV of points and prints the inertia as one JSON line, so
 //! `scripts/check_kmeans_vs_sklearn.py` can compare it with scikit-learn on the same data.
 //!
-//! Usage: `kmeans_inertia FILE K` where FILE is a headerless CSV of floats, one point per line.
+//! Usage: `kmeans_inertia FILE K [SEED]` where FILE is a headerless CSV of floats, one point
+//! per line, and SEED (default 0) seeds the restarts.
 //! Output: `{"k":K,"inertia":...,"n_iter":...}`.
 
 use std::error::Error;
@@ -11,13 +12,19 @@ use segmentd::model::kmeans::KMeansParams;
 
 fn main() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: kmeans_inertia FILE K";
+    let usage = "usage: kmeans_inertia FILE K [SEED]";
     let path = args.next().ok_or(usage)?;
     let k: usize = args
         .next()
         .ok_or(usage)?
         .parse()
         .map_err(|e| format!("K must be a non-negative integer: {e}"))?;
+    let seed: u64 = match args.next() {
+        Some(text) => text
+            .parse()
+            .map_err(|e| format!("SEED must be a non-negative integer: {e}"))?,
+        None => 0,
+    };
 
     let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
     let mut values = Vec::new();
@@ -51,7 +58,7 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     let fit = KMeansParams::new(k)
         .n_init(10)
-        .seed(0)
+        .seed(seed)
         .check()?
         .fit(data.view())?;
     // `{:?}` prints f64 with full round-trip precision.

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """Check that our k-means reaches an inertia no worse than scikit-learn's (within 1%).
 
-Runs sklearn KMeans(n_clusters=k, n_init=10, random_state=0) and our
-`kmeans_inertia` example on the same z-scored data sets for k = 2..=6, prints a
-table and exits non-zero if ours is more than 1% worse anywhere.
+Runs sklearn KMeans(n_clusters=k, n_init=10, random_state=s) and our
+`kmeans_inertia` example (n_init=10, seed s) on the same z-scored data sets for
+k = 2..=6 and seeds s = 0..SEEDS-1, and compares the median inertia over seeds:
+on data with many local optima a single seed of either library can land 1-2%
+above the best solution, so one seed against one seed measures luck, not
+quality. Prints a table and exits non-zero if our median is more than 1% worse
+anywhere.
 
 scikit-learn and numpy are installed into a private venv (.venv-sklearn beside
 the repo root, or $SKLEARN_VENV) on first use, and the script re-runs itself in it.
 
-Usage: python3 scripts/check_kmeans_vs_sklearn.py [--cargo-dir DIR] [--tolerance 0.01]
+Usage: python3 scripts/check_kmeans_vs_sklearn.py [--cargo-dir DIR] [--tolerance 0.01] [--seeds 5]
 """
 
 import argparse
@@ -79,6 +83,8 @@ def main() -> int:
                         help="crate directory with the kmeans_inertia example (default: repo root)")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="allowed relative excess of our inertia over sklearn's (default 0.01)")
+    parser.add_argument("--seeds", type=int, default=5,
+                        help="seeds per library and case; medians are compared (default 5)")
     args = parser.parse_args()
 
     ensure_venv_and_reexec()
@@ -98,19 +104,26 @@ def main() -> int:
             # %.17g round-trips every f64, so both sides see bit-identical data.
             np.savetxt(path, x, delimiter=",", fmt="%.17g")
             for k in KS:
-                theirs = KMeans(n_clusters=k, n_init=10, random_state=0).fit(x).inertia_
-                res = subprocess.run([*cargo_run, str(path), str(k)], cwd=cargo_dir,
-                                     capture_output=True, text=True)
-                if res.returncode != 0:
-                    print(f"{name} k={k}: our example failed:\n{res.stderr}", file=sys.stderr)
+                theirs_all = [KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x).inertia_
+                              for seed in range(args.seeds)]
+                ours_all = []
+                for seed in range(args.seeds):
+                    res = subprocess.run([*cargo_run, str(path), str(k), str(seed)],
+                                         cwd=cargo_dir, capture_output=True, text=True)
+                    if res.returncode != 0:
+                        print(f"{name} k={k}: our example failed:\n{res.stderr}", file=sys.stderr)
+                        break
+                    ours_all.append(json.loads(res.stdout)["inertia"])
+                if len(ours_all) != args.seeds:
                     failures += 1
                     continue
-                ours = json.loads(res.stdout)["inertia"]
+                ours, theirs = float(np.median(ours_all)), float(np.median(theirs_all))
                 ratio = ours / theirs
                 ok = ours <= theirs * (1.0 + args.tolerance)
                 failures += not ok
                 rows.append((name, k, ours, theirs, ratio, ok))
 
+    print(f"median inertia over {args.seeds} seeds each")
     print(f"{'dataset':<22} {'k':>2} {'ours':>14} {'sklearn':>14} {'ratio':>8}")
     for name, k, ours, theirs, ratio, ok in rows:
         flag = "" if ok else "  FAIL"
