@@ -6,6 +6,8 @@ FROM rust:1.88-bookworm AS build
 WORKDIR /src
 # Dependencies first, so a source change does not rebuild them.
 COPY Cargo.toml Cargo.lock ./
+RUN apt-get update && apt-get install -y --no-install-recommends libclang-dev cmake \
+    && rm -rf /var/lib/apt/lists/*
 RUN mkdir -p src benches examples \
     && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && echo 'fn main() {}' > benches/model.rs && echo 'fn main() {}' > benches/pipeline.rs \
@@ -21,6 +23,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     && useradd --system --uid 10001 segmentd
 COPY --from=build /src/target/release/segmentd /usr/local/bin/segmentd
 COPY config/segmentd.toml /etc/segmentd/segmentd.toml
+ENV SEGMENTD_CONFIG=/etc/segmentd/segmentd.toml
 USER segmentd
 WORKDIR /data
 ENTRYPOINT ["segmentd"]

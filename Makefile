@@ -20,7 +20,7 @@ build: deps
 	$(CARGO) build --release
 
 # The main job, on a bundled (seeded, generated) example shop: generate, discover, assign,
-# validate.
+# validate. The verdict comes last, so its exit code (1 on FAIL) is the target's.
 demo: build
 	$(BIN) generate --customers 20000 --order-lines 250000 --seed 42 --out-dir $(EXAMPLE)
 	$(BIN) discover --orders $(EXAMPLE)/orders.csv --returns $(EXAMPLE)/returns.csv \
@@ -29,10 +29,10 @@ demo: build
 	$(BIN) assign --snapshot $(EXAMPLE)/snapshot.json --orders $(EXAMPLE)/orders.csv \
 	  --returns $(EXAMPLE)/returns.csv --support $(EXAMPLE)/support.csv \
 	  --engagement $(EXAMPLE)/engagement.csv --out $(EXAMPLE)/memberships.csv
+	@echo "first rows of $(EXAMPLE)/memberships.csv:" && head -3 $(EXAMPLE)/memberships.csv | cut -c1-300
 	$(BIN) validate --snapshot $(EXAMPLE)/snapshot.json --orders $(EXAMPLE)/orders.csv \
 	  --returns $(EXAMPLE)/returns.csv --support $(EXAMPLE)/support.csv \
 	  --engagement $(EXAMPLE)/engagement.csv
-	@echo "first rows of $(EXAMPLE)/memberships.csv:" && head -3 $(EXAMPLE)/memberships.csv | cut -c1-300
 
 test: deps
 	$(CARGO) test --all-targets

@@ -3,9 +3,10 @@
 # Safe to run repeatedly. Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
-# Debian packages: a C toolchain for the -sys crates, ccache so rebuilds of the C/C++
-# dependencies come from cache, GNU time for the benchmark script.
-packages=(build-essential pkg-config ccache time)
+# Debian packages: a C/C++ toolchain for the -sys crates (RocksDB and librdkafka are built
+# from source), libclang-dev for RocksDB's bindgen, cmake, ccache so rebuilds of the C/C++
+# dependencies come from cache, GNU time and bc for the benchmark script.
+packages=(build-essential pkg-config libclang-dev cmake ccache time bc)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -285,6 +285,7 @@ fn prepare(
         progress: !input.no_progress && std::io::stderr().is_terminal(),
         bad_rows_path: input.bad_rows.clone(),
         order_window: config.input.order_window_seconds(),
+        until: None,
     };
     let as_of = input
         .as_of
@@ -292,6 +293,11 @@ fn prepare(
         .map(EventTime::parse)
         .transpose()
         .map_err(|e| ConfigError::Invalid(format!("--as-of: {e}")))?;
+    // Features read "as of" a time must not see events after it.
+    let options = IngestOptions {
+        until: as_of,
+        ..options
+    };
     Ok((config, files, options, as_of))
 }
 
@@ -328,9 +334,9 @@ fn discover(args: DiscoverArgs) -> anyhow::Result<ExitCode> {
 
 fn assign(args: AssignArgs) -> anyhow::Result<ExitCode> {
     let (config, inputs, ingest, as_of) = prepare(&args.input)?;
-    // Only a half-life the user set explicitly is checked against the snapshot's.
-    let configured = (config.features != crate::domain::state::StateParams::default())
-        .then_some(config.features);
+    // Only feature parameters the user set explicitly are checked against the snapshot's;
+    // otherwise the snapshot's own are used.
+    let configured = config.features_explicit.then_some(config.features);
     let format = args
         .format
         .unwrap_or_else(|| OutputFormat::from_path(&args.out));

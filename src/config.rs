@@ -5,7 +5,7 @@
 //! 2. the TOML file given with `--config` (unknown keys are errors);
 //! 3. environment variables `SEGMENTD__SECTION__KEY=value` (double underscores separate the
 //!    path; values are parsed as TOML scalars, falling back to strings), e.g.
-//!    `SEGMENTD__DISCOVER__SEED=7`;
+//!    `SEGMENTD__DISCOVER__CLUSTERING__SEED=7`;
 //! 4. command-line flags.
 //!
 //! [`Config::load`] merges layers 1–3 and validates once; commands apply their flags on top and
@@ -59,6 +59,10 @@ pub struct Config {
     pub assign: AssignConfig,
     /// `segmentd validate`.
     pub validate: ValidateConfig,
+    /// Whether the file or the environment set anything under `[features]` (as opposed to
+    /// the defaults): `assign` checks only explicit settings against a snapshot's.
+    #[serde(skip)]
+    pub features_explicit: bool,
 }
 
 /// Column mappings, one table per kind of file, and how order lines are grouped.
@@ -254,9 +258,11 @@ impl Config {
         for (key, value) in env {
             apply_env(&mut doc, key, value)?;
         }
-        let config: Config = toml::Value::Table(doc)
+        let features_explicit = doc.contains_key("features");
+        let mut config: Config = toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.features_explicit = features_explicit;
         config.validate()?;
         Ok(config)
     }
@@ -356,9 +362,17 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_example_loads() {
+    fn the_shipped_example_shows_the_defaults() {
         let f = write(EXAMPLE_CONFIG);
-        Config::load_with_env(Some(f.path()), &[]).unwrap();
+        let loaded = Config::load_with_env(Some(f.path()), &[]).unwrap();
+        assert!(loaded.features_explicit);
+        assert_eq!(
+            Config {
+                features_explicit: false,
+                ..loaded
+            },
+            Config::default()
+        );
     }
 
     #[test]

@@ -88,6 +88,13 @@ pub fn run(job: &DiscoverJob) -> anyhow::Result<DiscoverOutcome> {
     )?;
     let snapshot = built.snapshot;
     snapshot.save(&job.out)?;
+    tracing::info!(
+        path = %job.out.display(),
+        version = snapshot.version,
+        axes = snapshot.axes.len(),
+        skipped = snapshot.skipped_axes.len(),
+        "snapshot written"
+    );
     Ok(DiscoverOutcome {
         snapshot,
         files,

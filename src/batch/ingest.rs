@@ -69,6 +69,8 @@ pub struct IngestOptions {
     pub bad_rows_path: Option<PathBuf>,
     /// Grouping window in seconds (see the module docs).
     pub order_window: i64,
+    /// Leave out events after this time (the as-of time of the run), counting them apart.
+    pub until: Option<EventTime>,
 }
 
 impl Default for IngestOptions {
@@ -78,6 +80,7 @@ impl Default for IngestOptions {
             progress: false,
             bad_rows_path: None,
             order_window: DEFAULT_ORDER_WINDOW_SECONDS,
+            until: None,
         }
     }
 }
@@ -151,6 +154,8 @@ pub struct FileReport {
     pub examples: Vec<BadRow>,
     /// Most orders open at once (the grouping's memory high-water mark).
     pub peak_open_orders: usize,
+    /// Good rows left out because they are later than the as-of time.
+    pub after_as_of: u64,
     /// Time spent.
     pub elapsed: Duration,
 }
@@ -261,6 +266,30 @@ pub fn ingest(
 
 type BadSink = Option<(PathBuf, BufWriter<File>)>;
 
+/// Why a row did not become (part of) an event.
+enum RowError {
+    /// A bad row, with the reason.
+    Bad(String),
+    /// A good row after the as-of time: left out on purpose, counted apart.
+    AfterAsOf,
+}
+
+impl From<String> for RowError {
+    fn from(reason: String) -> Self {
+        Self::Bad(reason)
+    }
+}
+
+impl From<&str> for RowError {
+    fn from(reason: &str) -> Self {
+        Self::Bad(reason.to_owned())
+    }
+}
+
+/// Event times further than this past the wall clock are refused: a stray future date would
+/// otherwise become the default as-of time and decay everybody else's history.
+const FUTURE_SLACK_SECONDS: i64 = 86_400;
+
 struct Reader<'a> {
     kind: FileKind,
     cols: ResolvedColumns,
@@ -272,7 +301,13 @@ struct Reader<'a> {
     /// kind and a hash of the order key.
     open: FxHashMap<(u32, bool, u64), OpenGroup>,
     /// Groups closed early (a key-hash collision) waiting to be applied.
-    ready: Vec<OpenGroup>,
+    ready: Vec<((u32, bool, u64), OpenGroup)>,
+    /// Orders already applied, so a late line of one is reported however many events the
+    /// customer has had since (the state's de-duplication window is only 8 events). 16 bytes
+    /// an order.
+    closed: rustc_hash::FxHashSet<(u32, bool, u64)>,
+    until: Option<i64>,
+    now: i64,
     /// Latest event time read in this file.
     watermark: i64,
     /// Data rows read so far, and the row count at the last sweep.
@@ -362,6 +397,7 @@ fn read_file_swept(
             (Field::ListPrice, Sources::LIST_PRICE),
             (Field::Discount, Sources::LIST_PRICE),
             (Field::Channel, Sources::CHANNEL),
+            (Field::EventType, Sources::RETURNS),
         ] {
             if cols.has(field) {
                 population.sources.insert(source);
@@ -381,6 +417,9 @@ fn read_file_swept(
         },
         open: FxHashMap::default(),
         ready: Vec::new(),
+        closed: rustc_hash::FxHashSet::default(),
+        until: options.until.map(EventTime::unix),
+        now: EventTime::now().unix(),
         watermark: i64::MIN,
         row: 0,
         last_sweep: 0,
@@ -395,14 +434,16 @@ fn read_file_swept(
                 reader.report.rows += 1;
                 reader.row += 1;
                 let line = record.position().map_or(line, |p| p.line());
-                if let Err(reason) = reader.row(&record, line, population) {
-                    reader.bad(line, reason, bad_sink)?;
+                match reader.row(&record, line, population) {
+                    Ok(()) => {}
+                    Err(RowError::Bad(reason)) => reader.bad(line, reason, bad_sink)?,
+                    Err(RowError::AfterAsOf) => reader.report.after_as_of += 1,
                 }
-                for group in std::mem::take(&mut reader.ready) {
-                    reader.flush(group, population, bad_sink)?;
+                for (id, group) in std::mem::take(&mut reader.ready) {
+                    reader.flush(id, group, population);
                 }
                 if reader.row - reader.last_sweep >= sweep_rows {
-                    reader.sweep(false, population, bad_sink)?;
+                    reader.sweep(false, population);
                 }
             }
             Err(err) => {
@@ -419,9 +460,18 @@ fn read_file_swept(
             }
         }
     }
-    reader.sweep(true, population, bad_sink)?;
+    reader.sweep(true, population);
     bar.finish_and_clear();
     reader.report.elapsed = started.elapsed();
+    tracing::debug!(
+        file = %file.path.display(),
+        rows = reader.report.rows,
+        events = reader.report.events,
+        bad_rows = reader.report.bad_rows,
+        peak_open_orders = reader.report.peak_open_orders,
+        seconds = reader.report.elapsed.as_secs_f64(),
+        "file read"
+    );
     Ok(reader.report)
 }
 
@@ -467,12 +517,7 @@ impl Reader<'_> {
     /// Closes open groups that are idle since the last sweep and older than the window behind
     /// the watermark (or all of them, at the end of the file), in file order so the result does
     /// not depend on hash-map order.
-    fn sweep(
-        &mut self,
-        all: bool,
-        population: &mut Population,
-        sink: &mut BadSink,
-    ) -> Result<(), IngestError> {
+    fn sweep(&mut self, all: bool, population: &mut Population) {
         self.report.peak_open_orders = self.report.peak_open_orders.max(self.open.len());
         let horizon = self.watermark.saturating_sub(self.window);
         let last_sweep = self.last_sweep;
@@ -484,52 +529,28 @@ impl Reader<'_> {
             })
             .map(|(k, _)| *k)
             .collect();
-        let mut groups: Vec<OpenGroup> =
-            closing.iter().filter_map(|k| self.open.remove(k)).collect();
-        groups.sort_by_key(|g| g.first_line);
-        for group in groups {
-            self.flush(group, population, sink)?;
+        let mut groups: Vec<((u32, bool, u64), OpenGroup)> = closing
+            .into_iter()
+            .filter_map(|k| self.open.remove(&k).map(|g| (k, g)))
+            .collect();
+        groups.sort_by_key(|(_, g)| g.first_line);
+        for (id, group) in groups {
+            self.flush(id, group, population);
         }
         self.last_sweep = self.row;
-        Ok(())
     }
 
-    fn flush(
-        &mut self,
-        group: OpenGroup,
-        population: &mut Population,
-        sink: &mut BadSink,
-    ) -> Result<(), IngestError> {
-        self.apply(group.event, group.first_line, population, sink)
+    /// Applies a closed group and remembers it as closed.
+    fn flush(&mut self, id: (u32, bool, u64), group: OpenGroup, population: &mut Population) {
+        self.closed.insert(id);
+        self.apply(&group.event, population);
     }
 
-    fn apply(
-        &mut self,
-        event: Event,
-        line: u64,
-        population: &mut Population,
-        sink: &mut BadSink,
-    ) -> Result<(), IngestError> {
-        match population.apply(&event, self.params) {
-            ApplyOutcome::Applied => {
-                self.report.events += 1;
-                Ok(())
-            }
-            ApplyOutcome::Duplicate => {
-                self.report.duplicates += 1;
-                if matches!(&event.body, EventBody::Order(_)) {
-                    self.bad(
-                        line,
-                        format!(
-                            "order already closed: lines of {} of customer {} arrive after the order was applied (the file is out of order by more than the grouping window); ignored",
-                            event.event_id, event.customer_id
-                        ),
-                        sink,
-                    )
-                } else {
-                    Ok(())
-                }
-            }
+    /// Applies one event; a repeated event id counts as a duplicate, not an error.
+    fn apply(&mut self, event: &Event, population: &mut Population) {
+        match population.apply(event, self.params) {
+            ApplyOutcome::Applied => self.report.events += 1,
+            ApplyOutcome::Duplicate => self.report.duplicates += 1,
         }
     }
 
@@ -561,13 +582,19 @@ impl Reader<'_> {
     fn common(
         &self,
         record: &csv::StringRecord,
-    ) -> Result<(CustomerId, EventTime, String), String> {
+    ) -> Result<(CustomerId, EventTime, String), RowError> {
         let customer = CustomerId::parse(self.text(record, Field::CustomerId).unwrap_or(""))
             .map_err(|e| format!("bad customer_id: {e}"))?;
         let raw_time = self
             .text(record, Field::EventTime)
             .ok_or_else(|| "missing event_time: empty".to_owned())?;
         let time = EventTime::parse(raw_time).map_err(|e| format!("bad event_time: {e}"))?;
+        if time.unix() > self.now + FUTURE_SLACK_SECONDS {
+            return Err(format!("bad event_time: {raw_time:?} is in the future").into());
+        }
+        if self.until.is_some_and(|until| time.unix() > until) {
+            return Err(RowError::AfterAsOf);
+        }
         Ok((customer, time, raw_time.to_owned()))
     }
 
@@ -576,7 +603,7 @@ impl Reader<'_> {
         record: &csv::StringRecord,
         line: u64,
         population: &mut Population,
-    ) -> Result<(), String> {
+    ) -> Result<(), RowError> {
         match self.kind {
             FileKind::Orders => self.order_row(record, line, population),
             FileKind::Returns => {
@@ -601,7 +628,6 @@ impl Reader<'_> {
                             reason: self.text(record, Field::Reason).map(str::to_owned),
                         }),
                     },
-                    line,
                     population,
                 )
             }
@@ -625,7 +651,6 @@ impl Reader<'_> {
                         event_time,
                         body: EventBody::SupportContact(SupportContact { topic, complexity }),
                     },
-                    line,
                     population,
                 )
             }
@@ -648,7 +673,6 @@ impl Reader<'_> {
                         event_time,
                         body: EventBody::Engagement(Engagement { channel, action }),
                     },
-                    line,
                     population,
                 )
             }
@@ -656,13 +680,9 @@ impl Reader<'_> {
     }
 
     /// Validates and applies a single-row event.
-    fn emit(&mut self, event: Event, line: u64, population: &mut Population) -> Result<(), String> {
+    fn emit(&mut self, event: Event, population: &mut Population) -> Result<(), RowError> {
         event.validate().map_err(|e| describe(&e))?;
-        match population.apply(&event, self.params) {
-            ApplyOutcome::Applied => self.report.events += 1,
-            ApplyOutcome::Duplicate => self.report.duplicates += 1,
-        }
-        let _ = line;
+        self.apply(&event, population);
         Ok(())
     }
 
@@ -671,7 +691,7 @@ impl Reader<'_> {
         record: &csv::StringRecord,
         line: u64,
         population: &mut Population,
-    ) -> Result<(), String> {
+    ) -> Result<(), RowError> {
         let (customer_id, event_time, raw_time) = self.common(record)?;
         let is_return = match self.text(record, Field::EventType) {
             None => false,
@@ -681,7 +701,8 @@ impl Reader<'_> {
                 other => {
                     return Err(format!(
                         "bad event_type: {other:?} is neither an order nor a return"
-                    ))
+                    )
+                    .into())
                 }
             },
         };
@@ -696,11 +717,14 @@ impl Reader<'_> {
                 .or_else(|| unit_price.map(|p| p * quantity))
                 .unwrap_or(0.0)
                 .abs();
-            let key = self
-                .text(record, Field::OrderId)
-                .map_or_else(|| raw_time.clone(), str::to_owned);
+            // One return per order and time: a second, later partial return of the same order
+            // is a second event, not a duplicate of the first.
+            let key = match self.text(record, Field::OrderId) {
+                Some(order) => format!("{order}@{raw_time}"),
+                None => raw_time.clone(),
+            };
             let event = Event {
-                event_id: format!("return:{key}"),
+                event_id: format!("order-return:{key}"),
                 customer_id,
                 event_time,
                 body: EventBody::Return(Return {
@@ -712,9 +736,9 @@ impl Reader<'_> {
             return self.group(event, key, line, population, true);
         }
         if quantity < 0.0 {
-            return Err(format!(
-                "negative quantity: {quantity} on a line that is not a return"
-            ));
+            return Err(
+                format!("negative quantity: {quantity} on a line that is not a return").into(),
+            );
         }
         if quantity == 0.0 {
             return Err("zero quantity: nothing was bought".into());
@@ -745,7 +769,6 @@ impl Reader<'_> {
             None => None,
             Some(raw) => Some(OrderChannel::parse(raw).map_err(|e| format!("bad channel: {e}"))?),
         };
-        population.order_lines += 1;
         let order_id = self.text(record, Field::OrderId).map(str::to_owned);
         let key = order_id.clone().unwrap_or_else(|| raw_time.clone());
         let event = Event {
@@ -758,7 +781,9 @@ impl Reader<'_> {
                 lines: vec![order_line],
             }),
         };
-        self.group(event, key, line, population, false)
+        self.group(event, key, line, population, false)?;
+        population.order_lines += 1;
+        Ok(())
     }
 
     /// Adds a row's event to its open group, or opens one.
@@ -769,12 +794,18 @@ impl Reader<'_> {
         line: u64,
         population: &mut Population,
         is_return: bool,
-    ) -> Result<(), String> {
-        self.watermark = self.watermark.max(event.event_time.unix());
+    ) -> Result<(), RowError> {
         let slot = population.slot(&event.customer_id) as u32;
         // Returns and orders are grouped apart: a return line between two lines of an order
         // must not split the order.
         let id = (slot, is_return, xxhash_rust::xxh3::xxh3_64(key.as_bytes()));
+        if self.closed.contains(&id) {
+            return Err(RowError::Bad(format!(
+                "order already closed: a line of {} of customer {} comes after the order was applied (the file is out of order by more than the grouping window; widen it with --order-window-days); ignored",
+                event.event_id, event.customer_id
+            )));
+        }
+        self.watermark = self.watermark.max(event.event_time.unix());
         if let Some(open) = self.open.get_mut(&id) {
             if open.key == key {
                 merge_into(&mut open.event, event);
@@ -792,7 +823,7 @@ impl Reader<'_> {
             },
         );
         // Two keys of one customer with the same 64-bit hash: close the older group now.
-        self.ready.extend(previous);
+        self.ready.extend(previous.map(|g| (id, g)));
         Ok(())
     }
 }
@@ -817,6 +848,7 @@ fn describe(e: &EventError) -> String {
             format!("bad {field}: {e}")
         }
         EventError::ZeroQuantity => format!("zero quantity: {e}"),
+        EventError::Implausible { field, .. } => format!("implausible {field}: {e}"),
         EventError::Complexity(_) => format!("bad complexity: {e}"),
         other => format!("invalid event: {other}"),
     }
@@ -953,14 +985,82 @@ mod tests {
 
     #[test]
     fn a_type_column_carries_returns() {
+        // Two partial returns of one order on different days are two returns.
         let text = "customer_id,order_id,event_time,quantity,line_total,event_type\n\
             a,o1,2024-01-01,2,20,sale\n\
-            a,o1,2024-01-03,-1,-10,return\n";
-        let (pop, _) = read(FileKind::Orders, text, false).unwrap();
+            a,o1,2024-01-03,-1,-10,return\n\
+            a,o1,2024-01-09,-1,-4,refund\n";
+        let (pop, reports) = read(FileKind::Orders, text, false).unwrap();
         let s = &pop.states()[0];
         assert_eq!(s.orders, 1);
-        assert_eq!(s.returns, 1);
-        assert_eq!(s.returned_value, 10.0);
+        assert_eq!(s.returns, 2);
+        assert_eq!(s.returned_value, 14.0);
+        assert_eq!(reports[0].duplicates, 0);
+        // The input has return data, so the returns axis can be computed.
+        assert!(pop.sources.contains(Sources::RETURNS));
+    }
+
+    #[test]
+    fn a_late_line_is_reported_however_many_events_came_between() {
+        // o1 closes after the sweep; the customer then has 12 more orders (more than the
+        // state's 8-event dedup window) before a late line of o1 arrives.
+        let mut text = String::from("customer_id,order_id,event_time,quantity,unit_price\n");
+        text.push_str("a,o1,2024-01-01,1,10\n");
+        for o in 2..14 {
+            text.push_str(&format!("a,o{o},2024-02-{o:02},1,10\n"));
+        }
+        text.push_str("a,o1,2024-01-01,1,10\n");
+        let dir = tempfile::tempdir().unwrap();
+        let file = InputFile {
+            kind: FileKind::Orders,
+            path: write(dir.path(), "in.csv", &text),
+            columns: ColumnMap::new(),
+        };
+        let mut population = Population::default();
+        let report = read_file_with_sweep(
+            &file,
+            &IngestOptions::default(),
+            &mut population,
+            &mut None,
+            2,
+        );
+        assert_eq!(population.states()[0].orders, 13);
+        assert_eq!(report.bad_rows, 1);
+        assert_eq!(report.examples[0].line, 15);
+        assert_eq!(
+            population.order_lines, 13,
+            "the refused line is not counted"
+        );
+    }
+
+    #[test]
+    fn events_after_the_as_of_time_are_left_out_and_future_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "in.csv",
+            "customer_id,event_time,quantity,unit_price\n\
+             a,2024-01-01,1,10\n\
+             a,2024-03-01,1,10\n\
+             b,2090-01-01,1,10\n",
+        );
+        let (pop, reports) = ingest(
+            &[InputFile {
+                kind: FileKind::Orders,
+                path,
+                columns: ColumnMap::new(),
+            }],
+            &StateParams::default(),
+            &IngestOptions {
+                until: Some(EventTime::parse("2024-02-01").unwrap()),
+                ..IngestOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(pop.states()[0].orders, 1);
+        assert_eq!(reports[0].after_as_of, 1);
+        assert_eq!(reports[0].bad_rows, 1);
+        assert!(reports[0].examples[0].reason.contains("in the future"));
     }
 
     #[test]

@@ -44,6 +44,12 @@ pub fn print_files(files: &[FileReport]) {
             count(f.duplicates),
             secs(f.elapsed)
         );
+        if f.after_as_of > 0 {
+            println!(
+                "    {} rows later than the as-of time left out",
+                count(f.after_as_of)
+            );
+        }
         if f.bad_rows > 0 {
             for (reason, n) in &f.bad_by_reason {
                 println!("    {:>8} × {reason}", count(*n));

@@ -127,17 +127,22 @@ pub fn run(job: &ValidateJob) -> anyhow::Result<ValidateOutcome> {
     let started = Instant::now();
     let snapshot = load_snapshot(&job.snapshot, None)?;
     let params = *snapshot.state_params();
-    let (population, files) = ingest(&job.inputs, &params, &job.ingest)?;
+    // Compare like with like: by default read the population at the snapshot's as-of time,
+    // leaving out events the sample could not have seen.
+    let snapshot_as_of = EventTime::parse(&snapshot.snapshot().source.as_of).ok();
+    let mut options = job.ingest.clone();
+    if options.until.is_none() {
+        options.until = job.as_of.or(snapshot_as_of);
+    }
+    let (population, files) = ingest(&job.inputs, &params, &options)?;
     // Print the reading report now: it explains an empty or suspicious input before any
     // later step can fail on it.
     super::report::print_files(&files);
-    let as_of = match job.as_of {
-        Some(t) => t,
-        None => EventTime::parse(&snapshot.snapshot().source.as_of)
-            .ok()
-            .or(population.max_time)
-            .context("the input holds no valid events")?,
-    };
+    let as_of = job
+        .as_of
+        .or(snapshot_as_of)
+        .or(population.max_time)
+        .context("the input holds no valid events")?;
     let assigner = Assigner::new(&snapshot);
     let assignments: Vec<Assignment> = population
         .states()

@@ -10,6 +10,12 @@ use thiserror::Error;
 
 use super::time::EventTime;
 
+/// Largest quantity on one line. Beyond it a value is a unit or parsing mistake, and sums of
+/// such values would overflow to infinity.
+pub const MAX_QUANTITY: f64 = 1e9;
+/// Largest price or amount accepted, for the same reason.
+pub const MAX_AMOUNT: f64 = 1e12;
+
 /// Longest customer id accepted. Ids are RocksDB keys and CSV cells; anything longer is almost
 /// certainly a mis-mapped column (a free-text field, a JSON blob).
 pub const MAX_CUSTOMER_ID_LEN: usize = 128;
@@ -36,6 +42,14 @@ pub enum EventError {
     /// A field that must be >= 0 is negative.
     #[error("{field} is negative ({value})")]
     Negative {
+        /// The field's name.
+        field: &'static str,
+        /// The offending value.
+        value: f64,
+    },
+    /// A value so large it can only be a mistake (see [`MAX_QUANTITY`], [`MAX_AMOUNT`]).
+    #[error("{field} {value} is implausibly large")]
+    Implausible {
         /// The field's name.
         field: &'static str,
         /// The offending value.
@@ -191,9 +205,14 @@ impl OrderLine {
         if self.quantity == 0.0 {
             return Err(EventError::ZeroQuantity);
         }
+        at_most("quantity", self.quantity, MAX_QUANTITY)?;
         finite_non_negative("unit_price", self.unit_price)?;
+        at_most("unit_price", self.unit_price, MAX_AMOUNT)?;
+        at_most("line amount", self.amount(), MAX_AMOUNT)?;
         if let Some(list) = self.list_price {
             finite_non_negative("list_price", list)?;
+            at_most("list_price", list, MAX_AMOUNT)?;
+            at_most("line list amount", self.quantity * list, MAX_AMOUNT)?;
         }
         Ok(())
     }
@@ -418,7 +437,10 @@ impl Event {
                 }
                 order.lines.iter().try_for_each(OrderLine::validate)
             }
-            EventBody::Return(ret) => finite_non_negative("amount", ret.amount),
+            EventBody::Return(ret) => {
+                finite_non_negative("amount", ret.amount)?;
+                at_most("amount", ret.amount, MAX_AMOUNT)
+            }
             EventBody::SupportContact(contact) => {
                 if !contact.complexity.is_finite() {
                     return Err(EventError::NotFinite {
@@ -444,6 +466,13 @@ impl Event {
 /// customer state.
 pub fn event_id_hash(event_id: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(event_id.as_bytes(), 0x5e6d_e17d)
+}
+
+fn at_most(field: &'static str, value: f64, max: f64) -> Result<(), EventError> {
+    if value > max {
+        return Err(EventError::Implausible { field, value });
+    }
+    Ok(())
 }
 
 fn finite_non_negative(field: &'static str, value: f64) -> Result<(), EventError> {
@@ -513,6 +542,21 @@ mod tests {
             })
         ));
         assert!(line(1.0, 0.0).validate().is_ok());
+        // Finite on their own, but their product would dominate every sum it enters.
+        assert!(matches!(
+            line(1e8, 1e8).validate(),
+            Err(EventError::Implausible {
+                field: "line amount",
+                ..
+            })
+        ));
+        assert!(matches!(
+            line(1e10, 1.0).validate(),
+            Err(EventError::Implausible {
+                field: "quantity",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -36,20 +36,28 @@ pub fn squared_distance(a: &[f64], b: &[f64]) -> f64 {
 /// Fills `out` with the memberships for `distances` (see the module docs). `out` and
 /// `distances` have the same length, at least 1.
 pub fn fuzzy_memberships(distances: &[f64], exponent: f64, out: &mut [f64]) {
+    if exponent == 1.0 {
+        // The common case: weights are in (0, 1] for finite distances, so the total is > 0.
+        let mut total = 0.0;
+        for (w, d) in out.iter_mut().zip(distances) {
+            *w = 1.0 / (1.0 + d.max(0.0));
+            total += *w;
+        }
+        out.iter_mut().for_each(|w| *w /= total);
+        return;
+    }
+    // (1/(1+d))^p underflows to 0 for every segment when p·ln(1+d) is large; scaling by the
+    // nearest segment's weight (log space) keeps the largest weight at 1.
+    let min_log = distances
+        .iter()
+        .map(|d| d.max(0.0).ln_1p())
+        .fold(f64::INFINITY, f64::min);
     let mut total = 0.0;
     for (w, d) in out.iter_mut().zip(distances) {
-        let base = 1.0 / (1.0 + d.max(0.0));
-        *w = if exponent == 1.0 {
-            base
-        } else {
-            base.powf(exponent)
-        };
+        *w = (-exponent * (d.max(0.0).ln_1p() - min_log)).exp();
         total += *w;
     }
-    // total > 0: each weight is in (0, 1] for finite distances.
-    for w in out.iter_mut() {
-        *w /= total;
-    }
+    out.iter_mut().for_each(|w| *w /= total);
 }
 
 #[cfg(test)]
@@ -72,6 +80,14 @@ mod tests {
         for (o, e) in out.iter().zip(expected) {
             assert!((o - e).abs() < 1e-15);
         }
+    }
+
+    #[test]
+    fn a_huge_exponent_does_not_underflow_to_nan() {
+        let mut out = [0.0; 2];
+        fuzzy_memberships(&[1e6, 2e6], 500.0, &mut out);
+        assert!(out.iter().all(|m| m.is_finite()));
+        assert_eq!(out[0], 1.0);
     }
 
     #[test]

@@ -838,14 +838,15 @@ mod tests {
 
     fn arb_event() -> impl proptest::strategy::Strategy<Value = (i64, u8, u8, u8, u8)> {
         // (day offset within two years, kind, product, category, amount)
-        (0i64..730, 0u8..4, 0u8..60, 0u8..12, 1u8..200)
+        (0i64..730, 0u8..5, 0u8..60, 0u8..12, 1u8..200)
     }
 
     fn make_event(
         i: usize,
         (day, kind, product, category, amount): (i64, u8, u8, u8, u8),
     ) -> Event {
-        let t = T0 + day * DAY + (i as i64 % 86_000);
+        // Few distinct times of day, so events often share a second (tie rules matter).
+        let t = T0 + day * DAY + (i as i64 % 3) * 3_600;
         let body = match kind {
             0 | 1 => EventBody::Order(Order {
                 order_id: None,
@@ -868,6 +869,11 @@ mod tests {
                 order_id: None,
                 amount: f64::from(amount) / 10.0,
                 reason: None,
+            }),
+            3 => EventBody::SupportContact(SupportContact {
+                topic: ["delivery", "how_to", "billing", "technical"][usize::from(product % 4)]
+                    .into(),
+                complexity: f64::from(1 + amount % 5),
             }),
             _ => EventBody::Engagement(Engagement {
                 channel: MessageChannel::ALL[usize::from(product % 4)],

@@ -18,7 +18,7 @@ use crate::domain::features::{Axis, FeatureId};
 
 use super::kmeans::{KMeansFit, KMeansParams};
 use super::naming::name_segments;
-use super::silhouette::mean_silhouettes;
+use super::silhouette::mean_silhouettes_weighted;
 use super::snapshot::{
     AxisModel, ClusteringRecord, DroppedFeature, KScore, Scaler, Segment, MAX_SEGMENTS_PER_AXIS,
 };
@@ -152,6 +152,12 @@ pub enum SkipReason {
     /// Every feature is constant over the sample.
     #[error("every feature is constant over the sample")]
     NoVariation,
+    /// Too few features vary over the sample to describe the axis.
+    #[error("only {varying} feature varies over the sample (need {MIN_AXIS_FEATURES})")]
+    TooFewVaryingFeatures {
+        /// Features that vary.
+        varying: usize,
+    },
     /// k-means failed.
     #[error("clustering failed: {0}")]
     Failed(String),
@@ -222,6 +228,9 @@ pub fn cluster_axis(
     sample: AxisSample,
     params: &ClusteringParams,
 ) -> Result<AxisModel, SkipReason> {
+    params
+        .check()
+        .map_err(|e| SkipReason::Failed(e.to_string()))?;
     let n = sample.rows.nrows();
     if n < params.min_customers {
         return Err(SkipReason::TooFewCustomers {
@@ -240,6 +249,11 @@ pub fn cluster_axis(
     }
     if keep.is_empty() {
         return Err(SkipReason::NoVariation);
+    }
+    if keep.len() < MIN_AXIS_FEATURES {
+        return Err(SkipReason::TooFewVaryingFeatures {
+            varying: keep.len(),
+        });
     }
     let features: Vec<FeatureId> = keep.iter().map(|&j| sample.features[j]).collect();
     let scaler = Scaler {
@@ -270,7 +284,13 @@ pub fn cluster_axis(
         })
         .collect::<Result<_, _>>()?;
 
-    let silhouettes = silhouettes(z.view(), &fits, params.silhouette_sample, axis_seed);
+    let silhouettes = silhouettes(
+        z.view(),
+        &sample.weights,
+        &fits,
+        params.silhouette_sample,
+        axis_seed,
+    );
     // Best silhouette; ties go to the smaller k (simpler model).
     let best = (0..fits.len())
         .max_by(|&a, &b| silhouettes[a].total_cmp(&silhouettes[b]).then(b.cmp(&a)))
@@ -286,6 +306,13 @@ pub fn cluster_axis(
         })
         .collect();
     let fit = &fits[best];
+    tracing::debug!(
+        axis = %sample.axis,
+        customers = n,
+        k = fit.k(),
+        silhouette = silhouettes[best],
+        "axis clustered"
+    );
     let segments = describe_segments(fit, z.view(), &sample.weights, &scaler, &features);
     Ok(AxisModel {
         axis: sample.axis,
@@ -303,7 +330,13 @@ pub fn cluster_axis(
 
 /// Mean silhouette of each fit, on a seeded subsample of at most `max_points` rows, computed in
 /// one pass over the point pairs.
-fn silhouettes(z: ArrayView2<f64>, fits: &[KMeansFit], max_points: usize, seed: u64) -> Vec<f64> {
+fn silhouettes(
+    z: ArrayView2<f64>,
+    weights: &[f64],
+    fits: &[KMeansFit],
+    max_points: usize,
+    seed: u64,
+) -> Vec<f64> {
     let n = z.nrows();
     let rows: Vec<usize> = if n > max_points {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5111_0e77);
@@ -314,6 +347,7 @@ fn silhouettes(z: ArrayView2<f64>, fits: &[KMeansFit], max_points: usize, seed: 
         (0..n).collect()
     };
     let sub = z.select(NdAxis(0), &rows);
+    let sub_weights: Vec<f64> = rows.iter().map(|&i| weights[i]).collect();
     let labelings: Vec<Vec<u32>> = fits
         .iter()
         .map(|f| rows.iter().map(|&i| f.labels[i]).collect())
@@ -329,7 +363,8 @@ fn silhouettes(z: ArrayView2<f64>, fits: &[KMeansFit], max_points: usize, seed: 
     let scores = if refs.is_empty() {
         Vec::new()
     } else {
-        mean_silhouettes(sub.view(), &refs).unwrap_or_else(|_| vec![-1.0; refs.len()])
+        mean_silhouettes_weighted(sub.view(), &refs, Some(&sub_weights))
+            .unwrap_or_else(|_| vec![-1.0; refs.len()])
     };
     let mut out = vec![-1.0; fits.len()];
     for (i, s) in scorable.into_iter().zip(scores) {
@@ -483,11 +518,34 @@ mod tests {
 
     #[test]
     fn constant_features_are_dropped_and_reported() {
+        let three = |rows: Array2<f64>| {
+            let n = rows.nrows();
+            let mut wide = Array2::zeros((n, 3));
+            wide.slice_mut(ndarray::s![.., ..2]).assign(&rows);
+            wide.column_mut(2).fill(7.0);
+            AxisSample {
+                features: vec![
+                    FeatureId::by_name("avg_order_value_log").unwrap(),
+                    FeatureId::by_name("monthly_spend_log").unwrap(),
+                    FeatureId::by_name("units_per_order_log").unwrap(),
+                ],
+                ..sample(wide)
+            }
+        };
+        let rows = blobs(&[[0.0, 0.0], [10.0, 10.0]], 40, 0.5, 3);
+        let model = cluster_axis(three(rows), &ClusteringParams::default()).unwrap();
+        assert_eq!(
+            model.features,
+            vec!["avg_order_value_log", "monthly_spend_log"]
+        );
+        assert_eq!(model.dropped_features[0].feature, "units_per_order_log");
+        // With one of two features constant, the axis says too little: skipped.
         let mut rows = blobs(&[[0.0, 0.0], [10.0, 10.0]], 40, 0.5, 3);
         rows.column_mut(1).fill(7.0);
-        let model = cluster_axis(sample(rows), &ClusteringParams::default()).unwrap();
-        assert_eq!(model.features, vec!["avg_order_value_log"]);
-        assert_eq!(model.dropped_features[0].feature, "monthly_spend_log");
+        assert_eq!(
+            cluster_axis(sample(rows), &ClusteringParams::default()),
+            Err(SkipReason::TooFewVaryingFeatures { varying: 1 })
+        );
     }
 
     #[test]

@@ -786,7 +786,7 @@ mod tests {
         assert_eq!(sorted_first_column(&fit.centroids), vec![0.75, 10.5]);
         assert!((fit.inertia - 1.25).abs() < 1e-12);
         let repeated = array![[0.0], [1.0], [1.0], [1.0], [10.0], [11.0]];
-        let plain = fit_plain(repeated.view(), 2);
+        let plain = super::tests::fit(repeated.view(), 2);
         assert!((plain.inertia - fit.inertia).abs() < 1e-12);
     }
 
@@ -802,10 +802,6 @@ mod tests {
             p.fit_weighted(data.view(), Some(&[1.0, 0.0])),
             Err(KMeansFitError::BadWeight { row: 1, .. })
         ));
-    }
-
-    fn fit_plain(data: ndarray::ArrayView2<f64>, k: usize) -> KMeansFit {
-        KMeansParams::new(k).check().unwrap().fit(data).unwrap()
     }
 
     #[test]

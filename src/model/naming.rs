@@ -146,15 +146,4 @@ mod tests {
         assert_ne!(names[0], names[1]);
         assert!(names[0].ends_with("(1)"));
     }
-
-    #[test]
-    fn names_are_deterministic() {
-        let f = ids(&[
-            "avg_order_value_log",
-            "monthly_spend_log",
-            "units_per_order_log",
-        ]);
-        let c = vec![vec![0.5, -0.9, 0.4], vec![-0.5, 0.9, 2.0]];
-        assert_eq!(name_segments(&f, &c), name_segments(&f, &c));
-    }
 }

@@ -79,8 +79,8 @@ pub enum TierError {
     /// Names repeat or are empty.
     #[error("tier names must be non-empty and unique")]
     Names,
-    /// All quotas are zero.
-    #[error("tier quotas must add up to at least 1")]
+    /// A tier has a quota of zero: its customers would get no voice and weight 0.
+    #[error("every tier needs a quota of at least 1")]
     Quotas,
 }
 
@@ -107,7 +107,7 @@ pub fn check_tiers(tiers: &[TierSpec]) -> Result<Vec<TierSpec>, TierError> {
     if names.len() != sorted.len() || names.iter().any(|n| n.trim().is_empty()) {
         return Err(TierError::Names);
     }
-    if sorted.iter().map(|t| t.quota).sum::<usize>() == 0 {
+    if sorted.iter().any(|t| t.quota == 0) {
         return Err(TierError::Quotas);
     }
     Ok(sorted)
@@ -221,6 +221,22 @@ fn allocate(quotas: &[usize], quota_total: usize, target: usize, caps: &[usize])
     for &i in order.iter().cycle().take(rest.min(quotas.len())) {
         out[i] += 1;
     }
+    // Every tier with customers gets at least one sample when the target allows: a tier with
+    // none would leave its whole population with design weight 0.
+    let non_empty = caps.iter().filter(|&&c| c > 0).count();
+    if target >= non_empty {
+        for i in 0..out.len() {
+            if caps[i] > 0 && out[i] == 0 {
+                if let Some(donor) = (0..out.len())
+                    .filter(|&j| out[j] > 1)
+                    .max_by_key(|&j| out[j])
+                {
+                    out[donor] -= 1;
+                    out[i] = 1;
+                }
+            }
+        }
+    }
     rest = 0;
     for (o, &cap) in out.iter_mut().zip(caps) {
         if *o > cap {
@@ -268,6 +284,9 @@ mod tests {
         let mut t = default_tiers();
         t[1].name = "vip".into();
         assert_eq!(check_tiers(&t), Err(TierError::Names));
+        let mut t = default_tiers();
+        t[2].quota = 0;
+        assert_eq!(check_tiers(&t), Err(TierError::Quotas));
         assert_eq!(check_tiers(&[]), Err(TierError::Empty));
     }
 
@@ -317,16 +336,37 @@ mod tests {
 
     #[test]
     fn a_small_tier_hands_its_quota_on() {
-        // Half the customers share the value 0, so the low tier (quantile 0–0.40) gets those
-        // at the cut and the vip tier holds few: quotas are capped and redistributed.
+        // Half the customers share the value 0. The 0.40 quantile cut is then 0, so all of
+        // them land in "mid" and "low" is empty; "vip" (5 customers) cannot fill its 12.
         let mut ltv = vec![0.0; 50];
         ltv.extend((1..=50).map(f64::from));
         let tiers = check_tiers(&default_tiers()).unwrap();
         let s = stratified_sample(&ltv, &tiers, SampleSize::Count(60), 3);
+        let by_name = |n: &str| s.tiers.iter().find(|t| t.name == n).unwrap().clone();
+        assert_eq!(by_name("low").population, 0);
+        assert_eq!(by_name("vip").population, 5);
+        assert_eq!(
+            by_name("vip").sampled,
+            5,
+            "a small tier gives everyone it has"
+        );
+        // The rest of the target went to the other tiers: still 60 in all.
         assert_eq!(s.indices.len(), 60);
-        for t in &s.tiers {
-            assert!(t.sampled <= t.population);
-        }
+        // Weights still add up to the population.
+        let total: f64 = s.weights.iter().sum();
+        assert!((total - 100.0).abs() < 1e-9, "{total}");
+    }
+
+    #[test]
+    fn every_non_empty_tier_gets_a_sample() {
+        // A sample of 4 with quotas 1000/1500/1500/1000 would round the vip share to 0.8 -> 0
+        // or 1; every tier must get at least one so no customer has weight 0.
+        let ltv: Vec<f64> = (0..1000).map(f64::from).collect();
+        let tiers = check_tiers(&default_tiers()).unwrap();
+        let s = stratified_sample(&ltv, &tiers, SampleSize::Count(4), 1);
+        assert!(s.tiers.iter().all(|t| t.sampled >= 1), "{:?}", s.tiers);
+        let total: f64 = s.weights.iter().sum();
+        assert!((total - 1000.0).abs() < 1e-9);
     }
 
     #[test]

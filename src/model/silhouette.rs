@@ -57,6 +57,22 @@ pub enum SilhouetteError {
         /// The offending value.
         value: f64,
     },
+    /// The weights do not match the points.
+    #[error("{weights} weights for {n_points} points")]
+    WeightLength {
+        /// Weights given.
+        weights: usize,
+        /// Points.
+        n_points: usize,
+    },
+    /// A weight is not a positive finite number.
+    #[error("weight {value} at row {row} is not a positive finite number")]
+    BadWeight {
+        /// Row of the first offending weight.
+        row: usize,
+        /// The weight.
+        value: f64,
+    },
 }
 
 /// Mean silhouette for several labelings of the SAME points in one pass over the point pairs
@@ -71,7 +87,34 @@ pub fn mean_silhouettes(
     data: ArrayView2<f64>,
     labelings: &[&[u32]],
 ) -> Result<Vec<f64>, SilhouetteError> {
+    mean_silhouettes_weighted(data, labelings, None)
+}
+
+/// [`mean_silhouettes`], with each point's silhouette counted by its weight in the mean:
+/// `Σ w_i s(i) / Σ w_i`. For a stratified sample with design weights this scores a clustering
+/// for the population the sample stands for, not for its over-sampled strata. `a(i)` and `b(i)`
+/// stay plain means over the other points. `None` weighs every point 1.
+pub fn mean_silhouettes_weighted(
+    data: ArrayView2<f64>,
+    labelings: &[&[u32]],
+    weights: Option<&[f64]>,
+) -> Result<Vec<f64>, SilhouetteError> {
     let (n, d) = data.dim();
+    if let Some(w) = weights {
+        if w.len() != n {
+            return Err(SilhouetteError::WeightLength {
+                weights: w.len(),
+                n_points: n,
+            });
+        }
+        if let Some((row, &value)) = w
+            .iter()
+            .enumerate()
+            .find(|(_, w)| !(w.is_finite() && **w > 0.0))
+        {
+            return Err(SilhouetteError::BadWeight { row, value });
+        }
+    }
     if n == 0 {
         return Err(SilhouetteError::NoPoints);
     }
@@ -153,12 +196,15 @@ pub fn mean_silhouettes(
 
     // Summed sequentially so the result does not depend on how rayon split the rows.
     let mut means = vec![0.0; n_lab];
-    for row in scores.chunks_exact(n_lab) {
+    let mut total = 0.0;
+    for (i, row) in scores.chunks_exact(n_lab).enumerate() {
+        let w = weights.map_or(1.0, |w| w[i]);
+        total += w;
         for (m, s) in means.iter_mut().zip(row) {
-            *m += s;
+            *m += w * s;
         }
     }
-    means.iter_mut().for_each(|m| *m /= n as f64);
+    means.iter_mut().for_each(|m| *m /= total);
     Ok(means)
 }
 
@@ -242,6 +288,26 @@ fn euclidean<const D: usize>(a: &[f64], b: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_average_the_per_point_scores() {
+        // [0,1,4,5] with labels [0,0,1,1]: s = 7/9, 5/7, 5/7, 7/9. Weight 3 on the first point:
+        // (3·7/9 + 5/7 + 5/7 + 7/9) / 6.
+        let data = ndarray::array![[0.0], [1.0], [4.0], [5.0]];
+        let labels = [0u32, 0, 1, 1];
+        let got = mean_silhouettes_weighted(data.view(), &[&labels], Some(&[3.0, 1.0, 1.0, 1.0]))
+            .unwrap()[0];
+        let expected = (3.0 * 7.0 / 9.0 + 5.0 / 7.0 + 5.0 / 7.0 + 7.0 / 9.0) / 6.0;
+        assert!((got - expected).abs() < 1e-12);
+        assert!(matches!(
+            mean_silhouettes_weighted(data.view(), &[&labels], Some(&[1.0; 3])),
+            Err(SilhouetteError::WeightLength { .. })
+        ));
+        assert!(matches!(
+            mean_silhouettes_weighted(data.view(), &[&labels], Some(&[1.0, -1.0, 1.0, 1.0])),
+            Err(SilhouetteError::BadWeight { row: 1, .. })
+        ));
+    }
     use ndarray::{array, Array2, ShapeBuilder};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;

@@ -332,6 +332,17 @@ impl Snapshot {
         if self.axes.is_empty() {
             return Err(invalid("no axis models"));
         }
+        for tier in &self.source.tiers {
+            let finite = [tier.ltv_min, tier.ltv_max, tier.weight]
+                .iter()
+                .all(|v| v.is_finite() && *v >= 0.0);
+            if !finite || tier.sampled > tier.population {
+                return Err(invalid(format!(
+                    "source.tiers: tier {:?} has out-of-range figures",
+                    tier.name
+                )));
+            }
+        }
         let mut seen_axes = Vec::new();
         let mut axes = Vec::with_capacity(self.axes.len());
         for model in &self.axes {
@@ -351,8 +362,11 @@ impl Snapshot {
 fn validate_axis(model: &AxisModel) -> Result<ValidAxis, SnapshotError> {
     let axis = model.axis;
     let d = model.features.len();
-    if d == 0 {
-        return Err(invalid(format!("{axis}: no features")));
+    if d < crate::model::discover::MIN_AXIS_FEATURES {
+        return Err(invalid(format!(
+            "{axis}: {d} features (an axis needs at least {})",
+            crate::model::discover::MIN_AXIS_FEATURES
+        )));
     }
     let mut feature_ids = Vec::with_capacity(d);
     for name in &model.features {
