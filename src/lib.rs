@@ -22,6 +22,9 @@
 //! - [`model`]: k-means, silhouette, matching, sampling, naming, snapshots, assignment.
 //! - [`batch`]: the CSV subcommands (`discover`, `assign`, `validate`) and the ingest they share.
 //! - [`synth`]: the seeded synthetic shop used by `generate`, the demo and benchmarks.
+//! - [`store`]: per-customer records and input offsets in RocksDB, committed atomically.
+//! - [`pipeline`]: the streaming path (so far: decoding Kafka records into events or dead
+//!   letters).
 //! - [`config`]: layered, validated configuration.
 //! - [`cli`]: command-line parsing and dispatch.
 //! - [`telemetry`]: logging setup.
@@ -32,5 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod model;
+pub mod pipeline;
+pub mod store;
 pub mod synth;
 pub mod telemetry;
