@@ -1,7 +1,9 @@
 //! The streaming pipeline, in the order data moves: decode (Kafka bytes → events or dead
-//! letters) → update (per-customer state in the store) → assign → publish.
+//! letters) → process (per-customer state in the store, assignment, what to publish) →
+//! publish.
 //!
-//! This stage holds the edge decoder; the consumer loop, the processor and the publisher build
-//! on it and on [`crate::store`].
+//! So far: [`decode`] and [`process`]; the Kafka consumer loop and publisher build on them and
+//! on [`crate::store`].
 
 pub mod decode;
+pub mod process;

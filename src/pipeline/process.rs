@@ -1,0 +1,570 @@
+//! One poll batch through state and assignment: read the batch's customers from the store,
+//! apply each event, assign the customer against the snapshot, decide whether the change is
+//! worth publishing, and prepare the single store batch (records + offsets) that makes it all
+//! durable.
+//!
+//! Pure with respect to Kafka: the caller publishes [`BatchResult::updates`], awaits their
+//! delivery, and only then commits [`BatchResult::store_batch`]. Re-running a batch from the
+//! same stored state gives byte-identical updates (same `seq`, same content), which is what
+//! makes "produce, await delivery, commit state, commit offsets" exactly-once for state and
+//! at-least-once, with identical content, for output.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::domain::event::{CustomerId, Event};
+use crate::domain::features::{Axis, FeatureVector};
+use crate::domain::state::{ApplyOutcome, CustomerState, StateCodecError};
+use crate::domain::time::EventTime;
+use crate::model::assign::{Assigner, Assignment};
+use crate::model::snapshot::ValidSnapshot;
+use crate::store::{PartitionKey, StateStore, StoreBatch, StoreError};
+
+/// Version byte of an encoded [`CustomerRecord`].
+pub const RECORD_CODEC_VERSION: u8 = 1;
+
+/// Where an input record came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// A decoded event with its coordinates.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// The event.
+    pub event: Event,
+    /// Its record's coordinates.
+    pub source: Source,
+}
+
+/// When to publish a membership update.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishPolicy {
+    /// Publish after every applied event, changed or not.
+    pub every_event: bool,
+    /// Otherwise publish when a segment changes or any membership moves by more than this.
+    pub epsilon: f64,
+}
+
+impl Default for PublishPolicy {
+    fn default() -> Self {
+        Self {
+            every_event: false,
+            epsilon: 0.05,
+        }
+    }
+}
+
+/// What was last published for a customer, kept in its record so the next decision (and
+/// `seq`) survives restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Published {
+    /// Sequence number of the last update published for this customer.
+    pub seq: u64,
+    /// Snapshot version it was made against.
+    pub snapshot_version: u64,
+    /// Per axis of that snapshot.
+    pub axes: Vec<PublishedAxis>,
+}
+
+/// One axis of the last published update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishedAxis {
+    /// Axis.
+    pub axis: Axis,
+    /// Segment id (`None`: the customer lacked the axis's data).
+    pub segment: Option<u32>,
+    /// Memberships in segment order, quantised to 1/65535 (ample below any useful epsilon,
+    /// and a quarter of the bytes of f64).
+    pub memberships: Vec<u16>,
+}
+
+/// Everything stored per customer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CustomerRecord {
+    /// Rolling state.
+    pub state: CustomerState,
+    /// The last update published, if any.
+    pub published: Option<Published>,
+}
+
+impl CustomerRecord {
+    /// A version byte, then postcard.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_extend(self, vec![RECORD_CODEC_VERSION]).unwrap_or_default()
+    }
+
+    /// Reads [`CustomerRecord::encode`]'s output.
+    pub fn decode(bytes: &[u8]) -> Result<Self, StateCodecError> {
+        let (&version, body) = bytes.split_first().ok_or(StateCodecError::Empty)?;
+        if version != RECORD_CODEC_VERSION {
+            return Err(StateCodecError::Version(version));
+        }
+        Ok(postcard::from_bytes(body)?)
+    }
+}
+
+/// One axis of a membership update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AxisMembership {
+    /// Axis.
+    pub axis: Axis,
+    /// Segment id, `null` when the customer lacks the axis's data.
+    pub segment: Option<u32>,
+    /// Segment name.
+    pub name: Option<String>,
+    /// Membership per segment id (empty when absent).
+    pub memberships: BTreeMap<u32, f64>,
+}
+
+/// An axis whose segment changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AxisChange {
+    /// Axis.
+    pub axis: Axis,
+    /// Segment before (`null`: none, or never published).
+    pub previous: Option<u32>,
+    /// Segment now.
+    pub segment: Option<u32>,
+}
+
+/// What caused an update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cause {
+    /// Event id.
+    pub event_id: String,
+    /// Input topic.
+    pub topic: String,
+    /// Input partition.
+    pub partition: i32,
+    /// Input offset.
+    pub offset: i64,
+}
+
+/// The payload published to the membership topic, keyed by customer id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MembershipUpdate {
+    /// Whose memberships.
+    pub customer_id: CustomerId,
+    /// Per-customer sequence number, +1 per update: consumers drop anything not newer.
+    pub seq: u64,
+    /// The snapshot the memberships are against.
+    pub snapshot_version: u64,
+    /// The time the features were read at.
+    pub as_of: EventTime,
+    /// Every axis of the snapshot.
+    pub axes: Vec<AxisMembership>,
+    /// Axes whose segment changed since the previous update.
+    pub changed: Vec<AxisChange>,
+    /// The event that caused it.
+    pub cause: Cause,
+}
+
+/// What a batch did.
+#[derive(Debug, Default)]
+pub struct BatchResult {
+    /// Updates to publish, in input order.
+    pub updates: Vec<MembershipUpdate>,
+    /// Records and offsets to commit after the updates are delivered.
+    pub store_batch: StoreBatch,
+    /// Events applied.
+    pub applied: usize,
+    /// Events whose id was applied recently.
+    pub duplicates: usize,
+    /// Records below the stored offset (already in state; seen again after a restart).
+    pub replayed: usize,
+}
+
+/// Why a batch failed. Both are fatal: carrying on would let offsets pass unapplied events.
+#[derive(Debug, Error)]
+pub enum ProcessError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored record cannot be read.
+    #[error("stored record of customer {customer} is unreadable: {source}")]
+    Corrupt {
+        /// The customer.
+        customer: String,
+        /// The codec error.
+        source: StateCodecError,
+    },
+}
+
+fn quantise(m: f64) -> u16 {
+    (m.clamp(0.0, 1.0) * 65_535.0).round() as u16
+}
+
+/// Processes one batch. `stored_offsets` are the next offsets already in the store: inputs
+/// below them are skipped, so a replay after a crash never applies an event twice.
+pub fn process_batch(
+    store: &dyn StateStore,
+    snapshot: &ValidSnapshot,
+    assigner: &Assigner,
+    policy: &PublishPolicy,
+    inputs: &[Input],
+    stored_offsets: &BTreeMap<PartitionKey, i64>,
+) -> Result<BatchResult, ProcessError> {
+    let mut result = BatchResult::default();
+    let params = snapshot.state_params();
+
+    // Offsets advance for every input, applied or not: a skipped record is still consumed.
+    let mut fresh: Vec<&Input> = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let key = PartitionKey {
+            topic: input.source.topic.to_string(),
+            partition: input.source.partition,
+        };
+        if stored_offsets
+            .get(&key)
+            .is_some_and(|&next| input.source.offset < next)
+        {
+            result.replayed += 1;
+            continue;
+        }
+        let next = result.store_batch.offsets.entry(key).or_insert(0);
+        *next = (*next).max(input.source.offset + 1);
+        fresh.push(input);
+    }
+
+    // One multi-get for every customer of the batch.
+    let mut index: FxHashMap<&CustomerId, usize> = FxHashMap::default();
+    let mut customers: Vec<&CustomerId> = Vec::new();
+    for input in &fresh {
+        index.entry(&input.event.customer_id).or_insert_with(|| {
+            customers.push(&input.event.customer_id);
+            customers.len() - 1
+        });
+    }
+    let keys: Vec<&[u8]> = customers.iter().map(|c| c.as_str().as_bytes()).collect();
+    let mut records: Vec<CustomerRecord> = store
+        .get_many(&keys)?
+        .into_iter()
+        .zip(&customers)
+        .map(|(bytes, customer)| match bytes {
+            None => Ok(CustomerRecord::default()),
+            Some(bytes) => CustomerRecord::decode(&bytes).map_err(|source| ProcessError::Corrupt {
+                customer: customer.to_string(),
+                source,
+            }),
+        })
+        .collect::<Result<_, _>>()?;
+    let mut touched = vec![false; customers.len()];
+
+    let mut assignment = Assignment::default();
+    for input in fresh {
+        let i = index[&input.event.customer_id];
+        let record = &mut records[i];
+        match record.state.apply(&input.event, params) {
+            ApplyOutcome::Duplicate => {
+                result.duplicates += 1;
+                continue;
+            }
+            ApplyOutcome::Applied => result.applied += 1,
+        }
+        touched[i] = true;
+        let as_of = input.event.event_time.max(
+            record
+                .state
+                .decay_ref
+                .and_then(|t| EventTime::from_unix(t).ok())
+                .unwrap_or(input.event.event_time),
+        );
+        let features = FeatureVector::compute(&record.state, as_of, params);
+        assigner.assign_into(&features, &mut assignment);
+        if let Some(update) = decide(
+            snapshot,
+            assigner,
+            &assignment,
+            record,
+            policy,
+            input,
+            as_of,
+        ) {
+            result.updates.push(update);
+        }
+    }
+
+    for (i, record) in records.iter().enumerate() {
+        if touched[i] {
+            result
+                .store_batch
+                .records
+                .push((keys[i].to_vec(), record.encode()));
+        }
+    }
+    Ok(result)
+}
+
+/// Compares the new assignment with what was last published and, if the policy says so,
+/// records and returns the update.
+fn decide(
+    snapshot: &ValidSnapshot,
+    assigner: &Assigner,
+    assignment: &Assignment,
+    record: &mut CustomerRecord,
+    policy: &PublishPolicy,
+    input: &Input,
+    as_of: EventTime,
+) -> Option<MembershipUpdate> {
+    let version = snapshot.version();
+    let now: Vec<PublishedAxis> = snapshot
+        .axes()
+        .iter()
+        .enumerate()
+        .map(|(a, axis)| {
+            let segment = assignment.axes[a].segment;
+            PublishedAxis {
+                axis: axis.model.axis,
+                segment: segment.map(|s| axis.model.segments[s].id),
+                memberships: if segment.is_some() {
+                    assignment
+                        .memberships(assigner, a)
+                        .iter()
+                        .map(|&m| quantise(m))
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+            }
+        })
+        .collect();
+    let previous = record.published.as_ref();
+    let before = |axis: Axis| previous.and_then(|p| p.axes.iter().find(|x| x.axis == axis));
+    // Segment ids are only comparable within one snapshot version: after a swap every axis
+    // counts as changed (its previous segment, from the old version, is still reported).
+    let same_version = previous.is_some_and(|p| p.snapshot_version == version);
+    let changed: Vec<AxisChange> = now
+        .iter()
+        .filter_map(|x| {
+            let previous_segment = before(x.axis).and_then(|b| b.segment);
+            let differs =
+                !same_version || before(x.axis).is_none() || previous_segment != x.segment;
+            differs.then_some(AxisChange {
+                axis: x.axis,
+                previous: previous_segment,
+                segment: x.segment,
+            })
+        })
+        .collect();
+    let moved = same_version
+        && now.iter().any(|x| {
+            before(x.axis).is_some_and(|b| {
+                b.memberships.len() != x.memberships.len()
+                    || b.memberships.iter().zip(&x.memberships).any(|(old, new)| {
+                        (f64::from(*old) - f64::from(*new)).abs() / 65_535.0 > policy.epsilon
+                    })
+            })
+        });
+    let publish = policy.every_event || !changed.is_empty() || moved;
+    if !publish {
+        return None;
+    }
+    let seq = previous.map_or(1, |p| p.seq + 1);
+    let axes = snapshot
+        .axes()
+        .iter()
+        .enumerate()
+        .map(|(a, axis)| {
+            let segment = assignment.axes[a].segment;
+            AxisMembership {
+                axis: axis.model.axis,
+                segment: segment.map(|s| axis.model.segments[s].id),
+                name: segment.map(|s| axis.model.segments[s].name.clone()),
+                memberships: if segment.is_some() {
+                    axis.model
+                        .segments
+                        .iter()
+                        .zip(assignment.memberships(assigner, a))
+                        .map(|(s, m)| (s.id, (m * 1e4).round() / 1e4))
+                        .collect()
+                } else {
+                    BTreeMap::new()
+                },
+            }
+        })
+        .collect();
+    record.published = Some(Published {
+        seq,
+        snapshot_version: version,
+        axes: now,
+    });
+    Some(MembershipUpdate {
+        customer_id: input.event.customer_id.clone(),
+        seq,
+        snapshot_version: version,
+        as_of,
+        axes,
+        changed,
+        cause: Cause {
+            event_id: input.event.event_id.clone(),
+            topic: input.source.topic.to_string(),
+            partition: input.source.partition,
+            offset: input.source.offset,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::{EventBody, Order, OrderLine};
+    use crate::model::snapshot::tests::sample_snapshot;
+    use crate::store::MemStore;
+
+    fn order(customer: &str, id: &str, day: i64) -> Event {
+        Event {
+            event_id: id.into(),
+            customer_id: CustomerId::parse(customer).unwrap(),
+            event_time: EventTime::from_unix(1_709_251_200 + day * 86_400).unwrap(),
+            body: EventBody::Order(Order {
+                order_id: None,
+                channel: None,
+                lines: vec![OrderLine {
+                    product_id: None,
+                    category: None,
+                    quantity: 1.0,
+                    unit_price: 10.0,
+                    list_price: None,
+                }],
+            }),
+        }
+    }
+
+    fn input(event: Event, offset: i64) -> Input {
+        Input {
+            event,
+            source: Source {
+                topic: "orders".into(),
+                partition: 0,
+                offset,
+            },
+        }
+    }
+
+    fn run(store: &MemStore, inputs: &[Input], policy: PublishPolicy) -> BatchResult {
+        let snapshot = sample_snapshot().validate().unwrap();
+        let assigner = Assigner::new(&snapshot);
+        let offsets = store.offsets().unwrap();
+        let result = process_batch(store, &snapshot, &assigner, &policy, inputs, &offsets).unwrap();
+        store.commit(result.store_batch.clone()).unwrap();
+        result
+    }
+
+    #[test]
+    fn first_events_publish_with_seq_one_and_offsets_advance() {
+        let store = MemStore::default();
+        let r = run(
+            &store,
+            &[input(order("a", "o1", 0), 5), input(order("b", "o2", 0), 6)],
+            PublishPolicy::default(),
+        );
+        assert_eq!(r.applied, 2);
+        assert_eq!(r.updates.len(), 2);
+        let u = &r.updates[0];
+        assert_eq!(u.customer_id.as_str(), "a");
+        assert_eq!(u.seq, 1);
+        assert_eq!(u.snapshot_version, 1);
+        assert_eq!(u.cause.offset, 5);
+        assert_eq!(
+            u.changed.len(),
+            1,
+            "a first update reports every axis as changed"
+        );
+        assert_eq!(u.changed[0].previous, None);
+        let m: f64 = u.axes[0].memberships.values().sum();
+        assert!((m - 1.0).abs() < 1e-3);
+        assert_eq!(store.offsets().unwrap().values().next(), Some(&7));
+    }
+
+    #[test]
+    fn unchanged_customers_are_quiet_unless_every_event_is_asked_for() {
+        let store = MemStore::default();
+        run(
+            &store,
+            &[input(order("a", "o1", 0), 0)],
+            PublishPolicy::default(),
+        );
+        // The same day again: features barely move.
+        let quiet = run(
+            &store,
+            &[input(order("a", "o2", 0), 1)],
+            PublishPolicy {
+                every_event: false,
+                epsilon: 0.5,
+            },
+        );
+        assert_eq!(quiet.applied, 1);
+        assert!(quiet.updates.is_empty());
+        let loud = run(
+            &store,
+            &[input(order("a", "o3", 0), 2)],
+            PublishPolicy {
+                every_event: true,
+                epsilon: 0.5,
+            },
+        );
+        assert_eq!(loud.updates.len(), 1);
+        assert_eq!(loud.updates[0].seq, 2, "seq counts published updates");
+    }
+
+    #[test]
+    fn replayed_inputs_and_duplicate_ids_do_not_change_state() {
+        let store = MemStore::default();
+        let inputs = [input(order("a", "o1", 0), 0), input(order("a", "o2", 3), 1)];
+        run(&store, &inputs, PublishPolicy::default());
+        let before = store.get_many(&[b"a"]).unwrap();
+        // The same records again (a restart before the group offsets were committed).
+        let again = run(&store, &inputs, PublishPolicy::default());
+        assert_eq!(again.replayed, 2);
+        assert_eq!(again.applied, 0);
+        assert!(again.updates.is_empty());
+        // The same event id at a new offset (an upstream retry).
+        let dup = run(
+            &store,
+            &[input(order("a", "o2", 3), 2)],
+            PublishPolicy::default(),
+        );
+        assert_eq!(dup.duplicates, 1);
+        assert_eq!(store.get_many(&[b"a"]).unwrap(), before);
+        assert_eq!(store.offsets().unwrap().values().next(), Some(&3));
+    }
+
+    #[test]
+    fn the_same_batch_from_the_same_state_gives_identical_updates() {
+        let inputs = [input(order("a", "o1", 0), 0), input(order("a", "o2", 9), 1)];
+        let first = run(&MemStore::default(), &inputs, PublishPolicy::default());
+        let second = run(&MemStore::default(), &inputs, PublishPolicy::default());
+        assert_eq!(first.updates, second.updates);
+        assert_eq!(first.store_batch, second.store_batch);
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let record = CustomerRecord {
+            state: CustomerState::default(),
+            published: Some(Published {
+                seq: 3,
+                snapshot_version: 2,
+                axes: vec![PublishedAxis {
+                    axis: Axis::PurchaseFrequency,
+                    segment: Some(1),
+                    memberships: vec![40_000, 25_535],
+                }],
+            }),
+        };
+        assert_eq!(CustomerRecord::decode(&record.encode()).unwrap(), record);
+        assert!(CustomerRecord::decode(&[9, 1, 2]).is_err());
+    }
+}
