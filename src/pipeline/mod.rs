@@ -6,4 +6,5 @@
 //! on [`crate::store`].
 
 pub mod decode;
+pub mod kafka;
 pub mod process;

@@ -1,0 +1,370 @@
+//! The consumer loop against librdkafka's in-process mock cluster (real loopback TCP), with its
+//! own topics, consumer group and temporary RocksDB per test.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use segmentd::batch::discover::build_snapshot;
+use segmentd::config::{Config, SampleSizeSetting};
+use segmentd::domain::features::Sources;
+use segmentd::domain::state::CustomerState;
+use segmentd::model::snapshot::ValidSnapshot;
+use segmentd::pipeline::kafka::{run, KafkaConfig, LoadedSnapshot, RunStats};
+use segmentd::pipeline::process::{MembershipUpdate, PublishPolicy};
+use segmentd::store::{RocksStore, StateStore, StoreConfig};
+use segmentd::synth::{Shop, ShopParams};
+
+/// A snapshot discovered on a small generated shop, covering all 13 axes.
+fn snapshot() -> ValidSnapshot {
+    let shop = Shop::new(ShopParams {
+        customers: 400,
+        order_lines: 6_000,
+        ..ShopParams::default()
+    })
+    .unwrap();
+    let ids = shop.customer_ids();
+    let index: BTreeMap<_, _> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.clone(), i))
+        .collect();
+    let mut states = vec![CustomerState::default(); ids.len()];
+    let params = Config::default().features;
+    let mut last = None;
+    for e in shop.history() {
+        states[index[&e.customer_id]].apply(&e, &params);
+        last = Some(e.event_time);
+    }
+    let mut config = Config::default();
+    config.discover.sample_size = SampleSizeSetting::Count(300);
+    let built = build_snapshot(&states, Sources::ALL, last.unwrap(), &config, 7, vec![]).unwrap();
+    built.snapshot.validate().unwrap()
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+fn order(id: &str, customer: &str, day: u32, price: &str) -> String {
+    format!(
+        r#"{{"event_id":"{id}","customer_id":"{customer}","event_time":"2024-12-{day:02}T10:00:00Z","kind":"order","channel":"web","lines":[{{"product_id":"p1","category":"tea","quantity":1,"unit_price":{price},"list_price":12.0}}]}}"#
+    )
+}
+
+/// Reads `n` records from partition 0 of `topic` (or what arrives within the timeout).
+async fn read(brokers: &str, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Err(e)) => panic!("reading {topic}: {e}"),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let input = unique("orders");
+    let output = unique("memberships");
+    let dlq = unique("dead");
+    cluster.create_topic(&input, 1, 1).unwrap();
+    cluster.create_topic(&output, 1, 1).unwrap();
+    cluster.create_topic(&dlq, 1, 1).unwrap();
+
+    // Offsets 0..: A's first order, B's order, A's second order, A's second order again
+    // (an upstream retry), then one record of each kind of bad input.
+    let records: Vec<(&str, String)> = vec![
+        ("A", order("o1", "A", 1, "10.0")),
+        ("B", order("o2", "B", 2, "99.0")),
+        ("A", order("o3", "A", 6, "12.0")),
+        ("A", order("o3", "A", 6, "12.0")),
+        ("A", "not json".into()),
+        (
+            "A",
+            order("o4", "A", 7, "10.0").replace("\"order\"", "\"refund\""),
+        ),
+        ("A", order("o5", "", 7, "10.0")),
+        ("A", order("o6", "A", 7, "-1.0")),
+        (
+            "A",
+            order("o7", "A", 7, "10.0").replace("2024-12-07", "2999-12-07"),
+        ),
+        ("B", order("o8", "A", 7, "10.0")),
+    ];
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    for (key, payload) in &records {
+        producer
+            .send(
+                FutureRecord::to(&input).key(*key).payload(payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+
+    let snapshot = snapshot();
+    let version = snapshot.version();
+    let axes = snapshot.axes().len();
+    let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn StateStore> = Arc::new(
+        RocksStore::open(&StoreConfig {
+            path: dir.path().join("db"),
+            block_cache_bytes: 8 << 20,
+            ..StoreConfig::default()
+        })
+        .unwrap(),
+    );
+    let config = KafkaConfig {
+        brokers: brokers.clone(),
+        group_id: unique("group"),
+        input_topics: vec![input.clone()],
+        output_topic: output.clone(),
+        dead_letter_topic: dlq.clone(),
+        session_timeout_ms: 6_000,
+        ..KafkaConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let task = {
+        let (store, shared, shutdown) = (store.clone(), shared.clone(), shutdown.clone());
+        let policy = PublishPolicy {
+            every_event: true,
+            epsilon: 0.05,
+        };
+        tokio::spawn(async move { run(&config, policy, store, shared, shutdown).await })
+    };
+
+    let updates = read(&brokers, &output, 3).await;
+    let letters = read(&brokers, &dlq, 6).await;
+    // Let the loop commit the batch it is on, then stop it.
+    let offsets_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while store.offsets().unwrap().values().next() != Some(&10) {
+        assert!(
+            tokio::time::Instant::now() < offsets_deadline,
+            "offsets never reached 10"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    let stats: RunStats = task.await.unwrap().unwrap();
+
+    assert_eq!(stats.applied, 3);
+    assert_eq!(stats.duplicates, 1);
+    assert_eq!(stats.dead_letters, 6);
+    assert_eq!(stats.updates, 3);
+
+    let parsed: Vec<MembershipUpdate> = updates
+        .iter()
+        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+        .collect();
+    let summary: Vec<(&str, u64, i64)> = parsed
+        .iter()
+        .map(|u| (u.customer_id.as_str(), u.seq, u.cause.offset))
+        .collect();
+    assert_eq!(summary, vec![("A", 1, 0), ("B", 1, 1), ("A", 2, 2)]);
+    for (u, m) in parsed.iter().zip(&updates) {
+        assert_eq!(m.key(), Some(u.customer_id.as_str().as_bytes()));
+        assert_eq!(u.snapshot_version, version);
+        assert_eq!(u.axes.len(), axes);
+        assert_eq!(u.cause.topic, input);
+    }
+    // A first update names every axis as changed, from nothing.
+    assert_eq!(parsed[0].changed.len(), axes);
+    assert!(parsed[0].changed.iter().all(|c| c.previous.is_none()));
+    assert_eq!(parsed[0].as_of.to_string(), "2024-12-01T10:00:00Z");
+
+    let reason = |m: &rdkafka::message::OwnedMessage, name: &str| -> String {
+        let headers = m.headers().unwrap();
+        (0..headers.count())
+            .map(|i| headers.get(i))
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap()
+    };
+    let got: Vec<(String, String)> = letters
+        .iter()
+        .map(|m| {
+            (
+                reason(m, "segmentd.reason"),
+                reason(m, "segmentd.source.offset"),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("not_json", "4"),
+        ("unknown_kind", "5"),
+        ("bad_customer_id", "6"),
+        ("invalid_value", "7"),
+        ("bad_event_time", "8"),
+        ("key_mismatch", "9"),
+    ]
+    .iter()
+    .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+    .collect();
+    assert_eq!(got, expected);
+    // The dead letter carries the original bytes.
+    assert_eq!(letters[0].payload(), Some(&b"not json"[..]));
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_stream_loses_nothing_and_counts_nothing_twice() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let input = unique("events");
+    let output = unique("memberships");
+    let dlq = unique("dead");
+    cluster.create_topic(&input, 2, 1).unwrap();
+    cluster.create_topic(&output, 1, 1).unwrap();
+    cluster.create_topic(&dlq, 1, 1).unwrap();
+
+    // A generated shop's history: every kind of event, ~60 customers.
+    let shop = Shop::new(ShopParams {
+        customers: 60,
+        order_lines: 1_500,
+        days: 60,
+        seed: 11,
+        ..ShopParams::default()
+    })
+    .unwrap();
+    let events: Vec<segmentd::domain::event::Event> = shop.history().collect();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    for e in &events {
+        let payload = serde_json::to_vec(e).unwrap();
+        producer
+            .send(
+                FutureRecord::to(&input)
+                    .key(e.customer_id.as_str())
+                    .payload(&payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+    let total = events.len() as i64;
+
+    let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot())));
+    let dir = tempfile::tempdir().unwrap();
+    let store_config = StoreConfig {
+        path: dir.path().join("db"),
+        block_cache_bytes: 8 << 20,
+        ..StoreConfig::default()
+    };
+    let config = KafkaConfig {
+        brokers: brokers.clone(),
+        group_id: unique("group"),
+        input_topics: vec![input.clone()],
+        output_topic: output.clone(),
+        dead_letter_topic: dlq.clone(),
+        session_timeout_ms: 6_000,
+        max_batch: 40,
+        ..KafkaConfig::default()
+    };
+    let consumed = |store: &dyn StateStore| -> i64 { store.offsets().unwrap().values().sum() };
+
+    // First run: abort it (no draining, futures dropped wherever they are) once part of the
+    // stream is committed.
+    {
+        let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&store_config).unwrap());
+        let task = {
+            let (config, store, shared) = (config.clone(), store.clone(), shared.clone());
+            tokio::spawn(async move {
+                run(
+                    &config,
+                    PublishPolicy::default(),
+                    store,
+                    shared,
+                    CancellationToken::new(),
+                )
+                .await
+            })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while consumed(store.as_ref()) < total / 3 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "first run made no progress"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        task.abort();
+        let _ = task.await;
+        assert!(
+            consumed(store.as_ref()) < total,
+            "the crash must come mid-stream"
+        );
+    }
+
+    // Restart on the same store (the group's committed offsets may lag it).
+    let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&store_config).unwrap());
+    let shutdown = CancellationToken::new();
+    let task = {
+        let (store, shared, shutdown) = (store.clone(), shared.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            run(&config, PublishPolicy::default(), store, shared, shutdown).await
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while consumed(store.as_ref()) < total {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "restart did not finish the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    // Every customer's state equals applying all of its events once, in order.
+    let params = Config::default().features;
+    let mut expected: BTreeMap<String, CustomerState> = BTreeMap::new();
+    for e in &events {
+        expected
+            .entry(e.customer_id.to_string())
+            .or_default()
+            .apply(e, &params);
+    }
+    let keys: Vec<&[u8]> = expected.keys().map(|k| k.as_bytes()).collect();
+    let stored = store.get_many(&keys).unwrap();
+    for ((customer, want), got) in expected.iter().zip(stored) {
+        let record = segmentd::pipeline::process::CustomerRecord::decode(&got.unwrap()).unwrap();
+        assert_eq!(&record.state, want, "customer {customer}");
+    }
+    drop(cluster);
+}
