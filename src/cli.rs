@@ -2,7 +2,8 @@
 //!
 //! Exit codes: 0 success; 1 `validate` verdict FAIL; 2 usage or configuration error (including
 //! a column mapping that does not fit the file); 3 runtime failure (unreadable input, a bad
-//! row under `--strict`, an unwritable output).
+//! row under `--strict`, an unwritable output, a failed consumer loop); 4 `run` did not drain
+//! within its shutdown deadline.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -58,6 +59,18 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Print the feature catalogue (the 13 axes and their features).
     Schema(SchemaArgs),
+    /// Run the streaming daemon: consume events from Kafka, keep state in RocksDB, publish
+    /// membership updates.
+    Run(RunArgs),
+}
+
+/// `segmentd run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file (see config/segmentd.toml); SEGMENTD__SECTION__KEY variables override
+    /// it.
+    #[arg(long, value_name = "FILE", env = "SEGMENTD_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 /// Input files and how to read them, shared by the batch commands.
@@ -239,6 +252,10 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Assign(args) => assign(args),
         Command::Validate(args) => validate(args),
         Command::Generate(args) => generate(args),
+        Command::Run(args) => {
+            let config = Config::load(args.config.as_deref())?;
+            crate::daemon::serve(config)
+        }
         Command::Schema(args) => {
             if args.markdown {
                 print!("{}", crate::domain::features::markdown_table());

@@ -59,6 +59,14 @@ pub struct Config {
     pub assign: AssignConfig,
     /// `segmentd validate`.
     pub validate: ValidateConfig,
+    /// `segmentd run`: Kafka clients and topics.
+    pub kafka: crate::pipeline::kafka::KafkaConfig,
+    /// `segmentd run`: the RocksDB state store.
+    pub store: crate::store::StoreConfig,
+    /// `segmentd run`: when membership updates are published.
+    pub publish: crate::pipeline::process::PublishPolicy,
+    /// `segmentd run`: the daemon itself.
+    pub daemon: DaemonConfig,
     /// Whether the file or the environment set anything under `[features]` (as opposed to
     /// the defaults): `assign` checks only explicit settings against a snapshot's.
     #[serde(skip)]
@@ -206,6 +214,26 @@ impl Default for AssignConfig {
     }
 }
 
+/// `segmentd run` settings that are not Kafka's, the store's or publishing's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// The centroid snapshot to assign against (written by `segmentd discover`).
+    pub snapshot: std::path::PathBuf,
+    /// After SIGTERM or SIGINT, how long the daemon may take to finish and commit the batch
+    /// in hand before it exits anyway (a second signal exits at once).
+    pub shutdown_deadline_seconds: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            snapshot: std::path::PathBuf::from("snapshot.json"),
+            shutdown_deadline_seconds: 30,
+        }
+    }
+}
+
 /// `segmentd validate` thresholds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -301,6 +329,40 @@ impl Config {
         }
         if v.min_agreement > 1.0 {
             return Err(bad("validate.min_agreement must be at most 1".into()));
+        }
+        let k = &self.kafka;
+        if k.input_topics.is_empty() || k.input_topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(bad("kafka.input_topics must name at least one topic".into()));
+        }
+        if k.output_topic.trim().is_empty() || k.dead_letter_topic.trim().is_empty() {
+            return Err(bad(
+                "kafka.output_topic and kafka.dead_letter_topic must be set".into(),
+            ));
+        }
+        if k.input_topics
+            .iter()
+            .any(|t| *t == k.output_topic || *t == k.dead_letter_topic)
+        {
+            return Err(bad(
+                "kafka: an input topic cannot also be the output or dead-letter topic".into(),
+            ));
+        }
+        if k.max_batch == 0 || k.batch_timeout_ms == 0 {
+            return Err(bad(
+                "kafka.max_batch and kafka.batch_timeout_ms must be at least 1".into(),
+            ));
+        }
+        if !(self.publish.epsilon.is_finite() && (0.0..=1.0).contains(&self.publish.epsilon)) {
+            return Err(bad("publish.epsilon must be in 0..=1".into()));
+        }
+        if self.store.block_cache_bytes < (1 << 20) || self.store.write_buffer_bytes < (1 << 20) {
+            return Err(bad(
+                "store.block_cache_bytes and store.write_buffer_bytes must be at least 1 MiB"
+                    .into(),
+            ));
+        }
+        if self.store.max_write_buffers < 2 {
+            return Err(bad("store.max_write_buffers must be at least 2".into()));
         }
         Ok(())
     }

@@ -26,6 +26,7 @@
 //! - [`pipeline`]: the streaming path (so far: decoding Kafka records into events or dead
 //!   letters).
 //! - [`config`]: layered, validated configuration.
+//! - [`daemon`]: `segmentd run`: lifecycle, signals and the drain deadline.
 //! - [`cli`]: command-line parsing and dispatch.
 //! - [`telemetry`]: logging setup.
 #![warn(missing_docs)]
@@ -33,6 +34,7 @@
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod domain;
 pub mod model;
 pub mod pipeline;

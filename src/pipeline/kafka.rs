@@ -149,14 +149,66 @@ pub struct RunStats {
     pub batches: u64,
 }
 
+/// Client-level errors and logs from librdkafka, rate-limited: an unreachable broker reports
+/// the same failure many times a second, and librdkafka reconnects by itself.
+#[derive(Default)]
+pub struct QuietErrors {
+    last: Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+impl QuietErrors {
+    fn report(&self, message: std::fmt::Arguments<'_>) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match *last {
+            Some((at, ref mut suppressed)) if at.elapsed() < Duration::from_secs(10) => {
+                *suppressed += 1;
+                tracing::debug!("librdkafka: {message}");
+            }
+            Some((_, suppressed)) => {
+                tracing::error!(suppressed, "librdkafka: {message}");
+                *last = Some((std::time::Instant::now(), 0));
+            }
+            None => {
+                tracing::error!("librdkafka: {message}");
+                *last = Some((std::time::Instant::now(), 0));
+            }
+        }
+    }
+}
+
+impl ClientContext for QuietErrors {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel::*;
+        match level {
+            Emerg | Alert | Critical | Error => self.report(format_args!("{fac} {log_message}")),
+            Warning => tracing::warn!("librdkafka: {fac} {log_message}"),
+            Notice | Info => tracing::info!("librdkafka: {fac} {log_message}"),
+            Debug => tracing::debug!("librdkafka: {fac} {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.report(format_args!("{error}: {reason}"));
+    }
+}
+
 /// Consumer context that resumes every assigned partition from the offset stored with the
 /// state, whatever the group has committed.
 pub struct Resume {
     stored: Arc<Mutex<BTreeMap<PartitionKey, i64>>>,
     revoked: AtomicBool,
+    quiet: QuietErrors,
 }
 
-impl ClientContext for Resume {}
+impl ClientContext for Resume {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.quiet.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.quiet.error(error, reason);
+    }
+}
 
 impl ConsumerContext for Resume {
     /// On assignment, sets each partition's start to the store's next offset before assigning
@@ -235,6 +287,7 @@ pub async fn run(
     let context = Resume {
         stored: stored.clone(),
         revoked: AtomicBool::new(false),
+        quiet: QuietErrors::default(),
     };
     let consumer: StreamConsumer<Resume> = client_config(config)
         .set("group.id", &config.group_id)
@@ -246,14 +299,15 @@ pub async fn run(
         .create_with_context(context)?;
     let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    let producer: FutureProducer = client_config(config)
+    let producer: FutureProducer<QuietErrors> = client_config(config)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .create()?;
+        .create_with_context(QuietErrors::default())?;
 
     let timeout = Duration::from_millis(config.batch_timeout_ms);
     let mut stats = RunStats::default();
+    let mut errors = ErrorLog::default();
     loop {
         let mut batch: Vec<OwnedMessage> = Vec::with_capacity(config.max_batch);
         // Waiting for the first record is the only point where shutdown is observed, so a
@@ -262,9 +316,18 @@ pub async fn run(
             biased;
             _ = shutdown.cancelled() => break,
             first = consumer.recv() => match first {
-                Ok(m) => batch.push(m.detach()),
+                Ok(m) => {
+                    errors.clear();
+                    batch.push(m.detach());
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "consumer error");
+                    // librdkafka reconnects by itself; back off so an unreachable broker
+                    // does not become a busy loop or a flood of identical warnings.
+                    errors.record(&e);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
                     continue;
                 }
             },
@@ -273,7 +336,7 @@ pub async fn run(
         while batch.len() < config.max_batch {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(Ok(m)) => batch.push(m.detach()),
-                Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                Ok(Err(e)) => errors.record(&e),
                 Err(_) => break,
             }
         }
@@ -298,7 +361,7 @@ pub async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn process_and_publish(
     batch: &[OwnedMessage],
-    producer: &FutureProducer,
+    producer: &FutureProducer<QuietErrors>,
     config: &KafkaConfig,
     policy: &PublishPolicy,
     store: &Arc<dyn StateStore>,
@@ -439,7 +502,7 @@ async fn process_and_publish(
 
 /// Enqueues a record, waiting for room when the producer queue is full (backpressure).
 async fn send<'a, K, P>(
-    producer: &FutureProducer,
+    producer: &FutureProducer<QuietErrors>,
     mut record: FutureRecord<'a, K, P>,
 ) -> Result<rdkafka::producer::DeliveryFuture, RunError>
 where
@@ -460,6 +523,37 @@ where
                 })
             }
         }
+    }
+}
+
+/// Logs consumer errors as warnings at most every 10 seconds (with the count since), and at
+/// debug level otherwise.
+#[derive(Default)]
+struct ErrorLog {
+    last_warn: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl ErrorLog {
+    fn record(&mut self, error: &KafkaError) {
+        let due = self
+            .last_warn
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+        if due {
+            tracing::warn!(error = %error, suppressed = self.suppressed, "consumer error");
+            self.last_warn = Some(std::time::Instant::now());
+            self.suppressed = 0;
+        } else {
+            tracing::debug!(error = %error, "consumer error");
+            self.suppressed += 1;
+        }
+    }
+
+    fn clear(&mut self) {
+        if self.last_warn.take().is_some() {
+            tracing::info!("consuming again");
+        }
+        self.suppressed = 0;
     }
 }
 
