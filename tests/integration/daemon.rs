@@ -1,15 +1,21 @@
 //! The consumer loop against librdkafka's in-process mock cluster (real loopback TCP), with its
 //! own topics, consumer group and temporary RocksDB per test.
+//!
+//! Set `SEGMENTD_TEST_BROKERS=host:port` to run the same tests against a real Kafka-protocol
+//! broker instead (topics are created there through the admin API).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -49,6 +55,48 @@ fn snapshot() -> ValidSnapshot {
     config.discover.sample_size = SampleSizeSetting::Count(300);
     let built = build_snapshot(&states, Sources::ALL, last.unwrap(), &config, 7, vec![]).unwrap();
     built.snapshot.validate().unwrap()
+}
+
+/// The mock cluster, or the real brokers named in `SEGMENTD_TEST_BROKERS`.
+enum Cluster {
+    Mock(MockCluster<'static, DefaultProducerContext>),
+    Real(String),
+}
+
+impl Cluster {
+    fn new() -> Self {
+        match std::env::var("SEGMENTD_TEST_BROKERS") {
+            Ok(brokers) if !brokers.trim().is_empty() => Self::Real(brokers),
+            _ => Self::Mock(MockCluster::new(1).unwrap()),
+        }
+    }
+
+    fn brokers(&self) -> String {
+        match self {
+            Self::Mock(m) => m.bootstrap_servers(),
+            Self::Real(b) => b.clone(),
+        }
+    }
+
+    async fn create_topic(&self, name: &str, partitions: i32) {
+        match self {
+            Self::Mock(m) => m.create_topic(name, partitions, 1).unwrap(),
+            Self::Real(brokers) => {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", brokers)
+                    .create()
+                    .unwrap();
+                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+                for result in admin
+                    .create_topics(&[topic], &AdminOptions::new())
+                    .await
+                    .unwrap()
+                {
+                    result.unwrap();
+                }
+            }
+        }
+    }
 }
 
 fn unique(prefix: &str) -> String {
@@ -91,14 +139,14 @@ async fn read(brokers: &str, topic: &str, n: usize) -> Vec<rdkafka::message::Own
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
-    let cluster = MockCluster::new(1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let cluster = Cluster::new();
+    let brokers = cluster.brokers();
     let input = unique("orders");
     let output = unique("memberships");
     let dlq = unique("dead");
-    cluster.create_topic(&input, 1, 1).unwrap();
-    cluster.create_topic(&output, 1, 1).unwrap();
-    cluster.create_topic(&dlq, 1, 1).unwrap();
+    cluster.create_topic(&input, 1).await;
+    cluster.create_topic(&output, 1).await;
+    cluster.create_topic(&dlq, 1).await;
 
     // Offsets 0..: A's first order, B's order, A's second order, A's second order again
     // (an upstream retry), then one record of each kind of bad input.
@@ -242,14 +290,14 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_mid_stream_loses_nothing_and_counts_nothing_twice() {
-    let cluster = MockCluster::new(1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let cluster = Cluster::new();
+    let brokers = cluster.brokers();
     let input = unique("events");
     let output = unique("memberships");
     let dlq = unique("dead");
-    cluster.create_topic(&input, 2, 1).unwrap();
-    cluster.create_topic(&output, 1, 1).unwrap();
-    cluster.create_topic(&dlq, 1, 1).unwrap();
+    cluster.create_topic(&input, 2).await;
+    cluster.create_topic(&output, 1).await;
+    cluster.create_topic(&dlq, 1).await;
 
     // A generated shop's history: every kind of event, ~60 customers.
     let shop = Shop::new(ShopParams {
