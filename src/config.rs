@@ -67,6 +67,8 @@ pub struct Config {
     pub publish: crate::pipeline::process::PublishPolicy,
     /// `segmentd run`: the daemon itself.
     pub daemon: DaemonConfig,
+    /// `segmentd run`: the HTTP endpoints (metrics, health, customer lookups).
+    pub http: crate::telemetry::http::HttpConfig,
     /// Whether the file or the environment set anything under `[features]` (as opposed to
     /// the defaults): `assign` checks only explicit settings against a snapshot's.
     #[serde(skip)]

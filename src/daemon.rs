@@ -19,8 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::assign::load_snapshot;
 use crate::config::Config;
-use crate::pipeline::kafka::{run as run_loop, LoadedSnapshot};
+use crate::pipeline::kafka::{run as run_loop, Hooks, LoadedSnapshot};
 use crate::store::{RocksStore, StateStore};
+use crate::telemetry::http::{serve as serve_http, AppState};
+use crate::telemetry::metrics::Metrics;
 
 /// Exit code when the drain deadline passed.
 pub const EXIT_DRAIN_TIMEOUT: u8 = 4;
@@ -51,6 +53,35 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
+    let metrics = Arc::new(Metrics::new().context("defining metrics")?);
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let http_state = Arc::new(AppState {
+        metrics: metrics.clone(),
+        store: store.clone(),
+        snapshot: shared.clone(),
+        ready: std::sync::atomic::AtomicBool::new(false),
+    });
+    // Readiness mirrors the loop's flag.
+    tokio::spawn({
+        let (ready, http_state, shutdown) = (ready.clone(), http_state.clone(), shutdown.clone());
+        async move {
+            while !shutdown.is_cancelled() {
+                let now = ready.load(std::sync::atomic::Ordering::SeqCst);
+                http_state
+                    .ready
+                    .store(now, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            http_state
+                .ready
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let http = config.http.clone();
+    let http_task = tokio::spawn({
+        let (state, shutdown) = (http_state.clone(), shutdown.clone());
+        async move { serve_http(&http, state, shutdown).await }
+    });
 
     tracing::info!(
         brokers = %config.kafka.brokers,
@@ -62,10 +93,24 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     let policy = config.publish;
     let mut task = tokio::spawn({
         let shutdown = shutdown.clone();
-        async move { run_loop(&kafka, policy, store, shared, shutdown).await }
+        let hooks = Hooks {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        };
+        async move { run_loop(&kafka, policy, store, shared, shutdown, hooks).await }
     });
+    let mut http_task = http_task;
     let outcome = tokio::select! {
         done = &mut task => done,
+        served = &mut http_task => {
+            // The endpoints are part of the service: failing to bind them is fatal.
+            shutdown.cancel();
+            return match served {
+                Ok(Ok(())) => Ok(ExitCode::SUCCESS),
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("http endpoints on {}", config.http.listen))),
+                Err(e) => Err(anyhow::anyhow!("http task panicked: {e}")),
+            };
+        }
         _ = shutdown.cancelled() => {
             let deadline = Duration::from_secs(config.daemon.shutdown_deadline_seconds);
             match tokio::time::timeout(deadline, &mut task).await {

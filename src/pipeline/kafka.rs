@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::model::assign::Assigner;
 use crate::model::snapshot::ValidSnapshot;
 use crate::store::{PartitionKey, StateStore};
+use crate::telemetry::metrics::Metrics;
 
 use super::decode::{decode, DeadLetter};
 use super::process::{process_batch, Input, ProcessError, PublishPolicy, Source};
@@ -198,9 +199,23 @@ pub struct Resume {
     stored: Arc<Mutex<BTreeMap<PartitionKey, i64>>>,
     revoked: AtomicBool,
     quiet: QuietErrors,
+    metrics: Arc<Metrics>,
 }
 
 impl ClientContext for Resume {
+    /// librdkafka's statistics (every `statistics.interval.ms`) carry each assigned
+    /// partition's lag behind its high watermark: exported without extra broker calls.
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        let lag: i64 = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.iter())
+            .filter(|(p, part)| **p >= 0 && part.consumer_lag >= 0)
+            .map(|(_, part)| part.consumer_lag)
+            .sum();
+        self.metrics.consumer_lag_messages.set(lag);
+    }
+
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         self.quiet.log(level, fac, log_message);
     }
@@ -275,6 +290,15 @@ fn client_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
+/// What the loop reports to the rest of the process.
+#[derive(Clone)]
+pub struct Hooks {
+    /// Metrics to update.
+    pub metrics: Arc<Metrics>,
+    /// Set while the loop consumes (readiness).
+    pub ready: Arc<AtomicBool>,
+}
+
 /// Runs the loop until `shutdown` is cancelled (finishing the batch in hand) or an error.
 pub async fn run(
     config: &KafkaConfig,
@@ -282,12 +306,18 @@ pub async fn run(
     store: Arc<dyn StateStore>,
     snapshot: SharedSnapshot,
     shutdown: CancellationToken,
+    hooks: Hooks,
 ) -> Result<RunStats, RunError> {
+    let metrics = hooks.metrics.clone();
+    metrics
+        .snapshot_version
+        .set(i64::try_from(snapshot.load().snapshot.version()).unwrap_or(i64::MAX));
     let stored = Arc::new(Mutex::new(store.offsets().map_err(ProcessError::from)?));
     let context = Resume {
         stored: stored.clone(),
         revoked: AtomicBool::new(false),
         quiet: QuietErrors::default(),
+        metrics: metrics.clone(),
     };
     let consumer: StreamConsumer<Resume> = client_config(config)
         .set("group.id", &config.group_id)
@@ -296,6 +326,7 @@ pub async fn run(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set("statistics.interval.ms", "5000")
         .create_with_context(context)?;
     let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
@@ -308,6 +339,7 @@ pub async fn run(
     let timeout = Duration::from_millis(config.batch_timeout_ms);
     let mut stats = RunStats::default();
     let mut errors = ErrorLog::default();
+    hooks.ready.store(true, Ordering::SeqCst);
     loop {
         let mut batch: Vec<OwnedMessage> = Vec::with_capacity(config.max_batch);
         // Waiting for the first record is the only point where shutdown is observed, so a
@@ -342,10 +374,17 @@ pub async fn run(
         }
         stats.consumed += batch.len() as u64;
         let offsets = stored.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let committed = process_and_publish(
-            &batch, &producer, config, &policy, &store, &snapshot, offsets, &mut stats,
+        let committed = match process_and_publish(
+            &batch, &producer, config, &policy, &store, &snapshot, offsets, &mut stats, &metrics,
         )
-        .await?;
+        .await
+        {
+            Ok(committed) => committed,
+            Err(e) => {
+                hooks.ready.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
         stored
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -353,6 +392,7 @@ pub async fn run(
         commit_group(&consumer, &committed);
         stats.batches += 1;
     }
+    hooks.ready.store(false, Ordering::SeqCst);
     tracing::info!(?stats, "consumer loop stopped");
     Ok(stats)
 }
@@ -368,7 +408,18 @@ async fn process_and_publish(
     snapshot: &SharedSnapshot,
     stored: BTreeMap<PartitionKey, i64>,
     stats: &mut RunStats,
+    metrics: &Metrics,
 ) -> Result<BTreeMap<PartitionKey, i64>, RunError> {
+    metrics.batch_size.observe(batch.len() as f64);
+    // Broker timestamps by coordinates, to time each update from its record's arrival.
+    let arrived: BTreeMap<(&str, i32, i64), i64> = batch
+        .iter()
+        .filter_map(|m| {
+            m.timestamp()
+                .to_millis()
+                .map(|ms| ((m.topic(), m.partition(), m.offset()), ms))
+        })
+        .collect();
     let mut inputs = Vec::with_capacity(batch.len());
     let mut dead: Vec<(&OwnedMessage, DeadLetter)> = Vec::new();
     let mut next: BTreeMap<PartitionKey, i64> = BTreeMap::new();
@@ -402,6 +453,7 @@ async fn process_and_publish(
         }
     }
 
+    let newest_event_time = inputs.iter().map(|i| i.event.event_time.unix()).max();
     // One snapshot for the whole batch: a swap takes effect at the next batch.
     let loaded = snapshot.load_full();
     let store_for_task = store.clone();
@@ -484,6 +536,57 @@ async fn process_and_publish(
             }
         }
     }
+
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    for update in &result.updates {
+        let key = (
+            update.cause.topic.as_str(),
+            update.cause.partition,
+            update.cause.offset,
+        );
+        if let Some(ms) = arrived.get(&key) {
+            metrics
+                .event_to_publish_seconds
+                .observe(((now_ms - ms).max(0) as f64) / 1000.0);
+        }
+        for change in &update.changed {
+            let axis = change.axis.as_str();
+            if let Some(previous) = change.previous {
+                metrics
+                    .segment_customers
+                    .with_label_values(&[axis, &previous.to_string()])
+                    .dec();
+            }
+            if let Some(segment) = change.segment {
+                metrics
+                    .segment_customers
+                    .with_label_values(&[axis, &segment.to_string()])
+                    .inc();
+            }
+        }
+    }
+    if let Some(newest) = newest_event_time {
+        metrics
+            .event_time_lag_seconds
+            .set(((now_ms / 1000) - newest).max(0) as f64);
+    }
+    for (kind, outcome) in &result.outcomes {
+        metrics
+            .events
+            .with_label_values(&[kind.as_str(), outcome])
+            .inc();
+    }
+    for (_, letter) in &dead {
+        metrics
+            .events
+            .with_label_values(&["unknown", "dead_letter"])
+            .inc();
+        metrics
+            .dead_letters
+            .with_label_values(&[letter.reason.as_str()])
+            .inc();
+    }
+    metrics.updates.inc_by(result.updates.len() as u64);
 
     let mut store_batch = result.store_batch;
     // Dead letters and replays advance offsets too: the batch's offsets cover every record.

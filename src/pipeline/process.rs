@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::domain::event::{CustomerId, Event};
+use crate::domain::event::{CustomerId, Event, EventKind};
 use crate::domain::features::{Axis, FeatureVector};
 use crate::domain::state::{ApplyOutcome, CustomerState, StateCodecError};
 use crate::domain::time::EventTime;
@@ -184,6 +184,8 @@ pub struct BatchResult {
     pub duplicates: usize,
     /// Records below the stored offset (already in state; seen again after a restart).
     pub replayed: usize,
+    /// Per input: its kind and what happened (`applied`, `duplicate`, `replayed`), for metrics.
+    pub outcomes: Vec<(EventKind, &'static str)>,
 }
 
 /// Why a batch failed. Both are fatal: carrying on would let offsets pass unapplied events.
@@ -231,6 +233,7 @@ pub fn process_batch(
             .is_some_and(|&next| input.source.offset < next)
         {
             result.replayed += 1;
+            result.outcomes.push((input.event.body.kind(), "replayed"));
             continue;
         }
         let next = result.store_batch.offsets.entry(key).or_insert(0);
@@ -269,9 +272,13 @@ pub fn process_batch(
         match record.state.apply(&input.event, params) {
             ApplyOutcome::Duplicate => {
                 result.duplicates += 1;
+                result.outcomes.push((input.event.body.kind(), "duplicate"));
                 continue;
             }
-            ApplyOutcome::Applied => result.applied += 1,
+            ApplyOutcome::Applied => {
+                result.applied += 1;
+                result.outcomes.push((input.event.body.kind(), "applied"));
+            }
         }
         touched[i] = true;
         let as_of = input.event.event_time.max(

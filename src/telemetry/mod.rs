@@ -1,4 +1,7 @@
-//! Observability: tracing setup (and, with the daemon, metrics and HTTP endpoints).
+//! Observability: tracing setup, the metrics (each defined once) and the HTTP endpoints.
+
+pub mod http;
+pub mod metrics;
 
 use tracing_subscriber::{fmt, EnvFilter};
 

@@ -25,10 +25,11 @@ use segmentd::config::{Config, SampleSizeSetting};
 use segmentd::domain::features::Sources;
 use segmentd::domain::state::CustomerState;
 use segmentd::model::snapshot::ValidSnapshot;
-use segmentd::pipeline::kafka::{run, KafkaConfig, LoadedSnapshot, RunStats};
+use segmentd::pipeline::kafka::{run, Hooks, KafkaConfig, LoadedSnapshot, RunStats};
 use segmentd::pipeline::process::{MembershipUpdate, PublishPolicy};
 use segmentd::store::{RocksStore, StateStore, StoreConfig};
 use segmentd::synth::{Shop, ShopParams};
+use segmentd::telemetry::metrics::Metrics;
 
 /// A snapshot discovered on a small generated shop, covering all 13 axes.
 fn snapshot() -> ValidSnapshot {
@@ -96,6 +97,13 @@ impl Cluster {
                 }
             }
         }
+    }
+}
+
+fn hooks() -> Hooks {
+    Hooks {
+        metrics: Arc::new(Metrics::new().unwrap()),
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     }
 }
 
@@ -205,13 +213,15 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
         ..KafkaConfig::default()
     };
     let shutdown = CancellationToken::new();
+    let hooks = hooks();
     let task = {
         let (store, shared, shutdown) = (store.clone(), shared.clone(), shutdown.clone());
         let policy = PublishPolicy {
             every_event: true,
             epsilon: 0.05,
         };
-        tokio::spawn(async move { run(&config, policy, store, shared, shutdown).await })
+        let hooks = hooks.clone();
+        tokio::spawn(async move { run(&config, policy, store, shared, shutdown, hooks).await })
     };
 
     let updates = read(&brokers, &output, 3).await;
@@ -230,6 +240,41 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
 
     assert_eq!(stats.applied, 3);
     assert_eq!(stats.duplicates, 1);
+    // The same story in the metrics, parsed from the exposition text.
+    let text = hooks.metrics.render();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+    };
+    assert_eq!(
+        value("segmentd_events_consumed_total{kind=\"order\",result=\"applied\"}"),
+        3.0
+    );
+    assert_eq!(
+        value("segmentd_events_consumed_total{kind=\"order\",result=\"duplicate\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("segmentd_dead_letters_total{reason=\"not_json\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("segmentd_dead_letters_total{reason=\"key_mismatch\"}"),
+        1.0
+    );
+    assert_eq!(value("segmentd_membership_updates_total"), 3.0);
+    assert_eq!(value("segmentd_event_to_publish_seconds_count"), 3.0);
+    assert_eq!(value("segmentd_snapshot_version"), version as f64);
+    // Two customers, each in exactly one segment per axis they have.
+    let frequency: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("segmentd_segment_customers{axis=\"purchase_frequency\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(frequency, 2.0);
     assert_eq!(stats.dead_letters, 6);
     assert_eq!(stats.updates, 3);
 
@@ -359,6 +404,7 @@ async fn a_crash_mid_stream_loses_nothing_and_counts_nothing_twice() {
                     store,
                     shared,
                     CancellationToken::new(),
+                    hooks(),
                 )
                 .await
             })
@@ -385,7 +431,15 @@ async fn a_crash_mid_stream_loses_nothing_and_counts_nothing_twice() {
     let task = {
         let (store, shared, shutdown) = (store.clone(), shared.clone(), shutdown.clone());
         tokio::spawn(async move {
-            run(&config, PublishPolicy::default(), store, shared, shutdown).await
+            run(
+                &config,
+                PublishPolicy::default(),
+                store,
+                shared,
+                shutdown,
+                hooks(),
+            )
+            .await
         })
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

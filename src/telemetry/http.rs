@@ -1,0 +1,270 @@
+//! The daemon's HTTP endpoints, beside the pipeline (never inside it):
+//! - `GET /metrics`: Prometheus text format;
+//! - `GET /healthz`: 200 while the process serves;
+//! - `GET /readyz`: 200 once the consumer loop is running, 503 before and while draining;
+//! - `GET /customers/{id}`: one customer's features now and last published memberships, a
+//!   point read of the store.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::event::CustomerId;
+use crate::domain::features::{FeatureVector, FEATURES};
+use crate::domain::time::EventTime;
+use crate::pipeline::kafka::SharedSnapshot;
+use crate::pipeline::process::CustomerRecord;
+use crate::store::StateStore;
+
+use super::metrics::Metrics;
+
+/// HTTP settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on. Loopback by default: the customer endpoint shows personal data.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// What the handlers read.
+pub struct AppState {
+    /// Metrics to export.
+    pub metrics: Arc<Metrics>,
+    /// The customer store.
+    pub store: Arc<dyn StateStore>,
+    /// The snapshot in use.
+    pub snapshot: SharedSnapshot,
+    /// Set while the consumer loop runs.
+    pub ready: AtomicBool,
+}
+
+/// The router, for the server and for tests.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/customers/{id}", get(customer))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(
+    config: &HttpConfig,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(listen = %config.listen, "http endpoints up");
+    serve_on(listener, state, shutdown).await
+}
+
+/// Serves on an already bound listener until `shutdown` is cancelled.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let stats = state.store.stats();
+    state.metrics.store_size_bytes.set(stats.size_bytes as i64);
+    state
+        .metrics
+        .store_estimated_keys
+        .set(stats.estimated_keys as i64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+#[derive(Serialize)]
+struct CustomerView {
+    customer_id: String,
+    snapshot_version: u64,
+    as_of: EventTime,
+    features: serde_json::Map<String, serde_json::Value>,
+    segments: serde_json::Map<String, serde_json::Value>,
+    last_published: Option<crate::pipeline::process::Published>,
+}
+
+async fn customer(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    let Ok(id) = CustomerId::parse(&id) else {
+        return (StatusCode::BAD_REQUEST, "bad customer id\n").into_response();
+    };
+    let store = state.store.clone();
+    let key = id.as_str().as_bytes().to_vec();
+    let read = tokio::task::spawn_blocking(move || store.get_many(&[&key])).await;
+    let bytes = match read {
+        Ok(Ok(mut values)) => values.pop().flatten(),
+        Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    };
+    let Some(bytes) = bytes else {
+        return (StatusCode::NOT_FOUND, "unknown customer\n").into_response();
+    };
+    let record = match CustomerRecord::decode(&bytes) {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    };
+    let loaded = state.snapshot.load_full();
+    let as_of = EventTime::now();
+    let vector = FeatureVector::compute(&record.state, as_of, loaded.snapshot.state_params());
+    let features = FEATURES
+        .iter()
+        .enumerate()
+        .map(|(i, def)| {
+            let value = vector
+                .get(crate::domain::features::FeatureId(i as u16))
+                .and_then(serde_json::Number::from_f64)
+                .map_or(serde_json::Value::Null, serde_json::Value::Number);
+            (def.name.to_owned(), value)
+        })
+        .collect();
+    let assignment = loaded.assigner.assign(&vector);
+    let segments = loaded
+        .snapshot
+        .axes()
+        .iter()
+        .zip(&assignment.axes)
+        .map(|(axis, outcome)| {
+            let value = outcome.segment.map_or(serde_json::Value::Null, |s| {
+                let seg = &axis.model.segments[s];
+                serde_json::json!({"segment": seg.id, "name": seg.name})
+            });
+            (axis.model.axis.to_string(), value)
+        })
+        .collect();
+    Json(CustomerView {
+        customer_id: id.to_string(),
+        snapshot_version: loaded.snapshot.version(),
+        as_of,
+        features,
+        segments,
+        last_published: record.published,
+    })
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::{Event, EventBody, Order, OrderLine};
+    use crate::domain::state::CustomerState;
+    use crate::model::snapshot::tests::sample_snapshot;
+    use crate::pipeline::kafka::LoadedSnapshot;
+    use crate::store::{MemStore, StoreBatch};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer() {
+        let store = Arc::new(MemStore::default());
+        let snapshot = sample_snapshot().validate().unwrap();
+        let params = *snapshot.state_params();
+        let mut state = CustomerState::default();
+        state.apply(
+            &Event {
+                event_id: "o".into(),
+                customer_id: CustomerId::parse("C1").unwrap(),
+                event_time: EventTime::parse("2024-03-01").unwrap(),
+                body: EventBody::Order(Order {
+                    order_id: None,
+                    channel: None,
+                    lines: vec![OrderLine {
+                        product_id: None,
+                        category: None,
+                        quantity: 1.0,
+                        unit_price: 10.0,
+                        list_price: None,
+                    }],
+                }),
+            },
+            &params,
+        );
+        let record = CustomerRecord {
+            state,
+            published: None,
+        };
+        store
+            .commit(StoreBatch {
+                records: vec![(b"C1".to_vec(), record.encode())],
+                offsets: Default::default(),
+            })
+            .unwrap();
+        let app = Arc::new(AppState {
+            metrics: Arc::new(Metrics::new().unwrap()),
+            store,
+            snapshot: Arc::new(arc_swap::ArcSwap::from_pointee(LoadedSnapshot::new(
+                snapshot,
+            ))),
+            ready: AtomicBool::new(false),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_on(listener, app.clone(), shutdown.clone()));
+
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        app.ready.store(true, Ordering::SeqCst);
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        let (status, body) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("segmentd_store_estimated_keys 1"), "{body}");
+        let (status, body) = get(addr, "/customers/C1").await;
+        assert_eq!(status, 200, "{body}");
+        let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(view["customer_id"], "C1");
+        assert!(view["features"]["lifetime_orders_log"].as_f64().unwrap() > 0.0);
+        assert!(view["segments"]["purchase_frequency"]["segment"]
+            .as_u64()
+            .is_some());
+        assert_eq!(get(addr, "/customers/nobody").await.0, 404);
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
+}
