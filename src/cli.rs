@@ -62,6 +62,9 @@ pub enum Command {
     /// Run the streaming daemon: consume events from Kafka, keep state in RocksDB, publish
     /// membership updates.
     Run(RunArgs),
+    /// The whole system on this machine: an in-process Kafka cluster, a generated shop, the
+    /// daemon, live events and a live view.
+    Demo(crate::demo::DemoArgs),
 }
 
 /// `segmentd run`.
@@ -252,6 +255,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Assign(args) => assign(args),
         Command::Validate(args) => validate(args),
         Command::Generate(args) => generate(args),
+        Command::Demo(args) => crate::demo::demo(args),
         Command::Run(args) => {
             let config = Config::load(args.config.as_deref())?;
             crate::daemon::serve(config)

@@ -27,6 +27,7 @@
 //!   letters).
 //! - [`config`]: layered, validated configuration.
 //! - [`daemon`]: `segmentd run`: lifecycle, signals and the drain deadline.
+//! - [`demo`]: `segmentd demo`: everything on one machine, with a live view.
 //! - [`cli`]: command-line parsing and dispatch.
 //! - [`telemetry`]: logging setup.
 #![warn(missing_docs)]
@@ -35,6 +36,7 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod domain;
 pub mod model;
 pub mod pipeline;
