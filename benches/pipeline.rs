@@ -34,17 +34,8 @@ fn fixture() -> Fixture {
     .expect("valid shop");
     let events: Vec<Event> = shop.history().collect();
     let params = StateParams::default();
-    let ids = shop.customer_ids();
-    let index: std::collections::HashMap<_, _> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| (id.clone(), i))
-        .collect();
-    let mut states = vec![CustomerState::default(); ids.len()];
-    for e in &events {
-        states[index[&e.customer_id]].apply(e, &params);
-    }
-    let as_of = events.last().expect("events").event_time;
+    let (states, last) = shop.history_states(&params);
+    let as_of = last.expect("events");
     let mut config = Config::default();
     config.discover.sample_size = segmentd::config::SampleSizeSetting::Count(2_000);
     let built = build_snapshot(&states, Sources::ALL, as_of, &config, 1, vec![]).expect("snapshot");

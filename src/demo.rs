@@ -24,7 +24,6 @@ use crate::batch::discover::build_snapshot;
 use crate::config::{Config, SampleSizeSetting};
 use crate::domain::event::EventKind;
 use crate::domain::features::Sources;
-use crate::domain::state::CustomerState;
 use crate::pipeline::kafka::{run as run_loop, Hooks, KafkaConfig, LoadedSnapshot};
 use crate::pipeline::process::CustomerRecord;
 use crate::store::{RocksStore, StateStore, StoreBatch, StoreConfig};
@@ -110,19 +109,7 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
             })?;
             let config = Config::default();
             let ids = shop.customer_ids().to_vec();
-            let index: BTreeMap<_, _> = ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| (id.clone(), i))
-                .collect();
-            let mut states = vec![CustomerState::default(); ids.len()];
-            let mut last = None;
-            for e in shop.history() {
-                if let Some(&i) = index.get(&e.customer_id) {
-                    states[i].apply(&e, &config.features);
-                }
-                last = Some(e.event_time);
-            }
+            let (states, last) = shop.history_states(&config.features);
             let mut discover = config.clone();
             discover.discover.sample_size = SampleSizeSetting::Count(5_000);
             let built = build_snapshot(

@@ -287,6 +287,27 @@ impl Shop {
         &self.ids
     }
 
+    /// Every customer's state after the whole history, aligned with [`Shop::customer_ids`],
+    /// and the time of the last event: what a backfill would load, and what discovery, the
+    /// demo, tests and benchmarks start from.
+    pub fn history_states(
+        &self,
+        params: &crate::domain::state::StateParams,
+    ) -> (Vec<crate::domain::state::CustomerState>, Option<EventTime>) {
+        let mut states = vec![crate::domain::state::CustomerState::default(); self.ids.len()];
+        let mut last = None;
+        for event in self.history() {
+            // The customer number is the index into `ids` (both in number order).
+            if let Some(n) = events::customer_number(&event.customer_id) {
+                if let Some(state) = states.get_mut(n) {
+                    state.apply(&event, params);
+                }
+            }
+            last = Some(event.event_time);
+        }
+        (states, last)
+    }
+
     /// The persona of a customer of the history, if the id is one.
     pub fn persona_of(&self, id: &CustomerId) -> Option<Persona> {
         let n = events::customer_number(id)?;

@@ -777,3 +777,28 @@ fn shop_and_stream_can_move_to_other_threads() {
     send_sync::<Shop>();
     send::<LiveStream>();
 }
+
+#[test]
+fn history_states_are_the_history_applied_per_customer() {
+    let shop = Shop::new(ShopParams {
+        customers: 40,
+        order_lines: 600,
+        days: 60,
+        ..ShopParams::default()
+    })
+    .unwrap();
+    let params = crate::domain::state::StateParams::default();
+    let (states, last) = shop.history_states(&params);
+    assert_eq!(states.len(), 40);
+    let mut by_hand = std::collections::BTreeMap::new();
+    for e in shop.history() {
+        by_hand
+            .entry(e.customer_id.clone())
+            .or_insert_with(crate::domain::state::CustomerState::default)
+            .apply(&e, &params);
+    }
+    for (id, state) in shop.customer_ids().iter().zip(&states) {
+        assert_eq!(Some(state), by_hand.get(id), "{id}");
+    }
+    assert_eq!(last, shop.history().last().map(|e| e.event_time));
+}

@@ -39,19 +39,7 @@ fn snapshot() -> ValidSnapshot {
         ..ShopParams::default()
     })
     .unwrap();
-    let ids = shop.customer_ids();
-    let index: BTreeMap<_, _> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| (id.clone(), i))
-        .collect();
-    let mut states = vec![CustomerState::default(); ids.len()];
-    let params = Config::default().features;
-    let mut last = None;
-    for e in shop.history() {
-        states[index[&e.customer_id]].apply(&e, &params);
-        last = Some(e.event_time);
-    }
+    let (states, last) = shop.history_states(&Config::default().features);
     let mut config = Config::default();
     config.discover.sample_size = SampleSizeSetting::Count(300);
     let built = build_snapshot(&states, Sources::ALL, last.unwrap(), &config, 7, vec![]).unwrap();
