@@ -65,6 +65,9 @@ pub enum Command {
     /// The whole system on this machine: an in-process Kafka cluster, a generated shop, the
     /// daemon, live events and a live view.
     Demo(crate::demo::DemoArgs),
+    /// Throughput and latency of the full daemon path through the in-process cluster, against
+    /// a bare consume-then-produce passthrough.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// `segmentd run`.
@@ -256,6 +259,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Validate(args) => validate(args),
         Command::Generate(args) => generate(args),
         Command::Demo(args) => crate::demo::demo(args),
+        Command::Bench(args) => crate::bench::bench(args),
         Command::Run(args) => {
             let config = Config::load(args.config.as_deref())?;
             crate::daemon::serve(config)

@@ -28,11 +28,13 @@
 //! - [`config`]: layered, validated configuration.
 //! - [`daemon`]: `segmentd run`: lifecycle, signals and the drain deadline.
 //! - [`demo`]: `segmentd demo`: everything on one machine, with a live view.
+//! - [`bench`]: `segmentd bench`: end-to-end throughput and latency figures.
 //! - [`cli`]: command-line parsing and dispatch.
 //! - [`telemetry`]: logging setup.
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;

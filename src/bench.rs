@@ -1,0 +1,366 @@
+//! `segmentd bench`: end-to-end throughput and latency through librdkafka's mock cluster.
+//!
+//! Three runs on one in-process cluster, each producing while it consumes (the mock keeps only
+//! about 5 MiB per partition, so a pre-filled topic would silently lose records):
+//! 1. **passthrough**: consume, produce each record to another topic, await delivery, commit
+//!    — the ceiling any consumer-producer pipeline can reach here;
+//! 2. **daemon**: the full path (decode, RocksDB state, 13-axis assignment, publish, atomic
+//!    commit) as fast as the producer can feed it;
+//! 3. **latency**: the full path at an offered rate, with p50 and p99 from event to publish.
+//!
+//! Each run first waits for its consumer group to form (one warm-up record), so the figures
+//! measure processing, not the group join.
+
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::discover::build_snapshot;
+use crate::config::{Config, SampleSizeSetting};
+use crate::demo::{histogram_buckets, quantile};
+use crate::domain::features::Sources;
+use crate::pipeline::kafka::{run as run_loop, Hooks, KafkaConfig, LoadedSnapshot};
+use crate::store::{RocksStore, StateStore, StoreConfig};
+use crate::synth::{Shop, ShopParams};
+use crate::telemetry::metrics::Metrics;
+
+/// `segmentd bench` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Events per throughput run.
+    #[arg(long, default_value_t = 300_000)]
+    pub events: usize,
+    /// Customers the events belong to.
+    #[arg(long, default_value_t = 100_000)]
+    pub customers: usize,
+    /// Offered rate of the latency run, events/s.
+    #[arg(long, default_value_t = 20_000)]
+    pub rate: u32,
+    /// Seconds of the latency run.
+    #[arg(long, default_value_t = 10)]
+    pub latency_seconds: u64,
+    /// Partitions of the input topics.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+}
+
+/// Runs the benchmark and prints its figures.
+pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(bench_async(args))
+}
+
+/// Pre-serialised events: (key, payload).
+type Payloads = Arc<Vec<(String, Vec<u8>)>>;
+
+async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let cluster = MockCluster::new(1).context("starting the mock cluster")?;
+    let brokers = cluster.bootstrap_servers();
+    let started = Instant::now();
+    let (payloads, snapshot) = tokio::task::spawn_blocking({
+        let args = args.clone();
+        move || -> anyhow::Result<_> {
+            let shop = Shop::new(ShopParams {
+                customers: args.customers,
+                order_lines: args.customers * 8,
+                ..ShopParams::default()
+            })?;
+            let config = Config::default();
+            let (states, last) = shop.history_states(&config.features);
+            let mut discover = config.clone();
+            discover.discover.sample_size = SampleSizeSetting::Count(5_000);
+            let built = build_snapshot(
+                &states,
+                Sources::ALL,
+                last.context("empty history")?,
+                &discover,
+                1,
+                vec![],
+            )?;
+            let payloads: Vec<(String, Vec<u8>)> = shop
+                .live(7)
+                .take(args.events)
+                .map(|e| {
+                    let payload = serde_json::to_vec(&e).unwrap_or_default();
+                    (e.customer_id.to_string(), payload)
+                })
+                .collect();
+            Ok((payloads, built.snapshot.validate()?))
+        }
+    })
+    .await??;
+    let payloads: Payloads = Arc::new(payloads);
+    println!(
+        "prepared {} events of {} customers and a {}-axis snapshot in {:.1} s",
+        payloads.len(),
+        args.customers,
+        snapshot.axes().len(),
+        started.elapsed().as_secs_f64()
+    );
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "200000")
+        .create()?;
+
+    // 1. passthrough ceiling
+    let input = "bench-passthrough-in";
+    let output = "bench-passthrough-out";
+    cluster.create_topic(input, args.partitions, 1)?;
+    cluster.create_topic(output, args.partitions, 1)?;
+    let ceiling = passthrough(&brokers, input, output, &producer, &payloads).await?;
+    println!(
+        "passthrough (consume, produce, await, commit): {:>9.0} events/s",
+        ceiling
+    );
+
+    // 2. the daemon, flat out
+    let dir = tempfile::tempdir()?;
+    let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
+    let (rate, metrics) = daemon_run(
+        &cluster,
+        &brokers,
+        &producer,
+        &payloads,
+        &shared,
+        &dir,
+        "flat",
+        None,
+        args.partitions,
+    )
+    .await?;
+    println!(
+        "daemon (decode, state, assign, publish, commit): {:>9.0} events/s = {:.2} of the ceiling",
+        rate,
+        rate / ceiling
+    );
+    drop(metrics);
+
+    // 3. latency at an offered rate
+    let n = (args.rate as usize * args.latency_seconds as usize).min(payloads.len());
+    let offered = Arc::new(payloads[..n].to_vec());
+    let (achieved, metrics) = daemon_run(
+        &cluster,
+        &brokers,
+        &producer,
+        &offered,
+        &shared,
+        &dir,
+        "paced",
+        Some(args.rate),
+        args.partitions,
+    )
+    .await?;
+    let buckets = histogram_buckets(&metrics.event_to_publish_seconds);
+    let ms = |q: f64| {
+        quantile(&buckets, q).map_or("-".to_owned(), |s| {
+            if s.is_finite() {
+                format!("<= {:.0} ms", s * 1000.0)
+            } else {
+                "> 5 s".to_owned()
+            }
+        })
+    };
+    println!(
+        "latency at {} events/s offered ({achieved:.0} achieved): p50 {}, p99 {} (bucket bounds)",
+        args.rate,
+        ms(0.5),
+        ms(0.99)
+    );
+    println!("peak RSS: {} MiB", peak_rss_mib().unwrap_or(0));
+    // Clients first: a client that outlives the cluster logs "all brokers down" on exit.
+    drop(producer);
+    drop(cluster);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Produces `payloads` to `topic`, optionally paced at `rate` per second.
+async fn feed(
+    producer: &FutureProducer,
+    topic: &str,
+    payloads: &[(String, Vec<u8>)],
+    rate: Option<u32>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    for (i, (key, payload)) in payloads.iter().enumerate() {
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64(i as f64 / f64::from(rate));
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                if wait > Duration::from_millis(1) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        let mut record = FutureRecord::to(topic).key(key.as_str()).payload(payload);
+        loop {
+            match producer.send_result(record) {
+                Ok(_) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn passthrough(
+    brokers: &str,
+    input: &str,
+    output: &str,
+    producer: &FutureProducer,
+    payloads: &Payloads,
+) -> anyhow::Result<f64> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "bench-passthrough")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "50")
+        .set("session.timeout.ms", "6000")
+        .create()?;
+    consumer.subscribe(&[input])?;
+    // Warm-up: one record, so the group has formed before timing starts.
+    feed(producer, input, &payloads[..1], None).await?;
+    consumer.recv().await?;
+    let started = Instant::now();
+    let feeder = {
+        let (producer, payloads, input) = (producer.clone(), payloads.clone(), input.to_owned());
+        tokio::spawn(async move { feed(&producer, &input, &payloads, None).await })
+    };
+    let mut seen = 0usize;
+    while seen < payloads.len() {
+        let mut batch = Vec::with_capacity(5_000);
+        batch.push(consumer.recv().await?.detach());
+        while batch.len() < 5_000 {
+            match tokio::time::timeout(Duration::from_millis(20), consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                _ => break,
+            }
+        }
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for m in &batch {
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(output);
+            if let Some(k) = m.key() {
+                record = record.key(k);
+            }
+            if let Some(p) = m.payload() {
+                record = record.payload(p);
+            }
+            loop {
+                match producer.send_result(record) {
+                    Ok(d) => {
+                        deliveries.push(d);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+        }
+        for d in deliveries {
+            d.await
+                .map_err(|_| anyhow::anyhow!("delivery cancelled"))?
+                .map_err(|(e, _)| e)?;
+        }
+        consumer.commit_consumer_state(CommitMode::Async)?;
+        seen += batch.len();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    feeder.await??;
+    Ok(payloads.len() as f64 / elapsed)
+}
+
+/// One run of the full daemon; returns events/s and its metrics.
+#[allow(clippy::too_many_arguments)]
+async fn daemon_run(
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    brokers: &str,
+    producer: &FutureProducer,
+    payloads: &Payloads,
+    shared: &crate::pipeline::kafka::SharedSnapshot,
+    dir: &tempfile::TempDir,
+    name: &str,
+    rate: Option<u32>,
+    partitions: i32,
+) -> anyhow::Result<(f64, Arc<Metrics>)> {
+    let input = format!("bench-{name}-events");
+    let kafka = KafkaConfig {
+        brokers: brokers.to_owned(),
+        group_id: format!("bench-{name}"),
+        input_topics: vec![input.clone()],
+        output_topic: format!("bench-{name}-memberships"),
+        dead_letter_topic: format!("bench-{name}-dead"),
+        session_timeout_ms: 6_000,
+        ..KafkaConfig::default()
+    };
+    cluster.create_topic(&input, partitions, 1)?;
+    cluster.create_topic(&kafka.output_topic, partitions, 1)?;
+    cluster.create_topic(&kafka.dead_letter_topic, 1, 1)?;
+    let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&StoreConfig {
+        path: dir.path().join(name),
+        ..StoreConfig::default()
+    })?);
+    let metrics = Arc::new(Metrics::new()?);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let hooks = Hooks {
+            metrics: metrics.clone(),
+            ready: Arc::new(AtomicBool::new(false)),
+        };
+        let (store, shared, shutdown) = (store.clone(), shared.clone(), shutdown.clone());
+        async move { run_loop(&kafka, Default::default(), store, shared, shutdown, hooks).await }
+    });
+    let consumed = |store: &Arc<dyn StateStore>| -> anyhow::Result<i64> {
+        Ok(store.offsets()?.values().sum())
+    };
+    // Warm-up record: wait until it is durable, then time the rest.
+    feed(producer, &input, &payloads[..1], None).await?;
+    while consumed(&store)? < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    let rest: Payloads = Arc::new(payloads[1..].to_vec());
+    let feeder = {
+        let (producer, rest, input) = (producer.clone(), rest.clone(), input.clone());
+        tokio::spawn(async move { feed(&producer, &input, &rest, rate).await })
+    };
+    let total = payloads.len() as i64;
+    while consumed(&store)? < total {
+        if task.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    feeder.await??;
+    shutdown.cancel();
+    task.await??;
+    Ok(((total - 1) as f64 / elapsed, metrics))
+}
+
+fn peak_rss_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
