@@ -83,7 +83,7 @@ impl Default for KafkaConfig {
             output_topic: "segment-memberships".into(),
             dead_letter_topic: "segmentd-dead-letters".into(),
             max_batch: 5_000,
-            batch_timeout_ms: 20,
+            batch_timeout_ms: 2,
             session_timeout_ms: 10_000,
             client: BTreeMap::new(),
         }
@@ -335,7 +335,9 @@ pub async fn run(
     consumer.subscribe(&topics)?;
     let producer: FutureProducer<QuietErrors> = client_config(config)
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
+        // Every batch waits for its deliveries before committing, so time spent lingering
+        // is latency; a batch already gives the producer plenty to pack per request.
+        .set("linger.ms", "1")
         .set("compression.type", "lz4")
         .create_with_context(QuietErrors::default())?;
 
