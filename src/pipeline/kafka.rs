@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use rdkafka::config::ClientConfig;
@@ -416,6 +416,7 @@ async fn process_and_publish(
     metrics: &Metrics,
 ) -> Result<BTreeMap<PartitionKey, i64>, RunError> {
     metrics.batch_size.observe(batch.len() as f64);
+    let phase = Instant::now();
     // Broker timestamps by coordinates, to time each update from its record's arrival.
     let arrived: BTreeMap<(&str, i32, i64), i64> = batch
         .iter()
@@ -458,6 +459,7 @@ async fn process_and_publish(
         }
     }
 
+    let decoded = phase.elapsed();
     let newest_event_time = inputs.iter().map(|i| i.event.event_time.unix()).max();
     // One snapshot for the whole batch: a swap takes effect at the next batch.
     let loaded = snapshot.load_full();
@@ -477,6 +479,7 @@ async fn process_and_publish(
     .await
     .map_err(|e| RunError::Task(e.to_string()))??;
 
+    let processed = phase.elapsed();
     let mut deliveries = Vec::with_capacity(result.updates.len() + dead.len());
     for update in &result.updates {
         let payload = serde_json::to_vec(update).unwrap_or_default();
@@ -542,6 +545,7 @@ async fn process_and_publish(
         }
     }
 
+    let delivered = phase.elapsed();
     let now_ms = chrono::Utc::now().timestamp_millis();
     for update in &result.updates {
         let key = (
@@ -601,6 +605,15 @@ async fn process_and_publish(
         .await
         .map_err(|e| RunError::Task(e.to_string()))?
         .map_err(ProcessError::from)?;
+    tracing::debug!(
+        records = batch.len(),
+        updates = result.updates.len(),
+        decode_ms = decoded.as_secs_f64() * 1e3,
+        process_ms = (processed - decoded).as_secs_f64() * 1e3,
+        deliver_ms = (delivered - processed).as_secs_f64() * 1e3,
+        commit_ms = (phase.elapsed() - delivered).as_secs_f64() * 1e3,
+        "batch"
+    );
     stats.applied += result.applied as u64;
     stats.duplicates += result.duplicates as u64;
     stats.dead_letters += dead.len() as u64;
