@@ -26,10 +26,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::discover::build_snapshot;
-use crate::config::{Config, SampleSizeSetting};
-use crate::demo::{histogram_buckets, quantile};
-use crate::domain::features::Sources;
+use crate::demo::{discover_history, histogram_buckets, quantile};
 use crate::pipeline::kafka::{run as run_loop, Hooks, KafkaConfig, LoadedSnapshot};
 use crate::store::{RocksStore, StateStore, StoreConfig};
 use crate::synth::{Shop, ShopParams};
@@ -79,18 +76,7 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 order_lines: args.customers * 8,
                 ..ShopParams::default()
             })?;
-            let config = Config::default();
-            let (states, last) = shop.history_states(&config.features);
-            let mut discover = config.clone();
-            discover.discover.sample_size = SampleSizeSetting::Count(5_000);
-            let built = build_snapshot(
-                &states,
-                Sources::ALL,
-                last.context("empty history")?,
-                &discover,
-                1,
-                vec![],
-            )?;
+            let (_, snapshot) = discover_history(&shop, 5_000)?;
             let payloads: Vec<(String, Vec<u8>)> = shop
                 .live(7)
                 .take(args.events)
@@ -99,7 +85,7 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     (e.customer_id.to_string(), payload)
                 })
                 .collect();
-            Ok((payloads, built.snapshot.validate()?))
+            Ok((payloads, snapshot))
         }
     })
     .await??;

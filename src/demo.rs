@@ -57,6 +57,30 @@ pub struct DemoArgs {
     pub seed: u64,
 }
 
+/// A generated shop's customer states after its history, and the snapshot discovered on a
+/// `sample`-customer stratified sample of them (version 1, default settings): the starting
+/// point of the demo, the benchmark and the daemon's tests.
+pub fn discover_history(
+    shop: &Shop,
+    sample: usize,
+) -> anyhow::Result<(
+    Vec<crate::domain::state::CustomerState>,
+    crate::model::snapshot::ValidSnapshot,
+)> {
+    let mut config = Config::default();
+    config.discover.sample_size = SampleSizeSetting::Count(sample);
+    let (states, last) = shop.history_states(&config.features);
+    let built = build_snapshot(
+        &states,
+        Sources::ALL,
+        last.context("the shop has no history")?,
+        &config,
+        1,
+        vec!["generated history".into()],
+    )?;
+    Ok((states, built.snapshot.validate()?))
+}
+
 /// Topic of each event kind, as in the default configuration.
 fn topic(kind: EventKind) -> &'static str {
     match kind {
@@ -107,20 +131,8 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 seed: args.seed,
                 ..ShopParams::default()
             })?;
-            let config = Config::default();
             let ids = shop.customer_ids().to_vec();
-            let (states, last) = shop.history_states(&config.features);
-            let mut discover = config.clone();
-            discover.discover.sample_size = SampleSizeSetting::Count(5_000);
-            let built = build_snapshot(
-                &states,
-                Sources::ALL,
-                last.context("empty history")?,
-                &discover,
-                1,
-                vec!["demo history".into()],
-            )?;
-            let snapshot = built.snapshot.validate()?;
+            let (states, snapshot) = discover_history(&shop, 5_000)?;
             let states: Vec<_> = ids.into_iter().zip(states).collect();
             Ok((shop, states, snapshot))
         }

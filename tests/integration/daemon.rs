@@ -20,9 +20,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use segmentd::batch::discover::build_snapshot;
-use segmentd::config::{Config, SampleSizeSetting};
-use segmentd::domain::features::Sources;
+use segmentd::config::Config;
 use segmentd::domain::state::CustomerState;
 use segmentd::model::snapshot::ValidSnapshot;
 use segmentd::pipeline::kafka::{run, Hooks, KafkaConfig, LoadedSnapshot, RunStats};
@@ -39,11 +37,7 @@ fn snapshot() -> ValidSnapshot {
         ..ShopParams::default()
     })
     .unwrap();
-    let (states, last) = shop.history_states(&Config::default().features);
-    let mut config = Config::default();
-    config.discover.sample_size = SampleSizeSetting::Count(300);
-    let built = build_snapshot(&states, Sources::ALL, last.unwrap(), &config, 7, vec![]).unwrap();
-    built.snapshot.validate().unwrap()
+    segmentd::demo::discover_history(&shop, 300).unwrap().1
 }
 
 /// The mock cluster, or the real brokers named in `SEGMENTD_TEST_BROKERS`.
