@@ -1,6 +1,11 @@
 # Multi-stage build: compile in the Rust image, run from a slim Debian with only the binary.
-# Build:  docker build -t segmentd .
-# Run:    docker run --rm -v "$PWD/data:/data" segmentd discover --orders /data/orders.csv --out /data/snapshot.json
+# Build:   docker build -t segmentd .
+# Daemon:  docker run --rm -v "$PWD/segmentd.toml:/etc/segmentd/segmentd.toml:ro" \
+#            -v "$PWD/data:/data" -p 9464:9464 segmentd
+#          (the default command is `segmentd run` with the mounted config; in it set
+#          daemon.snapshot and store.path under /data, and http.listen = "0.0.0.0:9464")
+# Batch:   docker run --rm -v "$PWD/data:/data" segmentd discover --orders /data/orders.csv \
+#            --out /data/snapshot.json
 
 FROM rust:1.88-bookworm AS build
 WORKDIR /src
@@ -27,4 +32,4 @@ ENV SEGMENTD_CONFIG=/etc/segmentd/segmentd.toml
 USER segmentd
 WORKDIR /data
 ENTRYPOINT ["segmentd"]
-CMD ["--help"]
+CMD ["run"]
