@@ -485,6 +485,28 @@ fn finite_non_negative(field: &'static str, value: f64) -> Result<(), EventError
     Ok(())
 }
 
+/// A one-line order (1 unit at 10.00, no product, category or channel), for tests across the
+/// crate.
+#[cfg(test)]
+pub(crate) fn test_order(customer: &str, event_id: &str, time: EventTime) -> Event {
+    Event {
+        event_id: event_id.into(),
+        customer_id: CustomerId::parse(customer).expect("test customer id"),
+        event_time: time,
+        body: EventBody::Order(Order {
+            order_id: None,
+            channel: None,
+            lines: vec![OrderLine {
+                product_id: None,
+                category: None,
+                quantity: 1.0,
+                unit_price: 10.0,
+                list_price: None,
+            }],
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

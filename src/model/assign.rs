@@ -161,7 +161,6 @@ impl Assignment {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::event::{CustomerId, Event, EventBody, Order, OrderLine};
     use crate::domain::state::CustomerState;
     use crate::domain::time::EventTime;
     use crate::model::snapshot::tests::sample_snapshot;
@@ -174,25 +173,7 @@ mod tests {
         // One order: lifetime_orders_log = ln 2; monthly_orders_log read at the order's time.
         let t = EventTime::parse("2024-03-01").unwrap();
         let mut state = CustomerState::default();
-        state.apply(
-            &Event {
-                event_id: "o".into(),
-                customer_id: CustomerId::parse("c").unwrap(),
-                event_time: t,
-                body: EventBody::Order(Order {
-                    order_id: None,
-                    channel: None,
-                    lines: vec![OrderLine {
-                        product_id: None,
-                        category: None,
-                        quantity: 1.0,
-                        unit_price: 10.0,
-                        list_price: None,
-                    }],
-                }),
-            },
-            params,
-        );
+        state.apply(&crate::domain::event::test_order("c", "o", t), params);
         let fv = FeatureVector::compute(&state, t, params);
         let a = assigner.assign(&fv);
         let monthly = (std::f64::consts::LN_2 / 90.0 * 30.44f64).ln_1p();

@@ -426,27 +426,12 @@ fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::event::{EventBody, Order, OrderLine};
     use crate::model::snapshot::tests::sample_snapshot;
     use crate::store::MemStore;
 
     fn order(customer: &str, id: &str, day: i64) -> Event {
-        Event {
-            event_id: id.into(),
-            customer_id: CustomerId::parse(customer).unwrap(),
-            event_time: EventTime::from_unix(1_709_251_200 + day * 86_400).unwrap(),
-            body: EventBody::Order(Order {
-                order_id: None,
-                channel: None,
-                lines: vec![OrderLine {
-                    product_id: None,
-                    category: None,
-                    quantity: 1.0,
-                    unit_price: 10.0,
-                    list_price: None,
-                }],
-            }),
-        }
+        let time = EventTime::from_unix(1_709_251_200 + day * 86_400).unwrap();
+        crate::domain::event::test_order(customer, id, time)
     }
 
     fn input(event: Event, offset: i64) -> Input {

@@ -179,7 +179,6 @@ async fn customer(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::event::{Event, EventBody, Order, OrderLine};
     use crate::domain::state::CustomerState;
     use crate::model::snapshot::tests::sample_snapshot;
     use crate::pipeline::kafka::LoadedSnapshot;
@@ -207,22 +206,7 @@ mod tests {
         let params = *snapshot.state_params();
         let mut state = CustomerState::default();
         state.apply(
-            &Event {
-                event_id: "o".into(),
-                customer_id: CustomerId::parse("C1").unwrap(),
-                event_time: EventTime::parse("2024-03-01").unwrap(),
-                body: EventBody::Order(Order {
-                    order_id: None,
-                    channel: None,
-                    lines: vec![OrderLine {
-                        product_id: None,
-                        category: None,
-                        quantity: 1.0,
-                        unit_price: 10.0,
-                        list_price: None,
-                    }],
-                }),
-            },
+            &crate::domain::event::test_order("C1", "o", EventTime::parse("2024-03-01").unwrap()),
             &params,
         );
         let record = CustomerRecord {

@@ -82,6 +82,15 @@ impl Cluster {
     }
 }
 
+/// Fresh input, output and dead-letter topics for one test.
+async fn topics(cluster: &Cluster, input: &str, partitions: i32) -> (String, String, String) {
+    let (input, output, dlq) = (unique(input), unique("memberships"), unique("dead"));
+    cluster.create_topic(&input, partitions).await;
+    cluster.create_topic(&output, 1).await;
+    cluster.create_topic(&dlq, 1).await;
+    (input, output, dlq)
+}
+
 fn hooks() -> Hooks {
     Hooks {
         metrics: Arc::new(Metrics::new().unwrap()),
@@ -131,12 +140,7 @@ async fn read(brokers: &str, topic: &str, n: usize) -> Vec<rdkafka::message::Own
 async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
     let cluster = Cluster::new();
     let brokers = cluster.brokers();
-    let input = unique("orders");
-    let output = unique("memberships");
-    let dlq = unique("dead");
-    cluster.create_topic(&input, 1).await;
-    cluster.create_topic(&output, 1).await;
-    cluster.create_topic(&dlq, 1).await;
+    let (input, output, dlq) = topics(&cluster, "orders", 1).await;
 
     // Offsets 0..: A's first order, B's order, A's second order, A's second order again
     // (an upstream retry), then one record of each kind of bad input.
@@ -319,12 +323,7 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
 async fn a_crash_mid_stream_loses_nothing_and_counts_nothing_twice() {
     let cluster = Cluster::new();
     let brokers = cluster.brokers();
-    let input = unique("events");
-    let output = unique("memberships");
-    let dlq = unique("dead");
-    cluster.create_topic(&input, 2).await;
-    cluster.create_topic(&output, 1).await;
-    cluster.create_topic(&dlq, 1).await;
+    let (input, output, dlq) = topics(&cluster, "events", 2).await;
 
     // A generated shop's history: every kind of event, ~60 customers.
     let shop = Shop::new(ShopParams {
