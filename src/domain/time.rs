@@ -108,20 +108,34 @@ impl Serialize for EventTime {
     }
 }
 
+/// Accepts text in any format [`EventTime::parse`] reads, or integer epoch seconds. A
+/// visitor rather than an untagged enum: the daemon decodes one per event, and an untagged
+/// enum buffers the value and allocates the text.
 impl<'de> Deserialize<'de> for EventTime {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Text(String),
-            Seconds(i64),
-        }
-        match Raw::deserialize(deserializer)? {
-            Raw::Text(text) => EventTime::parse(&text).map_err(serde::de::Error::custom),
-            Raw::Seconds(seconds) => {
-                EventTime::from_unix(seconds).map_err(serde::de::Error::custom)
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = EventTime;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a timestamp string or integer epoch seconds")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<EventTime, E> {
+                EventTime::parse(text).map_err(E::custom)
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, seconds: i64) -> Result<EventTime, E> {
+                EventTime::from_unix(seconds).map_err(E::custom)
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, seconds: u64) -> Result<EventTime, E> {
+                let seconds = i64::try_from(seconds)
+                    .map_err(|_| E::custom(format!("{seconds} seconds is out of range")))?;
+                self.visit_i64(seconds)
             }
         }
+        deserializer.deserialize_any(Visitor)
     }
 }
 

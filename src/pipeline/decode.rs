@@ -8,6 +8,8 @@ use serde::Serialize;
 
 use crate::domain::event::{Event, EventError};
 
+mod wire;
+
 /// Largest payload accepted, in bytes. A real event is a few hundred bytes; a megabyte-sized
 /// record is a producer bug and would only be parsed to be refused.
 pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
@@ -102,8 +104,18 @@ pub fn decode(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<Event, DeadL
             format!("{} bytes (limit {MAX_PAYLOAD_BYTES})", payload.len()),
         ));
     }
-    // Parse to a value first: it separates "not JSON" from "JSON of the wrong shape", and lets
-    // the kind and the customer id be checked with precise reasons.
+    let event = match wire::decode(payload) {
+        Some(event) => event,
+        None => decode_precisely(payload)?,
+    };
+    check(key, event)
+}
+
+/// The slow path, for records the one-pass decoder refused: parses to a value first, which
+/// separates "not JSON" from "JSON of the wrong shape" and lets the kind, the customer id and
+/// the time be checked with precise reasons.
+fn decode_precisely(payload: &[u8]) -> Result<Event, DeadLetter> {
+    use DeadLetterReason::*;
     let value: serde_json::Value =
         serde_json::from_slice(payload).map_err(|e| DeadLetter::new(NotJson, e.to_string()))?;
     let object = value
@@ -141,8 +153,12 @@ pub fn decode(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<Event, DeadL
                 .map_err(|e| DeadLetter::new(BadEventTime, e.to_string()))?;
         }
     }
-    let event: Event =
-        serde_json::from_value(value).map_err(|e| DeadLetter::new(Schema, e.to_string()))?;
+    serde_json::from_value(value).map_err(|e| DeadLetter::new(Schema, e.to_string()))
+}
+
+/// The checks every decoded event passes, whichever path decoded it.
+fn check(key: Option<&[u8]>, event: Event) -> Result<Event, DeadLetter> {
+    use DeadLetterReason::*;
     if event.event_id.trim().is_empty() {
         return Err(DeadLetter::new(Schema, "event_id is empty"));
     }
