@@ -12,7 +12,7 @@
 //! measure processing, not the group join.
 
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -174,15 +174,28 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Produces `payloads` to `topic`, optionally paced at `rate` per second.
+/// Most records produced but not yet consumed. The mock cluster keeps only about 5 MiB per
+/// partition and silently drops older records, so a feeder far ahead of its consumer would
+/// lose input; this stays well below that on every partition count the bench uses.
+const FEED_WINDOW: u64 = 40_000;
+
+/// How long a run may go without progress before the bench gives up.
+const STALL: Duration = Duration::from_secs(30);
+
+/// Produces `payloads` to `topic`, optionally paced at `rate` per second, never more than
+/// [`FEED_WINDOW`] records ahead of `consumed`.
 async fn feed(
     producer: &FutureProducer,
     topic: &str,
     payloads: &[(String, Vec<u8>)],
     rate: Option<u32>,
+    consumed: &AtomicU64,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     for (i, (key, payload)) in payloads.iter().enumerate() {
+        while i as u64 > consumed.load(Ordering::Relaxed) + FEED_WINDOW {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         if let Some(rate) = rate {
             let due = Duration::from_secs_f64(i as f64 / f64::from(rate));
             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -223,17 +236,22 @@ async fn passthrough(
         .create()?;
     consumer.subscribe(&[input])?;
     // Warm-up: one record, so the group has formed before timing starts.
-    feed(producer, input, &payloads[..1], None).await?;
+    let progress = Arc::new(AtomicU64::new(0));
+    feed(producer, input, &payloads[..1], None, &progress).await?;
     consumer.recv().await?;
     let started = Instant::now();
     let feeder = {
         let (producer, payloads, input) = (producer.clone(), payloads.clone(), input.to_owned());
-        tokio::spawn(async move { feed(&producer, &input, &payloads, None).await })
+        let progress = progress.clone();
+        tokio::spawn(async move { feed(&producer, &input, &payloads, None, &progress).await })
     };
     let mut seen = 0usize;
     while seen < payloads.len() {
         let mut batch = Vec::with_capacity(5_000);
-        batch.push(consumer.recv().await?.detach());
+        let first = tokio::time::timeout(STALL, consumer.recv())
+            .await
+            .map_err(|_| stalled(seen, payloads.len()))?;
+        batch.push(first?.detach());
         while batch.len() < 5_000 {
             match tokio::time::timeout(Duration::from_millis(20), consumer.recv()).await {
                 Ok(Ok(m)) => batch.push(m.detach()),
@@ -270,6 +288,7 @@ async fn passthrough(
         }
         consumer.commit_consumer_state(CommitMode::Async)?;
         seen += batch.len();
+        progress.store(seen as u64, Ordering::Relaxed);
     }
     let elapsed = started.elapsed().as_secs_f64();
     feeder.await??;
@@ -320,7 +339,8 @@ async fn daemon_run(
         Ok(store.offsets()?.values().sum())
     };
     // Warm-up record: wait until it is durable, then time the rest.
-    feed(producer, &input, &payloads[..1], None).await?;
+    let progress = Arc::new(AtomicU64::new(0));
+    feed(producer, &input, &payloads[..1], None, &progress).await?;
     while consumed(&store)? < 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -328,12 +348,21 @@ async fn daemon_run(
     let rest: Payloads = Arc::new(payloads[1..].to_vec());
     let feeder = {
         let (producer, rest, input) = (producer.clone(), rest.clone(), input.clone());
-        tokio::spawn(async move { feed(&producer, &input, &rest, rate).await })
+        let progress = progress.clone();
+        tokio::spawn(async move { feed(&producer, &input, &rest, rate, &progress).await })
     };
     let total = payloads.len() as i64;
-    while consumed(&store)? < total {
-        if task.is_finished() {
+    let mut last = (0, Instant::now());
+    loop {
+        let done = consumed(&store)?;
+        if done >= total || task.is_finished() {
             break;
+        }
+        progress.store((done - 1).max(0) as u64, Ordering::Relaxed);
+        if done > last.0 {
+            last = (done, Instant::now());
+        } else if last.1.elapsed() > STALL {
+            return Err(stalled(done as usize, total as usize));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -342,6 +371,13 @@ async fn daemon_run(
     shutdown.cancel();
     task.await??;
     Ok(((total - 1) as f64 / elapsed, metrics))
+}
+
+fn stalled(done: usize, total: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "no progress for {} s at {done} of {total} records (is the machine overloaded?)",
+        STALL.as_secs()
+    )
 }
 
 fn peak_rss_mib() -> Option<u64> {
