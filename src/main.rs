@@ -5,6 +5,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc rather than the system allocator: the daemon allocates and frees many small,
+/// short-lived buffers per event across threads (decoded events, state records, payloads),
+/// which glibc malloc served with heavy consolidation and fragmentation.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = segmentd::cli::Cli::parse();
     segmentd::telemetry::init_tracing(cli.log_format, cli.verbose);
