@@ -354,6 +354,11 @@ impl Config {
                 "kafka.max_batch and kafka.batch_timeout_ms must be at least 1".into(),
             ));
         }
+        if k.fetch_wait_max_ms > 300_000 {
+            return Err(bad(
+                "kafka.fetch_wait_max_ms must be at most 300000 (librdkafka's limit)".into(),
+            ));
+        }
         if !(self.publish.epsilon.is_finite() && (0.0..=1.0).contains(&self.publish.epsilon)) {
             return Err(bad("publish.epsilon must be in 0..=1".into()));
         }

@@ -162,7 +162,7 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 (id.as_str().as_bytes().to_vec(), record.encode())
             })
             .collect();
-        store.commit(StoreBatch {
+        store.commit(&StoreBatch {
             records,
             offsets: BTreeMap::new(),
         })?;

@@ -4,7 +4,7 @@
 //! Per batch:
 //! 1. collect up to `max_batch` records (waiting at most `batch_timeout_ms` after the first);
 //! 2. decode them; refused records become dead letters;
-//! 3. process the events against the store and the current snapshot (off the async runtime);
+//! 3. process the events against the state and the current snapshot (off the async runtime);
 //! 4. produce the updates and dead letters and **await every delivery**;
 //! 5. commit the records and the next offsets to the store in one batch;
 //! 6. commit the same offsets to the consumer group (best effort).
@@ -16,13 +16,18 @@
 //! [`Resume::rebalance`]), so no event is applied twice. The group offsets only matter for
 //! lag monitoring and for an instance that has no local state for a partition.
 //!
+//! Steps 1–3 of batch N+1 overlap steps 4–6 of batch N (see [`run`]): the loop reads state
+//! through [`Overlay`], which serves batch N's records until they are in the store, and a
+//! single committer thread performs 4–6 batch by batch in input order. A failure anywhere
+//! stops both before anything later is committed, so the argument above holds batch by batch.
+//!
 //! Backpressure: the producer queue is bounded (librdkafka `queue.buffering.max.messages`);
-//! when it is full the loop waits for deliveries before producing more, and it does not read
-//! the next batch until this one is durable, so nothing grows without bound.
+//! when it is full the loop waits for room before producing more, and at most
+//! [`MAX_IN_FLIGHT`] batches wait for the committer, so nothing grows without bound.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -37,12 +42,16 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
+use rustc_hash::FxHashMap;
+
+use crate::domain::event::EventKind;
 use crate::model::assign::Assigner;
 use crate::model::snapshot::ValidSnapshot;
-use crate::store::{PartitionKey, StateStore};
+use crate::store::{PartitionKey, StateStore, StoreBatch};
 use crate::telemetry::metrics::Metrics;
 
 use super::decode::{decode, DeadLetter};
+use super::pending::{Overlay, Pending};
 use super::process::{process_batch, Input, ProcessError, PublishPolicy, Source};
 
 /// Kafka settings of the daemon.
@@ -65,6 +74,11 @@ pub struct KafkaConfig {
     pub batch_timeout_ms: u64,
     /// Consumer session timeout, in milliseconds.
     pub session_timeout_ms: u64,
+    /// Longest time a broker may hold a fetch when no data is waiting, in milliseconds.
+    /// Kafka answers as soon as data arrives, so this mostly sets the idle fetch rate; some
+    /// brokers (librdkafka's mock cluster among them) hold every fetch this long, and then it
+    /// is a floor under latency. librdkafka's default is 500.
+    pub fetch_wait_max_ms: u64,
     /// Extra librdkafka properties for both clients (e.g. security settings).
     pub client: BTreeMap<String, String>,
 }
@@ -85,6 +99,7 @@ impl Default for KafkaConfig {
             max_batch: 5_000,
             batch_timeout_ms: 2,
             session_timeout_ms: 10_000,
+            fetch_wait_max_ms: 10,
             client: BTreeMap::new(),
         }
     }
@@ -193,13 +208,67 @@ impl ClientContext for QuietErrors {
     }
 }
 
-/// Consumer context that resumes every assigned partition from the offset stored with the
-/// state, whatever the group has committed.
+/// Consumer context that resumes every assigned partition from the offset the instance has
+/// processed up to, whatever the group has committed, and drains the committer on revoke.
 pub struct Resume {
-    stored: Arc<Mutex<BTreeMap<PartitionKey, i64>>>,
-    revoked: AtomicBool,
+    shared: Arc<LoopShared>,
     quiet: QuietErrors,
     metrics: Arc<Metrics>,
+}
+
+/// What the loop, the committer and the rebalance callback share.
+struct LoopShared {
+    /// Next offset per partition that the state (store plus pending records) reflects: the
+    /// store's offsets at start, advanced as each batch is processed.
+    processed: Mutex<BTreeMap<PartitionKey, i64>>,
+    /// Partitions currently assigned; records of others are not applied.
+    assigned: Mutex<BTreeSet<PartitionKey>>,
+    /// Batches handed to the committer and not yet durable.
+    in_flight: Gate,
+    /// Longest wait for in-flight batches on revoke.
+    drain_timeout: Duration,
+    /// Readiness: set on the first assignment, cleared when the loop stops.
+    ready: Arc<AtomicBool>,
+}
+
+/// A counter of in-flight batches that can be waited on from any thread (the rebalance
+/// callback runs inside the consumer's poll, not on the async runtime).
+#[derive(Default)]
+struct Gate {
+    count: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.count.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enter(&self) {
+        *self.lock() += 1;
+    }
+
+    fn leave(&self) {
+        let mut count = self.lock();
+        *count = count.saturating_sub(1);
+        self.changed.notify_all();
+    }
+
+    /// The committer is gone: nothing will leave any more.
+    fn close(&self) {
+        *self.lock() = 0;
+        self.changed.notify_all();
+    }
+
+    /// Waits until no batch is in flight; false on timeout.
+    fn wait_empty(&self, timeout: Duration) -> bool {
+        let count = self.lock();
+        let (count, _) = self
+            .changed
+            .wait_timeout_while(count, timeout, |c| *c > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        *count == 0
+    }
 }
 
 impl ClientContext for Resume {
@@ -226,32 +295,35 @@ impl ClientContext for Resume {
 }
 
 impl ConsumerContext for Resume {
-    /// On assignment, sets each partition's start to the store's next offset before assigning
-    /// (partitions the store has never seen start from the group's offset, or the earliest).
-    /// On revocation, flags it: the loop finishes and commits the batch it holds.
+    /// On assignment, sets each partition's start to the processed offset before assigning
+    /// (partitions never seen start from the group's offset, or the earliest) and marks the
+    /// instance ready.
+    ///
+    /// On revocation, waits (up to the drain timeout) until every batch handed to the
+    /// committer is durable and its offsets committed to the group, then unassigns: the next
+    /// owner of a partition starts where this instance's state ends. A batch still being
+    /// collected when the callback runs is not lost: its records of revoked partitions are
+    /// dropped before processing (see [`retain_assigned`]), and whoever owns them next reads
+    /// them again.
     fn rebalance(
         &self,
         base_consumer: &BaseConsumer<Self>,
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        let keys: Vec<PartitionKey> = tpl
+            .elements()
+            .iter()
+            .map(|elem| PartitionKey {
+                topic: elem.topic().to_owned(),
+                partition: elem.partition(),
+            })
+            .collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let stored = self
-                    .stored
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                let assigned: Vec<PartitionKey> = tpl
-                    .elements()
-                    .iter()
-                    .map(|elem| PartitionKey {
-                        topic: elem.topic().to_owned(),
-                        partition: elem.partition(),
-                    })
-                    .collect();
-                for key in assigned {
-                    if let Some(&next) = stored.get(&key) {
+                let processed = lock(&self.shared.processed).clone();
+                for key in &keys {
+                    if let Some(&next) = processed.get(key) {
                         // Only fails for a partition missing from the list, which it is not.
                         let _ = tpl.set_partition_offset(
                             &key.topic,
@@ -261,13 +333,30 @@ impl ConsumerContext for Resume {
                     }
                 }
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
+                lock(&self.shared.assigned).extend(keys);
                 if let Err(e) = base_consumer.assign(tpl) {
                     tracing::error!(error = %e, "assign failed");
                 }
+                self.shared.ready.store(true, Ordering::SeqCst);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.revoked.store(true, Ordering::SeqCst);
-                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                {
+                    let mut assigned = lock(&self.shared.assigned);
+                    for key in &keys {
+                        assigned.remove(key);
+                    }
+                }
+                let drained = self.shared.in_flight.wait_empty(self.shared.drain_timeout);
+                if drained {
+                    tracing::info!(partitions = tpl.count(), "partitions revoked");
+                } else {
+                    tracing::warn!(
+                        partitions = tpl.count(),
+                        timeout_ms = self.shared.drain_timeout.as_millis() as u64,
+                        "partitions revoked before in-flight batches were durable; \
+                         their next owner may re-read records this instance applied"
+                    );
+                }
                 if let Err(e) = base_consumer.unassign() {
                     tracing::error!(error = %e, "unassign failed");
                 }
@@ -275,10 +364,15 @@ impl ConsumerContext for Resume {
             other => {
                 let code: RDKafkaErrorCode = other.into();
                 tracing::error!(error = %code, "rebalance error");
+                lock(&self.shared.assigned).clear();
                 let _ = base_consumer.unassign();
             }
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn client_config(config: &KafkaConfig) -> ClientConfig {
@@ -295,11 +389,25 @@ fn client_config(config: &KafkaConfig) -> ClientConfig {
 pub struct Hooks {
     /// Metrics to update.
     pub metrics: Arc<Metrics>,
-    /// Set while the loop consumes (readiness).
+    /// Set once partitions are assigned and while the loop consumes (readiness).
     pub ready: Arc<AtomicBool>,
 }
 
-/// Runs the loop until `shutdown` is cancelled (finishing the batch in hand) or an error.
+/// Batches processed but not yet durable, at most. Two keep both halves of the pipeline
+/// busy (one batch is decoded and processed while the previous one is delivered and
+/// committed) and bound the pending records and the outputs repeated after a crash.
+const MAX_IN_FLIGHT: usize = 2;
+
+/// Runs the loop until `shutdown` is cancelled (finishing the batches in hand) or an error.
+///
+/// Two stages, in order per batch:
+/// - this task collects a batch, decodes and processes it off the runtime (reading state
+///   through [`Overlay`], so it sees batches not yet durable), and enqueues its outputs;
+/// - a committer thread awaits the batch's deliveries, commits it to the store, then to the
+///   group, one batch after another in input order.
+///
+/// A batch's state is durable only after its own outputs *and* those of every earlier batch
+/// are delivered; a failure stops both stages before anything later is committed.
 pub async fn run(
     config: &KafkaConfig,
     policy: PublishPolicy,
@@ -312,25 +420,30 @@ pub async fn run(
     metrics
         .snapshot_version
         .set(i64::try_from(snapshot.load().snapshot.version()).unwrap_or(i64::MAX));
-    let stored = Arc::new(Mutex::new(store.offsets().map_err(ProcessError::from)?));
+    let shared = Arc::new(LoopShared {
+        processed: Mutex::new(store.offsets().map_err(ProcessError::from)?),
+        assigned: Mutex::default(),
+        in_flight: Gate::default(),
+        drain_timeout: Duration::from_millis(config.session_timeout_ms / 2),
+        ready: hooks.ready.clone(),
+    });
     let context = Resume {
-        stored: stored.clone(),
-        revoked: AtomicBool::new(false),
+        shared: shared.clone(),
         quiet: QuietErrors::default(),
         metrics: metrics.clone(),
     };
-    let consumer: StreamConsumer<Resume> = client_config(config)
-        .set("group.id", &config.group_id)
-        // Offsets follow durability: nothing is committed or stored automatically.
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", config.session_timeout_ms.to_string())
-        .set("statistics.interval.ms", "5000")
-        // Return fetches as soon as data is there rather than after the 500 ms default wait
-        // on a quiet partition: latency is the product.
-        .set("fetch.wait.max.ms", "50")
-        .create_with_context(context)?;
+    let consumer: Arc<StreamConsumer<Resume>> = Arc::new(
+        client_config(config)
+            .set("group.id", &config.group_id)
+            // Offsets follow durability: nothing is committed or stored automatically.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", config.session_timeout_ms.to_string())
+            .set("statistics.interval.ms", "5000")
+            .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+            .create_with_context(context)?,
+    );
     let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let producer: FutureProducer<QuietErrors> = client_config(config)
@@ -341,17 +454,39 @@ pub async fn run(
         .set("compression.type", "lz4")
         .create_with_context(QuietErrors::default())?;
 
+    let pending = Arc::new(Pending::default());
+    let overlay: Arc<dyn StateStore> = Arc::new(Overlay {
+        store: store.clone(),
+        pending: pending.clone(),
+    });
+    let (to_committer, from_loop) = tokio::sync::mpsc::channel::<InFlight>(MAX_IN_FLIGHT);
+    let committer = Committer {
+        store: store.clone(),
+        pending: pending.clone(),
+        consumer: consumer.clone(),
+        shared: shared.clone(),
+        metrics: metrics.clone(),
+    };
+    let committer = std::thread::Builder::new()
+        .name("segmentd-commit".into())
+        .spawn(move || committer.run(from_loop))
+        .map_err(|e| RunError::Task(e.to_string()))?;
+
     let timeout = Duration::from_millis(config.batch_timeout_ms);
-    let mut stats = RunStats::default();
+    let topics = Topics {
+        output: Arc::from(config.output_topic.as_str()),
+        dead_letter: Arc::from(config.dead_letter_topic.as_str()),
+    };
+    let mut consumed = 0u64;
+    let mut batch_id = 0u64;
     let mut errors = ErrorLog::default();
-    hooks.ready.store(true, Ordering::SeqCst);
-    loop {
+    let outcome: Result<(), RunError> = loop {
         let mut batch: Vec<OwnedMessage> = Vec::with_capacity(config.max_batch);
         // Waiting for the first record is the only point where shutdown is observed, so a
         // batch in hand is always finished and committed before the loop ends.
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break Ok(()),
             first = consumer.recv() => match first {
                 Ok(m) => {
                     errors.clear();
@@ -362,7 +497,7 @@ pub async fn run(
                     // does not become a busy loop or a flood of identical warnings.
                     errors.record(&e);
                     tokio::select! {
-                        _ = shutdown.cancelled() => break,
+                        _ = shutdown.cancelled() => break Ok(()),
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                     }
                     continue;
@@ -377,75 +512,149 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        stats.consumed += batch.len() as u64;
-        let offsets = stored.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let committed = match process_and_publish(
-            &batch, &producer, config, &policy, &store, &snapshot, offsets, &mut stats, &metrics,
-        )
-        .await
-        {
-            Ok(committed) => committed,
-            Err(e) => {
-                hooks.ready.store(false, Ordering::SeqCst);
-                return Err(e);
-            }
+        consumed += batch.len() as u64;
+        retain_assigned(&mut batch, &shared);
+        if batch.is_empty() {
+            continue;
+        }
+        batch_id += 1;
+        let processed = lock(&shared.processed).clone();
+        // One snapshot for the whole batch: a swap takes effect at the next batch.
+        let loaded = snapshot.load_full();
+        let task = {
+            let (overlay, pending) = (overlay.clone(), pending.clone());
+            tokio::task::spawn_blocking(move || {
+                prepare(
+                    batch_id, batch, &processed, &overlay, &pending, &loaded, &policy,
+                )
+            })
         };
-        stored
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(committed.iter().map(|(k, v)| (k.clone(), *v)));
-        commit_group(&consumer, &committed);
-        stats.batches += 1;
-    }
+        let prepared = match task.await {
+            Ok(Ok(prepared)) => prepared,
+            Ok(Err(e)) => break Err(e.into()),
+            Err(e) => break Err(RunError::Task(e.to_string())),
+        };
+        lock(&shared.processed).extend(
+            prepared
+                .store_batch
+                .offsets
+                .iter()
+                .map(|(k, v)| (k.clone(), *v)),
+        );
+        let in_flight = match publish(&producer, &topics, prepared).await {
+            Ok(in_flight) => in_flight,
+            Err(e) => break Err(e),
+        };
+        shared.in_flight.enter();
+        if to_committer.send(in_flight).await.is_err() {
+            // The committer stopped on an error; it is returned below.
+            shared.in_flight.leave();
+            break Ok(());
+        }
+    };
+    drop(to_committer);
+    let committed = tokio::task::spawn_blocking(move || committer.join())
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))?
+        .map_err(|_| RunError::Task("the committer thread panicked".into()))?;
     hooks.ready.store(false, Ordering::SeqCst);
+    let mut stats = match (outcome, committed) {
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(e),
+        (Ok(()), Ok(stats)) => stats,
+    };
+    stats.consumed = consumed;
     tracing::info!(?stats, "consumer loop stopped");
     Ok(stats)
 }
 
-/// Steps 2–5 of the module docs; returns the offsets made durable.
-#[allow(clippy::too_many_arguments)]
-async fn process_and_publish(
-    batch: &[OwnedMessage],
-    producer: &FutureProducer<QuietErrors>,
-    config: &KafkaConfig,
+/// Drops records of partitions no longer assigned (revoked while the batch was collected):
+/// their next owner reads them.
+fn retain_assigned(batch: &mut Vec<OwnedMessage>, shared: &LoopShared) {
+    let assigned = lock(&shared.assigned);
+    // Records come in runs from one partition: remember the last answer.
+    let mut last: Option<(String, i32, bool)> = None;
+    batch.retain(|m| {
+        if let Some((topic, partition, keep)) = &last {
+            if topic == m.topic() && *partition == m.partition() {
+                return *keep;
+            }
+        }
+        let keep = assigned
+            .iter()
+            .any(|k| k.topic == m.topic() && k.partition == m.partition());
+        last = Some((m.topic().to_owned(), m.partition(), keep));
+        keep
+    });
+}
+
+/// Output topic names, shared with the committer for error messages.
+struct Topics {
+    output: Arc<str>,
+    dead_letter: Arc<str>,
+}
+
+/// An update ready to send.
+struct Outgoing {
+    key: String,
+    payload: Vec<u8>,
+    /// Broker timestamp of the record that caused it, to time event-to-publish.
+    arrived_ms: Option<i64>,
+    changed: Vec<super::process::AxisChange>,
+}
+
+/// A batch decoded and processed, its outputs serialised, not yet sent.
+struct Prepared {
+    id: u64,
+    records: usize,
+    updates: Vec<Outgoing>,
+    dead: Vec<(OwnedMessage, DeadLetter)>,
+    store_batch: StoreBatch,
+    outcomes: Vec<(EventKind, &'static str)>,
+    applied: usize,
+    duplicates: usize,
+    newest_event_time: Option<i64>,
+    started: Instant,
+    decode_ms: f64,
+    process_ms: f64,
+}
+
+/// Decodes and processes a batch, records its state as pending, and serialises its updates.
+/// Runs off the async runtime.
+fn prepare(
+    id: u64,
+    batch: Vec<OwnedMessage>,
+    processed: &BTreeMap<PartitionKey, i64>,
+    overlay: &Arc<dyn StateStore>,
+    pending: &Pending,
+    loaded: &LoadedSnapshot,
     policy: &PublishPolicy,
-    store: &Arc<dyn StateStore>,
-    snapshot: &SharedSnapshot,
-    stored: BTreeMap<PartitionKey, i64>,
-    stats: &mut RunStats,
-    metrics: &Metrics,
-) -> Result<BTreeMap<PartitionKey, i64>, RunError> {
-    metrics.batch_size.observe(batch.len() as f64);
-    let phase = Instant::now();
-    // Broker timestamps by coordinates, to time each update from its record's arrival.
-    let arrived: BTreeMap<(&str, i32, i64), i64> = batch
-        .iter()
-        .filter_map(|m| {
-            m.timestamp()
-                .to_millis()
-                .map(|ms| ((m.topic(), m.partition(), m.offset()), ms))
-        })
-        .collect();
+) -> Result<Prepared, ProcessError> {
+    let started = Instant::now();
+    let records = batch.len();
+    // Next offset per partition (every record counts, applied or not), and each record's
+    // broker timestamp; keyed by borrowed names to avoid an allocation per record.
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    let mut arrived: FxHashMap<(usize, i32, i64), i64> = FxHashMap::default();
+    let mut topics: Vec<(&str, Arc<str>)> = Vec::new();
     let mut inputs = Vec::with_capacity(batch.len());
-    let mut dead: Vec<(&OwnedMessage, DeadLetter)> = Vec::new();
-    let mut next: BTreeMap<PartitionKey, i64> = BTreeMap::new();
-    let mut topics: BTreeMap<&str, Arc<str>> = BTreeMap::new();
-    for m in batch {
-        let key = PartitionKey {
-            topic: m.topic().to_owned(),
-            partition: m.partition(),
-        };
-        if stored.get(&key).is_some_and(|&n| m.offset() < n) {
+    let mut dead_at: Vec<(usize, DeadLetter)> = Vec::new();
+    for (i, m) in batch.iter().enumerate() {
+        let t = topic_index(&mut topics, m.topic());
+        let topic = topics[t].1.clone();
+        let already = processed
+            .iter()
+            .find(|(k, _)| k.partition == m.partition() && k.topic == m.topic())
+            .is_some_and(|(_, &n)| m.offset() < n);
+        if already {
             continue;
         }
-        let entry = next.entry(key).or_insert(0);
+        let entry = next.entry((m.topic(), m.partition())).or_insert(0);
         *entry = (*entry).max(m.offset() + 1);
         match decode(m.key(), m.payload()) {
             Ok(event) => {
-                let topic = topics
-                    .entry(m.topic())
-                    .or_insert_with(|| Arc::from(m.topic()))
-                    .clone();
+                if let Some(ms) = m.timestamp().to_millis() {
+                    arrived.insert((t, m.partition(), m.offset()), ms);
+                }
                 inputs.push(Input {
                     event,
                     source: Source {
@@ -455,40 +664,111 @@ async fn process_and_publish(
                     },
                 });
             }
-            Err(letter) => dead.push((m, letter)),
+            Err(letter) => dead_at.push((i, letter)),
         }
     }
-
-    let decoded = phase.elapsed();
+    let decoded = started.elapsed();
     let newest_event_time = inputs.iter().map(|i| i.event.event_time.unix()).max();
-    // One snapshot for the whole batch: a swap takes effect at the next batch.
-    let loaded = snapshot.load_full();
-    let store_for_task = store.clone();
-    let policy = *policy;
-    let stored_for_task = stored.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        process_batch(
-            store_for_task.as_ref(),
-            &loaded.snapshot,
-            &loaded.assigner,
-            &policy,
-            &inputs,
-            &stored_for_task,
-        )
-    })
-    .await
-    .map_err(|e| RunError::Task(e.to_string()))??;
-
-    let processed = phase.elapsed();
-    let mut deliveries = Vec::with_capacity(result.updates.len() + dead.len());
-    for update in &result.updates {
-        let payload = serde_json::to_vec(update).unwrap_or_default();
-        let record = FutureRecord::to(&config.output_topic)
-            .key(update.customer_id.as_str())
-            .payload(&payload);
-        deliveries.push((config.output_topic.as_str(), send(producer, record).await?));
+    let result = process_batch(
+        overlay.as_ref(),
+        &loaded.snapshot,
+        &loaded.assigner,
+        policy,
+        &inputs,
+        processed,
+    )?;
+    pending.insert(id, &result.store_batch.records);
+    let mut updates = Vec::with_capacity(result.updates.len());
+    for mut update in result.updates {
+        let payload = serde_json::to_vec(&update).unwrap_or_default();
+        let t = topics
+            .iter()
+            .position(|(name, _)| *name == update.cause.topic)
+            .unwrap_or(usize::MAX);
+        let arrived_ms = arrived
+            .get(&(t, update.cause.partition, update.cause.offset))
+            .copied();
+        updates.push(Outgoing {
+            key: update.customer_id.to_string(),
+            payload,
+            arrived_ms,
+            changed: std::mem::take(&mut update.changed),
+        });
     }
-    for (m, letter) in &dead {
+    let mut store_batch = result.store_batch;
+    // Dead letters and replays advance offsets too: the batch's offsets cover every record.
+    store_batch.offsets = next
+        .into_iter()
+        .map(|((topic, partition), n)| {
+            (
+                PartitionKey {
+                    topic: topic.to_owned(),
+                    partition,
+                },
+                n,
+            )
+        })
+        .collect();
+    let processed_at = started.elapsed();
+    let dead_index: Vec<usize> = dead_at.iter().map(|(i, _)| *i).collect();
+    let mut letters = dead_at.into_iter().map(|(_, l)| l);
+    let dead = batch
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| dead_index.binary_search(i).is_ok())
+        .filter_map(|(_, m)| letters.next().map(|l| (m, l)))
+        .collect();
+    Ok(Prepared {
+        id,
+        records,
+        updates,
+        dead,
+        store_batch,
+        outcomes: result.outcomes,
+        applied: result.applied,
+        duplicates: result.duplicates,
+        newest_event_time,
+        started,
+        decode_ms: decoded.as_secs_f64() * 1e3,
+        process_ms: (processed_at - decoded).as_secs_f64() * 1e3,
+    })
+}
+
+/// The index of `name` in a batch's (few) topics, added if new.
+fn topic_index<'a>(topics: &mut Vec<(&'a str, Arc<str>)>, name: &'a str) -> usize {
+    match topics.iter().position(|(t, _)| *t == name) {
+        Some(i) => i,
+        None => {
+            topics.push((name, Arc::from(name)));
+            topics.len() - 1
+        }
+    }
+}
+
+/// A batch whose outputs are enqueued, on its way to the committer.
+struct InFlight {
+    prepared: Prepared,
+    deliveries: Vec<(Arc<str>, rdkafka::producer::DeliveryFuture)>,
+    sent_ms: f64,
+}
+
+/// Enqueues a prepared batch's updates and dead letters (waiting for room in the producer
+/// queue: backpressure).
+async fn publish(
+    producer: &FutureProducer<QuietErrors>,
+    topics: &Topics,
+    mut prepared: Prepared,
+) -> Result<InFlight, RunError> {
+    let mut deliveries = Vec::with_capacity(prepared.updates.len() + prepared.dead.len());
+    for update in &mut prepared.updates {
+        let record = FutureRecord::to(&topics.output)
+            .key(update.key.as_str())
+            .payload(&update.payload);
+        deliveries.push((topics.output.clone(), send(producer, record).await?));
+        // Sent: the bytes are librdkafka's now.
+        update.payload = Vec::new();
+    }
+    for (m, letter) in &prepared.dead {
         let partition = m.partition().to_string();
         let offset = m.offset().to_string();
         let headers = OwnedHeaders::new()
@@ -513,7 +793,7 @@ async fn process_and_publish(
                 value: Some(offset.as_str()),
             });
         let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&config.dead_letter_topic).headers(headers);
+            FutureRecord::to(&topics.dead_letter).headers(headers);
         if let Some(key) = m.key() {
             record = record.key(key);
         }
@@ -521,104 +801,142 @@ async fn process_and_publish(
             record = record.payload(payload);
         }
         tracing::debug!(reason = letter.reason.as_str(), detail = %letter.detail, "dead letter");
-        deliveries.push((
-            config.dead_letter_topic.as_str(),
-            send(producer, record).await?,
-        ));
+        deliveries.push((topics.dead_letter.clone(), send(producer, record).await?));
     }
-    // Every output must be acknowledged before the state that produced it is committed.
-    for (topic, delivery) in deliveries {
-        match delivery.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((source, _))) => {
-                return Err(RunError::Delivery {
-                    topic: topic.to_owned(),
-                    source,
-                })
-            }
-            Err(_) => {
-                return Err(RunError::Delivery {
-                    topic: topic.to_owned(),
-                    source: KafkaError::Canceled,
-                })
+    let sent_ms = prepared.started.elapsed().as_secs_f64() * 1e3;
+    Ok(InFlight {
+        prepared,
+        deliveries,
+        sent_ms,
+    })
+}
+
+/// The second stage: makes batches durable, in order.
+struct Committer {
+    store: Arc<dyn StateStore>,
+    pending: Arc<Pending>,
+    consumer: Arc<StreamConsumer<Resume>>,
+    shared: Arc<LoopShared>,
+    metrics: Arc<Metrics>,
+}
+
+impl Committer {
+    fn run(self, mut batches: tokio::sync::mpsc::Receiver<InFlight>) -> Result<RunStats, RunError> {
+        let mut stats = RunStats::default();
+        let mut result = Ok(());
+        while let Some(batch) = batches.blocking_recv() {
+            result = self.commit(batch, &mut stats);
+            if result.is_err() {
+                break;
             }
         }
+        // Dropping the receiver makes the loop's next hand-over fail: it stops too.
+        drop(batches);
+        self.shared.in_flight.close();
+        result.map(|()| stats)
     }
 
-    let delivered = phase.elapsed();
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    for update in &result.updates {
-        let key = (
-            update.cause.topic.as_str(),
-            update.cause.partition,
-            update.cause.offset,
+    /// Steps 4–6 of the module docs for one batch.
+    fn commit(&self, batch: InFlight, stats: &mut RunStats) -> Result<(), RunError> {
+        let InFlight {
+            prepared,
+            deliveries,
+            sent_ms,
+        } = batch;
+        // Every output must be acknowledged before the state that produced it is committed.
+        for (topic, delivery) in deliveries {
+            match futures::executor::block_on(delivery) {
+                Ok(Ok(_)) => {}
+                Ok(Err((source, _))) => {
+                    return Err(RunError::Delivery {
+                        topic: topic.to_string(),
+                        source,
+                    })
+                }
+                Err(_) => {
+                    return Err(RunError::Delivery {
+                        topic: topic.to_string(),
+                        source: KafkaError::Canceled,
+                    })
+                }
+            }
+        }
+        let delivered_ms = prepared.started.elapsed().as_secs_f64() * 1e3;
+        self.store
+            .commit(&prepared.store_batch)
+            .map_err(ProcessError::from)?;
+        self.pending
+            .remove(prepared.id, &prepared.store_batch.records);
+        commit_group(&self.consumer, &prepared.store_batch.offsets);
+        self.shared.in_flight.leave();
+        self.record_metrics(&prepared);
+        stats.applied += prepared.applied as u64;
+        stats.duplicates += prepared.duplicates as u64;
+        stats.dead_letters += prepared.dead.len() as u64;
+        stats.updates += prepared.updates.len() as u64;
+        stats.batches += 1;
+        tracing::debug!(
+            records = prepared.records,
+            updates = prepared.updates.len(),
+            decode_ms = prepared.decode_ms,
+            process_ms = prepared.process_ms,
+            sent_ms,
+            delivered_ms,
+            committed_ms = prepared.started.elapsed().as_secs_f64() * 1e3,
+            "batch"
         );
-        if let Some(ms) = arrived.get(&key) {
-            metrics
-                .event_to_publish_seconds
-                .observe(((now_ms - ms).max(0) as f64) / 1000.0);
-        }
-        for change in &update.changed {
-            let axis = change.axis.as_str();
-            if let Some(previous) = change.previous {
-                metrics
-                    .segment_customers
-                    .with_label_values(&[axis, &previous.to_string()])
-                    .dec();
-            }
-            if let Some(segment) = change.segment {
-                metrics
-                    .segment_customers
-                    .with_label_values(&[axis, &segment.to_string()])
-                    .inc();
-            }
-        }
+        Ok(())
     }
-    if let Some(newest) = newest_event_time {
-        metrics
-            .event_time_lag_seconds
-            .set(((now_ms / 1000) - newest).max(0) as f64);
-    }
-    for (kind, outcome) in &result.outcomes {
-        metrics
-            .events
-            .with_label_values(&[kind.as_str(), outcome])
-            .inc();
-    }
-    for (_, letter) in &dead {
-        metrics
-            .events
-            .with_label_values(&["unknown", "dead_letter"])
-            .inc();
-        metrics
-            .dead_letters
-            .with_label_values(&[letter.reason.as_str()])
-            .inc();
-    }
-    metrics.updates.inc_by(result.updates.len() as u64);
 
-    let mut store_batch = result.store_batch;
-    // Dead letters and replays advance offsets too: the batch's offsets cover every record.
-    store_batch.offsets = next.clone();
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || store.commit(store_batch))
-        .await
-        .map_err(|e| RunError::Task(e.to_string()))?
-        .map_err(ProcessError::from)?;
-    tracing::debug!(
-        records = batch.len(),
-        updates = result.updates.len(),
-        decode_ms = decoded.as_secs_f64() * 1e3,
-        process_ms = (processed - decoded).as_secs_f64() * 1e3,
-        deliver_ms = (delivered - processed).as_secs_f64() * 1e3,
-        commit_ms = (phase.elapsed() - delivered).as_secs_f64() * 1e3,
-        "batch"
-    );
-    stats.applied += result.applied as u64;
-    stats.duplicates += result.duplicates as u64;
-    stats.dead_letters += dead.len() as u64;
-    stats.updates += result.updates.len() as u64;
-    Ok(next)
+    fn record_metrics(&self, prepared: &Prepared) {
+        let metrics = &self.metrics;
+        metrics.batch_size.observe(prepared.records as f64);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for update in &prepared.updates {
+            if let Some(ms) = update.arrived_ms {
+                metrics
+                    .event_to_publish_seconds
+                    .observe(((now_ms - ms).max(0) as f64) / 1000.0);
+            }
+            for change in &update.changed {
+                let axis = change.axis.as_str();
+                if let Some(previous) = change.previous {
+                    metrics
+                        .segment_customers
+                        .with_label_values(&[axis, &previous.to_string()])
+                        .dec();
+                }
+                if let Some(segment) = change.segment {
+                    metrics
+                        .segment_customers
+                        .with_label_values(&[axis, &segment.to_string()])
+                        .inc();
+                }
+            }
+        }
+        if let Some(newest) = prepared.newest_event_time {
+            metrics
+                .event_time_lag_seconds
+                .set(((now_ms / 1000) - newest).max(0) as f64);
+        }
+        for (kind, outcome) in &prepared.outcomes {
+            metrics
+                .events
+                .with_label_values(&[kind.as_str(), outcome])
+                .inc();
+        }
+        for (_, letter) in &prepared.dead {
+            metrics
+                .events
+                .with_label_values(&["unknown", "dead_letter"])
+                .inc();
+            metrics
+                .dead_letters
+                .with_label_values(&[letter.reason.as_str()])
+                .inc();
+        }
+        metrics.updates.inc_by(prepared.updates.len() as u64);
+    }
 }
 
 /// Enqueues a record, waiting for room when the producer queue is full (backpressure).

@@ -7,4 +7,5 @@
 
 pub mod decode;
 pub mod kafka;
+pub mod pending;
 pub mod process;

@@ -450,7 +450,7 @@ mod tests {
         let assigner = Assigner::new(&snapshot);
         let offsets = store.offsets().unwrap();
         let result = process_batch(store, &snapshot, &assigner, &policy, inputs, &offsets).unwrap();
-        store.commit(result.store_batch.clone()).unwrap();
+        store.commit(&result.store_batch).unwrap();
         result
     }
 

@@ -105,7 +105,7 @@ pub trait StateStore: Send + Sync {
     /// Reads the records of `keys`, in order; `None` for a customer never seen.
     fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError>;
     /// Writes records and offsets atomically.
-    fn commit(&self, batch: StoreBatch) -> Result<(), StoreError>;
+    fn commit(&self, batch: &StoreBatch) -> Result<(), StoreError>;
     /// Every stored offset.
     fn offsets(&self) -> Result<BTreeMap<PartitionKey, i64>, StoreError>;
     /// Size figures.
@@ -233,7 +233,7 @@ impl StateStore for RocksStore {
             .collect()
     }
 
-    fn commit(&self, batch: StoreBatch) -> Result<(), StoreError> {
+    fn commit(&self, batch: &StoreBatch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -326,10 +326,14 @@ impl StateStore for MemStore {
             .collect())
     }
 
-    fn commit(&self, batch: StoreBatch) -> Result<(), StoreError> {
+    fn commit(&self, batch: &StoreBatch) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        inner.records.extend(batch.records);
-        inner.offsets.extend(batch.offsets);
+        inner
+            .records
+            .extend(batch.records.iter().map(|(k, v)| (k.clone(), v.clone())));
+        inner
+            .offsets
+            .extend(batch.offsets.iter().map(|(k, v)| (k.clone(), *v)));
         Ok(())
     }
 
@@ -365,14 +369,14 @@ mod tests {
 
     fn exercise(store: &dyn StateStore) {
         assert_eq!(store.get_many(&[b"c\x01"]).unwrap(), vec![None]);
-        store.commit(batch(1, 10)).unwrap();
-        store.commit(batch(2, 11)).unwrap();
+        store.commit(&batch(1, 10)).unwrap();
+        store.commit(&batch(2, 11)).unwrap();
         let got = store.get_many(&[b"c\x02", b"zz", b"c\x01"]).unwrap();
         assert_eq!(got, vec![Some(vec![2; 3]), None, Some(vec![1; 3])]);
         let offsets = store.offsets().unwrap();
         assert_eq!(offsets.len(), 1);
         assert_eq!(offsets.values().next(), Some(&11));
-        store.commit(StoreBatch::default()).unwrap();
+        store.commit(&StoreBatch::default()).unwrap();
     }
 
     #[test]

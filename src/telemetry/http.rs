@@ -214,7 +214,7 @@ mod tests {
             published: None,
         };
         store
-            .commit(StoreBatch {
+            .commit(&StoreBatch {
                 records: vec![(b"C1".to_vec(), record.encode())],
                 offsets: Default::default(),
             })
