@@ -1,6 +1,10 @@
 //! Benchmarks for the clustering math on seeded synthetic customer-like data: k-means fits and
 //! multi-labeling silhouettes at the sizes segmentd sees.
 
+/// The binary's allocator, so the figures are the daemon's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use ndarray::Array2;
 use rand::{Rng, SeedableRng};

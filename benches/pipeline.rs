@@ -2,10 +2,18 @@
 //! - `state_apply_event`: one event into a customer's state (the feature update);
 //! - `features_compute`: all 39 features of one customer;
 //! - `assign_13_axes`: one customer against a 13-axis snapshot (features + assignment);
-//! - `state_encode` / `state_decode`: the RocksDB value codec.
+//! - `state_encode` / `state_decode`: the RocksDB value codec;
+//! - `process_batch_5000`: one 5,000-event poll batch through `process_batch` against a
+//!   RocksDB store holding the shop's customers (multi-get, decode, apply, assign, decide,
+//!   encode), per event;
+//! - `update_to_json`: one membership update serialised for the output topic.
 //!
 //! Targets: the feature update and the assignment must each stay far below the ~5 µs per
 //! event a 200,000 events/s daemon can spend on two cores.
+
+/// The binary's allocator, so the figures are the daemon's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
@@ -15,9 +23,13 @@ use segmentd::domain::event::Event;
 use segmentd::domain::features::{FeatureVector, Sources};
 use segmentd::domain::state::{CustomerState, StateParams};
 use segmentd::model::assign::{Assigner, Assignment};
+use segmentd::pipeline::process::{process_batch, CustomerRecord, Input, PublishPolicy, Source};
+use segmentd::store::{RocksStore, StateStore, StoreBatch, StoreConfig};
 use segmentd::synth::{Shop, ShopParams};
 
 struct Fixture {
+    shop: Shop,
+    snapshot: segmentd::model::snapshot::ValidSnapshot,
     events: Vec<Event>,
     states: Vec<CustomerState>,
     assigner: Assigner,
@@ -46,9 +58,11 @@ fn fixture() -> Fixture {
         "bench snapshot must cover every axis"
     );
     Fixture {
+        shop,
+        assigner: Assigner::new(&valid),
+        snapshot: valid,
         events,
         states,
-        assigner: Assigner::new(&valid),
         params,
         as_of,
     }
@@ -111,6 +125,75 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             black_box(CustomerState::decode(&encoded[i % encoded.len()]).map(|s| s.orders))
+        });
+    });
+    g.finish();
+
+    // A whole poll batch through process_batch, against RocksDB.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = RocksStore::open(&StoreConfig {
+        path: dir.path().join("db"),
+        ..StoreConfig::default()
+    })
+    .expect("store");
+    let records: Vec<(Vec<u8>, Vec<u8>)> = f
+        .shop
+        .customer_ids()
+        .iter()
+        .zip(&f.states)
+        .map(|(id, state)| {
+            let record = CustomerRecord {
+                state: state.clone(),
+                published: None,
+            };
+            (id.as_str().as_bytes().to_vec(), record.encode())
+        })
+        .collect();
+    store
+        .commit(&StoreBatch {
+            records,
+            offsets: Default::default(),
+        })
+        .expect("seed");
+    let topic: std::sync::Arc<str> = std::sync::Arc::from("orders");
+    let inputs: Vec<Input> = f
+        .shop
+        .live(7)
+        .take(5_000)
+        .enumerate()
+        .map(|(i, event)| Input {
+            event,
+            source: Source {
+                topic: topic.clone(),
+                partition: 0,
+                offset: i as i64,
+            },
+        })
+        .collect();
+    let policy = PublishPolicy::default();
+    let offsets = Default::default();
+    let mut g = c.benchmark_group("batch");
+    g.throughput(Throughput::Elements(inputs.len() as u64));
+    g.sample_size(20);
+    g.bench_function("process_batch_5000", |b| {
+        b.iter(|| {
+            black_box(
+                process_batch(&store, &f.snapshot, &f.assigner, &policy, &inputs, &offsets)
+                    .expect("batch")
+                    .updates
+                    .len(),
+            )
+        });
+    });
+    let updates = process_batch(&store, &f.snapshot, &f.assigner, &policy, &inputs, &offsets)
+        .expect("batch")
+        .updates;
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("update_to_json", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i += 1;
+            black_box(serde_json::to_vec(&updates[i % updates.len()]).map(|v| v.len()))
         });
     });
     g.finish();

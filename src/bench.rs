@@ -50,6 +50,11 @@ pub struct BenchArgs {
     /// Partitions of the input topics.
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
+    /// Customers already in state before the throughput run (0: only the generated shop's
+    /// customers, who start empty). The events are then spread over these customers, so
+    /// every read and write hits a store of this size.
+    #[arg(long, default_value_t = 0)]
+    pub state_customers: usize,
 }
 
 /// Runs the benchmark and prints its figures.
@@ -68,7 +73,7 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let cluster = MockCluster::new(1).context("starting the mock cluster")?;
     let brokers = cluster.bootstrap_servers();
     let started = Instant::now();
-    let (payloads, snapshot) = tokio::task::spawn_blocking({
+    let (payloads, snapshot, states) = tokio::task::spawn_blocking({
         let args = args.clone();
         move || -> anyhow::Result<_> {
             let shop = Shop::new(ShopParams {
@@ -76,7 +81,7 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 order_lines: args.customers * 8,
                 ..ShopParams::default()
             })?;
-            let (_, snapshot) = discover_history(&shop, 5_000)?;
+            let (states, snapshot) = discover_history(&shop, 5_000)?;
             let payloads: Vec<(String, Vec<u8>)> = shop
                 .live(7)
                 .take(args.events)
@@ -85,7 +90,7 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     (e.customer_id.to_string(), payload)
                 })
                 .collect();
-            Ok((payloads, snapshot))
+            Ok((payloads, snapshot, states))
         }
     })
     .await??;
@@ -110,14 +115,14 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
     cluster.create_topic(output, args.partitions, 1)?;
     let ceiling = passthrough(&brokers, input, output, &producer, &payloads).await?;
     println!(
-        "passthrough (consume, produce, await, commit): {:>9.0} events/s",
-        ceiling
+        "passthrough (consume, produce, await, commit): {:>9.0} events/s ({:.2} cores busy)",
+        ceiling.rate, ceiling.cores
     );
 
     // 2. the daemon, flat out
     let dir = tempfile::tempdir()?;
     let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
-    let (rate, metrics) = daemon_run(
+    let (flat, metrics) = daemon_run(
         &cluster,
         &brokers,
         &producer,
@@ -130,9 +135,11 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     println!(
-        "daemon (decode, state, assign, publish, commit): {:>9.0} events/s = {:.2} of the ceiling",
-        rate,
-        rate / ceiling
+        "daemon (decode, state, assign, publish, commit): {:>9.0} events/s ({:.2} cores busy) \
+         = {:.2} of the ceiling",
+        flat.rate,
+        flat.cores,
+        flat.rate / ceiling.rate
     );
     drop(metrics);
 
@@ -162,12 +169,27 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
         })
     };
     println!(
-        "latency at {} events/s offered ({achieved:.0} achieved): p50 {}, p99 {} (bucket bounds)",
+        "latency at {} events/s offered ({:.0} achieved): p50 {}, p99 {} (bucket bounds)",
         args.rate,
+        achieved.rate,
         ms(0.5),
         ms(0.99)
     );
-    println!("peak RSS: {} MiB", peak_rss_mib().unwrap_or(0));
+    println!(
+        "peak RSS: {} MiB (the whole bench process: mock cluster, feeder and three stores)",
+        peak_rss_mib().unwrap_or(0)
+    );
+
+    // 4. a real daemon process over a large store
+    if args.state_customers > 0 {
+        let shop_customers = args.customers;
+        let snapshot = shared.load_full();
+        process_run(
+            &cluster, &brokers, &producer, &payloads, &snapshot, &states, &dir, &args,
+        )
+        .await
+        .with_context(|| format!("daemon process over {shop_customers} customers"))?;
+    }
     // Clients first: a client that outlives the cluster logs "all brokers down" on exit.
     drop(producer);
     drop(cluster);
@@ -181,6 +203,216 @@ const FEED_WINDOW: u64 = 40_000;
 
 /// How long a run may go without progress before the bench gives up.
 const STALL: Duration = Duration::from_secs(30);
+
+/// Runs `segmentd run` as a child process on a store seeded with `--state-customers`
+/// customers, feeds it the events re-keyed over those customers, and reports its throughput,
+/// CPU and peak RSS: the daemon's own figures, without the mock cluster or the feeder.
+#[allow(clippy::too_many_arguments)]
+async fn process_run(
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    brokers: &str,
+    producer: &FutureProducer,
+    payloads: &Payloads,
+    snapshot: &LoadedSnapshot,
+    states: &[crate::domain::state::CustomerState],
+    dir: &tempfile::TempDir,
+    args: &BenchArgs,
+) -> anyhow::Result<()> {
+    let n = args.state_customers;
+    let started = Instant::now();
+    let db = dir.path().join("process");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| seed_store(&db, states, snapshot, n))
+            .join()
+            .map_err(|_| anyhow::anyhow!("seeding panicked"))?
+    })?;
+    println!(
+        "seeded {n} customers into a store in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let rekeyed: Vec<(String, Vec<u8>)> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, (_, payload))| -> anyhow::Result<_> {
+            let mut event: crate::domain::event::Event = serde_json::from_slice(payload)?;
+            let c = xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()) % n as u64;
+            event.customer_id = seeded_id(c as usize);
+            Ok((event.customer_id.to_string(), serde_json::to_vec(&event)?))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let snapshot_path = dir.path().join("snapshot.json");
+    snapshot.snapshot.snapshot().save(&snapshot_path)?;
+    let input = "bench-process-events";
+    for topic in [input, "bench-process-memberships"] {
+        cluster.create_topic(topic, args.partitions, 1)?;
+    }
+    cluster.create_topic("bench-process-dead", 1, 1)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.path().join("process.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsnapshot = {snap:?}\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [kafka]\nbrokers = {brokers:?}\ngroup_id = \"bench-process\"\n\
+             input_topics = [{input:?}]\noutput_topic = \"bench-process-memberships\"\n\
+             dead_letter_topic = \"bench-process-dead\"\nsession_timeout_ms = 6000\n\n\
+             [store]\npath = {db:?}\n",
+            snap = snapshot_path.display().to_string(),
+            db = db.display().to_string(),
+        ),
+    )?;
+    let log = std::fs::File::create(dir.path().join("process.log"))?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting segmentd run")?;
+    let pid = child.id();
+    let result = async {
+        let group: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "bench-process")
+            .create()?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..args.partitions {
+            tpl.add_partition(input, p);
+        }
+        let committed = move || -> u64 {
+            group
+                .committed_offsets(tpl.clone(), Duration::from_secs(2))
+                .map(|t| {
+                    t.elements()
+                        .iter()
+                        .filter_map(|e| e.offset().to_raw())
+                        .filter(|o| *o > 0)
+                        .sum::<i64>() as u64
+                })
+                .unwrap_or(0)
+        };
+        let progress = Arc::new(AtomicU64::new(0));
+        feed(producer, input, &rekeyed[..1], None, &progress).await?;
+        let joined = Instant::now();
+        while committed() < 1 {
+            anyhow::ensure!(
+                joined.elapsed() < STALL,
+                "the daemon never consumed a record"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let started = Instant::now();
+        let cpu = process_cpu_seconds(pid);
+        let rest: Payloads = Arc::new(rekeyed[1..].to_vec());
+        let feeder = {
+            let (producer, rest, progress) = (producer.clone(), rest.clone(), progress.clone());
+            tokio::spawn(async move { feed(&producer, input, &rest, None, &progress).await })
+        };
+        let total = rekeyed.len() as u64;
+        let mut last = (0, Instant::now());
+        loop {
+            let done = committed();
+            if done >= total {
+                break;
+            }
+            progress.store(done.saturating_sub(1), Ordering::Relaxed);
+            if done > last.0 {
+                last = (done, Instant::now());
+            } else if last.1.elapsed() > STALL {
+                return Err(stalled(done as usize, total as usize));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let cores = (process_cpu_seconds(pid) - cpu) / elapsed;
+        feeder.await??;
+        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| vm_hwm_mib(&s))
+            .unwrap_or(0);
+        println!(
+            "daemon process, {n} customers in state: {:>9.0} events/s ({cores:.2} cores busy \
+             in the daemon), peak RSS {rss} MiB",
+            (total - 1) as f64 / elapsed
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    // SIGTERM: the daemon drains and exits.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    result?;
+    anyhow::ensure!(
+        status.success(),
+        "the daemon exited with {status}; see {}",
+        dir.path().join("process.log").display()
+    );
+    Ok(())
+}
+
+/// User plus system CPU time of process `pid`, in seconds.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| stat_cpu_seconds(&stat))
+        .unwrap_or(0.0)
+}
+
+/// The id of seeded customer `n`.
+fn seeded_id(n: usize) -> crate::domain::event::CustomerId {
+    crate::domain::event::CustomerId::parse(&format!("S{n:09}")).expect("a valid id")
+}
+
+/// Writes `n` customer records (cycling through `states`, each as if its assignment had
+/// been published, which is the steady state) into a fresh store at `path`.
+fn seed_store(
+    path: &std::path::Path,
+    states: &[crate::domain::state::CustomerState],
+    snapshot: &LoadedSnapshot,
+    n: usize,
+) -> anyhow::Result<()> {
+    use crate::domain::time::EventTime;
+    use crate::pipeline::process::published_record;
+    use crate::store::StoreBatch;
+    anyhow::ensure!(!states.is_empty(), "no customer states to seed from");
+    let store = RocksStore::open(&StoreConfig {
+        path: path.to_owned(),
+        ..StoreConfig::default()
+    })?;
+    let records: Vec<Vec<u8>> = states
+        .iter()
+        .map(|state| {
+            let as_of = state
+                .decay_ref
+                .and_then(|t| EventTime::from_unix(t).ok())
+                .unwrap_or_else(|| EventTime::from_unix(0).expect("epoch"));
+            published_record(
+                state.clone(),
+                &snapshot.snapshot,
+                &snapshot.assigner,
+                as_of,
+                1,
+            )
+            .encode()
+        })
+        .collect();
+    let mut batch = StoreBatch::default();
+    for i in 0..n {
+        let record = &records[i % records.len()];
+        batch
+            .records
+            .push((seeded_id(i).as_str().as_bytes().to_vec(), record.clone()));
+        if batch.records.len() == 50_000 || i + 1 == n {
+            store.commit(&batch)?;
+            batch.records.clear();
+        }
+    }
+    Ok(())
+}
 
 /// Produces `payloads` to `topic`, optionally paced at `rate` per second, never more than
 /// [`FEED_WINDOW`] records ahead of `consumed`.
@@ -225,7 +457,7 @@ async fn passthrough(
     output: &str,
     producer: &FutureProducer,
     payloads: &Payloads,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Throughput> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "bench-passthrough")
@@ -240,6 +472,7 @@ async fn passthrough(
     feed(producer, input, &payloads[..1], None, &progress).await?;
     consumer.recv().await?;
     let started = Instant::now();
+    let cpu = cpu_seconds();
     let feeder = {
         let (producer, payloads, input) = (producer.clone(), payloads.clone(), input.to_owned());
         let progress = progress.clone();
@@ -291,8 +524,12 @@ async fn passthrough(
         progress.store(seen as u64, Ordering::Relaxed);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cores = (cpu_seconds() - cpu) / elapsed;
     feeder.await??;
-    Ok(payloads.len() as f64 / elapsed)
+    Ok(Throughput {
+        rate: payloads.len() as f64 / elapsed,
+        cores,
+    })
 }
 
 /// One run of the full daemon; returns events/s and its metrics.
@@ -307,7 +544,7 @@ async fn daemon_run(
     name: &str,
     rate: Option<u32>,
     partitions: i32,
-) -> anyhow::Result<(f64, Arc<Metrics>)> {
+) -> anyhow::Result<(Throughput, Arc<Metrics>)> {
     let input = format!("bench-{name}-events");
     let kafka = KafkaConfig {
         brokers: brokers.to_owned(),
@@ -345,6 +582,7 @@ async fn daemon_run(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let started = Instant::now();
+    let cpu = cpu_seconds();
     let rest: Payloads = Arc::new(payloads[1..].to_vec());
     let feeder = {
         let (producer, rest, input) = (producer.clone(), rest.clone(), input.clone());
@@ -367,10 +605,49 @@ async fn daemon_run(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cores = (cpu_seconds() - cpu) / elapsed;
     feeder.await??;
     shutdown.cancel();
     task.await??;
-    Ok(((total - 1) as f64 / elapsed, metrics))
+    Ok((
+        Throughput {
+            rate: (total - 1) as f64 / elapsed,
+            cores,
+        },
+        metrics,
+    ))
+}
+
+/// Events per second of a run, and the CPU the whole process used meanwhile (the mock
+/// cluster, the feeder and the consumer under test all run in it), in cores.
+struct Throughput {
+    rate: f64,
+    cores: f64,
+}
+
+/// User plus system CPU time of this process, in seconds.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .map(|stat| stat_cpu_seconds(&stat))
+        .unwrap_or(0.0)
+}
+
+/// utime + stime of a `/proc/*/stat` line, in seconds.
+fn stat_cpu_seconds(stat: &str) -> f64 {
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name; USER_HZ is 100
+    // on every Linux this runs on.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn stalled(done: usize, total: usize) -> anyhow::Error {
@@ -381,7 +658,11 @@ fn stalled(done: usize, total: usize) -> anyhow::Error {
 }
 
 fn peak_rss_mib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    vm_hwm_mib(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// The peak resident set (`VmHWM`) of a `/proc/*/status` text, in MiB.
+fn vm_hwm_mib(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024)

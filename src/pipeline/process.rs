@@ -125,7 +125,42 @@ pub struct AxisMembership {
     /// Segment name.
     pub name: Option<String>,
     /// Membership per segment id (empty when absent).
-    pub memberships: BTreeMap<u32, f64>,
+    pub memberships: SegmentMemberships,
+}
+
+/// Memberships by segment id, in segment order; a JSON object `{"id": membership, ...}` on
+/// the wire. A vector rather than a map: one is built per axis of every update.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SegmentMemberships(pub Vec<(u32, f64)>);
+
+impl SegmentMemberships {
+    /// The memberships.
+    pub fn values(&self) -> impl Iterator<Item = f64> + '_ {
+        self.0.iter().map(|(_, m)| *m)
+    }
+
+    /// The membership of segment `id`.
+    pub fn get(&self, id: u32) -> Option<f64> {
+        self.0.iter().find(|(s, _)| *s == id).map(|(_, m)| *m)
+    }
+}
+
+impl Serialize for SegmentMemberships {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (id, m) in &self.0 {
+            map.serialize_entry(id, m)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for SegmentMemberships {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<u32, f64>::deserialize(deserializer)?;
+        Ok(Self(map.into_iter().collect()))
+    }
 }
 
 /// An axis whose segment changed.
@@ -314,19 +349,13 @@ pub fn process_batch(
     Ok(result)
 }
 
-/// Compares the new assignment with what was last published and, if the policy says so,
-/// records and returns the update.
-fn decide(
+/// What a record keeps of an assignment, to compare the next one with.
+fn published_axes(
     snapshot: &ValidSnapshot,
     assigner: &Assigner,
     assignment: &Assignment,
-    record: &mut CustomerRecord,
-    policy: &PublishPolicy,
-    input: &Input,
-    as_of: EventTime,
-) -> Option<MembershipUpdate> {
-    let version = snapshot.version();
-    let now: Vec<PublishedAxis> = snapshot
+) -> Vec<PublishedAxis> {
+    snapshot
         .axes()
         .iter()
         .enumerate()
@@ -346,7 +375,46 @@ fn decide(
                 },
             }
         })
-        .collect();
+        .collect()
+}
+
+/// The record of a customer whose assignment at `as_of` was published as update `seq`: what
+/// a backfill writes, so the first live event is compared with it rather than published
+/// unconditionally.
+pub fn published_record(
+    state: CustomerState,
+    snapshot: &ValidSnapshot,
+    assigner: &Assigner,
+    as_of: EventTime,
+    seq: u64,
+) -> CustomerRecord {
+    let features = FeatureVector::compute(&state, as_of, snapshot.state_params());
+    let mut assignment = Assignment::default();
+    assigner.assign_into(&features, &mut assignment);
+    let axes = published_axes(snapshot, assigner, &assignment);
+    CustomerRecord {
+        state,
+        published: Some(Published {
+            seq,
+            snapshot_version: snapshot.version(),
+            axes,
+        }),
+    }
+}
+
+/// Compares the new assignment with what was last published and, if the policy says so,
+/// records and returns the update.
+fn decide(
+    snapshot: &ValidSnapshot,
+    assigner: &Assigner,
+    assignment: &Assignment,
+    record: &mut CustomerRecord,
+    policy: &PublishPolicy,
+    input: &Input,
+    as_of: EventTime,
+) -> Option<MembershipUpdate> {
+    let version = snapshot.version();
+    let now = published_axes(snapshot, assigner, assignment);
     let previous = record.published.as_ref();
     let before = |axis: Axis| previous.and_then(|p| p.axes.iter().find(|x| x.axis == axis));
     // Segment ids are only comparable within one snapshot version: after a swap every axis
@@ -390,14 +458,17 @@ fn decide(
                 segment: segment.map(|s| axis.model.segments[s].id),
                 name: segment.map(|s| axis.model.segments[s].name.clone()),
                 memberships: if segment.is_some() {
-                    axis.model
+                    let mut pairs: Vec<(u32, f64)> = axis
+                        .model
                         .segments
                         .iter()
                         .zip(assignment.memberships(assigner, a))
                         .map(|(s, m)| (s.id, (m * 1e4).round() / 1e4))
-                        .collect()
+                        .collect();
+                    pairs.sort_unstable_by_key(|(id, _)| *id);
+                    SegmentMemberships(pairs)
                 } else {
-                    BTreeMap::new()
+                    SegmentMemberships::default()
                 },
             }
         })
@@ -509,6 +580,44 @@ mod tests {
         );
         assert_eq!(loud.updates.len(), 1);
         assert_eq!(loud.updates[0].seq, 2, "seq counts published updates");
+    }
+
+    #[test]
+    fn a_backfilled_published_record_is_compared_with_not_republished() {
+        let snapshot = sample_snapshot().validate().unwrap();
+        let assigner = Assigner::new(&snapshot);
+        let mut state = CustomerState::default();
+        let first = order("a", "o1", 0);
+        state.apply(&first, snapshot.state_params());
+        let record = published_record(state, &snapshot, &assigner, first.event_time, 7);
+        let store = MemStore::default();
+        store
+            .commit(&StoreBatch {
+                records: vec![(b"a".to_vec(), record.encode())],
+                offsets: BTreeMap::new(),
+            })
+            .unwrap();
+        let quiet = PublishPolicy {
+            every_event: false,
+            epsilon: 0.5,
+        };
+        // The same day again: nothing to publish against the backfilled assignment...
+        let result = run(&store, &[input(order("a", "o2", 0), 0)], quiet);
+        assert_eq!(result.applied, 1);
+        assert!(result.updates.is_empty());
+        // ...whereas a customer without a published record is always published.
+        let result = run(&store, &[input(order("b", "o3", 0), 1)], quiet);
+        assert_eq!(result.updates.len(), 1);
+        // And the backfilled seq carries on.
+        let result = run(
+            &store,
+            &[input(order("a", "o4", 0), 2)],
+            PublishPolicy {
+                every_event: true,
+                epsilon: 0.5,
+            },
+        );
+        assert_eq!(result.updates[0].seq, 8);
     }
 
     #[test]
