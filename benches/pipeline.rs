@@ -153,6 +153,7 @@ fn benches(c: &mut Criterion) {
         .commit(&StoreBatch {
             records,
             offsets: Default::default(),
+            meta: Vec::new(),
         })
         .expect("seed");
     let topic: std::sync::Arc<str> = std::sync::Arc::from("orders");

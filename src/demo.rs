@@ -165,6 +165,7 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         store.commit(&StoreBatch {
             records,
             offsets: BTreeMap::new(),
+            meta: Vec::new(),
         })?;
     }
 

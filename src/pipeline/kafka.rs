@@ -53,6 +53,7 @@ use crate::telemetry::metrics::Metrics;
 
 use super::decode::{decode, DeadLetter};
 use super::pending::{Overlay, Pending};
+use super::population::{Population, META_KEY};
 use super::process::{process_batch, BatchResult, Input, ProcessError, PublishPolicy, Source};
 
 /// Kafka settings of the daemon.
@@ -461,7 +462,11 @@ pub async fn run(
         pending: pending.clone(),
     });
     let (to_committer, from_loop) = tokio::sync::mpsc::channel::<InFlight>(MAX_IN_FLIGHT);
+    let population = Population::load(store.as_ref(), snapshot.load().snapshot.version())
+        .map_err(ProcessError::from)?;
+    population.export(&metrics);
     let committer = Committer {
+        population,
         store: store.clone(),
         pending: pending.clone(),
         consumer: consumer.clone(),
@@ -598,6 +603,8 @@ struct Topics {
 struct Outgoing {
     key: String,
     payload: Vec<u8>,
+    snapshot_version: u64,
+    previous_snapshot_version: Option<u64>,
     /// Broker timestamp of the record that caused it, to time event-to-publish.
     arrived_ms: Option<i64>,
     changed: Vec<super::process::AxisChange>,
@@ -699,6 +706,8 @@ fn prepare(
                 outgoing.push(Outgoing {
                     key: update.customer_id.to_string(),
                     payload,
+                    snapshot_version: update.snapshot_version,
+                    previous_snapshot_version: update.previous_snapshot_version,
                     arrived_ms,
                     changed: std::mem::take(&mut update.changed),
                 });
@@ -851,6 +860,7 @@ async fn publish(
 
 /// The second stage: makes batches durable, in order.
 struct Committer {
+    population: Population,
     store: Arc<dyn StateStore>,
     pending: Arc<Pending>,
     consumer: Arc<StreamConsumer<Resume>>,
@@ -859,7 +869,10 @@ struct Committer {
 }
 
 impl Committer {
-    fn run(self, mut batches: tokio::sync::mpsc::Receiver<InFlight>) -> Result<RunStats, RunError> {
+    fn run(
+        mut self,
+        mut batches: tokio::sync::mpsc::Receiver<InFlight>,
+    ) -> Result<RunStats, RunError> {
         let mut stats = RunStats::default();
         let mut result = Ok(());
         while let Some(batch) = batches.blocking_recv() {
@@ -875,9 +888,9 @@ impl Committer {
     }
 
     /// Steps 4–6 of the module docs for one batch.
-    fn commit(&self, batch: InFlight, stats: &mut RunStats) -> Result<(), RunError> {
+    fn commit(&mut self, batch: InFlight, stats: &mut RunStats) -> Result<(), RunError> {
         let InFlight {
-            prepared,
+            mut prepared,
             deliveries,
             sent_ms,
         } = batch;
@@ -900,6 +913,20 @@ impl Committer {
             }
         }
         let delivered_ms = prepared.started.elapsed().as_secs_f64() * 1e3;
+        // The populations move with the records that changed them, in the same write.
+        for update in &prepared.updates {
+            self.population.apply(
+                update.snapshot_version,
+                update.previous_snapshot_version,
+                &update.changed,
+            );
+        }
+        if !prepared.updates.is_empty() {
+            prepared
+                .store_batch
+                .meta
+                .push((META_KEY.to_vec(), self.population.encode()));
+        }
         self.store
             .commit(&prepared.store_batch)
             .map_err(ProcessError::from)?;
@@ -936,21 +963,9 @@ impl Committer {
                     .event_to_publish_seconds
                     .observe(((now_ms - ms).max(0) as f64) / 1000.0);
             }
-            for change in &update.changed {
-                let axis = change.axis.as_str();
-                if let Some(previous) = change.previous {
-                    metrics
-                        .segment_customers
-                        .with_label_values(&[axis, &previous.to_string()])
-                        .dec();
-                }
-                if let Some(segment) = change.segment {
-                    metrics
-                        .segment_customers
-                        .with_label_values(&[axis, &segment.to_string()])
-                        .inc();
-                }
-            }
+        }
+        if !prepared.updates.is_empty() {
+            self.population.export(metrics);
         }
         if let Some(newest) = prepared.newest_event_time {
             metrics

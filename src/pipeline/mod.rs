@@ -8,4 +8,5 @@
 pub mod decode;
 pub mod kafka;
 pub mod pending;
+pub mod population;
 pub mod process;

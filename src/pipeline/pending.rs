@@ -101,6 +101,10 @@ impl StateStore for Overlay {
         self.store.offsets()
     }
 
+    fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.meta(key)
+    }
+
     fn stats(&self) -> StoreStats {
         self.store.stats()
     }
@@ -122,6 +126,7 @@ mod tests {
             .commit(&StoreBatch {
                 records: vec![rec("a", "a0"), rec("b", "b0")],
                 offsets: BTreeMap::new(),
+                meta: Vec::new(),
             })
             .unwrap();
         let pending = Arc::new(Pending::default());
@@ -154,6 +159,7 @@ mod tests {
             .commit(&StoreBatch {
                 records: batch1.clone(),
                 offsets: BTreeMap::new(),
+                meta: Vec::new(),
             })
             .unwrap();
         pending.remove(1, &batch1);
@@ -163,6 +169,7 @@ mod tests {
             .commit(&StoreBatch {
                 records: batch2.clone(),
                 offsets: BTreeMap::new(),
+                meta: Vec::new(),
             })
             .unwrap();
         pending.remove(2, &batch2);

@@ -202,6 +202,9 @@ pub struct MembershipUpdate {
     pub axes: Vec<AxisMembership>,
     /// Axes whose segment changed since the previous update.
     pub changed: Vec<AxisChange>,
+    /// The snapshot version of the previous update, which `changed[].previous` belongs to
+    /// (`null`: none was published).
+    pub previous_snapshot_version: Option<u64>,
     /// The event that caused it.
     pub cause: Cause,
 }
@@ -447,6 +450,7 @@ fn decide(
         return None;
     }
     let seq = previous.map_or(1, |p| p.seq + 1);
+    let previous_snapshot_version = previous.map(|p| p.snapshot_version);
     let axes = snapshot
         .axes()
         .iter()
@@ -485,6 +489,7 @@ fn decide(
         as_of,
         axes,
         changed,
+        previous_snapshot_version,
         cause: Cause {
             event_id: input.event.event_id.clone(),
             topic: input.source.topic.to_string(),
@@ -595,6 +600,7 @@ mod tests {
             .commit(&StoreBatch {
                 records: vec![(b"a".to_vec(), record.encode())],
                 offsets: BTreeMap::new(),
+                meta: Vec::new(),
             })
             .unwrap();
         let quiet = PublishPolicy {

@@ -22,6 +22,8 @@ use thiserror::Error;
 
 const CF_CUSTOMERS: &str = "customers";
 const CF_OFFSETS: &str = "offsets";
+/// Small named values kept consistent with the records (e.g. segment populations).
+const CF_META: &str = "meta";
 
 /// Why a store operation failed. Store failures are fatal to the daemon: continuing would let
 /// offsets run ahead of state.
@@ -82,12 +84,14 @@ pub struct StoreBatch {
     pub records: Vec<(Vec<u8>, Vec<u8>)>,
     /// Next offset to read, per partition.
     pub offsets: BTreeMap<PartitionKey, i64>,
+    /// Named values written with the records, e.g. aggregates derived from them.
+    pub meta: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl StoreBatch {
     /// Whether the batch writes nothing.
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.offsets.is_empty()
+        self.records.is_empty() && self.offsets.is_empty() && self.meta.is_empty()
     }
 }
 
@@ -108,6 +112,8 @@ pub trait StateStore: Send + Sync {
     fn commit(&self, batch: &StoreBatch) -> Result<(), StoreError>;
     /// Every stored offset.
     fn offsets(&self) -> Result<BTreeMap<PartitionKey, i64>, StoreError>;
+    /// A named value written with [`StoreBatch::meta`].
+    fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Size figures.
     fn stats(&self) -> StoreStats;
 }
@@ -178,6 +184,7 @@ impl RocksStore {
         customers.set_compression_type(rocksdb::DBCompressionType::Lz4);
         customers.set_bottommost_compression_type(rocksdb::DBCompressionType::Zstd);
         let offsets = rocksdb::Options::default();
+        let meta = rocksdb::Options::default();
 
         let mut db_options = rocksdb::Options::default();
         db_options.create_if_missing(true);
@@ -189,6 +196,7 @@ impl RocksStore {
             vec![
                 rocksdb::ColumnFamilyDescriptor::new(CF_CUSTOMERS, customers),
                 rocksdb::ColumnFamilyDescriptor::new(CF_OFFSETS, offsets),
+                rocksdb::ColumnFamilyDescriptor::new(CF_META, meta),
             ],
         )
         .map_err(rocks)?;
@@ -246,6 +254,12 @@ impl StateStore for RocksStore {
         for (partition, next) in &batch.offsets {
             write.put_cf(offsets, partition.encode(), next.to_be_bytes());
         }
+        if !batch.meta.is_empty() {
+            let meta = self.cf(CF_META)?;
+            for (key, value) in &batch.meta {
+                write.put_cf(meta, key, value);
+            }
+        }
         self.db
             .write_opt(write, &self.write_options)
             .map_err(|e| self.rocks(e))
@@ -266,6 +280,11 @@ impl StateStore for RocksStore {
             out.insert(partition, i64::from_be_bytes(next));
         }
         Ok(out)
+    }
+
+    fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let cf = self.cf(CF_META)?;
+        self.db.get_cf(cf, key).map_err(|e| self.rocks(e))
     }
 
     fn stats(&self) -> StoreStats {
@@ -297,6 +316,7 @@ pub struct MemStore {
 struct MemInner {
     records: BTreeMap<Vec<u8>, Vec<u8>>,
     offsets: BTreeMap<PartitionKey, i64>,
+    meta: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 impl MemStore {
@@ -334,11 +354,18 @@ impl StateStore for MemStore {
         inner
             .offsets
             .extend(batch.offsets.iter().map(|(k, v)| (k.clone(), *v)));
+        inner
+            .meta
+            .extend(batch.meta.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(())
     }
 
     fn offsets(&self) -> Result<BTreeMap<PartitionKey, i64>, StoreError> {
         Ok(self.lock().offsets.clone())
+    }
+
+    fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().meta.get(key).cloned())
     }
 
     fn stats(&self) -> StoreStats {
@@ -364,6 +391,7 @@ mod tests {
             },
             offset,
         );
+        b.meta.push((b"m".to_vec(), vec![n]));
         b
     }
 
@@ -376,6 +404,8 @@ mod tests {
         let offsets = store.offsets().unwrap();
         assert_eq!(offsets.len(), 1);
         assert_eq!(offsets.values().next(), Some(&11));
+        assert_eq!(store.meta(b"m").unwrap(), Some(vec![2]));
+        assert_eq!(store.meta(b"none").unwrap(), None);
         store.commit(&StoreBatch::default()).unwrap();
     }
 

@@ -217,6 +217,7 @@ mod tests {
             .commit(&StoreBatch {
                 records: vec![(b"C1".to_vec(), record.encode())],
                 offsets: Default::default(),
+                meta: Vec::new(),
             })
             .unwrap();
         let app = Arc::new(AppState {

@@ -1,0 +1,143 @@
+//! Customers per segment and axis, maintained from every published change and stored with
+//! the records in the same write, so `segmentd_segment_customers` is right from the first
+//! scrape after a restart, without a scan of the store.
+//!
+//! Segment ids only mean something within one snapshot version. The counts carry theirs:
+//! counts stored for another version than the one running are dropped at start (with a
+//! warning), and a change whose previous segment belongs to an older version only adds to
+//! its new segment.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{StateStore, StoreError};
+use crate::telemetry::metrics::Metrics;
+
+use super::process::AxisChange;
+
+/// The store's meta key of the counts.
+pub const META_KEY: &[u8] = b"segment-population";
+
+/// Customers per axis and segment id, for one snapshot version.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Population {
+    /// The snapshot version the segment ids belong to.
+    pub snapshot_version: u64,
+    /// Customers per axis name and segment id.
+    pub counts: BTreeMap<String, BTreeMap<u32, i64>>,
+}
+
+impl Population {
+    /// Counts of `version` from the store, or empty ones.
+    pub fn load(store: &dyn StateStore, version: u64) -> Result<Self, StoreError> {
+        let empty = Self {
+            snapshot_version: version,
+            counts: BTreeMap::new(),
+        };
+        let Some(bytes) = store.meta(META_KEY)? else {
+            return Ok(empty);
+        };
+        match serde_json::from_slice::<Population>(&bytes) {
+            Ok(stored) if stored.snapshot_version == version => Ok(stored),
+            Ok(stored) => {
+                tracing::warn!(
+                    stored = stored.snapshot_version,
+                    running = version,
+                    "segment populations were counted for another snapshot version; \
+                     counting again from zero"
+                );
+                Ok(empty)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "stored segment populations are unreadable; \
+                               counting again from zero");
+                Ok(empty)
+            }
+        }
+    }
+
+    /// Applies one published update's changes. `previous_version` is the version the
+    /// previous segments belong to (`None`: never published).
+    pub fn apply(&mut self, version: u64, previous_version: Option<u64>, changes: &[AxisChange]) {
+        if version != self.snapshot_version {
+            return;
+        }
+        let same = previous_version == Some(version);
+        for change in changes {
+            let axis = self
+                .counts
+                .entry(change.axis.as_str().to_owned())
+                .or_default();
+            if same {
+                if let Some(previous) = change.previous {
+                    *axis.entry(previous).or_insert(0) -= 1;
+                }
+            }
+            if let Some(segment) = change.segment {
+                *axis.entry(segment).or_insert(0) += 1;
+            }
+        }
+    }
+
+    /// The stored form.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Sets the gauges to the counts.
+    pub fn export(&self, metrics: &Metrics) {
+        for (axis, segments) in &self.counts {
+            for (segment, count) in segments {
+                metrics
+                    .segment_customers
+                    .with_label_values(&[axis.as_str(), &segment.to_string()])
+                    .set(*count);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::features::Axis;
+    use crate::store::{MemStore, StoreBatch};
+
+    fn change(previous: Option<u32>, segment: Option<u32>) -> AxisChange {
+        AxisChange {
+            axis: Axis::PurchaseFrequency,
+            previous,
+            segment,
+        }
+    }
+
+    fn count(p: &Population, segment: u32) -> i64 {
+        p.counts["purchase_frequency"]
+            .get(&segment)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn counts_follow_changes_and_survive_a_reload_of_the_same_version() {
+        let store = MemStore::default();
+        let mut p = Population::load(&store, 3).unwrap();
+        p.apply(3, None, &[change(None, Some(1))]);
+        p.apply(3, None, &[change(None, Some(1))]);
+        p.apply(3, Some(3), &[change(Some(1), Some(2))]);
+        // A previous segment of an older version is not taken from this version's counts.
+        p.apply(3, Some(2), &[change(Some(2), Some(2))]);
+        assert_eq!((count(&p, 1), count(&p, 2)), (1, 2));
+        store
+            .commit(&StoreBatch {
+                meta: vec![(META_KEY.to_vec(), p.encode())],
+                ..StoreBatch::default()
+            })
+            .unwrap();
+        assert_eq!(Population::load(&store, 3).unwrap(), p);
+        let other = Population::load(&store, 4).unwrap();
+        assert!(other.counts.is_empty());
+        assert_eq!(other.snapshot_version, 4);
+    }
+}
