@@ -58,9 +58,10 @@ bench: deps
 bench-batch: build
 	./scripts/bench-batch.sh
 
-# Streaming figures: passthrough ceiling, daemon throughput, latency at 20k events/s.
+# Streaming figures: passthrough ceiling, daemon throughput, latency at 20k events/s, and a
+# daemon process over a million customers in state.
 bench-stream: build
-	$(BIN) bench
+	$(BIN) bench --events 300000 --customers 20000 --latency-seconds 5 --state-customers 1000000
 
 clean:
 	rm -rf out

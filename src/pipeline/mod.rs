@@ -2,8 +2,9 @@
 //! letters) → process (per-customer state in the store, assignment, what to publish) →
 //! publish.
 //!
-//! So far: [`decode`] and [`process`]; the Kafka consumer loop and publisher build on them and
-//! on [`crate::store`].
+//! [`kafka`] runs the loop in two stages (process, then deliver and commit); [`pending`]
+//! lets the first stage read state the second has not made durable yet; [`population`]
+//! keeps the customers-per-segment counts that are stored with the records.
 
 pub mod decode;
 pub mod kafka;
