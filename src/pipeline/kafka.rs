@@ -23,7 +23,7 @@
 //!
 //! Backpressure: the producer queue is bounded (librdkafka `queue.buffering.max.messages`);
 //! when it is full the loop waits for room before producing more, and at most
-//! [`MAX_IN_FLIGHT`] batches wait for the committer, so nothing grows without bound.
+//! `MAX_IN_FLIGHT` (two) batches wait for the committer, so nothing grows without bound.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -305,7 +305,7 @@ impl ConsumerContext for Resume {
     /// committer is durable and its offsets committed to the group, then unassigns: the next
     /// owner of a partition starts where this instance's state ends. A batch still being
     /// collected when the callback runs is not lost: its records of revoked partitions are
-    /// dropped before processing (see [`retain_assigned`]), and whoever owns them next reads
+    /// dropped before processing (see `retain_assigned`), and whoever owns them next reads
     /// them again.
     fn rebalance(
         &self,
