@@ -69,6 +69,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     /// `segmentd run`: the HTTP endpoints (metrics, health, customer lookups).
     pub http: crate::telemetry::http::HttpConfig,
+    /// `segmentd run`: the admin API (snapshots).
+    pub admin: crate::telemetry::admin::AdminConfig,
     /// Whether the file or the environment set anything under `[features]` (as opposed to
     /// the defaults): `assign` checks only explicit settings against a snapshot's.
     #[serde(skip)]
@@ -225,6 +227,14 @@ pub struct DaemonConfig {
     /// After SIGTERM or SIGINT, how long the daemon may take to finish and commit the batch
     /// in hand before it exits anyway (a second signal exits at once).
     pub shutdown_deadline_seconds: u64,
+    /// Where accepted snapshots are kept, with their metadata and the active version.
+    pub snapshot_dir: std::path::PathBuf,
+    /// How many of the newest snapshots to keep (the active one is always kept).
+    pub keep_snapshots: usize,
+    /// A directory to watch for new snapshot files (empty: none).
+    pub snapshot_watch_dir: std::path::PathBuf,
+    /// How often to look at `snapshot_watch_dir`, in seconds.
+    pub snapshot_watch_seconds: u64,
 }
 
 impl Default for DaemonConfig {
@@ -232,6 +242,10 @@ impl Default for DaemonConfig {
         Self {
             snapshot: std::path::PathBuf::from("snapshot.json"),
             shutdown_deadline_seconds: 30,
+            snapshot_dir: std::path::PathBuf::from("data/snapshots"),
+            keep_snapshots: 5,
+            snapshot_watch_dir: std::path::PathBuf::new(),
+            snapshot_watch_seconds: 2,
         }
     }
 }
@@ -354,6 +368,17 @@ impl Config {
                 "kafka.max_batch and kafka.batch_timeout_ms must be at least 1".into(),
             ));
         }
+        if self.daemon.keep_snapshots == 0 || self.daemon.snapshot_watch_seconds == 0 {
+            return Err(bad(
+                "daemon.keep_snapshots and daemon.snapshot_watch_seconds must be at least 1".into(),
+            ));
+        }
+        if !self.admin.token.is_empty() && self.admin.token.len() < 16 {
+            return Err(bad(
+                "admin.token must be at least 16 characters (or empty to turn the admin API off)"
+                    .into(),
+            ));
+        }
         if k.fetch_wait_max_ms > 300_000 {
             return Err(bad(
                 "kafka.fetch_wait_max_ms must be at most 300000 (librdkafka's limit)".into(),
@@ -361,6 +386,10 @@ impl Config {
         }
         if !(self.publish.epsilon.is_finite() && (0.0..=1.0).contains(&self.publish.epsilon)) {
             return Err(bad("publish.epsilon must be in 0..=1".into()));
+        }
+        let margin = self.publish.switch_margin;
+        if !(margin.is_finite() && (0.0..=1.0).contains(&margin)) {
+            return Err(bad("publish.switch_margin must be in 0..=1".into()));
         }
         if self.store.block_cache_bytes < (1 << 20) || self.store.write_buffer_bytes < (1 << 20) {
             return Err(bad(

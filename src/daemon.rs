@@ -14,13 +14,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::assign::load_snapshot;
 use crate::config::Config;
-use crate::pipeline::kafka::{run as run_loop, Hooks, LoadedSnapshot};
+use crate::pipeline::kafka::{run as run_loop, Hooks};
+use crate::snapshots::sources::{follow_topic, watch_directory};
+use crate::snapshots::Registry;
 use crate::store::{RocksStore, StateStore};
+use crate::telemetry::admin::serve_on as serve_admin;
 use crate::telemetry::http::{serve as serve_http, AppState};
 use crate::telemetry::metrics::Metrics;
 
@@ -50,10 +52,23 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         "snapshot loaded"
     );
     let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&config.store)?);
-    let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
+    let metrics = Arc::new(Metrics::new().context("defining metrics")?);
+    let registry = Registry::open(
+        &config.daemon.snapshot_dir,
+        config.daemon.keep_snapshots,
+        snapshot,
+        metrics.clone(),
+    )
+    .with_context(|| {
+        format!(
+            "opening the snapshot directory {}",
+            config.daemon.snapshot_dir.display()
+        )
+    })?;
+    let shared = registry.shared();
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    let metrics = Arc::new(Metrics::new().context("defining metrics")?);
+    spawn_snapshot_sources(&config, &registry, &shutdown).await?;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let http_state = Arc::new(AppState {
         metrics: metrics.clone(),
@@ -130,6 +145,52 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         Ok(Err(e)) => Err(e).context("the consumer loop failed"),
         Err(e) => Err(anyhow::anyhow!("the consumer loop panicked: {e}")),
     }
+}
+
+/// Starts the configured ways for snapshots to come in while running: the watched
+/// directory, the snapshot topic and the admin API.
+async fn spawn_snapshot_sources(
+    config: &Config,
+    registry: &Arc<Registry>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    if !config.daemon.snapshot_watch_dir.as_os_str().is_empty() {
+        tokio::spawn(watch_directory(
+            config.daemon.snapshot_watch_dir.clone(),
+            Duration::from_secs(config.daemon.snapshot_watch_seconds),
+            registry.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if !config.kafka.snapshot_topic.is_empty() {
+        let (kafka, topic) = (config.kafka.clone(), config.kafka.snapshot_topic.clone());
+        let (registry, shutdown) = (registry.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = follow_topic(kafka, topic, registry, shutdown).await {
+                tracing::error!(error = %e, "cannot follow the snapshot topic");
+            }
+        });
+    }
+    if config.admin.token.is_empty() {
+        tracing::info!("admin API off (no admin.token)");
+    } else {
+        // Bound here, so an address in use fails the start rather than a task later.
+        let listener = tokio::net::TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("admin API on {}", config.admin.listen))?;
+        tracing::info!(listen = %config.admin.listen, "admin API up");
+        let (token, registry, shutdown) = (
+            config.admin.token.clone(),
+            registry.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = serve_admin(listener, token, registry, shutdown).await {
+                tracing::error!(error = %e, "admin API failed");
+            }
+        });
+    }
+    Ok(())
 }
 
 /// First SIGTERM/SIGINT: cancel (drain). Second: exit at once.

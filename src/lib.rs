@@ -42,6 +42,7 @@ pub mod demo;
 pub mod domain;
 pub mod model;
 pub mod pipeline;
+pub mod snapshots;
 pub mod store;
 pub mod synth;
 pub mod telemetry;

@@ -81,6 +81,8 @@ pub struct KafkaConfig {
     /// brokers (librdkafka's mock cluster among them) hold every fetch this long, and then it
     /// is a floor under latency. librdkafka's default is 500.
     pub fetch_wait_max_ms: u64,
+    /// A compacted topic of snapshot documents that every instance follows (empty: none).
+    pub snapshot_topic: String,
     /// Extra librdkafka properties for both clients (e.g. security settings).
     pub client: BTreeMap<String, String>,
 }
@@ -102,6 +104,7 @@ impl Default for KafkaConfig {
             batch_timeout_ms: 2,
             session_timeout_ms: 10_000,
             fetch_wait_max_ms: 10,
+            snapshot_topic: String::new(),
             client: BTreeMap::new(),
         }
     }
@@ -209,6 +212,9 @@ impl ClientContext for QuietErrors {
         self.report(format_args!("{error}: {reason}"));
     }
 }
+
+/// Default rebalance handling, for consumers that keep no state of their own.
+impl ConsumerContext for QuietErrors {}
 
 /// Consumer context that resumes every assigned partition from the offset the instance has
 /// processed up to, whatever the group has committed, and drains the committer on revoke.
@@ -377,7 +383,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn client_config(config: &KafkaConfig) -> ClientConfig {
+/// A librdkafka configuration with the brokers and the extra `[kafka.client]` properties.
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.brokers);
     for (k, v) in &config.client {
@@ -915,6 +922,11 @@ impl Committer {
         let delivered_ms = prepared.started.elapsed().as_secs_f64() * 1e3;
         // The populations move with the records that changed them, in the same write.
         for update in &prepared.updates {
+            if update.snapshot_version != self.population.snapshot_version {
+                // A swap: the old ids mean nothing under the new snapshot.
+                self.population = Population::new(update.snapshot_version);
+                self.metrics.segment_customers.reset();
+            }
             self.population.apply(
                 update.snapshot_version,
                 update.previous_snapshot_version,

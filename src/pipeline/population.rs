@@ -4,7 +4,8 @@
 //!
 //! Segment ids only mean something within one snapshot version. The counts carry theirs:
 //! counts stored for another version than the one running are dropped at start (with a
-//! warning), and a change whose previous segment belongs to an older version only adds to
+//! warning), the counts start again from zero when a batch of a newly activated version is
+//! committed, and a change whose previous segment belongs to another version only adds to
 //! its new segment.
 
 use std::collections::BTreeMap;
@@ -29,12 +30,17 @@ pub struct Population {
 }
 
 impl Population {
-    /// Counts of `version` from the store, or empty ones.
-    pub fn load(store: &dyn StateStore, version: u64) -> Result<Self, StoreError> {
-        let empty = Self {
+    /// No customers yet, for `version`.
+    pub fn new(version: u64) -> Self {
+        Self {
             snapshot_version: version,
             counts: BTreeMap::new(),
-        };
+        }
+    }
+
+    /// Counts of `version` from the store, or empty ones.
+    pub fn load(store: &dyn StateStore, version: u64) -> Result<Self, StoreError> {
+        let empty = Self::new(version);
         let Some(bytes) = store.meta(META_KEY)? else {
             return Ok(empty);
         };

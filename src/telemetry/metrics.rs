@@ -29,6 +29,11 @@ pub struct Metrics {
     pub segment_customers: IntGaugeVec,
     /// Version of the snapshot in use.
     pub snapshot_version: IntGauge,
+    /// Snapshots offered, by source (`config`, `directory`, `http`, `kafka`, `recluster`)
+    /// and result (`activated`, `staged`, `unchanged`, `rejected`).
+    pub snapshot_offers: IntCounterVec,
+    /// Snapshot activations (swaps), including rollbacks.
+    pub snapshot_swaps: IntCounter,
     /// RocksDB live data and memtable bytes.
     pub store_size_bytes: IntGauge,
     /// RocksDB's estimate of the number of customers stored.
@@ -132,6 +137,23 @@ impl Metrics {
                 IntGauge::new(
                     "segmentd_snapshot_version",
                     "Version of the snapshot in use.",
+                )?,
+            ),
+            snapshot_offers: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "segmentd_snapshot_offers_total",
+                        "Snapshots offered to the daemon, by source and result.",
+                    ),
+                    &["source", "result"],
+                )?,
+            ),
+            snapshot_swaps: registered(
+                &registry,
+                IntCounter::new(
+                    "segmentd_snapshot_swaps_total",
+                    "Snapshots activated while running, rollbacks included.",
                 )?,
             ),
             store_size_bytes: registered(

@@ -1,5 +1,6 @@
 //! Observability: tracing setup, the metrics (each defined once) and the HTTP endpoints.
 
+pub mod admin;
 pub mod http;
 pub mod metrics;
 

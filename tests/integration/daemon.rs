@@ -25,6 +25,7 @@ use segmentd::domain::state::CustomerState;
 use segmentd::model::snapshot::ValidSnapshot;
 use segmentd::pipeline::kafka::{run, Hooks, KafkaConfig, LoadedSnapshot, RunStats};
 use segmentd::pipeline::process::{MembershipUpdate, PublishPolicy};
+use segmentd::snapshots::Registry;
 use segmentd::store::{RocksStore, StateStore, StoreConfig};
 use segmentd::synth::{Shop, ShopParams};
 use segmentd::telemetry::metrics::Metrics;
@@ -205,6 +206,7 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
         let policy = PublishPolicy {
             every_event: true,
             epsilon: 0.05,
+            switch_margin: 0.0,
         };
         let hooks = hooks.clone();
         tokio::spawn(async move { run(&config, policy, store, shared, shutdown, hooks).await })
@@ -475,5 +477,214 @@ async fn a_crash_mid_stream_loses_nothing_and_counts_nothing_twice() {
         .collect::<std::collections::BTreeSet<_>>()
         .len();
     assert_eq!(purchasers, with_orders as f64, "{text}");
+    drop(cluster);
+}
+
+/// Offsets in the store, summed: records made durable.
+fn durable(store: &dyn StateStore) -> i64 {
+    store.offsets().unwrap().values().sum()
+}
+
+async fn produce(brokers: &str, topic: &str, records: &[(String, String)]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for (key, payload) in records {
+        producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_swap_mid_stream_switches_each_customer_once_in_order() {
+    let cluster = Cluster::new();
+    let brokers = cluster.brokers();
+    let (input, output, dlq) = topics(&cluster, "events", 2).await;
+    let v1 = snapshot();
+    let mut v2 = v1.snapshot().clone();
+    v2.version = v1.version() + 1;
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let registry = Registry::open(
+        &dir.path().join("snapshots"),
+        5,
+        v1.clone(),
+        metrics.clone(),
+    )
+    .unwrap();
+    let store: Arc<dyn StateStore> = Arc::new(
+        RocksStore::open(&StoreConfig {
+            path: dir.path().join("db"),
+            block_cache_bytes: 8 << 20,
+            ..StoreConfig::default()
+        })
+        .unwrap(),
+    );
+    let config = KafkaConfig {
+        brokers: brokers.clone(),
+        group_id: unique("group"),
+        input_topics: vec![input.clone()],
+        output_topic: output.clone(),
+        dead_letter_topic: dlq,
+        session_timeout_ms: 6_000,
+        max_batch: 8,
+        ..KafkaConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let hooks = Hooks {
+        metrics: metrics.clone(),
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    };
+    let task = {
+        let (store, shared, shutdown) = (store.clone(), registry.shared(), shutdown.clone());
+        tokio::spawn(async move {
+            run(
+                &config,
+                PublishPolicy::default(),
+                store,
+                shared,
+                shutdown,
+                hooks,
+            )
+            .await
+        })
+    };
+    let customers: Vec<String> = (0..30).map(|c| format!("K{c:02}")).collect();
+    let phase = |days: [u32; 2]| -> Vec<(String, String)> {
+        days.iter()
+            .flat_map(|&day| {
+                customers
+                    .iter()
+                    .map(move |c| (c.clone(), order(&format!("{c}-{day}"), c, day, "9.5")))
+            })
+            .collect()
+    };
+    produce(&brokers, &input, &phase([1, 2])).await;
+    wait_for("the first half", || durable(store.as_ref()) >= 60).await;
+    let outcome = registry
+        .offer(
+            &serde_json::to_vec(&v2).unwrap(),
+            segmentd::snapshots::Origin::Http,
+            segmentd::snapshots::Activation::Always,
+        )
+        .unwrap();
+    assert_eq!(outcome, segmentd::snapshots::Outcome::Activated(v2.version));
+    produce(&brokers, &input, &phase([3, 4])).await;
+    wait_for("the second half", || durable(store.as_ref()) >= 120).await;
+    shutdown.cancel();
+    let stats: RunStats = task.await.unwrap().unwrap();
+    assert_eq!(stats.applied, 120);
+
+    let updates: Vec<MembershipUpdate> = read(&brokers, &output, stats.updates as usize)
+        .await
+        .iter()
+        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+        .collect();
+    assert_eq!(updates.len() as u64, stats.updates);
+    let mut by_customer: BTreeMap<String, Vec<&MembershipUpdate>> = BTreeMap::new();
+    for u in &updates {
+        by_customer
+            .entry(u.customer_id.to_string())
+            .or_default()
+            .push(u);
+    }
+    assert_eq!(by_customer.len(), customers.len());
+    for (customer, seen) in by_customer {
+        let seqs: Vec<u64> = seen.iter().map(|u| u.seq).collect();
+        let expected: Vec<u64> = (1..=seen.len() as u64).collect();
+        assert_eq!(
+            seqs, expected,
+            "{customer}: seq must grow by one, no repeats"
+        );
+        let versions: Vec<u64> = seen.iter().map(|u| u.snapshot_version).collect();
+        let switches = versions.windows(2).filter(|w| w[0] != w[1]).count();
+        assert_eq!(switches, 1, "{customer}: {versions:?}");
+        assert_eq!(versions[0], v1.version());
+        assert_eq!(*versions.last().unwrap(), v2.version);
+        let first_new = seen
+            .iter()
+            .find(|u| u.snapshot_version == v2.version)
+            .unwrap();
+        assert_eq!(first_new.previous_snapshot_version, Some(v1.version()));
+        assert_eq!(first_new.changed.len(), first_new.axes.len());
+    }
+    assert_eq!(
+        metrics.snapshot_version.get(),
+        i64::try_from(v2.version).unwrap()
+    );
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_snapshots_on_the_topic_are_rejected_and_the_running_one_stays() {
+    let cluster = Cluster::new();
+    let brokers = cluster.brokers();
+    let topic = unique("snapshots");
+    cluster.create_topic(&topic, 1).await;
+    let v1 = snapshot();
+    let dir = tempfile::tempdir().unwrap();
+    let registry =
+        Registry::open(dir.path(), 5, v1.clone(), Arc::new(Metrics::new().unwrap())).unwrap();
+    let shutdown = CancellationToken::new();
+    let config = KafkaConfig {
+        brokers: brokers.clone(),
+        group_id: unique("group"),
+        session_timeout_ms: 6_000,
+        ..KafkaConfig::default()
+    };
+    let follower = tokio::spawn(segmentd::snapshots::sources::follow_topic(
+        config,
+        topic.clone(),
+        registry.clone(),
+        shutdown.clone(),
+    ));
+    let good = {
+        let mut s = v1.snapshot().clone();
+        s.version += 1;
+        serde_json::to_string(&s).unwrap()
+    };
+    let mismatched = {
+        let mut s = v1.snapshot().clone();
+        s.version += 2;
+        s.axes[0].scaler.mean.pop();
+        serde_json::to_string(&s).unwrap()
+    };
+    let bad = vec![
+        ("snapshot".to_owned(), "garbage".to_owned()),
+        ("snapshot".to_owned(), good[..good.len() / 3].to_owned()),
+        ("snapshot".to_owned(), mismatched),
+    ];
+    produce(&brokers, &topic, &bad).await;
+    wait_for("three rejections", || {
+        registry.listing().rejected.len() == 3
+    })
+    .await;
+    assert_eq!(registry.active_version(), v1.version());
+    assert!(registry
+        .listing()
+        .rejected
+        .iter()
+        .all(|r| r.origin == segmentd::snapshots::Origin::Kafka));
+    produce(&brokers, &topic, &[("snapshot".to_owned(), good)]).await;
+    wait_for("the good one", || {
+        registry.active_version() == v1.version() + 1
+    })
+    .await;
+    shutdown.cancel();
+    follower.await.unwrap().unwrap();
     drop(cluster);
 }
