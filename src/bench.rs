@@ -180,7 +180,24 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
         peak_rss_mib().unwrap_or(0)
     );
 
-    // 4. a real daemon process over a large store
+    // 4. re-clustering from live state
+    let n = if args.state_customers > 0 {
+        args.state_customers
+    } else {
+        args.customers
+    };
+    let seconds = {
+        let (states, dir_path, snapshot) =
+            (states.clone(), dir.path().to_owned(), shared.load_full());
+        tokio::task::spawn_blocking(move || recluster_run(&states, &snapshot, &dir_path, n))
+            .await??
+    };
+    println!(
+        "re-clustering from live state ({n} customers in RocksDB, 5,000-customer sample, \
+         13 axes, k 2..=6, validated against everyone): {seconds:.2} s"
+    );
+
+    // 5. a real daemon process over a large store
     if args.state_customers > 0 {
         let shop_customers = args.customers;
         let snapshot = shared.load_full();
@@ -360,6 +377,45 @@ fn process_cpu_seconds(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|stat| stat_cpu_seconds(&stat))
         .unwrap_or(0.0)
+}
+
+/// Seeds a store with `n` customers and times one re-clustering of it.
+fn recluster_run(
+    states: &[crate::domain::state::CustomerState],
+    snapshot: &LoadedSnapshot,
+    dir: &std::path::Path,
+    n: usize,
+) -> anyhow::Result<f64> {
+    use crate::snapshots::recluster::{recluster, Cause, ReclusterOutcome};
+    let path = dir.join("recluster");
+    seed_store(&path, states, snapshot, n)?;
+    let store = RocksStore::open(&StoreConfig {
+        path,
+        ..StoreConfig::default()
+    })?;
+    let metrics = Arc::new(Metrics::new()?);
+    let registry = crate::snapshots::Registry::open(
+        &dir.join("recluster-snapshots"),
+        5,
+        snapshot.snapshot.clone(),
+        metrics.clone(),
+    )?;
+    let config = crate::config::Config::default();
+    let cause = Cause {
+        reason: "bench".into(),
+        readings: Vec::new(),
+    };
+    let started = Instant::now();
+    let (outcome, timings) = recluster(&store, &registry, &config, true, &cause, &metrics)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if let ReclusterOutcome::Rejected { reasons, .. } = &outcome {
+        println!("  (the candidate was rejected: {})", reasons.join("; "));
+    }
+    println!(
+        "  scan and sample {:.2} s, cluster 13 axes {:.2} s, validate against everyone {:.2} s",
+        timings.sample, timings.cluster, timings.validate
+    );
+    Ok(seconds)
 }
 
 /// The id of seeded customer `n`.
@@ -568,6 +624,7 @@ async fn daemon_run(
         let hooks = Hooks {
             metrics: metrics.clone(),
             ready: Arc::new(AtomicBool::new(false)),
+            drift: Default::default(),
         };
         let (store, shared, shutdown) = (store.clone(), shared.clone(), shutdown.clone());
         async move { run_loop(&kafka, Default::default(), store, shared, shutdown, hooks).await }

@@ -71,6 +71,8 @@ pub struct Config {
     pub http: crate::telemetry::http::HttpConfig,
     /// `segmentd run`: the admin API (snapshots).
     pub admin: crate::telemetry::admin::AdminConfig,
+    /// `segmentd run`: drift monitoring and re-clustering.
+    pub drift: crate::snapshots::drift::DriftConfig,
     /// Whether the file or the environment set anything under `[features]` (as opposed to
     /// the defaults): `assign` checks only explicit settings against a snapshot's.
     #[serde(skip)]
@@ -376,6 +378,18 @@ impl Config {
         if !self.admin.token.is_empty() && self.admin.token.len() < 16 {
             return Err(bad(
                 "admin.token must be at least 16 characters (or empty to turn the admin API off)"
+                    .into(),
+            ));
+        }
+        let d = &self.drift;
+        if d.check_seconds == 0
+            || d.consecutive == 0
+            || !(d.half_life_seconds.is_finite() && d.half_life_seconds > 0.0)
+            || !(d.psi_threshold.is_finite() && d.psi_threshold > 0.0)
+        {
+            return Err(bad(
+                "drift: check_seconds, consecutive, half_life_seconds and psi_threshold must be \
+                 positive"
                     .into(),
             ));
         }

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::assign::load_snapshot;
 use crate::config::Config;
 use crate::pipeline::kafka::{run as run_loop, Hooks};
+use crate::snapshots::drift::{monitor as drift_monitor, Live, LiveState};
+use crate::snapshots::recluster::Reclusterer;
 use crate::snapshots::sources::{follow_topic, watch_directory};
 use crate::snapshots::Registry;
 use crate::store::{RocksStore, StateStore};
@@ -68,7 +70,25 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     let shared = registry.shared();
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    spawn_snapshot_sources(&config, &registry, &shutdown).await?;
+    let live: Live = Arc::new(std::sync::Mutex::new(LiveState::new(
+        Duration::from_secs_f64(config.drift.half_life_seconds),
+    )));
+    let reclusterer = Arc::new(Reclusterer {
+        store: store.clone(),
+        registry: registry.clone(),
+        config: config.clone(),
+        metrics: metrics.clone(),
+        running: std::sync::Mutex::new(()),
+    });
+    tokio::spawn(drift_monitor(
+        config.drift.clone(),
+        registry.clone(),
+        live.clone(),
+        metrics.clone(),
+        Some(reclusterer.clone()),
+        shutdown.clone(),
+    ));
+    spawn_snapshot_sources(&config, &registry, &reclusterer, &shutdown).await?;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let http_state = Arc::new(AppState {
         metrics: metrics.clone(),
@@ -111,6 +131,7 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         let hooks = Hooks {
             metrics: metrics.clone(),
             ready: ready.clone(),
+            drift: live.clone(),
         };
         async move { run_loop(&kafka, policy, store, shared, shutdown, hooks).await }
     });
@@ -152,6 +173,7 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
 async fn spawn_snapshot_sources(
     config: &Config,
     registry: &Arc<Registry>,
+    reclusterer: &Arc<Reclusterer>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     if !config.daemon.snapshot_watch_dir.as_os_str().is_empty() {
@@ -179,13 +201,14 @@ async fn spawn_snapshot_sources(
             .await
             .with_context(|| format!("admin API on {}", config.admin.listen))?;
         tracing::info!(listen = %config.admin.listen, "admin API up");
-        let (token, registry, shutdown) = (
+        let (token, registry, reclusterer, shutdown) = (
             config.admin.token.clone(),
             registry.clone(),
+            reclusterer.clone(),
             shutdown.clone(),
         );
         tokio::spawn(async move {
-            if let Err(e) = serve_admin(listener, token, registry, shutdown).await {
+            if let Err(e) = serve_admin(listener, token, registry, reclusterer, shutdown).await {
                 tracing::error!(error = %e, "admin API failed");
             }
         });

@@ -195,6 +195,7 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let hooks = Hooks {
             metrics: metrics.clone(),
             ready: ready.clone(),
+            drift: Default::default(),
         };
         let (kafka, store, shared, shutdown) = (
             kafka.clone(),

@@ -140,7 +140,34 @@ pub fn build_snapshot(
         .map(|&i| FeatureVector::compute(&states[i], as_of, &params))
         .collect();
     let feature_time = t.elapsed();
+    let source = SnapshotSource {
+        kind: "discover".into(),
+        inputs,
+        as_of: as_of.to_rfc3339(),
+        population: states.len(),
+        sampled: sample.indices.len(),
+        tiers: sample.tiers.clone(),
+        trigger: None,
+    };
+    let mut built =
+        build_from_features(&features, &sample.weights, source, sources, config, version)?;
+    built.feature_time = feature_time;
+    Ok(built)
+}
 
+/// Clusters every axis the `sources` support on sampled customers' features (with their
+/// design weights) and returns the validated snapshot: the part of [`build_snapshot`] after
+/// sampling, shared with re-clustering from live state.
+pub fn build_from_features(
+    features: &[FeatureVector],
+    weights: &[f64],
+    source: SnapshotSource,
+    sources: Sources,
+    config: &Config,
+    version: u64,
+) -> anyhow::Result<BuiltSnapshot> {
+    let params = config.features;
+    let clustering = &config.discover.clustering;
     let t = Instant::now();
     let results: Vec<Result<AxisModel, SkippedAxis>> = plan_axes(sources)
         .into_par_iter()
@@ -151,7 +178,7 @@ pub fn build_snapshot(
                 features: ids,
                 dropped,
             } => {
-                let axis_sample = gather(axis, ids, dropped, &features, &sample.weights);
+                let axis_sample = gather(axis, ids, dropped, features, weights);
                 cluster_axis(axis_sample, clustering).map_err(|reason| SkippedAxis {
                     axis,
                     reason: reason.to_string(),
@@ -187,14 +214,7 @@ pub fn build_snapshot(
         created_at: EventTime::now().to_rfc3339(),
         state_params: params,
         membership_exponent: config.assign.membership_exponent,
-        source: SnapshotSource {
-            kind: "discover".into(),
-            inputs,
-            as_of: as_of.to_rfc3339(),
-            population: states.len(),
-            sampled: sample.indices.len(),
-            tiers: sample.tiers.clone(),
-        },
+        source,
         clustering: clustering.record(),
         axes,
         skipped_axes,
@@ -207,7 +227,7 @@ pub fn build_snapshot(
         .clone();
     Ok(BuiltSnapshot {
         snapshot,
-        feature_time,
+        feature_time: Duration::ZERO,
         cluster_time,
     })
 }

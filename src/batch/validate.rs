@@ -122,6 +122,96 @@ pub fn matched_agreement(a: &[u32], b: &[u32], ka: usize, kb: usize) -> anyhow::
     })
 }
 
+/// Population counts and standardised feature sums per segment of one axis: enough for the
+/// share and mean-shift checks, accumulated one customer at a time (so a store can be
+/// streamed through it).
+#[derive(Debug, Clone)]
+pub struct AxisTally {
+    d: usize,
+    counts: Vec<usize>,
+    sums: Vec<f64>,
+}
+
+impl AxisTally {
+    /// Empty, for `k` segments of `d` features.
+    pub fn new(k: usize, d: usize) -> Self {
+        Self {
+            d,
+            counts: vec![0; k],
+            sums: vec![0.0; k * d],
+        }
+    }
+
+    /// An empty tally of the same shape.
+    pub fn empty_like(&self) -> Self {
+        Self::new(self.counts.len(), self.d)
+    }
+
+    /// Adds another tally of the same shape.
+    pub fn merge(&mut self, other: &AxisTally) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        for (a, b) in self.sums.iter_mut().zip(&other.sums) {
+            *a += b;
+        }
+    }
+
+    /// Counts one customer in segment index `segment` with standardised features `z`.
+    pub fn add(&mut self, segment: usize, z: &[f64]) {
+        self.counts[segment] += 1;
+        for (j, v) in z.iter().enumerate().take(self.d) {
+            self.sums[segment * self.d + j] += v;
+        }
+    }
+
+    /// Customers counted.
+    pub fn customers(&self) -> usize {
+        self.counts.iter().sum()
+    }
+
+    /// Population share of each segment.
+    pub fn shares(&self) -> Vec<f64> {
+        let n = self.customers().max(1) as f64;
+        self.counts.iter().map(|&c| c as f64 / n).collect()
+    }
+
+    /// KL divergence of the model's (sample) shares from the population's.
+    pub fn kl(&self, model: &crate::model::snapshot::AxisModel) -> f64 {
+        let sample: Vec<f64> = model.segments.iter().map(|s| s.share).collect();
+        kl_divergence(&sample, &self.shares())
+    }
+
+    /// The largest relative difference of a segment's population mean from its sample mean,
+    /// `|Δ| / max(|sample mean|, feature std)`, with the segment and feature (infinite for a
+    /// segment nobody in the population falls in).
+    pub fn max_mean_shift(
+        &self,
+        model: &crate::model::snapshot::AxisModel,
+    ) -> (f64, Option<(String, String)>) {
+        let d = self.d;
+        let mut max_shift: f64 = 0.0;
+        let mut worst = None;
+        for (s, seg) in model.segments.iter().enumerate() {
+            for j in 0..d {
+                let shift = if self.counts[s] == 0 {
+                    f64::INFINITY
+                } else {
+                    let mean_z = self.sums[s * d + j] / self.counts[s] as f64;
+                    // Δ in feature units is Δz·σ; dividing by max(|μ|, σ) leaves this.
+                    let scale = (seg.centroid_features[j].abs() / model.scaler.std[j]).max(1.0);
+                    (mean_z - seg.centroid[j]).abs() / scale
+                };
+                if shift > max_shift || worst.is_none() {
+                    max_shift = max_shift.max(shift);
+                    worst = Some((seg.name.clone(), model.features[j].clone()));
+                }
+            }
+        }
+        (max_shift, worst)
+    }
+}
+
 /// Runs validation.
 pub fn run(job: &ValidateJob) -> anyhow::Result<ValidateOutcome> {
     let started = Instant::now();
@@ -171,36 +261,13 @@ pub fn run(job: &ValidateJob) -> anyhow::Result<ValidateOutcome> {
                 }
             }
             let n = labels.len();
-            let mut counts = vec![0usize; k];
-            let mut sums = vec![0.0; k * d];
+            let mut tally = AxisTally::new(k, d);
             for (row, &l) in labels.iter().enumerate() {
-                counts[l as usize] += 1;
-                for j in 0..d {
-                    sums[l as usize * d + j] += z[row * d + j];
-                }
+                tally.add(l as usize, &z[row * d..(row + 1) * d]);
             }
-            let population_shares: Vec<f64> =
-                counts.iter().map(|&c| c as f64 / n.max(1) as f64).collect();
-            let sample_shares: Vec<f64> = model.segments.iter().map(|s| s.share).collect();
-            let kl = kl_divergence(&sample_shares, &population_shares);
-            let mut max_shift: f64 = 0.0;
-            let mut worst = None;
-            for (s, seg) in model.segments.iter().enumerate() {
-                for j in 0..d {
-                    let shift = if counts[s] == 0 {
-                        f64::INFINITY
-                    } else {
-                        let mean_z = sums[s * d + j] / counts[s] as f64;
-                        // Δ in feature units is Δz·σ; dividing by max(|μ|, σ) leaves this.
-                        let scale = (seg.centroid_features[j].abs() / model.scaler.std[j]).max(1.0);
-                        (mean_z - seg.centroid[j]).abs() / scale
-                    };
-                    if shift > max_shift || worst.is_none() {
-                        max_shift = max_shift.max(shift);
-                        worst = Some((seg.name.clone(), model.features[j].clone()));
-                    }
-                }
-            }
+            let population_shares = tally.shares();
+            let kl = tally.kl(model);
+            let (max_shift, worst) = tally.max_mean_shift(model);
             let agreement = if n > k {
                 let data = Array2::from_shape_vec((n, d), z)?;
                 let full = KMeansParams::new(k)

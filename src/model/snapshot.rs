@@ -188,6 +188,37 @@ pub struct SnapshotSource {
     pub sampled: usize,
     /// The strata of the sample (empty when the whole population was clustered).
     pub tiers: Vec<TierRecord>,
+    /// What made the daemon re-cluster (absent for `discover`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<TriggerRecord>,
+}
+
+/// Why a snapshot was re-clustered from live state, and the drift readings at the time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerRecord {
+    /// `drift` or `manual`.
+    pub reason: String,
+    /// The version that was active.
+    pub replaces: u64,
+    /// Per axis, the readings that were current (absent: not judged).
+    pub readings: Vec<AxisDriftRecord>,
+}
+
+/// One axis's drift readings, as recorded in a re-clustered snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AxisDriftRecord {
+    /// Axis name.
+    pub axis: String,
+    /// PSI of segment shares.
+    pub psi: Option<f64>,
+    /// Jensen–Shannon divergence of segment shares.
+    pub js: Option<f64>,
+    /// Mean distance to the nearest centroid over the baseline's.
+    pub distance_ratio: Option<f64>,
+    /// Largest standardised feature mean shift.
+    pub feature_shift: Option<f64>,
 }
 
 /// The clustering parameters used, recorded for reproducibility.
@@ -477,6 +508,7 @@ pub(crate) mod tests {
                 population: 10,
                 sampled: 10,
                 tiers: vec![],
+                trigger: None,
             },
             clustering: ClusteringRecord {
                 min_k: 2,

@@ -48,6 +48,7 @@ use rustc_hash::FxHashMap;
 use crate::domain::event::EventKind;
 use crate::model::assign::Assigner;
 use crate::model::snapshot::ValidSnapshot;
+use crate::snapshots::drift::{DriftSums, Live};
 use crate::store::{PartitionKey, StateStore, StoreBatch};
 use crate::telemetry::metrics::Metrics;
 
@@ -400,6 +401,8 @@ pub struct Hooks {
     pub metrics: Arc<Metrics>,
     /// Set once partitions are assigned and while the loop consumes (readiness).
     pub ready: Arc<AtomicBool>,
+    /// Where durable batches' assignments go for the drift monitor.
+    pub drift: Live,
 }
 
 /// Batches processed but not yet durable, at most. Two keep both halves of the pipeline
@@ -474,6 +477,7 @@ pub async fn run(
     population.export(&metrics);
     let committer = Committer {
         population,
+        drift: hooks.drift.clone(),
         store: store.clone(),
         pending: pending.clone(),
         consumer: consumer.clone(),
@@ -625,6 +629,7 @@ struct Prepared {
     dead: Vec<(OwnedMessage, DeadLetter)>,
     store_batch: StoreBatch,
     outcomes: Vec<(EventKind, &'static str)>,
+    drift: DriftSums,
     applied: usize,
     duplicates: usize,
     newest_event_time: Option<i64>,
@@ -730,6 +735,7 @@ fn prepare(
         result.outcomes.extend(part.outcomes);
         result.applied += part.applied;
         result.duplicates += part.duplicates;
+        result.drift.merge(&part.drift);
         updates.extend(outgoing);
     }
     pending.insert(id, &result.store_batch.records);
@@ -763,6 +769,7 @@ fn prepare(
         dead,
         store_batch,
         outcomes: result.outcomes,
+        drift: result.drift,
         applied: result.applied,
         duplicates: result.duplicates,
         newest_event_time,
@@ -868,6 +875,7 @@ async fn publish(
 /// The second stage: makes batches durable, in order.
 struct Committer {
     population: Population,
+    drift: Live,
     store: Arc<dyn StateStore>,
     pending: Arc<Pending>,
     consumer: Arc<StreamConsumer<Resume>>,
@@ -944,6 +952,10 @@ impl Committer {
             .map_err(ProcessError::from)?;
         self.pending
             .remove(prepared.id, &prepared.store_batch.records);
+        self.drift
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .absorb(&prepared.drift, &self.population);
         commit_group(&self.consumer, &prepared.store_batch.offsets);
         self.shared.in_flight.leave();
         self.record_metrics(&prepared);

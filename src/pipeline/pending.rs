@@ -105,6 +105,10 @@ impl StateStore for Overlay {
         self.store.meta(key)
     }
 
+    fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
+        self.store.for_each(visit)
+    }
+
     fn stats(&self) -> StoreStats {
         self.store.stats()
     }

@@ -229,6 +229,8 @@ pub struct BatchResult {
     pub replayed: usize,
     /// Per input: its kind and what happened (`applied`, `duplicate`, `replayed`), for metrics.
     pub outcomes: Vec<(EventKind, &'static str)>,
+    /// The batch's assignments, summed for the drift monitor.
+    pub drift: crate::snapshots::drift::DriftSums,
 }
 
 /// Why a batch failed. Both are fatal: carrying on would let offsets pass unapplied events.
@@ -340,6 +342,7 @@ pub fn process_batch(
             record.published.as_ref(),
             policy.switch_margin,
         );
+        result.drift.add(assigner, &assignment);
         if let Some(update) = decide(
             snapshot,
             assigner,

@@ -21,6 +21,8 @@
 //! [`Registry::activate`]); the snapshot topic always (it is the fleet's authority: every
 //! instance follows its latest record); the admin API as asked.
 
+pub mod drift;
+pub mod recluster;
 pub mod sources;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -452,6 +454,49 @@ impl Registry {
             reason: error.to_string(),
         });
         inner.rejected.truncate(REJECTIONS_KEPT);
+    }
+
+    /// The version a new snapshot made here should get: one past every stored or active one.
+    pub fn next_version(&self) -> u64 {
+        let newest = self.lock().entries.keys().next_back().copied().unwrap_or(0);
+        newest.max(self.active_version()) + 1
+    }
+
+    /// Keeps a candidate that failed validation under `rejected/`, with the reasons.
+    pub fn keep_rejected(&self, snapshot: &Snapshot, reasons: &[String]) -> Result<(), Rejection> {
+        let dir = self.dir.join("rejected");
+        let io = |source| Rejection::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let document = serde_json::json!({
+            "rejected_at": now(),
+            "reasons": reasons,
+            "snapshot": snapshot,
+        });
+        write_atomically(
+            &dir.join(format!("v{:010}.json", snapshot.version)),
+            &serde_json::to_vec_pretty(&document).unwrap_or_default(),
+        )
+        .map_err(io)?;
+        tracing::warn!(
+            version = snapshot.version,
+            ?reasons,
+            "candidate snapshot rejected"
+        );
+        let mut inner = self.lock();
+        inner.rejected.push_front(Rejected {
+            origin: Origin::Recluster,
+            at: now(),
+            reason: format!(
+                "candidate version {}: {}",
+                snapshot.version,
+                reasons.join("; ")
+            ),
+        });
+        inner.rejected.truncate(REJECTIONS_KEPT);
+        Ok(())
     }
 
     /// Stored snapshots, the active version and recent rejections.

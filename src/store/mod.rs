@@ -114,6 +114,9 @@ pub trait StateStore: Send + Sync {
     fn offsets(&self) -> Result<BTreeMap<PartitionKey, i64>, StoreError>;
     /// A named value written with [`StoreBatch::meta`].
     fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Visits every customer record (key, encoded record) in key order, on a consistent
+    /// view of the store; writes go on meanwhile.
+    fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>;
     /// Size figures.
     fn stats(&self) -> StoreStats;
 }
@@ -287,6 +290,19 @@ impl StateStore for RocksStore {
         self.db.get_cf(cf, key).map_err(|e| self.rocks(e))
     }
 
+    fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
+        let cf = self.cf(CF_CUSTOMERS)?;
+        let snapshot = self.db.snapshot();
+        let mut options = rocksdb::ReadOptions::default();
+        // A full scan would evict the hot customers from the block cache.
+        options.fill_cache(false);
+        for item in snapshot.iterator_cf_opt(cf, options, rocksdb::IteratorMode::Start) {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            visit(&key, &value);
+        }
+        Ok(())
+    }
+
     fn stats(&self) -> StoreStats {
         let Ok(cf) = self.cf(CF_CUSTOMERS) else {
             return StoreStats::default();
@@ -368,6 +384,14 @@ impl StateStore for MemStore {
         Ok(self.lock().meta.get(key).cloned())
     }
 
+    fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
+        let records = self.lock().records.clone();
+        for (key, value) in &records {
+            visit(key, value);
+        }
+        Ok(())
+    }
+
     fn stats(&self) -> StoreStats {
         let inner = self.lock();
         StoreStats {
@@ -406,6 +430,17 @@ mod tests {
         assert_eq!(offsets.values().next(), Some(&11));
         assert_eq!(store.meta(b"m").unwrap(), Some(vec![2]));
         assert_eq!(store.meta(b"none").unwrap(), None);
+        let mut seen = Vec::new();
+        store
+            .for_each(&mut |k, v| seen.push((k.to_vec(), v.to_vec())))
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                (b"c\x01".to_vec(), vec![1; 3]),
+                (b"c\x02".to_vec(), vec![2; 3])
+            ]
+        );
         store.commit(&StoreBatch::default()).unwrap();
     }
 

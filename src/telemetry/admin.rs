@@ -21,6 +21,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::snapshots::recluster::{Cause, ReclusterOutcome, Reclusterer};
 use crate::snapshots::{Activation, Origin, Registry, Rejection};
 
 /// Largest snapshot document accepted, in bytes.
@@ -48,15 +49,25 @@ impl Default for AdminConfig {
 struct Admin {
     token: String,
     registry: Arc<Registry>,
+    reclusterer: Option<Arc<Reclusterer>>,
 }
 
 /// The admin router, for the server and for tests.
-pub fn router(token: String, registry: Arc<Registry>) -> Router {
+pub fn router(
+    token: String,
+    registry: Arc<Registry>,
+    reclusterer: Option<Arc<Reclusterer>>,
+) -> Router {
     Router::new()
         .route("/admin/snapshots", get(list).post(offer))
         .route("/admin/snapshots/{version}/activate", post(activate))
+        .route("/admin/recluster", post(recluster))
         .layer(DefaultBodyLimit::max(MAX_SNAPSHOT_BYTES))
-        .with_state(Arc::new(Admin { token, registry }))
+        .with_state(Arc::new(Admin {
+            token,
+            registry,
+            reclusterer,
+        }))
 }
 
 /// Serves the admin API on a bound listener until `shutdown` is cancelled.
@@ -64,9 +75,10 @@ pub async fn serve_on(
     listener: tokio::net::TcpListener,
     token: String,
     registry: Arc<Registry>,
+    reclusterer: Arc<Reclusterer>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(token, registry))
+    axum::serve(listener, router(token, registry, Some(reclusterer)))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
@@ -174,6 +186,41 @@ async fn activate(
     }
 }
 
+/// Runs a re-clustering now and answers with its outcome (409 while one is running).
+async fn recluster(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
+    if !authorised(&admin, &headers) {
+        return unauthorised();
+    }
+    let Some(reclusterer) = admin.reclusterer.clone() else {
+        return (
+            StatusCode::NOT_IMPLEMENTED,
+            "re-clustering is not available here\n",
+        )
+            .into_response();
+    };
+    let cause = Cause {
+        reason: "manual".into(),
+        readings: Vec::new(),
+    };
+    match tokio::task::spawn_blocking(move || reclusterer.run(&cause)).await {
+        Ok(None) => (StatusCode::CONFLICT, "a re-clustering is already running\n").into_response(),
+        Ok(Some(Ok(ReclusterOutcome::Accepted(outcome)))) => {
+            (StatusCode::CREATED, Json(outcome)).into_response()
+        }
+        Ok(Some(Ok(ReclusterOutcome::Rejected { version, reasons }))) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(serde_json::json!({ "rejected": version, "reasons": reasons })),
+        )
+            .into_response(),
+        Ok(Some(Err(e))) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "error": format!("{e:#}") })),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,7 +263,7 @@ mod tests {
             Arc::new(Metrics::new().unwrap()),
         )
         .unwrap();
-        let app = router("s3cret".into(), registry.clone());
+        let app = router("s3cret".into(), registry.clone(), None);
         let v2 = serde_json::to_vec(&versioned(2)).unwrap();
 
         // Unauthenticated or wrong token: 401, nothing changes.

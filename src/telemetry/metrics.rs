@@ -3,8 +3,8 @@
 //! (label values are bounded sets: event kinds, results, reasons, axes, segment ids).
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::pipeline::decode::DeadLetterReason;
@@ -34,6 +34,20 @@ pub struct Metrics {
     pub snapshot_offers: IntCounterVec,
     /// Snapshot activations (swaps), including rollbacks.
     pub snapshot_swaps: IntCounter,
+    /// PSI of segment shares, live against the snapshot's baseline, per axis.
+    pub drift_psi: GaugeVec,
+    /// Jensen–Shannon divergence of segment shares, per axis.
+    pub drift_js: GaugeVec,
+    /// Mean distance to the nearest centroid over the baseline's, per axis.
+    pub drift_distance_ratio: GaugeVec,
+    /// Largest standardised mean shift of a feature, per axis.
+    pub drift_feature_shift: GaugeVec,
+    /// 1 while the monitor considers the axis drifted.
+    pub drift_detected: IntGaugeVec,
+    /// Re-clustering runs by outcome (`activated`, `staged`, `rejected`, `failed`).
+    pub recluster_runs: IntCounterVec,
+    /// Duration of re-clustering runs.
+    pub recluster_seconds: Histogram,
     /// RocksDB live data and memtable bytes.
     pub store_size_bytes: IntGauge,
     /// RocksDB's estimate of the number of customers stored.
@@ -154,6 +168,76 @@ impl Metrics {
                 IntCounter::new(
                     "segmentd_snapshot_swaps_total",
                     "Snapshots activated while running, rollbacks included.",
+                )?,
+            ),
+            drift_psi: registered(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "segmentd_drift_psi",
+                        "Population stability index of segment shares against the snapshot's baseline.",
+                    ),
+                    &["axis"],
+                )?,
+            ),
+            drift_js: registered(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "segmentd_drift_js_divergence",
+                        "Jensen-Shannon divergence of segment shares against the snapshot's baseline.",
+                    ),
+                    &["axis"],
+                )?,
+            ),
+            drift_distance_ratio: registered(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "segmentd_drift_distance_ratio",
+                        "Mean distance to the nearest centroid over the snapshot's baseline.",
+                    ),
+                    &["axis"],
+                )?,
+            ),
+            drift_feature_shift: registered(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "segmentd_drift_feature_shift",
+                        "Largest standardised mean shift of a feature of the axis.",
+                    ),
+                    &["axis"],
+                )?,
+            ),
+            drift_detected: registered(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "segmentd_drift_detected",
+                        "1 while the drift monitor considers the axis drifted.",
+                    ),
+                    &["axis"],
+                )?,
+            ),
+            recluster_runs: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "segmentd_recluster_runs_total",
+                        "Re-clustering runs from live state, by outcome.",
+                    ),
+                    &["outcome"],
+                )?,
+            ),
+            recluster_seconds: registered(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "segmentd_recluster_duration_seconds",
+                        "Duration of re-clustering runs from live state.",
+                    )
+                    .buckets(vec![0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
                 )?,
             ),
             store_size_bytes: registered(

@@ -96,6 +96,7 @@ fn hooks() -> Hooks {
     Hooks {
         metrics: Arc::new(Metrics::new().unwrap()),
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        drift: Default::default(),
     }
 }
 
@@ -548,6 +549,7 @@ async fn a_snapshot_swap_mid_stream_switches_each_customer_once_in_order() {
     let hooks = Hooks {
         metrics: metrics.clone(),
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        drift: Default::default(),
     };
     let task = {
         let (store, shared, shutdown) = (store.clone(), registry.shared(), shutdown.clone());

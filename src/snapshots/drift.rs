@@ -1,0 +1,541 @@
+//! The drift monitor: how far the live population has moved from the active snapshot's
+//! baseline, per axis.
+//!
+//! Maintained incrementally, never by a scan:
+//! - segment shares come from the customers-per-segment counts the committer keeps
+//!   ([`crate::pipeline::population`]);
+//! - each assignment adds its standardised features and its distance to the nearest centroid
+//!   to per-axis sums ([`DriftSums`], built while a batch is processed, absorbed by the
+//!   committer once the batch is durable), decayed with a half-life so the readings follow
+//!   the recent population.
+//!
+//! Every `drift.check_seconds`, per axis, against the snapshot's baseline (its segment shares,
+//! their mean distances, and standardised feature means of 0):
+//! - PSI and Jensen–Shannon divergence of segment shares;
+//! - mean distance to the nearest centroid over the baseline's (the distance ratio);
+//! - the largest standardised mean shift of a feature.
+//!
+//! An axis counts as drifted while its PSI exceeds `drift.psi_threshold`. The monitor fires
+//! when some axis has been drifted for `drift.consecutive` checks in a row and the last firing
+//! is at least `drift.cooldown_seconds` ago.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::assign::{Assigner, Assignment};
+use crate::model::snapshot::ValidSnapshot;
+use crate::pipeline::population::Population;
+use crate::telemetry::metrics::Metrics;
+
+/// Floor of a share in PSI and divergences, so an empty segment gives a large, finite value.
+const SHARE_FLOOR: f64 = 1e-4;
+
+/// Drift settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriftConfig {
+    /// Seconds between checks.
+    pub check_seconds: u64,
+    /// Half-life of the running feature means and distances, in seconds.
+    pub half_life_seconds: f64,
+    /// Customers an axis needs in its live counts before it is judged.
+    pub min_customers: u64,
+    /// An axis is drifted while its PSI exceeds this.
+    pub psi_threshold: f64,
+    /// Checks in a row an axis must be drifted before the monitor fires.
+    pub consecutive: u32,
+    /// Least time between two firings, in seconds.
+    pub cooldown_seconds: u64,
+    /// Re-cluster when the monitor fires (otherwise it only reports).
+    pub recluster: bool,
+    /// Activate a re-clustered snapshot that passes validation at once (otherwise stage it
+    /// for `POST /admin/snapshots/{version}/activate`).
+    pub auto_activate: bool,
+}
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        Self {
+            check_seconds: 30,
+            half_life_seconds: 3_600.0,
+            min_customers: 1_000,
+            psi_threshold: 0.2,
+            consecutive: 3,
+            cooldown_seconds: 3_600,
+            recluster: true,
+            auto_activate: true,
+        }
+    }
+}
+
+/// Per-axis sums of assignments (weights, standardised features, squared features, nearest
+/// distances), aligned with one snapshot's axes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DriftSums {
+    /// The snapshot version the sums belong to (0: none yet).
+    pub version: u64,
+    /// Per axis.
+    pub axes: Vec<AxisSums>,
+}
+
+/// One axis of [`DriftSums`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AxisSums {
+    /// Weight (assignments counted, decayed).
+    pub n: f64,
+    /// Sum of each standardised feature.
+    pub z: Vec<f64>,
+    /// Sum of each standardised feature's square.
+    pub z2: Vec<f64>,
+    /// Sum of distances to the nearest centroid.
+    pub distance: f64,
+}
+
+impl DriftSums {
+    /// Adds one assignment.
+    pub fn add(&mut self, assigner: &Assigner, assignment: &Assignment) {
+        if self.version != assigner.version() || self.axes.len() != assignment.axes.len() {
+            self.version = assigner.version();
+            self.axes = (0..assignment.axes.len())
+                .map(|a| {
+                    let d = assignment.z(assigner, a).len();
+                    AxisSums {
+                        z: vec![0.0; d],
+                        z2: vec![0.0; d],
+                        ..AxisSums::default()
+                    }
+                })
+                .collect();
+        }
+        for (a, sums) in self.axes.iter_mut().enumerate() {
+            let outcome = &assignment.axes[a];
+            if outcome.segment.is_none() {
+                continue;
+            }
+            sums.n += 1.0;
+            sums.distance += outcome.distance;
+            for (j, z) in assignment.z(assigner, a).iter().enumerate() {
+                sums.z[j] += z;
+                sums.z2[j] += z * z;
+            }
+        }
+    }
+
+    /// Adds another batch's (or part's) sums of the same version; sums of another version
+    /// replace these when newer.
+    pub fn merge(&mut self, other: &DriftSums) {
+        if other.axes.is_empty() {
+            return;
+        }
+        if self.version != other.version || self.axes.len() != other.axes.len() {
+            *self = other.clone();
+            return;
+        }
+        for (mine, theirs) in self.axes.iter_mut().zip(&other.axes) {
+            mine.n += theirs.n;
+            mine.distance += theirs.distance;
+            for (m, t) in mine.z.iter_mut().zip(&theirs.z) {
+                *m += t;
+            }
+            for (m, t) in mine.z2.iter_mut().zip(&theirs.z2) {
+                *m += t;
+            }
+        }
+    }
+
+    fn decay(&mut self, factor: f64) {
+        for sums in &mut self.axes {
+            sums.n *= factor;
+            sums.distance *= factor;
+            sums.z.iter_mut().for_each(|v| *v *= factor);
+            sums.z2.iter_mut().for_each(|v| *v *= factor);
+        }
+    }
+}
+
+/// What the committer hands the monitor: decayed sums and the latest segment counts.
+#[derive(Debug)]
+pub struct LiveState {
+    sums: DriftSums,
+    counts: Population,
+    last: Option<Instant>,
+    half_life: Duration,
+}
+
+impl Default for LiveState {
+    fn default() -> Self {
+        Self::new(Duration::from_secs_f64(
+            DriftConfig::default().half_life_seconds,
+        ))
+    }
+}
+
+/// Shared between the committer (writer) and the monitor (reader).
+pub type Live = Arc<Mutex<LiveState>>;
+
+impl LiveState {
+    /// Empty, with the half-life of the running sums.
+    pub fn new(half_life: Duration) -> Self {
+        Self {
+            sums: DriftSums::default(),
+            counts: Population::default(),
+            last: None,
+            half_life,
+        }
+    }
+
+    /// Absorbs a durable batch: decays the running sums to now, adds the batch's, and takes
+    /// the current counts.
+    pub fn absorb(&mut self, batch: &DriftSums, counts: &Population) {
+        let now = Instant::now();
+        if let Some(last) = self.last {
+            let dt = now.duration_since(last).as_secs_f64();
+            let h = self.half_life.as_secs_f64().max(1e-9);
+            self.sums.decay(0.5f64.powf(dt / h));
+        }
+        self.last = Some(now);
+        self.sums.merge(batch);
+        self.counts.clone_from(counts);
+    }
+}
+
+/// One axis's readings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reading {
+    /// Axis name.
+    pub axis: String,
+    /// Customers in the live counts.
+    pub customers: u64,
+    /// Population stability index of segment shares, live against baseline.
+    pub psi: f64,
+    /// Jensen–Shannon divergence of segment shares (natural log).
+    pub js: f64,
+    /// Mean distance to the nearest centroid over the baseline's.
+    pub distance_ratio: f64,
+    /// Largest |standardised mean| of a feature, and the feature.
+    pub worst_shift: f64,
+    /// The feature with the largest shift.
+    pub worst_feature: String,
+    /// Whether the axis has enough customers to be judged.
+    pub judged: bool,
+}
+
+/// PSI of `live` against `base` (both shares), with floored shares.
+pub fn psi(base: &[f64], live: &[f64]) -> f64 {
+    base.iter()
+        .zip(live)
+        .map(|(&b, &l)| {
+            let (b, l) = (b.max(SHARE_FLOOR), l.max(SHARE_FLOOR));
+            (l - b) * (l / b).ln()
+        })
+        .sum()
+}
+
+/// Jensen–Shannon divergence (natural log) of two share vectors.
+pub fn js_divergence(a: &[f64], b: &[f64]) -> f64 {
+    let kl = |p: &[f64], q: &[f64]| -> f64 {
+        p.iter()
+            .zip(q)
+            .filter(|(p, _)| **p > 0.0)
+            .map(|(p, q)| p * (p / q.max(SHARE_FLOOR * 1e-3)).ln())
+            .sum::<f64>()
+    };
+    let m: Vec<f64> = a.iter().zip(b).map(|(x, y)| 0.5 * (x + y)).collect();
+    0.5 * kl(a, &m) + 0.5 * kl(b, &m)
+}
+
+/// Reads every axis of `snapshot` from `live`. Counts or sums of another version read as
+/// not judged.
+pub fn readings(snapshot: &ValidSnapshot, live: &LiveState, min_customers: u64) -> Vec<Reading> {
+    let version = snapshot.version();
+    snapshot
+        .axes()
+        .iter()
+        .enumerate()
+        .map(|(a, axis)| {
+            let model = &axis.model;
+            let name = model.axis.as_str().to_owned();
+            let empty = BTreeMap::new();
+            let counts = if live.counts.snapshot_version == version {
+                live.counts.counts.get(&name).unwrap_or(&empty)
+            } else {
+                &empty
+            };
+            let customers: i64 = model
+                .segments
+                .iter()
+                .map(|s| counts.get(&s.id).copied().unwrap_or(0).max(0))
+                .sum();
+            let customers = customers.max(0) as u64;
+            let base: Vec<f64> = model.segments.iter().map(|s| s.share).collect();
+            let live_shares: Vec<f64> = model
+                .segments
+                .iter()
+                .map(|s| {
+                    counts.get(&s.id).copied().unwrap_or(0).max(0) as f64 / customers.max(1) as f64
+                })
+                .collect();
+            let sums = (live.sums.version == version)
+                .then(|| live.sums.axes.get(a))
+                .flatten()
+                .filter(|s| s.n > 0.0);
+            let base_distance: f64 = model
+                .segments
+                .iter()
+                .map(|s| s.share * s.mean_distance)
+                .sum();
+            let (distance_ratio, worst_shift, worst_feature) = match sums {
+                Some(s) => {
+                    let ratio = if base_distance > 0.0 {
+                        (s.distance / s.n) / base_distance
+                    } else {
+                        f64::NAN
+                    };
+                    let (j, shift) = s.z.iter().map(|z| (z / s.n).abs()).enumerate().fold(
+                        (0, 0.0f64),
+                        |best, (j, v)| if v > best.1 { (j, v) } else { best },
+                    );
+                    (
+                        ratio,
+                        shift,
+                        model.features.get(j).cloned().unwrap_or_default(),
+                    )
+                }
+                None => (f64::NAN, f64::NAN, String::new()),
+            };
+            let judged = customers >= min_customers;
+            Reading {
+                axis: name,
+                customers,
+                psi: if judged {
+                    psi(&base, &live_shares)
+                } else {
+                    f64::NAN
+                },
+                js: if judged {
+                    js_divergence(&base, &live_shares)
+                } else {
+                    f64::NAN
+                },
+                distance_ratio,
+                worst_shift,
+                worst_feature,
+                judged,
+            }
+        })
+        .collect()
+}
+
+/// The trigger: consecutive drifted checks per axis, and the cooldown.
+#[derive(Debug, Default)]
+pub struct Trigger {
+    streaks: BTreeMap<String, u32>,
+    last_fired: Option<Instant>,
+}
+
+impl Trigger {
+    /// Records one check's readings; returns the axes that fire now (empty: no firing).
+    pub fn check(
+        &mut self,
+        readings: &[Reading],
+        config: &DriftConfig,
+        now: Instant,
+    ) -> Vec<String> {
+        let mut due = Vec::new();
+        for r in readings {
+            let streak = self.streaks.entry(r.axis.clone()).or_insert(0);
+            if r.judged && r.psi > config.psi_threshold {
+                *streak += 1;
+            } else {
+                *streak = 0;
+            }
+            if *streak >= config.consecutive.max(1) {
+                due.push(r.axis.clone());
+            }
+        }
+        let cooled = self
+            .last_fired
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(config.cooldown_seconds));
+        if due.is_empty() || !cooled {
+            return Vec::new();
+        }
+        self.last_fired = Some(now);
+        self.streaks.clear();
+        due
+    }
+
+    /// Whether `axis` is currently drifted (on a streak).
+    pub fn drifted(&self, axis: &str) -> bool {
+        self.streaks.get(axis).is_some_and(|s| *s > 0)
+    }
+}
+
+/// Exports readings as gauges.
+pub fn export(readings: &[Reading], trigger: &Trigger, metrics: &Metrics) {
+    for r in readings {
+        let axis = [r.axis.as_str()];
+        metrics.drift_psi.with_label_values(&axis).set(r.psi);
+        metrics.drift_js.with_label_values(&axis).set(r.js);
+        metrics
+            .drift_distance_ratio
+            .with_label_values(&axis)
+            .set(r.distance_ratio);
+        metrics
+            .drift_feature_shift
+            .with_label_values(&axis)
+            .set(r.worst_shift);
+        metrics
+            .drift_detected
+            .with_label_values(&axis)
+            .set(i64::from(trigger.drifted(&r.axis)));
+    }
+}
+
+/// Checks drift every `config.check_seconds` until shutdown: exports the readings and, when
+/// the trigger fires and `config.recluster` is on, starts a re-clustering (one at a time; the
+/// checks go on meanwhile).
+pub async fn monitor(
+    config: DriftConfig,
+    registry: Arc<super::Registry>,
+    live: Live,
+    metrics: Arc<Metrics>,
+    reclusterer: Option<Arc<super::recluster::Reclusterer>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut trigger = Trigger::default();
+    let every = Duration::from_secs(config.check_seconds);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let loaded = registry.shared().load_full();
+        let current = {
+            let live = live.lock().unwrap_or_else(|e| e.into_inner());
+            readings(&loaded.snapshot, &live, config.min_customers)
+        };
+        let fired = trigger.check(&current, &config, Instant::now());
+        export(&current, &trigger, &metrics);
+        if fired.is_empty() {
+            continue;
+        }
+        tracing::warn!(axes = ?fired, version = loaded.snapshot.version(), "drift detected");
+        let Some(reclusterer) = reclusterer.clone().filter(|_| config.recluster) else {
+            continue;
+        };
+        let cause = super::recluster::Cause {
+            reason: "drift".into(),
+            readings: current,
+        };
+        tokio::task::spawn_blocking(move || {
+            if reclusterer.run(&cause).is_none() {
+                tracing::info!("a re-clustering is already running; this trigger is dropped");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psi_and_js_by_hand() {
+        assert_eq!(psi(&[0.5, 0.5], &[0.5, 0.5]), 0.0);
+        // (0.7-0.5) ln(0.7/0.5) + (0.3-0.5) ln(0.3/0.5)
+        let want = 0.2 * (1.4f64).ln() - 0.2 * (0.6f64).ln();
+        assert!((psi(&[0.5, 0.5], &[0.7, 0.3]) - want).abs() < 1e-12);
+        assert!(js_divergence(&[1.0, 0.0], &[0.0, 1.0]) - std::f64::consts::LN_2 < 1e-9);
+        assert!(js_divergence(&[0.2, 0.8], &[0.2, 0.8]).abs() < 1e-12);
+    }
+
+    #[test]
+    fn readings_compare_live_counts_and_sums_with_the_baseline() {
+        use crate::domain::features::Axis;
+        use crate::pipeline::process::AxisChange;
+        let snapshot = crate::model::snapshot::tests::sample_snapshot()
+            .validate()
+            .unwrap();
+        let mut counts = Population::new(snapshot.version());
+        // 1,000 customers: 700 in segment 1, 300 in segment 2 (baseline 0.4 / 0.6).
+        for i in 0..1_000 {
+            let segment = if i < 700 { 1 } else { 2 };
+            counts.apply(
+                snapshot.version(),
+                None,
+                &[AxisChange {
+                    axis: Axis::PurchaseFrequency,
+                    previous: None,
+                    segment: Some(segment),
+                }],
+            );
+        }
+        let mut sums = DriftSums {
+            version: snapshot.version(),
+            axes: vec![AxisSums {
+                n: 10.0,
+                z: vec![5.0, -20.0],
+                z2: vec![10.0, 50.0],
+                distance: 9.0,
+            }],
+        };
+        let mut live = LiveState::new(Duration::from_secs(3_600));
+        live.absorb(&sums, &counts);
+        let r = &readings(&snapshot, &live, 500)[0];
+        assert!(r.judged);
+        assert_eq!(r.customers, 1_000);
+        assert!((r.psi - psi(&[0.4, 0.6], &[0.7, 0.3])).abs() < 1e-12);
+        assert!((r.js - js_divergence(&[0.4, 0.6], &[0.7, 0.3])).abs() < 1e-12);
+        // Baseline distance 0.4·0.5 + 0.6·0.4 = 0.44; live 9 / 10.
+        assert!((r.distance_ratio - 0.9 / 0.44).abs() < 1e-9);
+        assert_eq!(r.worst_shift, 2.0);
+        assert_eq!(r.worst_feature, snapshot.axes()[0].model.features[1]);
+        // Too few customers: not judged.
+        assert!(!readings(&snapshot, &live, 5_000)[0].judged);
+        // Sums of another version are ignored.
+        sums.version += 1;
+        let mut other = LiveState::new(Duration::from_secs(3_600));
+        other.absorb(&sums, &counts);
+        assert!(readings(&snapshot, &other, 500)[0].distance_ratio.is_nan());
+    }
+
+    fn reading(axis: &str, psi: f64) -> Reading {
+        Reading {
+            axis: axis.into(),
+            customers: 5_000,
+            psi,
+            js: 0.0,
+            distance_ratio: 1.0,
+            worst_shift: 0.0,
+            worst_feature: String::new(),
+            judged: true,
+        }
+    }
+
+    #[test]
+    fn fires_after_consecutive_drifted_checks_then_cools_down() {
+        let config = DriftConfig {
+            consecutive: 3,
+            cooldown_seconds: 60,
+            ..DriftConfig::default()
+        };
+        let mut t = Trigger::default();
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert!(t.check(&[reading("a", 0.3)], &config, at(0)).is_empty());
+        // A calm check breaks the streak.
+        assert!(t.check(&[reading("a", 0.1)], &config, at(1)).is_empty());
+        assert!(t.check(&[reading("a", 0.3)], &config, at(2)).is_empty());
+        assert!(t.check(&[reading("a", 0.3)], &config, at(3)).is_empty());
+        assert!(t.drifted("a"));
+        assert_eq!(t.check(&[reading("a", 0.3)], &config, at(4)), vec!["a"]);
+        // Cooling down: a new streak does not fire before 60 s.
+        for s in 5..8 {
+            assert!(t.check(&[reading("a", 0.3)], &config, at(s)).is_empty());
+        }
+        assert_eq!(t.check(&[reading("a", 0.3)], &config, at(70)), vec!["a"]);
+    }
+}
