@@ -218,6 +218,7 @@ pub fn build_from_features(
         clustering: clustering.record(),
         axes,
         skipped_axes,
+        lineage: None,
     };
     // Check what we produced with the same checks every reader applies.
     let snapshot = snapshot

@@ -4,6 +4,7 @@
 pub mod assign;
 pub mod discover;
 pub mod kmeans;
+pub mod lineage;
 pub mod matching;
 pub mod naming;
 pub mod sampling;

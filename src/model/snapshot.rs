@@ -267,6 +267,45 @@ pub struct Snapshot {
     pub axes: Vec<AxisModel>,
     /// Axes without a model, and why.
     pub skipped_axes: Vec<SkippedAxis>,
+    /// How its segment ids were matched to a previous snapshot's (absent: ids are its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<Lineage>,
+}
+
+/// Segment identity across snapshots: which segments kept a previous snapshot's ids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lineage {
+    /// The version the ids were matched against; its ids mean the same segments here.
+    pub previous_version: u64,
+    /// Largest centroid distance (previous snapshot's standardised units) at which a segment
+    /// kept its id.
+    pub max_distance: f64,
+    /// Per axis of this snapshot.
+    pub axes: Vec<AxisLineage>,
+}
+
+/// One axis of a [`Lineage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AxisLineage {
+    /// The axis.
+    pub axis: Axis,
+    /// Per segment of this snapshot's axis, in segment order.
+    pub segments: Vec<SegmentLineage>,
+}
+
+/// One segment's match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentLineage {
+    /// Its id here.
+    pub id: u32,
+    /// The previous snapshot's segment it continues (its id is then `id`), if any.
+    pub previous_id: Option<u32>,
+    /// Distance to the matched previous centroid, if matched by optimal assignment (kept or
+    /// not).
+    pub distance: Option<f64>,
 }
 
 /// A checked axis model with its features resolved.
@@ -383,11 +422,47 @@ impl Snapshot {
             seen_axes.push(model.axis);
             axes.push(validate_axis(model)?);
         }
+        if let Some(lineage) = &self.lineage {
+            check_lineage(lineage, &self.axes)?;
+        }
         Ok(ValidSnapshot {
             snapshot: self,
             axes,
         })
     }
+}
+
+fn check_lineage(lineage: &Lineage, axes: &[AxisModel]) -> Result<(), SnapshotError> {
+    if !(lineage.max_distance.is_finite() && lineage.max_distance >= 0.0) {
+        return Err(invalid(
+            "lineage: max_distance must be finite and non-negative",
+        ));
+    }
+    for entry in &lineage.axes {
+        let model = axes
+            .iter()
+            .find(|m| m.axis == entry.axis)
+            .ok_or_else(|| invalid(format!("lineage: axis {} has no model", entry.axis)))?;
+        let ids: Vec<u32> = model.segments.iter().map(|s| s.id).collect();
+        let listed: Vec<u32> = entry.segments.iter().map(|s| s.id).collect();
+        if ids != listed {
+            return Err(invalid(format!(
+                "lineage: axis {} lists segments {listed:?}, the model has {ids:?}",
+                entry.axis
+            )));
+        }
+        let bad = entry.segments.iter().any(|s| {
+            s.distance.is_some_and(|d| !(d.is_finite() && d >= 0.0))
+                || s.previous_id.is_some_and(|p| p != s.id)
+        });
+        if bad {
+            return Err(invalid(format!(
+                "lineage: axis {} has a bad distance or a carried id that differs",
+                entry.axis
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn validate_axis(model: &AxisModel) -> Result<ValidAxis, SnapshotError> {
@@ -554,6 +629,7 @@ pub(crate) mod tests {
                 ],
             }],
             skipped_axes: vec![],
+            lineage: None,
         }
     }
 

@@ -477,6 +477,7 @@ pub async fn run(
     population.export(&metrics);
     let committer = Committer {
         population,
+        snapshot: snapshot.clone(),
         drift: hooks.drift.clone(),
         store: store.clone(),
         pending: pending.clone(),
@@ -875,6 +876,7 @@ async fn publish(
 /// The second stage: makes batches durable, in order.
 struct Committer {
     population: Population,
+    snapshot: SharedSnapshot,
     drift: Live,
     store: Arc<dyn StateStore>,
     pending: Arc<Pending>,
@@ -931,8 +933,14 @@ impl Committer {
         // The populations move with the records that changed them, in the same write.
         for update in &prepared.updates {
             if update.snapshot_version != self.population.snapshot_version {
-                // A swap: the old ids mean nothing under the new snapshot.
-                self.population = Population::new(update.snapshot_version);
+                // A swap: counts carry over only for segments whose ids the new snapshot
+                // kept.
+                let loaded = self.snapshot.load();
+                if loaded.snapshot.version() == update.snapshot_version {
+                    self.population.advance(&loaded.snapshot);
+                } else {
+                    self.population = Population::new(update.snapshot_version);
+                }
                 self.metrics.segment_customers.reset();
             }
             self.population.apply(

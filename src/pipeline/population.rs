@@ -27,6 +27,9 @@ pub struct Population {
     pub snapshot_version: u64,
     /// Customers per axis name and segment id.
     pub counts: BTreeMap<String, BTreeMap<u32, i64>>,
+    /// The version these counts were carried over from (its ids are comparable), if any.
+    #[serde(default)]
+    pub carried_from: Option<u64>,
 }
 
 impl Population {
@@ -35,7 +38,41 @@ impl Population {
         Self {
             snapshot_version: version,
             counts: BTreeMap::new(),
+            carried_from: None,
         }
+    }
+
+    /// Moves the counts to a newly activated snapshot: when its lineage carried this
+    /// version's ids, the segments that kept their ids keep their counts (their customers
+    /// are only re-published if they change); otherwise counting starts from zero.
+    pub fn advance(&mut self, snapshot: &crate::model::snapshot::ValidSnapshot) {
+        let old = self.snapshot_version;
+        let lineage = snapshot
+            .snapshot()
+            .lineage
+            .as_ref()
+            .filter(|l| l.previous_version == old);
+        let Some(lineage) = lineage else {
+            *self = Self::new(snapshot.version());
+            return;
+        };
+        let mut counts = BTreeMap::new();
+        for axis in &lineage.axes {
+            let name = axis.axis.as_str().to_owned();
+            let before = self.counts.get(&name);
+            let kept: BTreeMap<u32, i64> = axis
+                .segments
+                .iter()
+                .filter_map(|s| s.previous_id)
+                .filter_map(|id| before.and_then(|b| b.get(&id)).map(|c| (id, *c)))
+                .collect();
+            counts.insert(name, kept);
+        }
+        *self = Self {
+            snapshot_version: snapshot.version(),
+            counts,
+            carried_from: Some(old),
+        };
     }
 
     /// Counts of `version` from the store, or empty ones.
@@ -69,7 +106,8 @@ impl Population {
         if version != self.snapshot_version {
             return;
         }
-        let same = previous_version == Some(version);
+        let same = previous_version == Some(version)
+            || (previous_version.is_some() && previous_version == self.carried_from);
         for change in changes {
             let axis = self
                 .counts

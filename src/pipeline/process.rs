@@ -367,8 +367,19 @@ pub fn process_batch(
     Ok(result)
 }
 
-/// Hysteresis: keeps each axis on the segment last published (under the same snapshot
-/// version) unless the nearest segment's membership beats it by more than `margin`.
+/// Whether segment ids published under `published`'s version mean the same segments in
+/// `snapshot`: the same version, or the snapshot's lineage carried that version's ids.
+fn ids_comparable(snapshot: &ValidSnapshot, published: &Published) -> bool {
+    published.snapshot_version == snapshot.version()
+        || snapshot
+            .snapshot()
+            .lineage
+            .as_ref()
+            .is_some_and(|l| l.previous_version == published.snapshot_version)
+}
+
+/// Hysteresis: keeps each axis on the segment last published (under a version whose ids are
+/// comparable) unless the nearest segment's membership beats it by more than `margin`.
 fn hold_segments(
     snapshot: &ValidSnapshot,
     assigner: &Assigner,
@@ -379,7 +390,7 @@ fn hold_segments(
     if margin <= 0.0 {
         return;
     }
-    let Some(published) = published.filter(|p| p.snapshot_version == snapshot.version()) else {
+    let Some(published) = published.filter(|p| ids_comparable(snapshot, p)) else {
         return;
     };
     for (a, axis) in snapshot.axes().iter().enumerate() {
@@ -470,15 +481,16 @@ fn decide(
     let now = published_axes(snapshot, assigner, assignment);
     let previous = record.published.as_ref();
     let before = |axis: Axis| previous.and_then(|p| p.axes.iter().find(|x| x.axis == axis));
-    // Segment ids are only comparable within one snapshot version: after a swap every axis
-    // counts as changed (its previous segment, from the old version, is still reported).
+    // Segment ids are only comparable within one snapshot version, or across a swap whose
+    // snapshot carried the previous version's ids (its lineage). Otherwise every axis counts
+    // as changed (its previous segment, from the old version, is still reported).
     let same_version = previous.is_some_and(|p| p.snapshot_version == version);
+    let comparable = previous.is_some_and(|p| ids_comparable(snapshot, p));
     let changed: Vec<AxisChange> = now
         .iter()
         .filter_map(|x| {
             let previous_segment = before(x.axis).and_then(|b| b.segment);
-            let differs =
-                !same_version || before(x.axis).is_none() || previous_segment != x.segment;
+            let differs = !comparable || before(x.axis).is_none() || previous_segment != x.segment;
             differs.then_some(AxisChange {
                 axis: x.axis,
                 previous: previous_segment,
@@ -497,6 +509,14 @@ fn decide(
         });
     let publish = policy.every_event || !changed.is_empty() || moved;
     if !publish {
+        if !same_version {
+            // Unchanged across a swap with carried ids: nothing to tell consumers, but the
+            // next comparison is against the new version.
+            if let Some(p) = record.published.as_mut() {
+                p.snapshot_version = version;
+                p.axes = now;
+            }
+        }
         return None;
     }
     let seq = previous.map_or(1, |p| p.seq + 1);
@@ -741,6 +761,47 @@ mod tests {
             "default margin: {held} flaps against {free} without"
         );
         assert_eq!(frozen, 0);
+    }
+
+    #[test]
+    fn a_swap_that_carried_ids_republishes_only_customers_that_changed() {
+        let v1 = sample_snapshot().validate().unwrap();
+        let mut carried = sample_snapshot();
+        carried.version = 2;
+        crate::model::lineage::carry_ids(&v1, &mut carried, 0.5).unwrap();
+        let v2 = carried.validate().unwrap();
+        let mut fresh = sample_snapshot();
+        fresh.version = 3;
+        let v3 = fresh.validate().unwrap();
+        let store = MemStore::default();
+        let quiet = PublishPolicy {
+            every_event: false,
+            epsilon: 0.5,
+            switch_margin: 0.0,
+        };
+        let mut offset = 0;
+        let mut step = |snapshot: &ValidSnapshot, id: &str| {
+            let assigner = Assigner::new(snapshot);
+            let offsets = store.offsets().unwrap();
+            let inputs = [input(order("a", id, 0), offset)];
+            offset += 1;
+            let result =
+                process_batch(&store, snapshot, &assigner, &quiet, &inputs, &offsets).unwrap();
+            store.commit(&result.store_batch).unwrap();
+            result
+        };
+        assert_eq!(step(&v1, "o1").updates.len(), 1);
+        // Same segments under v2's carried ids: nothing to publish, but the record moves on.
+        assert!(step(&v2, "o2").updates.is_empty());
+        let record =
+            CustomerRecord::decode(&store.get_many(&[b"a"]).unwrap()[0].clone().unwrap()).unwrap();
+        assert_eq!(record.published.unwrap().snapshot_version, 2);
+        // v3 has no lineage: its ids say nothing about v2's, so every axis is new.
+        let result = step(&v3, "o3");
+        assert_eq!(result.updates.len(), 1);
+        let update = &result.updates[0];
+        assert_eq!(update.changed.len(), update.axes.len());
+        assert_eq!(update.previous_snapshot_version, Some(2));
     }
 
     #[test]

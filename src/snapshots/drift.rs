@@ -54,6 +54,9 @@ pub struct DriftConfig {
     /// Activate a re-clustered snapshot that passes validation at once (otherwise stage it
     /// for `POST /admin/snapshots/{version}/activate`).
     pub auto_activate: bool,
+    /// A re-clustered segment whose centroid lies within this distance of an active
+    /// segment's (in the active snapshot's standardised units) keeps that segment's id.
+    pub same_segment_distance: f64,
 }
 
 impl Default for DriftConfig {
@@ -67,6 +70,7 @@ impl Default for DriftConfig {
             cooldown_seconds: 3_600,
             recluster: true,
             auto_activate: true,
+            same_segment_distance: 0.5,
         }
     }
 }

@@ -13,8 +13,9 @@
 //! 3. **Validate** against the live population, streamed through a second scan: per axis, KL
 //!    divergence of segment shares (sample against population) below `validate.max_kl` and
 //!    every segment's feature means within `validate.max_mean_shift`.
-//! 4. **Outcome.** A passing candidate becomes version N+1 (N the newest stored), recording
-//!    the trigger and the drift readings; it is activated, or staged when
+//! 4. **Outcome.** Segments within `drift.same_segment_distance` of an active segment keep its
+//!    id ([`carry_ids`]). A passing candidate becomes version N+1 (N the newest stored),
+//!    recording the trigger, the drift readings and the id matching; it is activated, or staged when
 //!    `drift.auto_activate` is off. A failing one is kept under `rejected/` with its reasons.
 
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use crate::config::Config;
 use crate::domain::features::{FeatureVector, Sources};
 use crate::domain::time::EventTime;
 use crate::model::assign::{Assigner, Assignment};
+use crate::model::lineage::carry_ids;
 use crate::model::sampling::{check_tiers, stratified_sample};
 use crate::model::snapshot::{AxisDriftRecord, SnapshotSource, TriggerRecord, ValidSnapshot};
 use crate::pipeline::process::CustomerRecord;
@@ -205,7 +207,13 @@ fn run(
         &clustering_config,
         version,
     )?;
-    let candidate = built.snapshot.clone().validate()?;
+    let mut document = built.snapshot;
+    carry_ids(
+        &active.snapshot,
+        &mut document,
+        config.drift.same_segment_distance,
+    )?;
+    let candidate = document.clone().validate()?;
     timings.cluster = step.elapsed().as_secs_f64();
 
     // 3. Validate against the live population.
@@ -213,12 +221,12 @@ fn run(
     let reasons = validate_live(store, &candidate, as_of, config)?;
     timings.validate = step.elapsed().as_secs_f64();
     if !reasons.is_empty() {
-        registry.keep_rejected(&built.snapshot, &reasons)?;
+        registry.keep_rejected(&document, &reasons)?;
         return Ok((ReclusterOutcome::Rejected { version, reasons }, timings));
     }
 
     // 4. Offer.
-    let bytes = serde_json::to_vec(&built.snapshot)?;
+    let bytes = serde_json::to_vec(&document)?;
     let activation = if auto_activate {
         Activation::Always
     } else {
