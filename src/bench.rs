@@ -627,7 +627,18 @@ async fn daemon_run(
             drift: Default::default(),
         };
         let (store, shared, shutdown) = (store.clone(), shared.clone(), shutdown.clone());
-        async move { run_loop(&kafka, Default::default(), store, shared, shutdown, hooks).await }
+        async move {
+            run_loop(
+                &kafka,
+                Default::default(),
+                Default::default(),
+                store,
+                shared,
+                shutdown,
+                hooks,
+            )
+            .await
+        }
     });
     let consumed = |store: &Arc<dyn StateStore>| -> anyhow::Result<i64> {
         Ok(store.offsets()?.values().sum())

@@ -73,6 +73,8 @@ pub struct Config {
     pub admin: crate::telemetry::admin::AdminConfig,
     /// `segmentd run`: drift monitoring and re-clustering.
     pub drift: crate::snapshots::drift::DriftConfig,
+    /// `segmentd run`: the re-assignment sweep after a snapshot swap.
+    pub sweep: crate::pipeline::sweep::SweepConfig,
     /// Whether the file or the environment set anything under `[features]` (as opposed to
     /// the defaults): `assign` checks only explicit settings against a snapshot's.
     #[serde(skip)]
@@ -392,6 +394,9 @@ impl Config {
                  positive"
                     .into(),
             ));
+        }
+        if self.sweep.chunk == 0 {
+            return Err(bad("sweep.chunk must be at least 1".into()));
         }
         if k.fetch_wait_max_ms > 300_000 {
             return Err(bad(

@@ -126,6 +126,7 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     );
     let kafka = config.kafka.clone();
     let policy = config.publish;
+    let sweep = config.sweep.clone();
     let mut task = tokio::spawn({
         let shutdown = shutdown.clone();
         let hooks = Hooks {
@@ -133,7 +134,7 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
             ready: ready.clone(),
             drift: live.clone(),
         };
-        async move { run_loop(&kafka, policy, store, shared, shutdown, hooks).await }
+        async move { run_loop(&kafka, policy, sweep, store, shared, shutdown, hooks).await }
     });
     let mut http_task = http_task;
     let outcome = tokio::select! {

@@ -203,7 +203,18 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
             shared.clone(),
             shutdown.clone(),
         );
-        async move { run_loop(&kafka, Default::default(), store, shared, shutdown, hooks).await }
+        async move {
+            run_loop(
+                &kafka,
+                Default::default(),
+                Default::default(),
+                store,
+                shared,
+                shutdown,
+                hooks,
+            )
+            .await
+        }
     });
     println!(
         "daemon running; metrics at http://{}/metrics; sending {} events/s (Ctrl-C to stop)",

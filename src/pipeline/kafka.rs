@@ -26,7 +26,7 @@
 //! `MAX_IN_FLIGHT` (two) batches wait for the committer, so nothing grows without bound.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,10 @@ use crate::telemetry::metrics::Metrics;
 use super::decode::{decode, DeadLetter};
 use super::pending::{Overlay, Pending};
 use super::population::{Population, META_KEY};
-use super::process::{process_batch, BatchResult, Input, ProcessError, PublishPolicy, Source};
+use super::process::{
+    process_batch, reassign_batch, BatchResult, Input, ProcessError, PublishPolicy, Source,
+};
+use super::sweep::{SweepConfig, SweepState, META_KEY as SWEEP_META_KEY};
 
 /// Kafka settings of the daemon.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -238,6 +241,8 @@ struct LoopShared {
     drain_timeout: Duration,
     /// Readiness: set on the first assignment, cleared when the loop stops.
     ready: Arc<AtomicBool>,
+    /// Snapshot version of the last batch made durable.
+    durable_version: AtomicU64,
 }
 
 /// A counter of in-flight batches that can be waited on from any thread (the rebalance
@@ -267,6 +272,10 @@ impl Gate {
     fn close(&self) {
         *self.lock() = 0;
         self.changed.notify_all();
+    }
+
+    fn count(&self) -> usize {
+        *self.lock()
     }
 
     /// Waits until no batch is in flight; false on timeout.
@@ -420,9 +429,11 @@ const MAX_IN_FLIGHT: usize = 2;
 ///
 /// A batch's state is durable only after its own outputs *and* those of every earlier batch
 /// are delivered; a failure stops both stages before anything later is committed.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: &KafkaConfig,
     policy: PublishPolicy,
+    sweep_config: SweepConfig,
     store: Arc<dyn StateStore>,
     snapshot: SharedSnapshot,
     shutdown: CancellationToken,
@@ -438,6 +449,7 @@ pub async fn run(
         in_flight: Gate::default(),
         drain_timeout: Duration::from_millis(config.session_timeout_ms / 2),
         ready: hooks.ready.clone(),
+        durable_version: AtomicU64::new(0),
     });
     let context = Resume {
         shared: shared.clone(),
@@ -498,15 +510,90 @@ pub async fn run(
     let mut consumed = 0u64;
     let mut batch_id = 0u64;
     let mut errors = ErrorLog::default();
+    let mut sweep = SweepState::load(store.as_ref()).map_err(ProcessError::from)?;
+    // Whether the running sweep may go: once no batch of the old version is in flight.
+    let mut sweep_cleared = sweep.cursor.is_some();
+    let mut sweep_next = tokio::time::Instant::now();
+    let mut last_was_sweep = false;
+    metrics
+        .sweep_progress
+        .set(if sweep.done { 1.0 } else { 0.0 });
     let outcome: Result<(), RunError> = loop {
+        let active = snapshot.load().snapshot.version();
+        if sweep.version != active {
+            tracing::info!(
+                version = active,
+                previous = sweep.version,
+                "re-assignment sweep starting"
+            );
+            sweep = SweepState::start(active);
+            sweep_cleared = false;
+            metrics.sweep_progress.set(0.0);
+        }
+        if !sweep.done && !sweep_cleared {
+            sweep_cleared = shared.in_flight.count() == 0
+                || shared.durable_version.load(Ordering::SeqCst) == active;
+        }
+        let sweeping = !sweep.done && sweep_cleared;
+        // After a sweep chunk, waiting records go first: the chunk after waits at least a
+        // millisecond, which is all a record already fetched needs.
+        let sweep_at = if last_was_sweep {
+            sweep_next.max(tokio::time::Instant::now() + Duration::from_millis(1))
+        } else {
+            sweep_next
+        };
+        let waiting_to_sweep = !sweep.done && !sweep_cleared;
         let mut batch: Vec<OwnedMessage> = Vec::with_capacity(config.max_batch);
         // Waiting for the first record is the only point where shutdown is observed, so a
         // batch in hand is always finished and committed before the loop ends.
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
+            _ = tokio::time::sleep_until(sweep_at), if sweeping => {
+                last_was_sweep = true;
+                batch_id += 1;
+                let loaded = snapshot.load_full();
+                let task = {
+                    let (overlay, pending, state) = (overlay.clone(), pending.clone(), sweep.clone());
+                    let chunk = sweep_config.chunk.max(1);
+                    tokio::task::spawn_blocking(move || {
+                        prepare_sweep(batch_id, state, chunk, &overlay, &pending, &loaded, &policy)
+                    })
+                };
+                let prepared = match task.await {
+                    Ok(Ok(prepared)) => prepared,
+                    Ok(Err(e)) => break Err(e.into()),
+                    Err(e) => break Err(RunError::Task(e.to_string())),
+                };
+                if let Some(state) = &prepared.sweep {
+                    sweep = state.clone();
+                }
+                let now = tokio::time::Instant::now();
+                sweep_next = if sweep_config.customers_per_second == 0 {
+                    now
+                } else {
+                    sweep_next.max(now)
+                        + Duration::from_secs_f64(
+                            prepared.swept as f64 / sweep_config.customers_per_second as f64,
+                        )
+                };
+                let in_flight = match publish(&producer, &topics, prepared).await {
+                    Ok(in_flight) => in_flight,
+                    Err(e) => break Err(e),
+                };
+                shared.in_flight.enter();
+                if to_committer.send(in_flight).await.is_err() {
+                    shared.in_flight.leave();
+                    break Ok(());
+                }
+                continue;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)), if waiting_to_sweep => continue,
+            // While no record comes, look at the snapshot now and then: a swap starts a sweep.
+            _ = tokio::time::sleep(Duration::from_millis(250)), if !sweeping => continue,
             first = consumer.recv() => match first {
                 Ok(m) => {
+                    last_was_sweep = false;
                     errors.clear();
                     batch.push(m.detach());
                 }
@@ -622,9 +709,31 @@ struct Outgoing {
     changed: Vec<super::process::AxisChange>,
 }
 
+impl Outgoing {
+    fn new(mut update: super::process::MembershipUpdate, arrived_ms: Option<i64>) -> Self {
+        // A 13-axis update is about 1.5 KB: size the buffer once.
+        let mut payload = Vec::with_capacity(2048);
+        serde_json::to_writer(&mut payload, &update).unwrap_or_default();
+        Self {
+            key: update.customer_id.to_string(),
+            payload,
+            snapshot_version: update.snapshot_version,
+            previous_snapshot_version: update.previous_snapshot_version,
+            arrived_ms,
+            changed: std::mem::take(&mut update.changed),
+        }
+    }
+}
+
 /// A batch decoded and processed, its outputs serialised, not yet sent.
 struct Prepared {
     id: u64,
+    /// The snapshot version it was processed with.
+    version: u64,
+    /// For a sweep chunk: the sweep's state after it.
+    sweep: Option<SweepState>,
+    /// For a sweep chunk: customers visited.
+    swept: usize,
     records: usize,
     updates: Vec<Outgoing>,
     dead: Vec<(OwnedMessage, DeadLetter)>,
@@ -705,10 +814,7 @@ fn prepare(
                 processed,
             )?;
             let mut outgoing = Vec::with_capacity(result.updates.len());
-            for mut update in std::mem::take(&mut result.updates) {
-                // A 13-axis update is about 1.5 KB: size the buffer once.
-                let mut payload = Vec::with_capacity(2048);
-                serde_json::to_writer(&mut payload, &update).unwrap_or_default();
+            for update in std::mem::take(&mut result.updates) {
                 let t = topics
                     .iter()
                     .position(|(name, _)| *name == update.cause.topic)
@@ -716,14 +822,7 @@ fn prepare(
                 let arrived_ms = arrived
                     .get(&(t, update.cause.partition, update.cause.offset))
                     .copied();
-                outgoing.push(Outgoing {
-                    key: update.customer_id.to_string(),
-                    payload,
-                    snapshot_version: update.snapshot_version,
-                    previous_snapshot_version: update.previous_snapshot_version,
-                    arrived_ms,
-                    changed: std::mem::take(&mut update.changed),
-                });
+                outgoing.push(Outgoing::new(update, arrived_ms));
             }
             Ok((result, outgoing))
         })
@@ -765,6 +864,9 @@ fn prepare(
         .collect();
     Ok(Prepared {
         id,
+        version: loaded.snapshot.version(),
+        sweep: None,
+        swept: 0,
         records,
         updates,
         dead,
@@ -777,6 +879,63 @@ fn prepare(
         started,
         decode_ms: decoded.as_secs_f64() * 1e3,
         process_ms: (processed_at - decoded).as_secs_f64() * 1e3,
+    })
+}
+
+/// Prepares the next chunk of the sweep: re-assigns the next keys through the overlay, and
+/// stores the advanced cursor with their records. Runs off the async runtime.
+fn prepare_sweep(
+    id: u64,
+    mut sweep: SweepState,
+    chunk: usize,
+    overlay: &Arc<dyn StateStore>,
+    pending: &Pending,
+    loaded: &LoadedSnapshot,
+    policy: &PublishPolicy,
+) -> Result<Prepared, ProcessError> {
+    let started = Instant::now();
+    // The durable store's keys: every customer of the old version is durable by now (the
+    // sweep starts only then), and customers created since are on the new version already.
+    let keys = overlay.keys_after(sweep.cursor.as_deref(), chunk)?;
+    let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    let mut result = reassign_batch(
+        overlay.as_ref(),
+        &loaded.snapshot,
+        &loaded.assigner,
+        policy,
+        &refs,
+    )?;
+    pending.insert(id, &result.store_batch.records);
+    sweep.visited += keys.len() as u64;
+    if let Some(last) = keys.last() {
+        sweep.cursor = Some(last.clone());
+    }
+    sweep.done = keys.len() < chunk;
+    result
+        .store_batch
+        .meta
+        .push((SWEEP_META_KEY.to_vec(), sweep.encode()));
+    let updates = std::mem::take(&mut result.updates)
+        .into_iter()
+        .map(|u| Outgoing::new(u, None))
+        .collect();
+    Ok(Prepared {
+        id,
+        version: loaded.snapshot.version(),
+        sweep: Some(sweep),
+        swept: keys.len(),
+        records: 0,
+        updates,
+        dead: Vec::new(),
+        store_batch: result.store_batch,
+        outcomes: Vec::new(),
+        drift: result.drift,
+        applied: 0,
+        duplicates: 0,
+        newest_event_time: None,
+        started,
+        decode_ms: 0.0,
+        process_ms: started.elapsed().as_secs_f64() * 1e3,
     })
 }
 
@@ -965,8 +1124,28 @@ impl Committer {
             .unwrap_or_else(|e| e.into_inner())
             .absorb(&prepared.drift, &self.population);
         commit_group(&self.consumer, &prepared.store_batch.offsets);
+        self.shared
+            .durable_version
+            .store(prepared.version, Ordering::SeqCst);
         self.shared.in_flight.leave();
         self.record_metrics(&prepared);
+        if let Some(sweep) = &prepared.sweep {
+            self.metrics.sweep_customers.inc_by(prepared.swept as u64);
+            let progress = if sweep.done {
+                1.0
+            } else {
+                let keys = self.store.stats().estimated_keys.max(1) as f64;
+                (sweep.visited as f64 / keys).min(0.99)
+            };
+            self.metrics.sweep_progress.set(progress);
+            if sweep.done {
+                tracing::info!(
+                    version = sweep.version,
+                    customers = sweep.visited,
+                    "re-assignment sweep finished"
+                );
+            }
+        }
         stats.applied += prepared.applied as u64;
         stats.duplicates += prepared.duplicates as u64;
         stats.dead_letters += prepared.dead.len() as u64;
@@ -987,7 +1166,9 @@ impl Committer {
 
     fn record_metrics(&self, prepared: &Prepared) {
         let metrics = &self.metrics;
-        metrics.batch_size.observe(prepared.records as f64);
+        if prepared.records > 0 {
+            metrics.batch_size.observe(prepared.records as f64);
+        }
         let now_ms = chrono::Utc::now().timestamp_millis();
         for update in &prepared.updates {
             if let Some(ms) = update.arrived_ms {

@@ -11,3 +11,4 @@ pub mod kafka;
 pub mod pending;
 pub mod population;
 pub mod process;
+pub mod sweep;

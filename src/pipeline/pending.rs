@@ -109,6 +109,10 @@ impl StateStore for Overlay {
         self.store.for_each(visit)
     }
 
+    fn keys_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.store.keys_after(after, limit)
+    }
+
     fn stats(&self) -> StoreStats {
         self.store.stats()
     }

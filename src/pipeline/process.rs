@@ -349,7 +349,13 @@ pub fn process_batch(
             &assignment,
             record,
             policy,
-            input,
+            &input.event.customer_id,
+            || Cause {
+                event_id: input.event.event_id.clone(),
+                topic: input.source.topic.to_string(),
+                partition: input.source.partition,
+                offset: input.source.offset,
+            },
             as_of,
         ) {
             result.updates.push(update);
@@ -466,15 +472,100 @@ pub fn published_record(
     }
 }
 
+/// The `cause.topic` of updates made by a re-assignment sweep (partition and offset -1, and
+/// `event_id` `sweep-v<version>`).
+pub const SWEEP_TOPIC: &str = "segmentd.sweep";
+
+/// Re-assigns stored customers against `snapshot` without an event: the sweep after a swap.
+/// Customers whose record is already on this version are left alone; the others are
+/// assigned at the time of their latest event and published per `policy` (with lineage, only
+/// if a segment changed). Records read through `store` (the overlay in the daemon).
+pub fn reassign_batch(
+    store: &dyn StateStore,
+    snapshot: &ValidSnapshot,
+    assigner: &Assigner,
+    policy: &PublishPolicy,
+    keys: &[&[u8]],
+) -> Result<BatchResult, ProcessError> {
+    let mut result = BatchResult::default();
+    let version = snapshot.version();
+    let params = snapshot.state_params();
+    let mut assignment = Assignment::default();
+    for (key, bytes) in keys.iter().zip(store.get_many(keys)?) {
+        let Some(bytes) = bytes else { continue };
+        let customer = String::from_utf8_lossy(key);
+        let mut record =
+            CustomerRecord::decode(&bytes).map_err(|source| ProcessError::Corrupt {
+                customer: customer.to_string(),
+                source,
+            })?;
+        if record
+            .published
+            .as_ref()
+            .is_some_and(|p| p.snapshot_version == version)
+        {
+            continue;
+        }
+        let Some(as_of) = record
+            .state
+            .decay_ref
+            .and_then(|t| EventTime::from_unix(t).ok())
+        else {
+            continue;
+        };
+        let Ok(id) = CustomerId::parse(&customer) else {
+            continue;
+        };
+        let features = FeatureVector::compute(&record.state, as_of, params);
+        assigner.assign_into(&features, &mut assignment);
+        hold_segments(
+            snapshot,
+            assigner,
+            &mut assignment,
+            record.published.as_ref(),
+            policy.switch_margin,
+        );
+        result.drift.add(assigner, &assignment);
+        let sweep_policy = PublishPolicy {
+            every_event: false,
+            ..*policy
+        };
+        if let Some(update) = decide(
+            snapshot,
+            assigner,
+            &assignment,
+            &mut record,
+            &sweep_policy,
+            &id,
+            || Cause {
+                event_id: format!("sweep-v{version}"),
+                topic: SWEEP_TOPIC.into(),
+                partition: -1,
+                offset: -1,
+            },
+            as_of,
+        ) {
+            result.updates.push(update);
+        }
+        result
+            .store_batch
+            .records
+            .push((key.to_vec(), record.encode()));
+    }
+    Ok(result)
+}
+
 /// Compares the new assignment with what was last published and, if the policy says so,
 /// records and returns the update.
+#[allow(clippy::too_many_arguments)]
 fn decide(
     snapshot: &ValidSnapshot,
     assigner: &Assigner,
     assignment: &Assignment,
     record: &mut CustomerRecord,
     policy: &PublishPolicy,
-    input: &Input,
+    customer: &CustomerId,
+    cause: impl FnOnce() -> Cause,
     as_of: EventTime,
 ) -> Option<MembershipUpdate> {
     let version = snapshot.version();
@@ -553,19 +644,14 @@ fn decide(
         axes: now,
     });
     Some(MembershipUpdate {
-        customer_id: input.event.customer_id.clone(),
+        customer_id: customer.clone(),
         seq,
         snapshot_version: version,
         as_of,
         axes,
         changed,
         previous_snapshot_version,
-        cause: Cause {
-            event_id: input.event.event_id.clone(),
-            topic: input.source.topic.to_string(),
-            partition: input.source.partition,
-            offset: input.source.offset,
-        },
+        cause: cause(),
     })
 }
 

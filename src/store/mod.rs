@@ -117,6 +117,8 @@ pub trait StateStore: Send + Sync {
     /// Visits every customer record (key, encoded record) in key order, on a consistent
     /// view of the store; writes go on meanwhile.
     fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>;
+    /// Up to `limit` customer keys after `after` (from the first when `None`), in order.
+    fn keys_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
     /// Size figures.
     fn stats(&self) -> StoreStats;
 }
@@ -290,6 +292,28 @@ impl StateStore for RocksStore {
         self.db.get_cf(cf, key).map_err(|e| self.rocks(e))
     }
 
+    fn keys_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let cf = self.cf(CF_CUSTOMERS)?;
+        let mut options = rocksdb::ReadOptions::default();
+        options.fill_cache(false);
+        let mode = match after {
+            Some(key) => rocksdb::IteratorMode::From(key, rocksdb::Direction::Forward),
+            None => rocksdb::IteratorMode::Start,
+        };
+        let mut out = Vec::with_capacity(limit);
+        for item in self.db.iterator_cf_opt(cf, options, mode) {
+            let (key, _) = item.map_err(|e| self.rocks(e))?;
+            if after.is_some_and(|a| *key == *a) {
+                continue;
+            }
+            out.push(key.to_vec());
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
         let cf = self.cf(CF_CUSTOMERS)?;
         let snapshot = self.db.snapshot();
@@ -382,6 +406,21 @@ impl StateStore for MemStore {
 
     fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.lock().meta.get(key).cloned())
+    }
+
+    fn keys_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        use std::ops::Bound;
+        let inner = self.lock();
+        let start = match after {
+            Some(key) => Bound::Excluded(key.to_vec()),
+            None => Bound::Unbounded,
+        };
+        Ok(inner
+            .records
+            .range((start, Bound::Unbounded))
+            .take(limit)
+            .map(|(k, _)| k.clone())
+            .collect())
     }
 
     fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {

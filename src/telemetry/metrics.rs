@@ -48,6 +48,10 @@ pub struct Metrics {
     pub recluster_runs: IntCounterVec,
     /// Duration of re-clustering runs.
     pub recluster_seconds: Histogram,
+    /// Customers visited by re-assignment sweeps.
+    pub sweep_customers: IntCounter,
+    /// Progress of the current sweep, 0 to 1 (1 when none is running).
+    pub sweep_progress: Gauge,
     /// RocksDB live data and memtable bytes.
     pub store_size_bytes: IntGauge,
     /// RocksDB's estimate of the number of customers stored.
@@ -238,6 +242,20 @@ impl Metrics {
                         "Duration of re-clustering runs from live state.",
                     )
                     .buckets(vec![0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+                )?,
+            ),
+            sweep_customers: registered(
+                &registry,
+                IntCounter::new(
+                    "segmentd_sweep_customers_total",
+                    "Customers visited by re-assignment sweeps after snapshot swaps.",
+                )?,
+            ),
+            sweep_progress: registered(
+                &registry,
+                Gauge::new(
+                    "segmentd_sweep_progress",
+                    "Progress of the current re-assignment sweep, 0 to 1 (1: none running).",
                 )?,
             ),
             store_size_bytes: registered(

@@ -25,6 +25,7 @@ use segmentd::domain::state::CustomerState;
 use segmentd::model::snapshot::ValidSnapshot;
 use segmentd::pipeline::kafka::{run, Hooks, KafkaConfig, LoadedSnapshot, RunStats};
 use segmentd::pipeline::process::{MembershipUpdate, PublishPolicy};
+use segmentd::pipeline::sweep::SweepConfig;
 use segmentd::snapshots::Registry;
 use segmentd::store::{RocksStore, StateStore, StoreConfig};
 use segmentd::synth::{Shop, ShopParams};
@@ -210,7 +211,18 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
             switch_margin: 0.0,
         };
         let hooks = hooks.clone();
-        tokio::spawn(async move { run(&config, policy, store, shared, shutdown, hooks).await })
+        tokio::spawn(async move {
+            run(
+                &config,
+                policy,
+                SweepConfig::default(),
+                store,
+                shared,
+                shutdown,
+                hooks,
+            )
+            .await
+        })
     };
 
     let updates = read(&brokers, &output, 3).await;
@@ -385,6 +397,7 @@ async fn a_crash_mid_stream_loses_nothing_and_counts_nothing_twice() {
                 run(
                     &config,
                     PublishPolicy::default(),
+                    SweepConfig::default(),
                     store,
                     shared,
                     CancellationToken::new(),
@@ -429,6 +442,7 @@ async fn a_crash_mid_stream_loses_nothing_and_counts_nothing_twice() {
             run(
                 &config,
                 PublishPolicy::default(),
+                SweepConfig::default(),
                 store,
                 shared,
                 shutdown,
@@ -557,6 +571,7 @@ async fn a_snapshot_swap_mid_stream_switches_each_customer_once_in_order() {
             run(
                 &config,
                 PublishPolicy::default(),
+                SweepConfig::default(),
                 store,
                 shared,
                 shutdown,
@@ -688,5 +703,135 @@ async fn bad_snapshots_on_the_topic_are_rejected_and_the_running_one_stays() {
     .await;
     shutdown.cancel();
     follower.await.unwrap().unwrap();
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_swap_the_sweep_republishes_quiet_customers_and_resumes_after_a_crash() {
+    let cluster = Cluster::new();
+    let brokers = cluster.brokers();
+    let (input, output, dlq) = topics(&cluster, "events", 2).await;
+    let v1 = snapshot();
+    let mut v2 = v1.snapshot().clone();
+    v2.version = v1.version() + 1;
+    let dir = tempfile::tempdir().unwrap();
+    let store_config = StoreConfig {
+        path: dir.path().join("db"),
+        block_cache_bytes: 8 << 20,
+        ..StoreConfig::default()
+    };
+    let config = KafkaConfig {
+        brokers: brokers.clone(),
+        group_id: unique("group"),
+        input_topics: vec![input.clone()],
+        output_topic: output.clone(),
+        dead_letter_topic: dlq,
+        session_timeout_ms: 6_000,
+        ..KafkaConfig::default()
+    };
+    // Slow enough to be caught mid-way: 5 customers a chunk, 25 a second.
+    let sweep = SweepConfig {
+        customers_per_second: 25,
+        chunk: 5,
+    };
+    let registry = Registry::open(
+        &dir.path().join("snapshots"),
+        5,
+        v1.clone(),
+        Arc::new(Metrics::new().unwrap()),
+    )
+    .unwrap();
+    let start = |store: Arc<dyn StateStore>, shutdown: CancellationToken, hooks: Hooks| {
+        let (config, sweep, shared) = (config.clone(), sweep.clone(), registry.shared());
+        tokio::spawn(async move {
+            run(
+                &config,
+                PublishPolicy::default(),
+                sweep,
+                store,
+                shared,
+                shutdown,
+                hooks,
+            )
+            .await
+        })
+    };
+    let customers: Vec<String> = (0..40).map(|c| format!("Q{c:02}")).collect();
+    let events: Vec<(String, String)> = customers
+        .iter()
+        .map(|c| (c.clone(), order(&format!("{c}-1"), c, 1, "7.5")))
+        .collect();
+    produce(&brokers, &input, &events).await;
+
+    // First run: the events, then a swap with no further events; crash mid-sweep.
+    {
+        let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&store_config).unwrap());
+        let task = start(store.clone(), CancellationToken::new(), hooks());
+        wait_for("the events", || durable(store.as_ref()) >= 40).await;
+        registry
+            .offer(
+                &serde_json::to_vec(&v2).unwrap(),
+                segmentd::snapshots::Origin::Http,
+                segmentd::snapshots::Activation::Always,
+            )
+            .unwrap();
+        let visited = |store: &dyn StateStore| -> u64 {
+            segmentd::pipeline::sweep::SweepState::load(store)
+                .unwrap()
+                .visited
+        };
+        wait_for("part of the sweep", || visited(store.as_ref()) >= 10).await;
+        task.abort();
+        let _ = task.await;
+        assert!(
+            visited(store.as_ref()) < 40,
+            "the crash must come mid-sweep"
+        );
+        wait_for("the store to be released", || {
+            Arc::strong_count(&store) == 1
+        })
+        .await;
+    }
+
+    // Restart: the sweep resumes from its stored cursor and finishes.
+    let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&store_config).unwrap());
+    let shutdown = CancellationToken::new();
+    let restarted = hooks();
+    let task = start(store.clone(), shutdown.clone(), restarted.clone());
+    wait_for("the sweep to finish", || {
+        segmentd::pipeline::sweep::SweepState::load(store.as_ref())
+            .unwrap()
+            .done
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(restarted.metrics.sweep_progress.get(), 1.0);
+
+    // Every customer: one update on v1 (its event), then v2 from the sweep; a chunk redone
+    // after the crash repeats identical content only.
+    let records = read(&brokers, &output, 80).await;
+    let mut by_customer: BTreeMap<String, Vec<MembershipUpdate>> = BTreeMap::new();
+    for m in &records {
+        let u: MembershipUpdate = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        by_customer
+            .entry(u.customer_id.to_string())
+            .or_default()
+            .push(u);
+    }
+    assert_eq!(by_customer.len(), customers.len());
+    for (customer, mut seen) in by_customer {
+        seen.dedup();
+        let summary: Vec<(u64, u64)> = seen.iter().map(|u| (u.seq, u.snapshot_version)).collect();
+        assert_eq!(
+            summary,
+            vec![(1, v1.version()), (2, v2.version)],
+            "{customer}"
+        );
+        assert_eq!(
+            seen[1].cause.topic,
+            segmentd::pipeline::process::SWEEP_TOPIC
+        );
+    }
     drop(cluster);
 }
