@@ -197,7 +197,17 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
          13 axes, k 2..=6, validated against everyone): {seconds:.2} s"
     );
 
-    // 5. a real daemon process over a large store
+    // 5. live traffic through a swap and the sweep it starts
+    {
+        let snapshot = shared.load_full();
+        swap_run(
+            &cluster, &brokers, &producer, &payloads, &snapshot, &states, &dir, &args, n,
+        )
+        .await
+        .context("swap and sweep run")?;
+    }
+
+    // 6. a real daemon process over a large store
     if args.state_customers > 0 {
         let shop_customers = args.customers;
         let snapshot = shared.load_full();
@@ -272,11 +282,12 @@ async fn process_run(
     std::fs::write(
         &config,
         format!(
-            "[daemon]\nsnapshot = {snap:?}\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n\
+            "[daemon]\nsnapshot = {snap:?}\nsnapshot_dir = {snapshots:?}\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n\
              [kafka]\nbrokers = {brokers:?}\ngroup_id = \"bench-process\"\n\
              input_topics = [{input:?}]\noutput_topic = \"bench-process-memberships\"\n\
              dead_letter_topic = \"bench-process-dead\"\nsession_timeout_ms = 6000\n\n\
              [store]\npath = {db:?}\n",
+            snapshots = dir.path().join("process-snapshots").display().to_string(),
             snap = snapshot_path.display().to_string(),
             db = db.display().to_string(),
         ),
@@ -363,7 +374,12 @@ async fn process_run(
         .args(["-TERM", &pid.to_string()])
         .status();
     let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-    result?;
+    if let Err(e) = result {
+        let log = std::fs::read_to_string(dir.path().join("process.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(e.context(format!("the daemon's log ends:\n{}", tail.join("\n"))));
+    }
     anyhow::ensure!(
         status.success(),
         "the daemon exited with {status}; see {}",
@@ -377,6 +393,223 @@ fn process_cpu_seconds(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|stat| stat_cpu_seconds(&stat))
         .unwrap_or(0.0)
+}
+
+/// Live traffic at `--rate` over `n` customers in state, through a snapshot swap (ids carried,
+/// so the sweep publishes only changes) and the sweep it starts: p99 before, during and after
+/// the sweep, the sweep's rate, and whether every event was applied.
+#[allow(clippy::too_many_arguments)]
+async fn swap_run(
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    brokers: &str,
+    producer: &FutureProducer,
+    payloads: &Payloads,
+    snapshot: &LoadedSnapshot,
+    states: &[crate::domain::state::CustomerState],
+    dir: &tempfile::TempDir,
+    args: &BenchArgs,
+    n: usize,
+) -> anyhow::Result<()> {
+    use crate::pipeline::sweep::{SweepConfig, SweepState};
+    let path = dir.path().join("swap");
+    seed_store(&path, states, snapshot, n)?;
+    let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&StoreConfig {
+        path,
+        ..StoreConfig::default()
+    })?);
+    let metrics = Arc::new(Metrics::new()?);
+    let registry = crate::snapshots::Registry::open(
+        &dir.path().join("swap-snapshots"),
+        5,
+        snapshot.snapshot.clone(),
+        metrics.clone(),
+    )?;
+    let mut next = snapshot.snapshot.snapshot().clone();
+    next.version += 1;
+    crate::model::lineage::carry_ids(&snapshot.snapshot, &mut next, 0.5)?;
+    // Events re-keyed over the n customers in state.
+    let events: Vec<(String, Vec<u8>)> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, (_, payload))| -> anyhow::Result<_> {
+            let mut event: crate::domain::event::Event = serde_json::from_slice(payload)?;
+            let c = xxhash_rust::xxh3::xxh3_64(&(i as u64 ^ 0x5eed).to_le_bytes()) % n as u64;
+            event.customer_id = seeded_id(c as usize);
+            Ok((event.customer_id.to_string(), serde_json::to_vec(&event)?))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let input = "bench-swap-events";
+    let kafka = KafkaConfig {
+        brokers: brokers.to_owned(),
+        group_id: "bench-swap".into(),
+        input_topics: vec![input.into()],
+        output_topic: "bench-swap-memberships".into(),
+        dead_letter_topic: "bench-swap-dead".into(),
+        session_timeout_ms: 6_000,
+        ..KafkaConfig::default()
+    };
+    cluster.create_topic(input, args.partitions, 1)?;
+    cluster.create_topic(&kafka.output_topic, args.partitions, 1)?;
+    cluster.create_topic(&kafka.dead_letter_topic, 1, 1)?;
+    let start = |sweep: SweepConfig, shutdown: CancellationToken| {
+        let hooks = Hooks {
+            metrics: metrics.clone(),
+            ready: Arc::new(AtomicBool::new(false)),
+            drift: Default::default(),
+        };
+        let (kafka, store, shared) = (kafka.clone(), store.clone(), registry.shared());
+        tokio::spawn(async move {
+            run_loop(
+                &kafka,
+                Default::default(),
+                sweep,
+                store,
+                shared,
+                shutdown,
+                hooks,
+            )
+            .await
+        })
+    };
+    // Live traffic with the default sweep settings (rate-limited).
+    let shutdown = CancellationToken::new();
+    let task = start(SweepConfig::default(), shutdown.clone());
+    let consumed = |store: &Arc<dyn StateStore>| -> anyhow::Result<i64> {
+        Ok(store.offsets()?.values().sum())
+    };
+    // The first sweep (to v1 over a store seeded without one) runs first; wait it out.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !SweepState::load(store.as_ref())?.done {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the initial sweep did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let progress = Arc::new(AtomicU64::new(0));
+    feed(producer, input, &events[..1], None, &progress).await?;
+    while consumed(&store)? < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let buckets = || histogram_buckets(&metrics.event_to_publish_seconds);
+    let start_buckets = buckets();
+    let rest: Payloads = Arc::new(events[1..].to_vec());
+    let feeder = {
+        let (producer, rest, progress) = (producer.clone(), rest.clone(), progress.clone());
+        let rate = args.rate;
+        tokio::spawn(async move { feed(&producer, input, &rest, Some(rate), &progress).await })
+    };
+    let follow = |store: &Arc<dyn StateStore>, progress: &AtomicU64| -> anyhow::Result<i64> {
+        let done = consumed(store)?;
+        progress.store((done - 1).max(0) as u64, Ordering::Relaxed);
+        Ok(done)
+    };
+    let steady_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < steady_until {
+        follow(&store, &progress)?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let before = buckets();
+    let swapped = Instant::now();
+    registry.offer(
+        &serde_json::to_vec(&next)?,
+        crate::snapshots::Origin::Http,
+        crate::snapshots::Activation::Always,
+    )?;
+    loop {
+        follow(&store, &progress)?;
+        let sweep = SweepState::load(store.as_ref())?;
+        if sweep.version == next.version && sweep.done {
+            break;
+        }
+        anyhow::ensure!(
+            swapped.elapsed() < Duration::from_secs(600),
+            "the sweep did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sweep_seconds = swapped.elapsed().as_secs_f64();
+    let during = buckets();
+    let total = events.len() as i64;
+    let mut last = (0, Instant::now());
+    loop {
+        let done = follow(&store, &progress)?;
+        if done >= total {
+            break;
+        }
+        if done > last.0 {
+            last = (done, Instant::now());
+        } else if last.1.elapsed() > STALL {
+            return Err(stalled(done as usize, total as usize));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    feeder.await??;
+    let after = buckets();
+    shutdown.cancel();
+    let stats = task.await??;
+    let p99 = |from: &[(f64, u64)], to: &[(f64, u64)]| -> String {
+        let diff: Vec<(f64, u64)> = to
+            .iter()
+            .zip(from)
+            .map(|((b, t), (_, f))| (*b, t - f))
+            .collect();
+        match quantile(&diff, 0.99) {
+            Some(s) if s.is_finite() => format!("p99 <= {:.0} ms", s * 1000.0),
+            Some(_) => "p99 > 5 s".into(),
+            None => "no samples".into(),
+        }
+    };
+    println!(
+        "swap at {} events/s offered over {n} customers in state, default sweep settings: \
+         steady {}, during the sweep ({sweep_seconds:.1} s) {}, after {}; \
+         {} of {} events applied",
+        args.rate,
+        p99(&start_buckets, &before),
+        p99(&before, &during),
+        p99(&during, &after),
+        stats.applied,
+        total,
+    );
+
+    // The sweep alone, unthrottled: another swap with ids carried, no traffic.
+    let mut third = next.clone();
+    third.version += 1;
+    let second = next.clone().validate()?;
+    crate::model::lineage::carry_ids(&second, &mut third, 0.5)?;
+    let shutdown = CancellationToken::new();
+    let task = start(
+        SweepConfig {
+            customers_per_second: 0,
+            chunk: 5_000,
+        },
+        shutdown.clone(),
+    );
+    let swapped = Instant::now();
+    registry.offer(
+        &serde_json::to_vec(&third)?,
+        crate::snapshots::Origin::Http,
+        crate::snapshots::Activation::Always,
+    )?;
+    loop {
+        let sweep = SweepState::load(store.as_ref())?;
+        if sweep.version == third.version && sweep.done {
+            break;
+        }
+        anyhow::ensure!(
+            swapped.elapsed() < Duration::from_secs(600),
+            "the sweep did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seconds = swapped.elapsed().as_secs_f64();
+    shutdown.cancel();
+    task.await??;
+    println!(
+        "sweep alone, unthrottled: {n} customers in {seconds:.2} s = {:.0} customers/s",
+        n as f64 / seconds
+    );
+    Ok(())
 }
 
 /// Seeds a store with `n` customers and times one re-clustering of it.

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use rdkafka::config::ClientConfig;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -24,8 +23,12 @@ use crate::batch::discover::build_snapshot;
 use crate::config::{Config, SampleSizeSetting};
 use crate::domain::event::EventKind;
 use crate::domain::features::Sources;
-use crate::pipeline::kafka::{run as run_loop, Hooks, KafkaConfig, LoadedSnapshot};
-use crate::pipeline::process::CustomerRecord;
+use crate::pipeline::kafka::{run as run_loop, Hooks, KafkaConfig};
+use crate::pipeline::population::{Population, META_KEY as POPULATION_KEY};
+use crate::pipeline::process::{published_record, AxisChange};
+use crate::snapshots::drift::{monitor as drift_monitor, DriftConfig, Live, LiveState};
+use crate::snapshots::recluster::Reclusterer;
+use crate::snapshots::Registry;
 use crate::store::{RocksStore, StateStore, StoreBatch, StoreConfig};
 use crate::synth::{Shop, ShopParams};
 use crate::telemetry::http::{serve as serve_http, AppState, HttpConfig};
@@ -55,6 +58,11 @@ pub struct DemoArgs {
     /// Seed of the shop.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Shift the live persona mix this many seconds in (deal-seekers, returners and lapsing
+    /// customers gain share): the drift monitor sees it, re-clusters, and the new snapshot
+    /// version takes over while events keep flowing.
+    #[arg(long)]
+    pub drift_at: Option<u64>,
 }
 
 /// A generated shop's customer states after its history, and the snapshot discovered on a
@@ -151,26 +159,63 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         path: dir.path().join("state"),
         ..StoreConfig::default()
     })?);
+    // The history's states, as if their assignments had been published (the steady state a
+    // backfill leaves), with the segment populations they make.
+    let mut population = Population::new(snapshot.version());
+    let assigner = crate::model::assign::Assigner::new(&snapshot);
     for chunk in states.chunks(10_000) {
-        let records = chunk
-            .iter()
-            .map(|(id, state)| {
-                let record = CustomerRecord {
-                    state: state.clone(),
-                    published: None,
-                };
-                (id.as_str().as_bytes().to_vec(), record.encode())
-            })
-            .collect();
+        let mut records = Vec::with_capacity(chunk.len());
+        for (id, state) in chunk {
+            let Some(as_of) = state
+                .decay_ref
+                .and_then(|t| crate::domain::time::EventTime::from_unix(t).ok())
+            else {
+                continue;
+            };
+            let record = published_record(state.clone(), &snapshot, &assigner, as_of, 1);
+            if let Some(published) = &record.published {
+                let changes: Vec<AxisChange> = published
+                    .axes
+                    .iter()
+                    .map(|a| AxisChange {
+                        axis: a.axis,
+                        previous: None,
+                        segment: a.segment,
+                    })
+                    .collect();
+                population.apply(snapshot.version(), None, &changes);
+            }
+            records.push((id.as_str().as_bytes().to_vec(), record.encode()));
+        }
         store.commit(&StoreBatch {
             records,
             offsets: BTreeMap::new(),
             meta: Vec::new(),
         })?;
     }
+    store.commit(&StoreBatch {
+        meta: vec![(POPULATION_KEY.to_vec(), population.encode())],
+        ..StoreBatch::default()
+    })?;
 
-    let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
     let metrics = Arc::new(Metrics::new()?);
+    let registry = Registry::open(&dir.path().join("snapshots"), 5, snapshot, metrics.clone())?;
+    let shared = registry.shared();
+    // Drift settings for a demo's time scale: quick checks, a short memory.
+    let config = Config {
+        drift: DriftConfig {
+            check_seconds: args.every.max(1),
+            half_life_seconds: 30.0,
+            min_customers: 500,
+            consecutive: 2,
+            cooldown_seconds: 60,
+            ..DriftConfig::default()
+        },
+        ..Config::default()
+    };
+    let live_drift: Live = Arc::new(std::sync::Mutex::new(LiveState::new(Duration::from_secs(
+        30,
+    ))));
     let ready = Arc::new(AtomicBool::new(false));
     let shutdown = CancellationToken::new();
     {
@@ -191,11 +236,26 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let (app, shutdown) = (app.clone(), shutdown.clone());
         async move { serve_http(&http, app, shutdown).await }
     });
+    let reclusterer = Arc::new(Reclusterer {
+        store: store.clone(),
+        registry: registry.clone(),
+        config: config.clone(),
+        metrics: metrics.clone(),
+        running: std::sync::Mutex::new(()),
+    });
+    tokio::spawn(drift_monitor(
+        config.drift.clone(),
+        registry.clone(),
+        live_drift.clone(),
+        metrics.clone(),
+        Some(reclusterer),
+        shutdown.clone(),
+    ));
     let daemon = tokio::spawn({
         let hooks = Hooks {
             metrics: metrics.clone(),
             ready: ready.clone(),
-            drift: Default::default(),
+            drift: live_drift.clone(),
         };
         let (kafka, store, shared, shutdown) = (
             kafka.clone(),
@@ -230,12 +290,19 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let shutdown = shutdown.clone();
         let rate = f64::from(args.rate.max(1));
         let mut live = shop.live(args.seed ^ 0x11fe);
+        let mut drift_at = args.drift_at.map(Duration::from_secs);
         async move {
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             let started = Instant::now();
             let mut sent = 0u64;
             while !shutdown.is_cancelled() {
                 tick.tick().await;
+                if drift_at.is_some_and(|at| started.elapsed() >= at) {
+                    drift_at = None;
+                    let shifted = live.mix().shifted();
+                    live.set_mix(shifted);
+                    println!("--- persona mix shifted: deal-seekers, returners and lapsing customers gain share ---");
+                }
                 let due = (started.elapsed().as_secs_f64() * rate) as u64;
                 while sent < due {
                     let Some(event) = live.next() else {
@@ -365,8 +432,25 @@ impl LiveView {
                     .map(|(n, seg)| format!("{name}: {seg} {n}"))
             })
             .collect();
+        let (psi_axis, psi) = loaded
+            .snapshot
+            .axes()
+            .iter()
+            .map(|a| {
+                let name = a.model.axis.as_str();
+                (name, m.drift_psi.with_label_values(&[name]).get())
+            })
+            .filter(|(_, v)| v.is_finite())
+            .fold(("-", 0.0f64), |best, x| if x.1 > best.1 { x } else { best });
+        let sweep = m.sweep_progress.get();
+        let sweep = if sweep < 1.0 {
+            format!("  sweep {:>3.0}%", sweep * 100.0)
+        } else {
+            String::new()
+        };
         format!(
-            "{eps:>8.0} events/s {ups:>8.0} updates/s  p99 {p99:>6}  lag {:>6} msgs | {}",
+            "v{} {eps:>6.0} ev/s {ups:>6.0} upd/s  p99 {p99:>6}  lag {:>5}  max PSI {psi:.3} ({psi_axis}){sweep} | {}",
+            loaded.snapshot.version(),
             m.consumer_lag_messages.get(),
             tops.join(" | ")
         )

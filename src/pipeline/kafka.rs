@@ -898,13 +898,29 @@ fn prepare_sweep(
     // sweep starts only then), and customers created since are on the new version already.
     let keys = overlay.keys_after(sweep.cursor.as_deref(), chunk)?;
     let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-    let mut result = reassign_batch(
-        overlay.as_ref(),
-        &loaded.snapshot,
-        &loaded.assigner,
-        policy,
-        &refs,
-    )?;
+    // Customers are independent: one part per core, concatenated in key order.
+    let part = refs
+        .len()
+        .div_ceil(rayon::current_num_threads().max(1))
+        .max(1);
+    let parts: Vec<BatchResult> = refs
+        .par_chunks(part)
+        .map(|keys| {
+            reassign_batch(
+                overlay.as_ref(),
+                &loaded.snapshot,
+                &loaded.assigner,
+                policy,
+                keys,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let mut result = BatchResult::default();
+    for part in parts {
+        result.store_batch.records.extend(part.store_batch.records);
+        result.updates.extend(part.updates);
+        result.drift.merge(&part.drift);
+    }
     pending.insert(id, &result.store_batch.records);
     sweep.visited += keys.len() as u64;
     if let Some(last) = keys.last() {

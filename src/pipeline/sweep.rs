@@ -36,8 +36,8 @@ pub struct SweepConfig {
 impl Default for SweepConfig {
     fn default() -> Self {
         Self {
-            customers_per_second: 100_000,
-            chunk: 2_000,
+            customers_per_second: 25_000,
+            chunk: 1_000,
         }
     }
 }
