@@ -204,9 +204,14 @@ mod tests {
             std::fs::rename(&tmp, watch.join(name)).unwrap();
         };
         place("broken.json", b"{\"format\": ");
+        let whole = serde_json::to_vec(&versioned(3)).unwrap();
+        place("truncated.json", &whole[..whole.len() / 2]);
+        let mut mismatched = versioned(4);
+        mismatched.axes[0].segments[1].centroid.push(1.0);
+        place("mismatched.json", &serde_json::to_vec(&mismatched).unwrap());
         place("v2.json", &serde_json::to_vec(&versioned(2)).unwrap());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while registry.active_version() != 2 || registry.listing().rejected.is_empty() {
+        while registry.active_version() != 2 || registry.listing().rejected.len() < 3 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "{:?}",

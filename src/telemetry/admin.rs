@@ -285,16 +285,19 @@ mod tests {
         );
         let (status, _) = call(&app, "POST", "/admin/snapshots", Some("s3cret"), v2).await;
         assert_eq!(status, StatusCode::OK);
-        let (status, body) = call(
-            &app,
-            "POST",
-            "/admin/snapshots",
-            Some("s3cret"),
+        // Corrupt, truncated and mismatched documents: 422 each, v2 keeps serving.
+        let truncated = serde_json::to_vec(&versioned(5)).unwrap();
+        let mut mismatched = versioned(6);
+        mismatched.axes[0].scaler.std.pop();
+        for bad in [
             b"{}".to_vec(),
-        )
-        .await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-        assert_eq!(registry.active_version(), 2);
+            truncated[..truncated.len() - 10].to_vec(),
+            serde_json::to_vec(&mismatched).unwrap(),
+        ] {
+            let (status, body) = call(&app, "POST", "/admin/snapshots", Some("s3cret"), bad).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+            assert_eq!(registry.active_version(), 2);
+        }
 
         let (status, _) = call(
             &app,
@@ -321,6 +324,6 @@ mod tests {
         let listing: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(listing["active"], 1);
         assert_eq!(listing["snapshots"].as_array().unwrap().len(), 2);
-        assert_eq!(listing["rejected"].as_array().unwrap().len(), 1);
+        assert_eq!(listing["rejected"].as_array().unwrap().len(), 3);
     }
 }
