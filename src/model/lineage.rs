@@ -1,7 +1,8 @@
 //! Stable segment identity across snapshots: a new snapshot's segments are matched to the
 //! previous one's per axis by optimal assignment on centroid distance, and a segment that is
-//! substantially the same keeps its id; a truly new one gets an id never used on that axis by
-//! the previous snapshot. The matching is recorded in the snapshot ([`Lineage`]), which also
+//! substantially the same keeps its id; a truly new one gets an id never used on that axis
+//! along the chain of snapshots that carried ids, so ids stay comparable across several swaps
+//! (the chain is recorded in the lineage). The matching is recorded in the snapshot ([`Lineage`]), which also
 //! tells the daemon that ids of the two versions can be compared.
 //!
 //! Distances are between centroids in feature units, divided by the previous snapshot's
@@ -21,25 +22,38 @@ pub fn carry_ids(
     candidate: &mut Snapshot,
     max_distance: f64,
 ) -> Result<(), MatchingError> {
+    let earlier = previous.snapshot().lineage.as_ref();
     let mut axes = Vec::with_capacity(candidate.axes.len());
     for model in &mut candidate.axes {
-        let before = previous
-            .axes()
-            .iter()
+        // Above every id the axis used along the chain, so an id never names two segments.
+        let same_axis = previous.axes().iter().find(|a| a.model.axis == model.axis);
+        let mut next_id = same_axis
+            .map(|a| a.model.segments.iter().map(|s| s.id + 1).max().unwrap_or(0))
+            .unwrap_or(0)
+            .max(
+                earlier
+                    .and_then(|l| l.axes.iter().find(|a| a.axis == model.axis))
+                    .map_or(0, |a| a.next_id),
+            );
+        let before = same_axis
             .map(|a| &a.model)
-            .find(|p| p.axis == model.axis && p.features == model.features);
+            .filter(|p| p.features == model.features);
         let Some(before) = before else {
+            // A new axis, or its features changed: every segment is new.
+            let mut segments = Vec::with_capacity(model.segments.len());
+            for segment in &mut model.segments {
+                segment.id = next_id;
+                next_id += 1;
+                segments.push(SegmentLineage {
+                    id: segment.id,
+                    previous_id: None,
+                    distance: None,
+                });
+            }
             axes.push(AxisLineage {
                 axis: model.axis,
-                segments: model
-                    .segments
-                    .iter()
-                    .map(|s| SegmentLineage {
-                        id: s.id,
-                        previous_id: None,
-                        distance: None,
-                    })
-                    .collect(),
+                segments,
+                next_id,
             });
             continue;
         };
@@ -56,7 +70,6 @@ pub fn carry_ids(
                     .sqrt()
             });
         let matched = min_cost_assignment(cost.view())?;
-        let mut next_id = before.segments.iter().map(|s| s.id).max().unwrap_or(0) + 1;
         let mut segments = Vec::with_capacity(model.segments.len());
         for (i, segment) in model.segments.iter_mut().enumerate() {
             let pair = matched[i].map(|j| (j, cost[[i, j]]));
@@ -83,10 +96,17 @@ pub fn carry_ids(
         axes.push(AxisLineage {
             axis: model.axis,
             segments,
+            next_id,
         });
     }
+    let mut chain = vec![previous.version()];
+    if let Some(earlier) = earlier {
+        chain.extend(earlier.chain.iter().copied());
+    }
+    chain.truncate(super::snapshot::LINEAGE_CHAIN_MAX);
     candidate.lineage = Some(Lineage {
         previous_version: previous.version(),
+        chain,
         max_distance,
         axes,
     });
@@ -124,6 +144,17 @@ mod tests {
         assert_eq!(seg[0].previous_id, Some(2));
         assert_eq!(seg[1].previous_id, None);
         assert!(seg[1].distance.unwrap() > 0.5);
-        candidate.validate().unwrap();
+        assert_eq!(lineage.chain, vec![1]);
+        // A third snapshot that drops id 3 and adds a segment: the new one gets 4, never 3
+        // again, and the chain reaches back to version 1.
+        let second = candidate.validate().unwrap();
+        let mut third = second.snapshot().clone();
+        third.version = 3;
+        third.axes[0].segments[1].centroid_features = vec![-40.0, -90.0];
+        carry_ids(&second, &mut third, 0.5).unwrap();
+        let ids: Vec<u32> = third.axes[0].segments.iter().map(|s| s.id).collect();
+        assert_eq!(ids, vec![2, 4]);
+        assert_eq!(third.lineage.as_ref().unwrap().chain, vec![2, 1]);
+        third.validate().unwrap();
     }
 }

@@ -272,12 +272,20 @@ pub struct Snapshot {
     pub lineage: Option<Lineage>,
 }
 
+/// Longest lineage chain kept in a snapshot.
+pub const LINEAGE_CHAIN_MAX: usize = 16;
+
 /// Segment identity across snapshots: which segments kept a previous snapshot's ids.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Lineage {
     /// The version the ids were matched against; its ids mean the same segments here.
     pub previous_version: u64,
+    /// Every earlier version whose ids mean the same segments here: `previous_version` and
+    /// its own chain (newest first, at most [`LINEAGE_CHAIN_MAX`]). A customer last published
+    /// under any of them is compared by id, not treated as new.
+    #[serde(default)]
+    pub chain: Vec<u64>,
     /// Largest centroid distance (previous snapshot's standardised units) at which a segment
     /// kept its id.
     pub max_distance: f64,
@@ -293,6 +301,10 @@ pub struct AxisLineage {
     pub axis: Axis,
     /// Per segment of this snapshot's axis, in segment order.
     pub segments: Vec<SegmentLineage>,
+    /// The next id the axis may give a new segment: above every id used along the chain, so
+    /// an id never names two different segments.
+    #[serde(default)]
+    pub next_id: u32,
 }
 
 /// One segment's match.
@@ -438,7 +450,23 @@ fn check_lineage(lineage: &Lineage, axes: &[AxisModel]) -> Result<(), SnapshotEr
             "lineage: max_distance must be finite and non-negative",
         ));
     }
+    if lineage
+        .chain
+        .first()
+        .is_some_and(|v| *v != lineage.previous_version)
+        || lineage.chain.len() > LINEAGE_CHAIN_MAX
+    {
+        return Err(invalid(
+            "lineage: chain must start with previous_version and stay short",
+        ));
+    }
     for entry in &lineage.axes {
+        if entry.segments.iter().any(|s| s.id >= entry.next_id) && entry.next_id > 0 {
+            return Err(invalid(format!(
+                "lineage: axis {} has an id at or above its next_id",
+                entry.axis
+            )));
+        }
         let model = axes
             .iter()
             .find(|m| m.axis == entry.axis)

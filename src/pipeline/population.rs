@@ -27,9 +27,9 @@ pub struct Population {
     pub snapshot_version: u64,
     /// Customers per axis name and segment id.
     pub counts: BTreeMap<String, BTreeMap<u32, i64>>,
-    /// The version these counts were carried over from (its ids are comparable), if any.
+    /// Earlier versions whose ids these counts carry (the snapshot's lineage chain).
     #[serde(default)]
-    pub carried_from: Option<u64>,
+    pub carried: Vec<u64>,
 }
 
 impl Population {
@@ -38,7 +38,7 @@ impl Population {
         Self {
             snapshot_version: version,
             counts: BTreeMap::new(),
-            carried_from: None,
+            carried: Vec::new(),
         }
     }
 
@@ -71,7 +71,7 @@ impl Population {
         *self = Self {
             snapshot_version: snapshot.version(),
             counts,
-            carried_from: Some(old),
+            carried: lineage.chain.clone(),
         };
     }
 
@@ -107,7 +107,7 @@ impl Population {
             return;
         }
         let same = previous_version == Some(version)
-            || (previous_version.is_some() && previous_version == self.carried_from);
+            || previous_version.is_some_and(|p| self.carried.contains(&p));
         for change in changes {
             let axis = self
                 .counts

@@ -374,14 +374,14 @@ pub fn process_batch(
 }
 
 /// Whether segment ids published under `published`'s version mean the same segments in
-/// `snapshot`: the same version, or the snapshot's lineage carried that version's ids.
+/// `snapshot`: the same version, or one on the chain of versions its lineage carried ids
+/// from.
 fn ids_comparable(snapshot: &ValidSnapshot, published: &Published) -> bool {
     published.snapshot_version == snapshot.version()
-        || snapshot
-            .snapshot()
-            .lineage
-            .as_ref()
-            .is_some_and(|l| l.previous_version == published.snapshot_version)
+        || snapshot.snapshot().lineage.as_ref().is_some_and(|l| {
+            l.previous_version == published.snapshot_version
+                || l.chain.contains(&published.snapshot_version)
+        })
 }
 
 /// Hysteresis: keeps each axis on the segment last published (under a version whose ids are
@@ -479,7 +479,8 @@ pub const SWEEP_TOPIC: &str = "segmentd.sweep";
 /// Re-assigns stored customers against `snapshot` without an event: the sweep after a swap.
 /// Customers whose record is already on this version are left alone; the others are
 /// assigned at the time of their latest event and published per `policy` (with lineage, only
-/// if a segment changed). Records read through `store` (the overlay in the daemon).
+/// if a segment changed). Only published customers' records are written back. Records are
+/// read through `store` (the overlay in the daemon).
 pub fn reassign_batch(
     store: &dyn StateStore,
     snapshot: &ValidSnapshot,
@@ -546,11 +547,14 @@ pub fn reassign_batch(
             as_of,
         ) {
             result.updates.push(update);
+            result
+                .store_batch
+                .records
+                .push((key.to_vec(), record.encode()));
         }
-        result
-            .store_batch
-            .records
-            .push((key.to_vec(), record.encode()));
+        // Unchanged under carried ids: the record stays as it is (its published version is
+        // still comparable with this snapshot's, through the lineage), which spares the
+        // write that would otherwise dominate a sweep.
     }
     Ok(result)
 }
@@ -888,6 +892,39 @@ mod tests {
         let update = &result.updates[0];
         assert_eq!(update.changed.len(), update.axes.len());
         assert_eq!(update.previous_snapshot_version, Some(2));
+    }
+
+    #[test]
+    fn the_sweep_writes_back_only_customers_it_publishes() {
+        let v1 = sample_snapshot().validate().unwrap();
+        let store = MemStore::default();
+        let policy = PublishPolicy::default();
+        let a1 = Assigner::new(&v1);
+        let offsets = store.offsets().unwrap();
+        let first = process_batch(
+            &store,
+            &v1,
+            &a1,
+            &policy,
+            &[input(order("a", "o1", 0), 0)],
+            &offsets,
+        )
+        .unwrap();
+        store.commit(&first.store_batch).unwrap();
+        let mut carried = sample_snapshot();
+        carried.version = 2;
+        crate::model::lineage::carry_ids(&v1, &mut carried, 0.5).unwrap();
+        let v2 = carried.validate().unwrap();
+        let swept = reassign_batch(&store, &v2, &Assigner::new(&v2), &policy, &[b"a"]).unwrap();
+        assert!(swept.updates.is_empty() && swept.store_batch.records.is_empty());
+        let mut fresh = sample_snapshot();
+        fresh.version = 3;
+        let v3 = fresh.validate().unwrap();
+        let swept = reassign_batch(&store, &v3, &Assigner::new(&v3), &policy, &[b"a"]).unwrap();
+        assert_eq!(swept.updates.len(), 1);
+        assert_eq!(swept.updates[0].seq, 2);
+        assert_eq!(swept.updates[0].cause.topic, SWEEP_TOPIC);
+        assert_eq!(swept.store_batch.records.len(), 1);
     }
 
     #[test]
