@@ -145,6 +145,10 @@ pub struct DiscoverArgs {
     /// Version number of the snapshot.
     #[arg(long, default_value_t = 1)]
     pub snapshot_version: u64,
+    /// The snapshot this one replaces: segments that are substantially the same (centroids
+    /// within `drift.same_segment_distance`) keep its segment ids, recorded as the lineage.
+    #[arg(long, value_name = "FILE")]
+    pub previous: Option<PathBuf>,
     /// Where to write the snapshot.
     #[arg(long, short, value_name = "FILE", default_value = "snapshot.json")]
     pub out: PathBuf,
@@ -352,6 +356,7 @@ fn discover(args: DiscoverArgs) -> anyhow::Result<ExitCode> {
         version: args.snapshot_version,
         out: args.out.clone(),
         ingest,
+        previous: args.previous.clone(),
     })?;
     report::print_discover(&outcome, &args.out);
     Ok(ExitCode::SUCCESS)

@@ -35,6 +35,9 @@ pub struct DiscoverJob {
     pub out: PathBuf,
     /// Reading options.
     pub ingest: IngestOptions,
+    /// A snapshot this one replaces: segments within `drift.same_segment_distance` of one of
+    /// its segments keep that segment's id (the matching is recorded as the lineage).
+    pub previous: Option<PathBuf>,
 }
 
 /// What `discover` did, for the report.
@@ -86,7 +89,29 @@ pub fn run(job: &DiscoverJob) -> anyhow::Result<DiscoverOutcome> {
         job.version,
         inputs,
     )?;
-    let snapshot = built.snapshot;
+    let mut snapshot = built.snapshot;
+    if let Some(path) = &job.previous {
+        let previous = Snapshot::load(path)
+            .with_context(|| format!("reading the previous snapshot {}", path.display()))?;
+        if previous.version() >= snapshot.version {
+            bail!(
+                "the new snapshot's version ({}) must be above the previous one's ({}); \
+                 pass --snapshot-version",
+                snapshot.version,
+                previous.version()
+            );
+        }
+        crate::model::lineage::carry_ids(
+            &previous,
+            &mut snapshot,
+            job.config.drift.same_segment_distance,
+        )?;
+        snapshot = snapshot
+            .validate()
+            .context("the snapshot with carried ids fails validation (a bug)")?
+            .snapshot()
+            .clone();
+    }
     snapshot.save(&job.out)?;
     tracing::info!(
         path = %job.out.display(),

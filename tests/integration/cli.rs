@@ -379,3 +379,54 @@ fn the_readme_feature_table_matches_the_code() {
         "README's feature table is stale: regenerate it with `segmentd schema --markdown`"
     );
 }
+
+#[test]
+fn discover_carries_segment_ids_from_the_snapshot_it_replaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let shop = shop(dir.path());
+    let first = dir.path().join("v1.json");
+    let run = run_with(
+        &["discover", "--sample-size", "400", "--out", p(&first)],
+        &inputs(&shop),
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    // The same data rediscovered: every segment is the same one and keeps its id.
+    let second = dir.path().join("v2.json");
+    let run = run_with(
+        &[
+            "discover",
+            "--sample-size",
+            "400",
+            "--snapshot-version",
+            "2",
+            "--previous",
+            p(&first),
+            "--out",
+            p(&second),
+        ],
+        &inputs(&shop),
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    let v1 = Snapshot::load(&first).unwrap();
+    let v2 = Snapshot::load(&second).unwrap();
+    let lineage = v2.snapshot().lineage.as_ref().expect("a lineage");
+    assert_eq!(
+        (lineage.previous_version, lineage.chain.clone()),
+        (1, vec![1])
+    );
+    for (a, b) in v1.axes().iter().zip(v2.axes()) {
+        let ids = |s: &segmentd::model::snapshot::ValidAxis| -> Vec<u32> {
+            let mut ids: Vec<u32> = s.model.segments.iter().map(|g| g.id).collect();
+            ids.sort_unstable();
+            ids
+        };
+        assert_eq!(ids(a), ids(b), "{}", a.model.axis);
+    }
+    // A previous snapshot must be older.
+    let run = run_with(
+        &["discover", "--previous", p(&second), "--out", p(&first)],
+        &inputs(&shop),
+    );
+    assert!(!run.status.success());
+    assert!(text(&run).contains("--snapshot-version"), "{}", text(&run));
+}
