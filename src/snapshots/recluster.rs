@@ -9,7 +9,8 @@
 //!    reservoir per tier: the tier bounds are quantiles of the whole population, which a
 //!    single pass cannot know in advance. The scan holds a key and a number per customer
 //!    (about 30 bytes).
-//! 2. **Cluster** every axis with [`build_from_features`], off the async runtime.
+//! 2. **Cluster** every axis with [`build_from_features`], off the async runtime. Each
+//!    customer's features are read as of their latest event, as the daemon assigns them.
 //! 3. **Validate** against the live population, streamed through a second scan: per axis, KL
 //!    divergence of segment shares (sample against population) below `validate.max_kl` and
 //!    every segment's feature means within `validate.max_mean_shift`.
@@ -164,7 +165,8 @@ fn run(
     {
         // A customer deleted since the scan is simply not in the sample.
         if let Some(record) = bytes.and_then(|b| CustomerRecord::decode(&b).ok()) {
-            features.push(FeatureVector::compute(&record.state, as_of, &params));
+            let own = customer_as_of(&record).unwrap_or(as_of);
+            features.push(FeatureVector::compute(&record.state, own, &params));
             weights.push(w);
         }
     }
@@ -236,6 +238,16 @@ fn run(
     Ok((ReclusterOutcome::Accepted(outcome), timings))
 }
 
+/// The time a customer's features are read at: their latest event, as the daemon assigns them
+/// (so the baseline describes the population the monitor compares it with; reading everyone
+/// at one global time would age quiet customers and show drift where there is none).
+fn customer_as_of(record: &CustomerRecord) -> Option<EventTime> {
+    record
+        .state
+        .decay_ref
+        .and_then(|t| EventTime::from_unix(t).ok())
+}
+
 /// The candidate's share and mean checks against every customer in the store; the reasons
 /// it fails (empty: it passes).
 fn validate_live(
@@ -263,7 +275,8 @@ fn validate_live(
                     let Ok(record) = CustomerRecord::decode(bytes) else {
                         continue;
                     };
-                    let fv = FeatureVector::compute(&record.state, as_of, &params);
+                    let own = customer_as_of(&record).unwrap_or(as_of);
+                    let fv = FeatureVector::compute(&record.state, own, &params);
                     assigner.assign_into(&fv, &mut assignment);
                     for (a, tally) in local.iter_mut().enumerate() {
                         if let Some(s) = assignment.axes[a].segment {
