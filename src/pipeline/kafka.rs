@@ -896,24 +896,16 @@ fn prepare_sweep(
     let started = Instant::now();
     // The durable store's keys: every customer of the old version is durable by now (the
     // sweep starts only then), and customers created since are on the new version already.
-    let keys = overlay.keys_after(sweep.cursor.as_deref(), chunk)?;
-    let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    // One pass over the store reads keys and records together.
+    let records = overlay.records_after(sweep.cursor.as_deref(), chunk)?;
     // Customers are independent: one part per core, concatenated in key order.
-    let part = refs
+    let part = records
         .len()
         .div_ceil(rayon::current_num_threads().max(1))
         .max(1);
-    let parts: Vec<BatchResult> = refs
+    let parts: Vec<BatchResult> = records
         .par_chunks(part)
-        .map(|keys| {
-            reassign_batch(
-                overlay.as_ref(),
-                &loaded.snapshot,
-                &loaded.assigner,
-                policy,
-                keys,
-            )
-        })
+        .map(|part| reassign_batch(&loaded.snapshot, &loaded.assigner, policy, part))
         .collect::<Result<_, _>>()?;
     let mut result = BatchResult::default();
     for part in parts {
@@ -922,11 +914,11 @@ fn prepare_sweep(
         result.drift.merge(&part.drift);
     }
     pending.insert(id, &result.store_batch.records);
-    sweep.visited += keys.len() as u64;
-    if let Some(last) = keys.last() {
+    sweep.visited += records.len() as u64;
+    if let Some((last, _)) = records.last() {
         sweep.cursor = Some(last.clone());
     }
-    sweep.done = keys.len() < chunk;
+    sweep.done = records.len() < chunk;
     result
         .store_batch
         .meta
@@ -939,7 +931,7 @@ fn prepare_sweep(
         id,
         version: loaded.snapshot.version(),
         sweep: Some(sweep),
-        swept: keys.len(),
+        swept: records.len(),
         records: 0,
         updates,
         dead: Vec::new(),

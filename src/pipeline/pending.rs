@@ -109,8 +109,22 @@ impl StateStore for Overlay {
         self.store.for_each(visit)
     }
 
-    fn keys_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.store.keys_after(after, limit)
+    /// The store's records, with pending ones in their place.
+    fn records_after(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<crate::store::Records, StoreError> {
+        let mut records = self.store.records_after(after, limit)?;
+        let map = self.pending.lock();
+        if !map.is_empty() {
+            for (key, value) in &mut records {
+                if let Some((_, pending)) = map.get(key.as_slice()) {
+                    *value = pending.to_vec();
+                }
+            }
+        }
+        Ok(records)
     }
 
     fn stats(&self) -> StoreStats {

@@ -479,27 +479,24 @@ pub const SWEEP_TOPIC: &str = "segmentd.sweep";
 /// Re-assigns stored customers against `snapshot` without an event: the sweep after a swap.
 /// Customers whose record is already on this version are left alone; the others are
 /// assigned at the time of their latest event and published per `policy` (with lineage, only
-/// if a segment changed). Only published customers' records are written back. Records are
-/// read through `store` (the overlay in the daemon).
+/// if a segment changed). Only published customers' records are written back. `records` are
+/// (key, encoded record) pairs as the store (through the overlay, in the daemon) holds them.
 pub fn reassign_batch(
-    store: &dyn StateStore,
     snapshot: &ValidSnapshot,
     assigner: &Assigner,
     policy: &PublishPolicy,
-    keys: &[&[u8]],
+    records: &[(Vec<u8>, Vec<u8>)],
 ) -> Result<BatchResult, ProcessError> {
     let mut result = BatchResult::default();
     let version = snapshot.version();
     let params = snapshot.state_params();
     let mut assignment = Assignment::default();
-    for (key, bytes) in keys.iter().zip(store.get_many(keys)?) {
-        let Some(bytes) = bytes else { continue };
+    for (key, bytes) in records {
         let customer = String::from_utf8_lossy(key);
-        let mut record =
-            CustomerRecord::decode(&bytes).map_err(|source| ProcessError::Corrupt {
-                customer: customer.to_string(),
-                source,
-            })?;
+        let mut record = CustomerRecord::decode(bytes).map_err(|source| ProcessError::Corrupt {
+            customer: customer.to_string(),
+            source,
+        })?;
         if record
             .published
             .as_ref()
@@ -915,12 +912,13 @@ mod tests {
         carried.version = 2;
         crate::model::lineage::carry_ids(&v1, &mut carried, 0.5).unwrap();
         let v2 = carried.validate().unwrap();
-        let swept = reassign_batch(&store, &v2, &Assigner::new(&v2), &policy, &[b"a"]).unwrap();
+        let records = store.records_after(None, 10).unwrap();
+        let swept = reassign_batch(&v2, &Assigner::new(&v2), &policy, &records).unwrap();
         assert!(swept.updates.is_empty() && swept.store_batch.records.is_empty());
         let mut fresh = sample_snapshot();
         fresh.version = 3;
         let v3 = fresh.validate().unwrap();
-        let swept = reassign_batch(&store, &v3, &Assigner::new(&v3), &policy, &[b"a"]).unwrap();
+        let swept = reassign_batch(&v3, &Assigner::new(&v3), &policy, &records).unwrap();
         assert_eq!(swept.updates.len(), 1);
         assert_eq!(swept.updates[0].seq, 2);
         assert_eq!(swept.updates[0].cause.topic, SWEEP_TOPIC);

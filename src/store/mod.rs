@@ -104,6 +104,9 @@ pub struct StoreStats {
     pub estimated_keys: u64,
 }
 
+/// Customer records as (key, encoded record) pairs.
+pub type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Per-customer records and offsets.
 pub trait StateStore: Send + Sync {
     /// Reads the records of `keys`, in order; `None` for a customer never seen.
@@ -117,8 +120,9 @@ pub trait StateStore: Send + Sync {
     /// Visits every customer record (key, encoded record) in key order, on a consistent
     /// view of the store; writes go on meanwhile.
     fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>;
-    /// Up to `limit` customer keys after `after` (from the first when `None`), in order.
-    fn keys_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// Up to `limit` customer records (key, encoded record) after key `after` (from the first
+    /// when `None`), in key order.
+    fn records_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Records, StoreError>;
     /// Size figures.
     fn stats(&self) -> StoreStats;
 }
@@ -292,7 +296,7 @@ impl StateStore for RocksStore {
         self.db.get_cf(cf, key).map_err(|e| self.rocks(e))
     }
 
-    fn keys_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+    fn records_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Records, StoreError> {
         let cf = self.cf(CF_CUSTOMERS)?;
         let mut options = rocksdb::ReadOptions::default();
         options.fill_cache(false);
@@ -302,11 +306,11 @@ impl StateStore for RocksStore {
         };
         let mut out = Vec::with_capacity(limit);
         for item in self.db.iterator_cf_opt(cf, options, mode) {
-            let (key, _) = item.map_err(|e| self.rocks(e))?;
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
             if after.is_some_and(|a| *key == *a) {
                 continue;
             }
-            out.push(key.to_vec());
+            out.push((key.to_vec(), value.to_vec()));
             if out.len() >= limit {
                 break;
             }
@@ -408,7 +412,7 @@ impl StateStore for MemStore {
         Ok(self.lock().meta.get(key).cloned())
     }
 
-    fn keys_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+    fn records_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Records, StoreError> {
         use std::ops::Bound;
         let inner = self.lock();
         let start = match after {
@@ -419,7 +423,7 @@ impl StateStore for MemStore {
             .records
             .range((start, Bound::Unbounded))
             .take(limit)
-            .map(|(k, _)| k.clone())
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
 
@@ -480,6 +484,15 @@ mod tests {
                 (b"c\x02".to_vec(), vec![2; 3])
             ]
         );
+        assert_eq!(
+            store.records_after(None, 1).unwrap(),
+            vec![(b"c\x01".to_vec(), vec![1; 3])]
+        );
+        assert_eq!(
+            store.records_after(Some(b"c\x01"), 5).unwrap(),
+            vec![(b"c\x02".to_vec(), vec![2; 3])]
+        );
+        assert!(store.records_after(Some(b"c\x02"), 5).unwrap().is_empty());
         store.commit(&StoreBatch::default()).unwrap();
     }
 
