@@ -258,16 +258,7 @@ async fn process_run(
         "seeded {n} customers into a store in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let rekeyed: Vec<(String, Vec<u8>)> = payloads
-        .iter()
-        .enumerate()
-        .map(|(i, (_, payload))| -> anyhow::Result<_> {
-            let mut event: crate::domain::event::Event = serde_json::from_slice(payload)?;
-            let c = xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()) % n as u64;
-            event.customer_id = seeded_id(c as usize);
-            Ok((event.customer_id.to_string(), serde_json::to_vec(&event)?))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let rekeyed = rekey(payloads, n, 0)?;
     let snapshot_path = dir.path().join("snapshot.json");
     snapshot.snapshot.snapshot().save(&snapshot_path)?;
     let input = "bench-process-events";
@@ -410,7 +401,7 @@ async fn swap_run(
     args: &BenchArgs,
     n: usize,
 ) -> anyhow::Result<()> {
-    use crate::pipeline::sweep::{SweepConfig, SweepState};
+    use crate::pipeline::sweep::SweepConfig;
     let path = dir.path().join("swap");
     seed_store(&path, states, snapshot, n)?;
     let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&StoreConfig {
@@ -428,16 +419,7 @@ async fn swap_run(
     next.version += 1;
     crate::model::lineage::carry_ids(&snapshot.snapshot, &mut next, 0.5)?;
     // Events re-keyed over the n customers in state.
-    let events: Vec<(String, Vec<u8>)> = payloads
-        .iter()
-        .enumerate()
-        .map(|(i, (_, payload))| -> anyhow::Result<_> {
-            let mut event: crate::domain::event::Event = serde_json::from_slice(payload)?;
-            let c = xxhash_rust::xxh3::xxh3_64(&(i as u64 ^ 0x5eed).to_le_bytes()) % n as u64;
-            event.customer_id = seeded_id(c as usize);
-            Ok((event.customer_id.to_string(), serde_json::to_vec(&event)?))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let events = rekey(payloads, n, 0x5eed)?;
     let input = "bench-swap-events";
     let kafka = KafkaConfig {
         brokers: brokers.to_owned(),
@@ -478,14 +460,7 @@ async fn swap_run(
         Ok(store.offsets()?.values().sum())
     };
     // The first sweep (to v1 over a store seeded without one) runs first; wait it out.
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !SweepState::load(store.as_ref())?.done {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the initial sweep did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sweep_done(&store, snapshot.snapshot.version(), || Ok(())).await?;
     let progress = Arc::new(AtomicU64::new(0));
     feed(producer, input, &events[..1], None, &progress).await?;
     while consumed(&store)? < 1 {
@@ -516,18 +491,10 @@ async fn swap_run(
         crate::snapshots::Origin::Http,
         crate::snapshots::Activation::Always,
     )?;
-    loop {
-        follow(&store, &progress)?;
-        let sweep = SweepState::load(store.as_ref())?;
-        if sweep.version == next.version && sweep.done {
-            break;
-        }
-        anyhow::ensure!(
-            swapped.elapsed() < Duration::from_secs(600),
-            "the sweep did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    sweep_done(&store, next.version, || {
+        follow(&store, &progress).map(|_| ())
+    })
+    .await?;
     let sweep_seconds = swapped.elapsed().as_secs_f64();
     let during = buckets();
     let total = events.len() as i64;
@@ -591,17 +558,7 @@ async fn swap_run(
         crate::snapshots::Origin::Http,
         crate::snapshots::Activation::Always,
     )?;
-    loop {
-        let sweep = SweepState::load(store.as_ref())?;
-        if sweep.version == third.version && sweep.done {
-            break;
-        }
-        anyhow::ensure!(
-            swapped.elapsed() < Duration::from_secs(600),
-            "the sweep did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    sweep_done(&store, third.version, || Ok(())).await?;
     let seconds = swapped.elapsed().as_secs_f64();
     shutdown.cancel();
     task.await??;
@@ -610,6 +567,42 @@ async fn swap_run(
         n as f64 / seconds
     );
     Ok(())
+}
+
+/// `payloads` with each event moved to one of the `n` seeded customers (hashed from its
+/// position and `salt`).
+fn rekey(payloads: &Payloads, n: usize, salt: u64) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    payloads
+        .iter()
+        .enumerate()
+        .map(|(i, (_, payload))| -> anyhow::Result<_> {
+            let mut event: crate::domain::event::Event = serde_json::from_slice(payload)?;
+            let c = xxhash_rust::xxh3::xxh3_64(&(i as u64 ^ salt).to_le_bytes()) % n as u64;
+            event.customer_id = seeded_id(c as usize);
+            Ok((event.customer_id.to_string(), serde_json::to_vec(&event)?))
+        })
+        .collect()
+}
+
+/// Waits (calling `tick` meanwhile) until the stored sweep to `version` is done.
+async fn sweep_done(
+    store: &Arc<dyn StateStore>,
+    version: u64,
+    mut tick: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        tick()?;
+        let sweep = crate::pipeline::sweep::SweepState::load(store.as_ref())?;
+        if sweep.version == version && sweep.done {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "the sweep to version {version} did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Seeds a store with `n` customers and times one re-clustering of it.
@@ -676,8 +669,7 @@ fn seed_store(
         .iter()
         .map(|state| {
             let as_of = state
-                .decay_ref
-                .and_then(|t| EventTime::from_unix(t).ok())
+                .last_event_time()
                 .unwrap_or_else(|| EventTime::from_unix(0).expect("epoch"));
             published_record(
                 state.clone(),

@@ -19,8 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::assign::load_snapshot;
 use crate::config::Config;
 use crate::pipeline::kafka::{run as run_loop, Hooks};
-use crate::snapshots::drift::{monitor as drift_monitor, Live, LiveState};
-use crate::snapshots::recluster::Reclusterer;
+use crate::snapshots::recluster::{start_drift_monitoring, Reclusterer};
 use crate::snapshots::sources::{follow_topic, watch_directory};
 use crate::snapshots::Registry;
 use crate::store::{RocksStore, StateStore};
@@ -70,24 +69,8 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     let shared = registry.shared();
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    let live: Live = Arc::new(std::sync::Mutex::new(LiveState::new(
-        Duration::from_secs_f64(config.drift.half_life_seconds),
-    )));
-    let reclusterer = Arc::new(Reclusterer {
-        store: store.clone(),
-        registry: registry.clone(),
-        config: config.clone(),
-        metrics: metrics.clone(),
-        running: std::sync::Mutex::new(()),
-    });
-    tokio::spawn(drift_monitor(
-        config.drift.clone(),
-        registry.clone(),
-        live.clone(),
-        metrics.clone(),
-        Some(reclusterer.clone()),
-        shutdown.clone(),
-    ));
+    let (live, reclusterer) =
+        start_drift_monitoring(&config, &registry, &store, &metrics, &shutdown);
     spawn_snapshot_sources(&config, &registry, &reclusterer, &shutdown).await?;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let http_state = Arc::new(AppState {

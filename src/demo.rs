@@ -26,8 +26,8 @@ use crate::domain::features::Sources;
 use crate::pipeline::kafka::{run as run_loop, Hooks, KafkaConfig};
 use crate::pipeline::population::{Population, META_KEY as POPULATION_KEY};
 use crate::pipeline::process::{published_record, AxisChange};
-use crate::snapshots::drift::{monitor as drift_monitor, DriftConfig, Live, LiveState};
-use crate::snapshots::recluster::Reclusterer;
+use crate::snapshots::drift::DriftConfig;
+use crate::snapshots::recluster::start_drift_monitoring;
 use crate::snapshots::Registry;
 use crate::store::{RocksStore, StateStore, StoreBatch, StoreConfig};
 use crate::synth::{Shop, ShopParams};
@@ -166,10 +166,7 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
     for chunk in states.chunks(10_000) {
         let mut records = Vec::with_capacity(chunk.len());
         for (id, state) in chunk {
-            let Some(as_of) = state
-                .decay_ref
-                .and_then(|t| crate::domain::time::EventTime::from_unix(t).ok())
-            else {
+            let Some(as_of) = state.last_event_time() else {
                 continue;
             };
             let record = published_record(state.clone(), &snapshot, &assigner, as_of, 1);
@@ -213,9 +210,6 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         },
         ..Config::default()
     };
-    let live_drift: Live = Arc::new(std::sync::Mutex::new(LiveState::new(Duration::from_secs(
-        30,
-    ))));
     let ready = Arc::new(AtomicBool::new(false));
     let shutdown = CancellationToken::new();
     {
@@ -236,21 +230,7 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let (app, shutdown) = (app.clone(), shutdown.clone());
         async move { serve_http(&http, app, shutdown).await }
     });
-    let reclusterer = Arc::new(Reclusterer {
-        store: store.clone(),
-        registry: registry.clone(),
-        config: config.clone(),
-        metrics: metrics.clone(),
-        running: std::sync::Mutex::new(()),
-    });
-    tokio::spawn(drift_monitor(
-        config.drift.clone(),
-        registry.clone(),
-        live_drift.clone(),
-        metrics.clone(),
-        Some(reclusterer),
-        shutdown.clone(),
-    ));
+    let (live_drift, _) = start_drift_monitoring(&config, &registry, &store, &metrics, &shutdown);
     let daemon = tokio::spawn({
         let hooks = Hooks {
             metrics: metrics.clone(),

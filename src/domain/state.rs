@@ -476,6 +476,12 @@ impl CustomerState {
         }
     }
 
+    /// The time of the customer's latest event: the time the daemon reads their features at
+    /// when no event is in hand (sweeps, re-clustering, backfills).
+    pub fn last_event_time(&self) -> Option<EventTime> {
+        self.decay_ref.and_then(|t| EventTime::from_unix(t).ok())
+    }
+
     /// Lifetime value used to stratify samples: money paid minus money refunded, never below 0.
     pub fn lifetime_value(&self) -> f64 {
         (self.revenue - self.returned_value).max(0.0)

@@ -329,20 +329,18 @@ pub fn process_batch(
         let as_of = input.event.event_time.max(
             record
                 .state
-                .decay_ref
-                .and_then(|t| EventTime::from_unix(t).ok())
+                .last_event_time()
                 .unwrap_or(input.event.event_time),
         );
-        let features = FeatureVector::compute(&record.state, as_of, params);
-        assigner.assign_into(&features, &mut assignment);
-        hold_segments(
+        assign_customer(
             snapshot,
             assigner,
+            policy,
+            record,
+            as_of,
             &mut assignment,
-            record.published.as_ref(),
-            policy.switch_margin,
+            &mut result.drift,
         );
-        result.drift.add(assigner, &assignment);
         if let Some(update) = decide(
             snapshot,
             assigner,
@@ -371,6 +369,30 @@ pub fn process_batch(
         }
     }
     Ok(result)
+}
+
+/// Assigns a customer's features as of `as_of` into `assignment`, holds their published
+/// segments per the policy's hysteresis, and adds the result to the drift sums: what every
+/// assignment of the daemon does, for an event or for a sweep.
+fn assign_customer(
+    snapshot: &ValidSnapshot,
+    assigner: &Assigner,
+    policy: &PublishPolicy,
+    record: &CustomerRecord,
+    as_of: EventTime,
+    assignment: &mut Assignment,
+    drift: &mut crate::snapshots::drift::DriftSums,
+) {
+    let features = FeatureVector::compute(&record.state, as_of, snapshot.state_params());
+    assigner.assign_into(&features, assignment);
+    hold_segments(
+        snapshot,
+        assigner,
+        assignment,
+        record.published.as_ref(),
+        policy.switch_margin,
+    );
+    drift.add(assigner, assignment);
 }
 
 /// Whether segment ids published under `published`'s version mean the same segments in
@@ -489,7 +511,6 @@ pub fn reassign_batch(
 ) -> Result<BatchResult, ProcessError> {
     let mut result = BatchResult::default();
     let version = snapshot.version();
-    let params = snapshot.state_params();
     let mut assignment = Assignment::default();
     for (key, bytes) in records {
         let customer = String::from_utf8_lossy(key);
@@ -504,26 +525,21 @@ pub fn reassign_batch(
         {
             continue;
         }
-        let Some(as_of) = record
-            .state
-            .decay_ref
-            .and_then(|t| EventTime::from_unix(t).ok())
-        else {
+        let Some(as_of) = record.state.last_event_time() else {
             continue;
         };
         let Ok(id) = CustomerId::parse(&customer) else {
             continue;
         };
-        let features = FeatureVector::compute(&record.state, as_of, params);
-        assigner.assign_into(&features, &mut assignment);
-        hold_segments(
+        assign_customer(
             snapshot,
             assigner,
+            policy,
+            &record,
+            as_of,
             &mut assignment,
-            record.published.as_ref(),
-            policy.switch_margin,
+            &mut result.drift,
         );
-        result.drift.add(assigner, &assignment);
         let sweep_policy = PublishPolicy {
             every_event: false,
             ..*policy

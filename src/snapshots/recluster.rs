@@ -25,7 +25,7 @@ use std::time::Instant;
 use anyhow::Context;
 use rayon::prelude::*;
 
-use super::drift::Reading;
+use super::drift::{monitor, Live, LiveState, Reading};
 use super::{Activation, Origin, Outcome, Registry};
 use crate::batch::discover::build_from_features;
 use crate::batch::validate::AxisTally;
@@ -165,7 +165,10 @@ fn run(
     {
         // A customer deleted since the scan is simply not in the sample.
         if let Some(record) = bytes.and_then(|b| CustomerRecord::decode(&b).ok()) {
-            let own = customer_as_of(&record).unwrap_or(as_of);
+            // Read as of the customer's latest event, as the daemon assigns them, so the baseline
+            // describes the population the monitor compares it with; reading everyone at one
+            // global time would age quiet customers and show drift where there is none.
+            let own = record.state.last_event_time().unwrap_or(as_of);
             features.push(FeatureVector::compute(&record.state, own, &params));
             weights.push(w);
         }
@@ -238,16 +241,6 @@ fn run(
     Ok((ReclusterOutcome::Accepted(outcome), timings))
 }
 
-/// The time a customer's features are read at: their latest event, as the daemon assigns them
-/// (so the baseline describes the population the monitor compares it with; reading everyone
-/// at one global time would age quiet customers and show drift where there is none).
-fn customer_as_of(record: &CustomerRecord) -> Option<EventTime> {
-    record
-        .state
-        .decay_ref
-        .and_then(|t| EventTime::from_unix(t).ok())
-}
-
 /// The candidate's share and mean checks against every customer in the store; the reasons
 /// it fails (empty: it passes).
 fn validate_live(
@@ -275,7 +268,7 @@ fn validate_live(
                     let Ok(record) = CustomerRecord::decode(bytes) else {
                         continue;
                     };
-                    let own = customer_as_of(&record).unwrap_or(as_of);
+                    let own = record.state.last_event_time().unwrap_or(as_of);
                     let fv = FeatureVector::compute(&record.state, own, &params);
                     assigner.assign_into(&fv, &mut assignment);
                     for (a, tally) in local.iter_mut().enumerate() {
@@ -326,6 +319,37 @@ fn validate_live(
         }
     }
     Ok(reasons)
+}
+
+/// Starts the drift monitor, re-clustering when it fires (per `config.drift`), until
+/// `shutdown`. Returns what the consumer loop feeds ([`crate::pipeline::kafka::Hooks::drift`])
+/// and the re-clusterer, for the admin API.
+pub fn start_drift_monitoring(
+    config: &Config,
+    registry: &Arc<Registry>,
+    store: &Arc<dyn StateStore>,
+    metrics: &Arc<Metrics>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> (Live, Arc<Reclusterer>) {
+    let live: Live = Arc::new(std::sync::Mutex::new(LiveState::new(
+        std::time::Duration::from_secs_f64(config.drift.half_life_seconds),
+    )));
+    let reclusterer = Arc::new(Reclusterer {
+        store: store.clone(),
+        registry: registry.clone(),
+        config: config.clone(),
+        metrics: metrics.clone(),
+        running: std::sync::Mutex::new(()),
+    });
+    tokio::spawn(monitor(
+        config.drift.clone(),
+        registry.clone(),
+        live.clone(),
+        metrics.clone(),
+        Some(reclusterer.clone()),
+        shutdown.clone(),
+    ));
+    (live, reclusterer)
 }
 
 /// Shared by the daemon's drift monitor and the admin API.
