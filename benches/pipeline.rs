@@ -6,7 +6,10 @@
 //! - `process_batch_5000`: one 5,000-event poll batch through `process_batch` against a
 //!   RocksDB store holding the shop's customers (multi-get, decode, apply, assign, decide,
 //!   encode), per event;
-//! - `update_to_json`: one membership update serialised for the output topic.
+//! - `update_to_json`: one membership update serialised for the output topic;
+//! - `sweep_scan` / `sweep_reassign`: the re-assignment sweep's two halves per customer,
+//!   reading a chunk of records from RocksDB in key order, and re-assigning them against a
+//!   new snapshot (decode, 13 axes, decide).
 //!
 //! Targets: the feature update and the assignment must each stay far below the ~5 µs per
 //! event a 200,000 events/s daemon can spend on two cores.
@@ -23,7 +26,9 @@ use segmentd::domain::event::Event;
 use segmentd::domain::features::{FeatureVector, Sources};
 use segmentd::domain::state::{CustomerState, StateParams};
 use segmentd::model::assign::{Assigner, Assignment};
-use segmentd::pipeline::process::{process_batch, CustomerRecord, Input, PublishPolicy, Source};
+use segmentd::pipeline::process::{
+    process_batch, reassign_batch, CustomerRecord, Input, PublishPolicy, Source,
+};
 use segmentd::store::{RocksStore, StateStore, StoreBatch, StoreConfig};
 use segmentd::synth::{Shop, ShopParams};
 
@@ -195,6 +200,24 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             black_box(serde_json::to_vec(&updates[i % updates.len()]).map(|v| v.len()))
+        });
+    });
+
+    // The sweep's two halves over the same store.
+    let customers = f.states.len();
+    g.throughput(Throughput::Elements(customers as u64));
+    g.bench_function("sweep_scan", |b| {
+        b.iter(|| black_box(store.records_after(None, customers).expect("scan").len()));
+    });
+    let chunk = store.records_after(None, customers).expect("scan");
+    g.bench_function("sweep_reassign", |b| {
+        b.iter(|| {
+            black_box(
+                reassign_batch(&f.snapshot, &f.assigner, &policy, &chunk)
+                    .expect("sweep")
+                    .updates
+                    .len(),
+            )
         });
     });
     g.finish();

@@ -484,8 +484,8 @@ pub async fn run(
         pending: pending.clone(),
     });
     let (to_committer, from_loop) = tokio::sync::mpsc::channel::<InFlight>(MAX_IN_FLIGHT);
-    let population = Population::load(store.as_ref(), snapshot.load().snapshot.version())
-        .map_err(ProcessError::from)?;
+    let population =
+        Population::load(store.as_ref(), &snapshot.load().snapshot).map_err(ProcessError::from)?;
     population.export(&metrics);
     let committer = Committer {
         population,
@@ -896,29 +896,58 @@ fn prepare_sweep(
     let started = Instant::now();
     // The durable store's keys: every customer of the old version is durable by now (the
     // sweep starts only then), and customers created since are on the new version already.
-    // One pass over the store reads keys and records together.
-    let records = overlay.records_after(sweep.cursor.as_deref(), chunk)?;
-    // Customers are independent: one part per core, concatenated in key order.
-    let part = records
-        .len()
-        .div_ceil(rayon::current_num_threads().max(1))
-        .max(1);
-    let parts: Vec<BatchResult> = records
-        .par_chunks(part)
-        .map(|part| reassign_batch(&loaded.snapshot, &loaded.assigner, policy, part))
-        .collect::<Result<_, _>>()?;
+    // One pass over the store reads keys and records together. The chunk is read in a few
+    // slices, and each slice is read while the previous one is re-assigned, so the scan (one
+    // core) and the assignment (the other, and the first once the scan is done) overlap.
+    // Everything stays inside this call, so no event batch runs between the read of a
+    // customer and its re-assignment.
+    let slice = chunk.div_ceil(4).max(1);
     let mut result = BatchResult::default();
-    for part in parts {
-        result.store_batch.records.extend(part.store_batch.records);
-        result.updates.extend(part.updates);
-        result.drift.merge(&part.drift);
+    let mut swept = 0usize;
+    let mut exhausted = false;
+    let mut current = overlay.records_after(sweep.cursor.as_deref(), slice.min(chunk))?;
+    if current.len() < slice.min(chunk) {
+        exhausted = true;
+    }
+    while !current.is_empty() {
+        swept += current.len();
+        let last = current.last().map(|(key, _)| key.clone());
+        let want = slice.min(chunk - swept);
+        let fetch = !exhausted && want > 0;
+        let piece = current.len().div_ceil(8).max(64);
+        let (next, parts) = rayon::join(
+            || {
+                fetch
+                    .then(|| overlay.records_after(last.as_deref(), want))
+                    .transpose()
+            },
+            || {
+                current
+                    .par_chunks(piece)
+                    .map(|part| reassign_batch(&loaded.snapshot, &loaded.assigner, policy, part))
+                    .collect::<Result<Vec<BatchResult>, _>>()
+            },
+        );
+        // Customers are independent: the parts are concatenated in key order.
+        for part in parts? {
+            result.store_batch.records.extend(part.store_batch.records);
+            result.updates.extend(part.updates);
+            result.drift.merge(&part.drift);
+        }
+        if last.is_some() {
+            sweep.cursor = last;
+        }
+        current = match next? {
+            Some(next) => {
+                exhausted = next.len() < want;
+                next
+            }
+            None => Vec::new(),
+        };
     }
     pending.insert(id, &result.store_batch.records);
-    sweep.visited += records.len() as u64;
-    if let Some((last, _)) = records.last() {
-        sweep.cursor = Some(last.clone());
-    }
-    sweep.done = records.len() < chunk;
+    sweep.visited += swept as u64;
+    sweep.done = exhausted || swept == 0;
     result
         .store_batch
         .meta
@@ -931,7 +960,7 @@ fn prepare_sweep(
         id,
         version: loaded.snapshot.version(),
         sweep: Some(sweep),
-        swept: records.len(),
+        swept,
         records: 0,
         updates,
         dead: Vec::new(),

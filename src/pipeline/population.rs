@@ -75,14 +75,29 @@ impl Population {
         };
     }
 
-    /// Counts of `version` from the store, or empty ones.
-    pub fn load(store: &dyn StateStore, version: u64) -> Result<Self, StoreError> {
+    /// Counts of `snapshot`'s version from the store; counts of the version it replaced
+    /// (a swap while the daemon was down) are carried as [`Population::advance`] would carry
+    /// them; otherwise empty ones.
+    pub fn load(
+        store: &dyn StateStore,
+        snapshot: &crate::model::snapshot::ValidSnapshot,
+    ) -> Result<Self, StoreError> {
+        let version = snapshot.version();
         let empty = Self::new(version);
         let Some(bytes) = store.meta(META_KEY)? else {
             return Ok(empty);
         };
+        let replaced = snapshot
+            .snapshot()
+            .lineage
+            .as_ref()
+            .map(|l| l.previous_version);
         match serde_json::from_slice::<Population>(&bytes) {
             Ok(stored) if stored.snapshot_version == version => Ok(stored),
+            Ok(mut stored) if Some(stored.snapshot_version) == replaced => {
+                stored.advance(snapshot);
+                Ok(stored)
+            }
             Ok(stored) => {
                 tracing::warn!(
                     stored = stored.snapshot_version,
@@ -163,10 +178,16 @@ mod tests {
             .unwrap_or(0)
     }
 
+    fn snapshot(version: u64) -> crate::model::snapshot::ValidSnapshot {
+        let mut s = crate::model::snapshot::tests::sample_snapshot();
+        s.version = version;
+        s.validate().unwrap()
+    }
+
     #[test]
     fn counts_follow_changes_and_survive_a_reload_of_the_same_version() {
         let store = MemStore::default();
-        let mut p = Population::load(&store, 3).unwrap();
+        let mut p = Population::load(&store, &snapshot(3)).unwrap();
         p.apply(3, None, &[change(None, Some(1))]);
         p.apply(3, None, &[change(None, Some(1))]);
         p.apply(3, Some(3), &[change(Some(1), Some(2))]);
@@ -179,9 +200,18 @@ mod tests {
                 ..StoreBatch::default()
             })
             .unwrap();
-        assert_eq!(Population::load(&store, 3).unwrap(), p);
-        let other = Population::load(&store, 4).unwrap();
+        assert_eq!(Population::load(&store, &snapshot(3)).unwrap(), p);
+        let other = Population::load(&store, &snapshot(4)).unwrap();
         assert!(other.counts.is_empty());
         assert_eq!(other.snapshot_version, 4);
+        // A version 4 that carried version 3's ids (swapped in while the daemon was down)
+        // keeps the counts of the segments that kept their ids.
+        let mut carried = crate::model::snapshot::tests::sample_snapshot();
+        carried.version = 4;
+        crate::model::lineage::carry_ids(&snapshot(3), &mut carried, 0.5).unwrap();
+        let carried = carried.validate().unwrap();
+        let loaded = Population::load(&store, &carried).unwrap();
+        assert_eq!(loaded.snapshot_version, 4);
+        assert_eq!((count(&loaded, 1), count(&loaded, 2)), (1, 2));
     }
 }

@@ -237,6 +237,15 @@ impl RocksStore {
     }
 }
 
+/// Read options for whole-store scans (the sweep, re-clustering): a scan would evict the hot
+/// customers from the block cache, and reads ahead since it walks the files in order.
+fn scan_options() -> rocksdb::ReadOptions {
+    let mut options = rocksdb::ReadOptions::default();
+    options.fill_cache(false);
+    options.set_readahead_size(2 << 20);
+    options
+}
+
 impl StateStore for RocksStore {
     fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         let cf = self.cf(CF_CUSTOMERS)?;
@@ -298,37 +307,39 @@ impl StateStore for RocksStore {
 
     fn records_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Records, StoreError> {
         let cf = self.cf(CF_CUSTOMERS)?;
-        let mut options = rocksdb::ReadOptions::default();
-        options.fill_cache(false);
-        let mode = match after {
-            Some(key) => rocksdb::IteratorMode::From(key, rocksdb::Direction::Forward),
-            None => rocksdb::IteratorMode::Start,
-        };
-        let mut out = Vec::with_capacity(limit);
-        for item in self.db.iterator_cf_opt(cf, options, mode) {
-            let (key, value) = item.map_err(|e| self.rocks(e))?;
-            if after.is_some_and(|a| *key == *a) {
-                continue;
+        let mut iter = self.db.raw_iterator_cf_opt(cf, scan_options());
+        match after {
+            Some(key) => {
+                iter.seek(key);
+                if iter.key() == Some(key) {
+                    iter.next();
+                }
             }
-            out.push((key.to_vec(), value.to_vec()));
-            if out.len() >= limit {
-                break;
-            }
+            None => iter.seek_to_first(),
         }
+        let mut out = Vec::with_capacity(limit);
+        // The raw iterator lends each entry: one copy per key and value.
+        while out.len() < limit {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+                break;
+            };
+            out.push((key.to_vec(), value.to_vec()));
+            iter.next();
+        }
+        iter.status().map_err(|e| self.rocks(e))?;
         Ok(out)
     }
 
     fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
         let cf = self.cf(CF_CUSTOMERS)?;
         let snapshot = self.db.snapshot();
-        let mut options = rocksdb::ReadOptions::default();
-        // A full scan would evict the hot customers from the block cache.
-        options.fill_cache(false);
-        for item in snapshot.iterator_cf_opt(cf, options, rocksdb::IteratorMode::Start) {
-            let (key, value) = item.map_err(|e| self.rocks(e))?;
-            visit(&key, &value);
+        let mut iter = snapshot.raw_iterator_cf_opt(cf, scan_options());
+        iter.seek_to_first();
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            visit(key, value);
+            iter.next();
         }
-        Ok(())
+        iter.status().map_err(|e| self.rocks(e))
     }
 
     fn stats(&self) -> StoreStats {
