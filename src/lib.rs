@@ -33,6 +33,7 @@
 //! - [`telemetry`]: logging setup.
 #![warn(missing_docs)]
 
+pub mod audience;
 pub mod batch;
 pub mod bench;
 pub mod cli;
