@@ -55,6 +55,9 @@ pub enum Command {
     Assign(AssignArgs),
     /// Check that a snapshot's sample represents the whole population.
     Validate(ValidateArgs),
+    /// Per-product audience buckets (premium / growth / volume) from a conversion-scores CSV,
+    /// with a summary and optional histograms.
+    Audiences(AudiencesArgs),
     /// Write a seeded synthetic shop (orders, returns, support, engagement CSVs).
     Generate(GenerateArgs),
     /// Print the feature catalogue (the 13 axes and their features).
@@ -194,6 +197,50 @@ pub struct ValidateArgs {
     pub min_agreement: Option<f64>,
 }
 
+/// `segmentd audiences`.
+#[derive(Debug, Args)]
+pub struct AudiencesArgs {
+    /// Scores CSV: visitor_id, product_id, probability (0 to 1), and optionally session_id and
+    /// event_time (without it, every score weighs the same).
+    #[arg(long, value_name = "FILE")]
+    pub scores: PathBuf,
+    /// Conversions CSV (session_id, optionally product_id), joined to the scores by session:
+    /// adds a converted column and conversion rates per tier.
+    #[arg(long, value_name = "FILE")]
+    pub conversions: Option<PathBuf>,
+    /// Column mapping FIELD=COLUMN for the scores file, or conversions.FIELD=COLUMN;
+    /// repeatable. Unmapped fields use their own name as the column name.
+    #[arg(long = "map", value_name = "FIELD=COLUMN")]
+    pub map: Vec<String>,
+    /// Audience file: one row per placed visitor and product.
+    #[arg(long, short, value_name = "FILE", default_value = "audiences.csv")]
+    pub out: PathBuf,
+    /// Summary file: one row per product, and `*` for all products pooled.
+    #[arg(long, value_name = "FILE", default_value = "audience-summary.csv")]
+    pub summary: PathBuf,
+    /// Draw a PNG histogram per product, with its cut-offs, into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub plots: Option<PathBuf>,
+    /// Recency half-life of a score's weight, in hours (default 168, from the config).
+    #[arg(long, value_name = "HOURS")]
+    pub half_life_hours: Option<f64>,
+    /// Scores a product needs before anyone is placed (default 20, from the config).
+    #[arg(long, value_name = "N")]
+    pub min_scores: Option<u64>,
+    /// TOML config file (see config/segmentd.toml, [audiences.thresholds]).
+    #[arg(long, value_name = "FILE", env = "SEGMENTD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Stop at the first bad row instead of counting and skipping it.
+    #[arg(long)]
+    pub strict: bool,
+    /// Write every bad row (file, line, reason) to this CSV.
+    #[arg(long, value_name = "FILE")]
+    pub bad_rows: Option<PathBuf>,
+    /// Never draw progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
 /// `segmentd generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -215,6 +262,16 @@ pub struct GenerateArgs {
     /// Persona mix, e.g. "big_spender=0.3,bargain_hunter=0.2" (default: the built-in mix).
     #[arg(long)]
     pub mix: Option<String>,
+    /// Also write this many conversion scores (scores.csv, with conversions.csv) for
+    /// `segmentd audiences`.
+    #[arg(long, default_value_t = 0)]
+    pub scores: usize,
+    /// Products the scores are spread over.
+    #[arg(long, default_value_t = 200)]
+    pub products: usize,
+    /// Visitors the scores belong to.
+    #[arg(long, default_value_t = 100_000)]
+    pub visitors: usize,
     /// Output directory.
     #[arg(long, short, value_name = "DIR", default_value = "shop")]
     pub out_dir: PathBuf,
@@ -233,6 +290,10 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     let usage = err.chain().any(|cause| {
         cause.is::<ConfigError>()
             || cause.is::<MappingError>()
+            || matches!(
+                cause.downcast_ref::<crate::batch::audiences::AudiencesError>(),
+                Some(crate::batch::audiences::AudiencesError::Mapping(_))
+            )
             || matches!(
                 cause.downcast_ref::<crate::batch::ingest::IngestError>(),
                 Some(crate::batch::ingest::IngestError::Mapping { .. })
@@ -262,6 +323,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Assign(args) => assign(args),
         Command::Validate(args) => validate(args),
         Command::Generate(args) => generate(args),
+        Command::Audiences(args) => audiences(args),
         Command::Demo(args) => crate::demo::demo(args),
         Command::Bench(args) => crate::bench::bench(args),
         Command::Run(args) => {
@@ -411,6 +473,49 @@ fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn audiences(args: AudiencesArgs) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(args.config.as_deref())?;
+    let t = &mut config.audiences.thresholds;
+    if let Some(h) = args.half_life_hours {
+        t.half_life_hours = h;
+    }
+    if let Some(n) = args.min_scores {
+        t.min_scores = n;
+    }
+    config.validate()?;
+    let mut score_columns = std::collections::BTreeMap::new();
+    let mut conversion_columns = std::collections::BTreeMap::new();
+    for arg in &args.map {
+        let (key, column) = arg
+            .split_once('=')
+            .filter(|(k, c)| !k.trim().is_empty() && !c.trim().is_empty())
+            .ok_or_else(|| MappingError::Syntax(arg.clone()))?;
+        let (target, field) = match key.trim().split_once('.') {
+            Some(("conversions", field)) => (&mut conversion_columns, field),
+            Some(("scores", field)) => (&mut score_columns, field),
+            Some(_) => return Err(MappingError::Syntax(arg.clone()).into()),
+            None => (&mut score_columns, key.trim()),
+        };
+        target.insert(field.trim().to_owned(), column.trim().to_owned());
+    }
+    let job = crate::batch::audiences::AudiencesJob {
+        scores: args.scores,
+        score_columns,
+        conversions: args.conversions,
+        conversion_columns,
+        out: args.out,
+        summary: args.summary,
+        plots: args.plots,
+        thresholds: config.audiences.thresholds,
+        strict: args.strict,
+        bad_rows: args.bad_rows,
+        progress: !args.no_progress && std::io::stderr().is_terminal(),
+    };
+    let outcome = crate::batch::audiences::run(&job)?;
+    report::print_audiences(&outcome, &job);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {

@@ -75,6 +75,8 @@ pub struct Config {
     pub drift: crate::snapshots::drift::DriftConfig,
     /// `segmentd run`: the re-assignment sweep after a snapshot swap.
     pub sweep: crate::pipeline::sweep::SweepConfig,
+    /// `segmentd audiences` and `segmentd run`: per-product audience buckets.
+    pub audiences: crate::audience::AudienceConfig,
     /// Whether the file or the environment set anything under `[features]` (as opposed to
     /// the defaults): `assign` checks only explicit settings against a snapshot's.
     #[serde(skip)]
@@ -318,6 +320,7 @@ impl Config {
     /// Checks every value; called after each layer of overrides.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |e: String| ConfigError::Invalid(e);
+        self.audiences.check().map_err(bad)?;
         self.features
             .validate()
             .map_err(|e| bad(format!("features: {e}")))?;

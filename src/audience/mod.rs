@@ -8,3 +8,71 @@ pub mod engine;
 pub mod moments;
 
 pub use engine::{Engine, PerTier, Readiness, ScoreError, ThresholdConfig, Thresholds, Tier};
+
+use serde::{Deserialize, Serialize};
+
+/// `[audiences]`: the threshold method, and the daemon's score stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AudienceConfig {
+    /// `segmentd run`: consume the score topic and publish audience tier changes.
+    pub enabled: bool,
+    /// `segmentd run`: topic of conversion scores (JSON, keyed by visitor).
+    pub scores_topic: String,
+    /// `segmentd run`: topic of audience tier changes, keyed by visitor id.
+    pub output_topic: String,
+    /// `segmentd run`: consumer group of the score stream (its own, so the event stream's
+    /// partition assignment is not coupled to it).
+    pub group_id: String,
+    /// `segmentd run`: thresholds are refreshed at least this often while scores arrive.
+    pub refresh_interval_ms: u64,
+    /// `segmentd run`: ... and after this many scores, whichever comes first.
+    pub refresh_every_scores: u64,
+    /// `segmentd run`: products exported with their own metric labels (the most-scored
+    /// ones); the rest are summed under `product="_other"`.
+    pub max_labelled_products: usize,
+    /// The threshold method.
+    pub thresholds: ThresholdConfig,
+}
+
+impl Default for AudienceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            scores_topic: "conversion-scores".into(),
+            output_topic: "audiences".into(),
+            group_id: "segmentd-audiences".into(),
+            refresh_interval_ms: 10_000,
+            refresh_every_scores: 100_000,
+            max_labelled_products: 50,
+            thresholds: ThresholdConfig::default(),
+        }
+    }
+}
+
+impl AudienceConfig {
+    /// Checks the settings; the message names the offending key.
+    pub fn check(&self) -> Result<(), String> {
+        self.thresholds
+            .check()
+            .map_err(|e| format!("audiences.thresholds: {e}"))?;
+        if self.enabled {
+            if self.scores_topic.trim().is_empty() || self.output_topic.trim().is_empty() {
+                return Err("audiences.scores_topic and audiences.output_topic must be set".into());
+            }
+            if self.scores_topic == self.output_topic {
+                return Err("audiences.scores_topic and audiences.output_topic must differ".into());
+            }
+            if self.group_id.trim().is_empty() {
+                return Err("audiences.group_id must be set".into());
+            }
+        }
+        if self.refresh_interval_ms == 0 || self.refresh_every_scores == 0 {
+            return Err(
+                "audiences.refresh_interval_ms and audiences.refresh_every_scores must be > 0"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}

@@ -43,5 +43,29 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     for file in &summary.files {
         println!("  {}", file.display());
     }
+    if args.scores > 0 {
+        let started = Instant::now();
+        let params = crate::synth::scores::ScoreParams {
+            scores: args.scores,
+            products: args.products,
+            visitors: args.visitors,
+            start,
+            days: args.days,
+            seed: args.seed,
+        };
+        let (scores, conversions) = crate::synth::scores::write_scores(&params, &args.out_dir)
+            .with_context(|| format!("writing scores into {}", args.out_dir.display()))?;
+        println!(
+            "generated {} scores of {} visitors over {} products ({} conversions) in {:.2} s",
+            count(scores),
+            count(args.visitors as u64),
+            count(args.products as u64),
+            count(conversions),
+            started.elapsed().as_secs_f64()
+        );
+        for name in ["scores.csv", "conversions.csv"] {
+            println!("  {}", args.out_dir.join(name).display());
+        }
+    }
     Ok(())
 }

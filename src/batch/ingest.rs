@@ -324,7 +324,7 @@ struct OpenGroup {
     event: Event,
 }
 
-fn progress_bar(len: u64, enabled: bool, path: &Path) -> ProgressBar {
+pub(crate) fn progress_bar(len: u64, enabled: bool, path: &Path) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }

@@ -220,6 +220,151 @@ pub fn print_schema() {
     }
 }
 
+/// The `audiences` report: what was read, the pooled cut-offs, the largest products and the
+/// files written.
+pub fn print_audiences(
+    o: &super::audiences::AudiencesOutcome,
+    job: &super::audiences::AudiencesJob,
+) {
+    use crate::audience::engine::Readiness;
+    println!(
+        "read scores {}: {} rows, {} scores, {} bad rows ({})",
+        job.scores.display(),
+        count(o.rows),
+        count(o.scores),
+        count(o.bad_rows),
+        secs(o.timings[0])
+    );
+    if o.bad_rows > 0 {
+        for (reason, n) in &o.bad_by_reason {
+            println!("    {:>8} × {reason}", count(*n));
+        }
+        for bad in &o.examples {
+            println!("    line {}: {}", bad.line, bad.reason);
+        }
+        if o.bad_rows as usize > o.examples.len() {
+            println!(
+                "    … {} more (write them all with --bad-rows FILE)",
+                count(o.bad_rows - o.examples.len() as u64)
+            );
+        }
+    }
+    if let Some(n) = o.converted_sessions {
+        println!("read conversions: {} converting sessions", count(n));
+    }
+    let products = &o.products[o.products.len().min(1)..];
+    let by = |r: Readiness| {
+        products
+            .iter()
+            .filter(|p| p.thresholds.readiness == r)
+            .count()
+    };
+    println!(
+        "products: {} ({} ready, {} with too few scores, {} constant); thresholds in {}",
+        count(products.len() as u64),
+        count(by(Readiness::Ready) as u64),
+        count(by(Readiness::TooFewScores) as u64),
+        count(by(Readiness::Constant) as u64),
+        secs(o.timings[1])
+    );
+    if let Some(pooled) = o.products.first().filter(|p| p.product == "*") {
+        let t = &pooled.thresholds;
+        println!(
+            "pooled: skewness {:.2}, variance {:.4}; premium ≥ {:.4} (p{:.1}), growth ≥ {:.4} \
+             (p{:.1}), volume ≥ {:.4} (p{:.1})",
+            t.skewness,
+            t.variance,
+            t.own.premium,
+            t.percentiles.premium,
+            t.own.growth,
+            t.percentiles.growth,
+            t.own.volume,
+            t.percentiles.volume
+        );
+        print!(
+            "placed {} of {} visitor–product pairs: premium {}, growth {}, volume {}",
+            count(o.placed),
+            count(o.pairs),
+            count(pooled.sizes[0]),
+            count(pooled.sizes[1]),
+            count(pooled.sizes[2])
+        );
+        match &pooled.conversions {
+            Some(c) => {
+                let rate = |(k, n): (u64, u64)| {
+                    if n == 0 {
+                        "-".to_owned()
+                    } else {
+                        format!("{:.1}%", 100.0 * k as f64 / n as f64)
+                    }
+                };
+                println!(
+                    "; conversion premium {}, growth {}, volume {}, unplaced {}",
+                    rate(c[0]),
+                    rate(c[1]),
+                    rate(c[2]),
+                    rate(c[3])
+                );
+            }
+            None => println!(),
+        }
+    }
+    let mut largest: Vec<_> = products.iter().collect();
+    largest.sort_by_key(|p| std::cmp::Reverse(p.thresholds.count));
+    let shown = largest.len().min(10);
+    if shown > 0 {
+        println!(
+            "{:<20} {:>10} {:>7} {:>9} {:>5}  {:>22}  {:>22}  {:>22}",
+            "largest products", "scores", "skew", "variance", "conf", "premium", "growth", "volume"
+        );
+        for p in &largest[..shown] {
+            let t = &p.thresholds;
+            let cell = |i: usize, tier: crate::audience::Tier| {
+                format!(
+                    "{:.4} p{:.1} ({})",
+                    t.cutoffs.get(tier),
+                    t.percentiles.get(tier),
+                    count(p.sizes[i])
+                )
+            };
+            let mut name = p.product.clone();
+            if name.chars().count() > 20 {
+                name = name.chars().take(19).collect::<String>() + "…";
+            }
+            println!(
+                "{name:<20} {:>10} {:>7.2} {:>9.5} {:>5.2}  {:>22}  {:>22}  {:>22}{}",
+                count(t.count),
+                t.skewness,
+                t.variance,
+                t.confidence,
+                cell(0, crate::audience::Tier::Premium),
+                cell(1, crate::audience::Tier::Growth),
+                cell(2, crate::audience::Tier::Volume),
+                if t.readiness == Readiness::Ready {
+                    String::new()
+                } else {
+                    format!("  [{}]", t.readiness.as_str())
+                }
+            );
+        }
+    }
+    println!(
+        "wrote {} and {} ({})",
+        job.out.display(),
+        job.summary.display(),
+        secs(o.timings[2])
+    );
+    if let Some(dir) = &job.plots {
+        let drawn = products.iter().filter(|p| p.plot.is_some()).count();
+        println!(
+            "drew {} plots in {} ({})",
+            count(drawn as u64),
+            dir.display(),
+            secs(o.timings[3])
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,7 @@ mod events;
 mod history;
 mod live;
 mod persona;
+pub mod scores;
 mod season;
 #[cfg(test)]
 mod tests;

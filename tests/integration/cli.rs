@@ -430,3 +430,247 @@ fn discover_carries_segment_ids_from_the_snapshot_it_replaces() {
     assert!(!run.status.success());
     assert!(text(&run).contains("--snapshot-version"), "{}", text(&run));
 }
+
+/// Reads a CSV into header → column and rows.
+fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut r = csv::Reader::from_path(path).expect("csv");
+    let header = r.headers().unwrap().iter().map(str::to_owned).collect();
+    let rows = r
+        .records()
+        .map(|x| x.unwrap().iter().map(str::to_owned).collect())
+        .collect();
+    (header, rows)
+}
+
+fn column(header: &[String], name: &str) -> usize {
+    header.iter().position(|h| h == name).expect(name)
+}
+
+#[test]
+fn audiences_from_a_renamed_scores_file_with_bad_rows_conversions_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let gen = dir.path().join("gen");
+    let out = segmentd(&[
+        "generate",
+        "--customers",
+        "50",
+        "--order-lines",
+        "500",
+        "--scores",
+        "30000",
+        "--products",
+        "12",
+        "--visitors",
+        "4000",
+        "-o",
+        p(&gen),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The same file under other column names, with bad rows appended.
+    let generated = std::fs::read_to_string(gen.join("scores.csv")).unwrap();
+    let mut lines = generated.lines();
+    lines.next();
+    let mut body = String::from("vid,sid,sku,p,ts\n");
+    for line in lines {
+        body.push_str(line);
+        body.push('\n');
+    }
+    let good = body.lines().count() - 1;
+    for bad in [
+        "V1,S1,,0.5,2024-03-01T00:00:00Z",
+        ",S1,P00001,0.5,2024-03-01T00:00:00Z",
+        "V1,S1,P00001,NaN,2024-03-01T00:00:00Z",
+        "V1,S1,P00001,1.5,2024-03-01T00:00:00Z",
+        "V1,S1,P00001,-0.1,2024-03-01T00:00:00Z",
+        "V1,S1,P00001,high,2024-03-01T00:00:00Z",
+        "V1,S1,P00001,0.5,yesterday",
+    ] {
+        body.push_str(bad);
+        body.push('\n');
+    }
+    let scores = dir.path().join("scores.csv");
+    std::fs::write(&scores, body).unwrap();
+    let (audiences, summary, plots, bad_rows) = (
+        dir.path().join("audiences.csv"),
+        dir.path().join("summary.csv"),
+        dir.path().join("plots"),
+        dir.path().join("bad.csv"),
+    );
+    let run = segmentd(&[
+        "audiences",
+        "--scores",
+        p(&scores),
+        "--conversions",
+        p(&gen.join("conversions.csv")),
+        "--map",
+        "visitor_id=vid",
+        "--map",
+        "session_id=sid",
+        "--map",
+        "product_id=sku",
+        "--map",
+        "probability=p",
+        "--map",
+        "event_time=ts",
+        "--out",
+        p(&audiences),
+        "--summary",
+        p(&summary),
+        "--plots",
+        p(&plots),
+        "--bad-rows",
+        p(&bad_rows),
+    ]);
+    let report = text(&run);
+    assert!(run.status.success(), "{report}");
+    assert!(
+        report.contains(&format!("{} scores, 7 bad rows", thousands(good))),
+        "{report}"
+    );
+    for reason in ["product_id", "visitor_id", "probability", "event_time"] {
+        assert!(report.contains(reason), "{reason} missing from {report}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&bad_rows).unwrap().lines().count(),
+        8
+    );
+
+    // The summary: the pooled line and one per product, all ready, ordered percentiles.
+    let (h, rows) = read_csv(&summary);
+    assert_eq!(rows.len(), 13, "pooled + 12 products");
+    assert_eq!(rows[0][column(&h, "product_id")], "*");
+    let mut cutoffs = std::collections::HashMap::new();
+    for row in &rows[1..] {
+        let f = |name: &str| row[column(&h, name)].parse::<f64>().unwrap();
+        assert_eq!(row[column(&h, "readiness")], "ready");
+        assert!(f("premium_percentile") > f("growth_percentile"));
+        assert!(f("growth_percentile") > f("volume_percentile"));
+        assert!(f("premium_cutoff") >= f("growth_cutoff"));
+        assert!(f("growth_cutoff") >= f("volume_cutoff"));
+        cutoffs.insert(
+            row[column(&h, "product_id")].clone(),
+            (f("premium_cutoff"), f("growth_cutoff"), f("volume_cutoff")),
+        );
+    }
+    // A calibrated model: the premium tier converts better than visitors in no tier.
+    let pooled = |name: &str| rows[0][column(&h, name)].parse::<f64>().unwrap();
+    assert!(
+        pooled("premium_conversion_rate") > 2.0 * pooled("unplaced_conversion_rate"),
+        "{:?}",
+        rows[0]
+    );
+
+    // Every audience row's tier follows from its probability and its product's cut-offs.
+    let (h, rows) = read_csv(&audiences);
+    assert!(rows.len() > 1000);
+    for row in &rows {
+        let prob: f64 = row[column(&h, "probability")].parse().unwrap();
+        let (premium, growth, volume) = cutoffs[&row[column(&h, "product_id")]];
+        let expected = if prob >= premium {
+            "premium"
+        } else if prob >= growth {
+            "growth"
+        } else {
+            assert!(prob >= volume);
+            "volume"
+        };
+        assert_eq!(row[column(&h, "tier")], expected, "{row:?}");
+        assert!(["true", "false"].contains(&row[column(&h, "converted")].as_str()));
+    }
+
+    // One 1000×600 PNG per product.
+    let pngs: Vec<_> = std::fs::read_dir(&plots).unwrap().collect();
+    assert_eq!(pngs.len(), 12);
+    let png = std::fs::read(plots.join("P00000.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let dim = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+    assert_eq!((dim(16), dim(20)), (1000, 600));
+}
+
+fn thousands(n: usize) -> String {
+    segmentd::batch::report::count(n as u64)
+}
+
+#[test]
+fn audiences_report_small_and_constant_products_and_refuse_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let scores = dir.path().join("scores.csv");
+    let mut body = String::from("visitor_id,product_id,probability\n");
+    for i in 0..200 {
+        body.push_str(&format!("v{i},wide,{}\n", f64::from(i) / 200.0));
+    }
+    for i in 0..50 {
+        body.push_str(&format!("v{i},flat,0.25\n"));
+    }
+    for i in 0..5 {
+        body.push_str(&format!("v{i},rare,0.{i}\n"));
+    }
+    std::fs::write(&scores, &body).unwrap();
+    let (out, summary) = (dir.path().join("a.csv"), dir.path().join("s.csv"));
+    let run = segmentd(&[
+        "audiences",
+        "--scores",
+        p(&scores),
+        "--out",
+        p(&out),
+        "--summary",
+        p(&summary),
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    let (h, rows) = read_csv(&summary);
+    let readiness = |product: &str| {
+        rows.iter()
+            .find(|r| r[column(&h, "product_id")] == product)
+            .map(|r| r[column(&h, "readiness")].clone())
+            .unwrap()
+    };
+    assert_eq!(readiness("wide"), "ready");
+    assert_eq!(readiness("flat"), "constant");
+    assert_eq!(readiness("rare"), "too_few_scores");
+    let (h, rows) = read_csv(&out);
+    assert!(rows.iter().all(|r| r[column(&h, "product_id")] == "wide"));
+    // Undated scores all weigh the same: 200 evenly spread scores put about 10% in premium.
+    let premium = rows
+        .iter()
+        .filter(|r| r[column(&h, "tier")] == "premium")
+        .count();
+    assert!((15..=25).contains(&premium), "{premium}");
+
+    // --strict stops at the first bad row and names its line (exit 3).
+    body.push_str("v1,wide,2.0\n");
+    std::fs::write(&scores, &body).unwrap();
+    let run = segmentd(&[
+        "audiences",
+        "--scores",
+        p(&scores),
+        "--strict",
+        "--out",
+        p(&out),
+        "--summary",
+        p(&summary),
+    ]);
+    assert_eq!(run.status.code(), Some(3), "{}", text(&run));
+    assert!(
+        text(&run).contains(":257: probability 2 is outside [0, 1]"),
+        "{}",
+        text(&run)
+    );
+
+    // A file without a probability column is a usage error that lists the columns (exit 2).
+    std::fs::write(&scores, "visitor_id,product_id,score\nv1,p,0.5\n").unwrap();
+    let run = segmentd(&[
+        "audiences",
+        "--scores",
+        p(&scores),
+        "--out",
+        p(&out),
+        "--summary",
+        p(&summary),
+    ]);
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run));
+    assert!(
+        text(&run).contains("visitor_id, product_id, score"),
+        "{}",
+        text(&run)
+    );
+}

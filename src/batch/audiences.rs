@@ -1,0 +1,787 @@
+//! `segmentd audiences`: per-product audience buckets from a conversion-scores CSV.
+//!
+//! One pass over the scores file feeds every score to the threshold engine
+//! ([`crate::audience::engine`], the same code the daemon runs) and keeps each visitor's
+//! latest score per product (by event time; memory grows with the distinct visitor–product
+//! pairs, about 100 bytes each). After one refresh of the thresholds, each pair is placed by
+//! its latest score:
+//! - the audience file lists the placed pairs, by product, tier and descending probability,
+//!   with the cut-offs in force;
+//! - the summary lists every product (and the pooled distribution, as product `*`): scores,
+//!   skewness, variance, confidence, adjusted percentiles, own and final cut-offs, tier sizes
+//!   and whether it is ready;
+//! - with `--plots DIR`, one PNG histogram per product with the three cut-offs.
+//!
+//! With a conversions file (`session_id`, and optionally `product_id`), a pair converted when
+//! any of its scored sessions has a conversion (of that product, when the file names
+//! products): the audience file gains a `converted` column and the summary a conversion rate
+//! per tier, which is how an analyst checks that premium converts best.
+//!
+//! Bad rows (a missing visitor or product, a probability that is not a number or lies outside
+//! [0, 1], an unreadable time) are counted by reason and skipped, or stop the run under
+//! `--strict`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
+use thiserror::Error;
+
+use crate::audience::engine::{check_probability, Engine, ThresholdConfig, Thresholds, Tier};
+use crate::batch::ingest::{BadRow, REPORTED_BAD_ROWS};
+use crate::batch::mapping::MappingError;
+use crate::domain::time::EventTime;
+
+/// Fields of a scores file: (name, required).
+pub const SCORE_FIELDS: [(&str, bool); 5] = [
+    ("visitor_id", true),
+    ("product_id", true),
+    ("probability", true),
+    ("session_id", false),
+    ("event_time", false),
+];
+
+/// Fields of a conversions file.
+pub const CONVERSION_FIELDS: [(&str, bool); 2] = [("session_id", true), ("product_id", false)];
+
+/// The time given to every score of a file without an `event_time` column: all weigh the same.
+const UNDATED: i64 = 1_000_000_000;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct AudiencesJob {
+    /// Scores CSV.
+    pub scores: PathBuf,
+    /// Scores column mapping: field → column.
+    pub score_columns: BTreeMap<String, String>,
+    /// Conversions CSV.
+    pub conversions: Option<PathBuf>,
+    /// Conversions column mapping.
+    pub conversion_columns: BTreeMap<String, String>,
+    /// Audience file.
+    pub out: PathBuf,
+    /// Summary file.
+    pub summary: PathBuf,
+    /// Directory for per-product PNGs.
+    pub plots: Option<PathBuf>,
+    /// The method.
+    pub thresholds: ThresholdConfig,
+    /// Stop at the first bad row.
+    pub strict: bool,
+    /// Where to write every bad row.
+    pub bad_rows: Option<PathBuf>,
+    /// Draw progress bars.
+    pub progress: bool,
+}
+
+/// Why the run failed.
+#[derive(Debug, Error)]
+pub enum AudiencesError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The CSV layer failed.
+    #[error("{path}: {source}")]
+    Csv {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: csv::Error,
+    },
+    /// The columns do not fit.
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    /// A bad row under `--strict`.
+    #[error("{path}:{line}: {reason}")]
+    Strict {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The file has no usable score.
+    #[error("{0}: no valid scores")]
+    Empty(String),
+    /// A plot could not be drawn.
+    #[error("plot of product {product}: {reason}")]
+    Plot {
+        /// The product.
+        product: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One product's line of the summary.
+#[derive(Debug, Clone)]
+pub struct ProductSummary {
+    /// Product id (`*` for the pooled distribution).
+    pub product: String,
+    /// Thresholds at the end of the file.
+    pub thresholds: Thresholds,
+    /// Visitors with a score for the product.
+    pub visitors: u64,
+    /// Placed visitors per tier (premium, growth, volume).
+    pub sizes: [u64; 3],
+    /// With conversions: (converted, visitors) per tier, and for visitors in no tier.
+    pub conversions: Option<[(u64, u64); 4]>,
+    /// The PNG, when drawn.
+    pub plot: Option<PathBuf>,
+}
+
+/// What the run did.
+#[derive(Debug, Clone, Default)]
+pub struct AudiencesOutcome {
+    /// Data rows of the scores file.
+    pub rows: u64,
+    /// Scores accepted.
+    pub scores: u64,
+    /// Bad rows.
+    pub bad_rows: u64,
+    /// Bad rows by reason.
+    pub bad_by_reason: BTreeMap<String, u64>,
+    /// The first bad rows.
+    pub examples: Vec<BadRow>,
+    /// Sessions with a conversion, when a conversions file was read.
+    pub converted_sessions: Option<u64>,
+    /// Per product, by id; the pooled line first.
+    pub products: Vec<ProductSummary>,
+    /// Placed visitor–product pairs.
+    pub placed: u64,
+    /// Visitor–product pairs.
+    pub pairs: u64,
+    /// Time reading and sketching, computing thresholds, writing files, drawing plots.
+    pub timings: [Duration; 4],
+}
+
+/// A visitor's latest score for a product.
+struct Latest {
+    time: i64,
+    probability: f64,
+    converted: bool,
+}
+
+/// Per product: placed visitors per tier; (converted, visitors) per tier and unplaced;
+/// visitors.
+#[derive(Debug, Clone, Copy, Default)]
+struct PlacedStats([u64; 3], [(u64, u64); 4], u64);
+
+/// Which products each converting session bought (empty: the file names no products, so
+/// the session converts every product).
+type Conversions = FxHashMap<Box<str>, Vec<Box<str>>>;
+
+/// Runs the job.
+pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
+    let mut outcome = AudiencesOutcome::default();
+    let started = Instant::now();
+    let conversions = match &job.conversions {
+        Some(path) => {
+            let c = read_conversions(path, &job.conversion_columns)?;
+            outcome.converted_sessions = Some(c.len() as u64);
+            Some(c)
+        }
+        None => None,
+    };
+
+    // One pass: sketch every score, keep each pair's latest.
+    let path_text = job.scores.display().to_string();
+    let io = |source| AudiencesError::Io {
+        path: path_text.clone(),
+        source,
+    };
+    let file = File::open(&job.scores).map_err(io)?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(std::io::BufReader::with_capacity(1 << 20, file));
+    let csv_err = |source| AudiencesError::Csv {
+        path: path_text.clone(),
+        source,
+    };
+    let headers: Vec<String> = reader
+        .headers()
+        .map_err(csv_err)?
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    let cols = resolve_columns("scores", "", &SCORE_FIELDS, &headers, &job.score_columns)?;
+    let (visitor_col, product_col, p_col) = (cols[0].unwrap(), cols[1].unwrap(), cols[2].unwrap());
+    let (session_col, time_col) = (cols[3], cols[4]);
+
+    let mut bad_sink = match &job.bad_rows {
+        Some(path) => {
+            let io = |source| AudiencesError::Io {
+                path: path.display().to_string(),
+                source,
+            };
+            let mut w = BufWriter::new(File::create(path).map_err(io)?);
+            writeln!(w, "file,line,reason").map_err(io)?;
+            Some(w)
+        }
+        None => None,
+    };
+    let bar = crate::batch::ingest::progress_bar(len, job.progress, &job.scores);
+    let mut engine = Engine::new(job.thresholds.clone());
+    let mut products: FxHashMap<Box<str>, u32> = FxHashMap::default();
+    let mut names: Vec<Arc<str>> = Vec::new();
+    // Per product: visitor → latest score (looked up by &str, no allocation per row).
+    let mut latest: Vec<FxHashMap<Box<str>, Latest>> = Vec::new();
+    let mut samples: Vec<Vec<f32>> = Vec::new();
+    let keep_samples = job.plots.is_some();
+    let mut record = csv::ByteRecord::new();
+    loop {
+        match reader.read_byte_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                // A malformed line (bad quoting, invalid UTF-8 is handled per field below).
+                let line = e.position().map_or(outcome.rows + 2, |p| p.line());
+                outcome.rows += 1;
+                bad(&mut outcome, &mut bad_sink, job, line, "csv", e.to_string())?;
+                if !e.is_io_error() {
+                    continue;
+                }
+                return Err(csv_err(e));
+            }
+        }
+        outcome.rows += 1;
+        let line = record.position().map_or(outcome.rows + 1, |p| p.line());
+        if outcome.rows % 65_536 == 0 {
+            bar.set_position(record.position().map_or(0, |p| p.byte()));
+        }
+        let field = |i: usize| {
+            record
+                .get(i)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .map(str::trim)
+                .unwrap_or("")
+        };
+        let visitor = field(visitor_col);
+        if visitor.is_empty() {
+            bad(
+                &mut outcome,
+                &mut bad_sink,
+                job,
+                line,
+                "visitor_id",
+                "missing visitor_id".into(),
+            )?;
+            continue;
+        }
+        let product = field(product_col);
+        if product.is_empty() {
+            bad(
+                &mut outcome,
+                &mut bad_sink,
+                job,
+                line,
+                "product_id",
+                "missing product_id".into(),
+            )?;
+            continue;
+        }
+        let raw = field(p_col);
+        let probability = match raw.parse::<f64>().map_err(|_| raw.to_owned()) {
+            Ok(p) => match check_probability(p) {
+                Ok(p) => p,
+                Err(e) => {
+                    bad(
+                        &mut outcome,
+                        &mut bad_sink,
+                        job,
+                        line,
+                        "probability",
+                        e.to_string(),
+                    )?;
+                    continue;
+                }
+            },
+            Err(raw) => {
+                bad(
+                    &mut outcome,
+                    &mut bad_sink,
+                    job,
+                    line,
+                    "probability",
+                    format!("probability {raw:?} is not a number"),
+                )?;
+                continue;
+            }
+        };
+        let time = match time_col {
+            Some(c) => match EventTime::parse(field(c)) {
+                Ok(t) => t,
+                Err(e) => {
+                    bad(
+                        &mut outcome,
+                        &mut bad_sink,
+                        job,
+                        line,
+                        "event_time",
+                        e.to_string(),
+                    )?;
+                    continue;
+                }
+            },
+            None => EventTime::from_unix(UNDATED).expect("a valid constant"),
+        };
+        let index = match products.get(product) {
+            Some(&i) => i,
+            None => {
+                let i = names.len() as u32;
+                products.insert(product.into(), i);
+                names.push(Arc::from(product));
+                samples.push(Vec::new());
+                latest.push(FxHashMap::default());
+                i
+            }
+        };
+        engine
+            .observe(&names[index as usize], probability, time)
+            .expect("checked above");
+        outcome.scores += 1;
+        if keep_samples {
+            samples[index as usize].push(probability as f32);
+        }
+        let converted = match (&conversions, session_col) {
+            (Some(c), Some(s)) => c
+                .get(field(s))
+                .is_some_and(|bought| bought.is_empty() || bought.iter().any(|p| &**p == product)),
+            _ => false,
+        };
+        let t = time.unix();
+        let visitors = &mut latest[index as usize];
+        match visitors.get_mut(visitor) {
+            Some(l) => {
+                if t >= l.time {
+                    l.time = t;
+                    l.probability = probability;
+                }
+                l.converted |= converted;
+            }
+            None => {
+                visitors.insert(
+                    visitor.into(),
+                    Latest {
+                        time: t,
+                        probability,
+                        converted,
+                    },
+                );
+            }
+        }
+    }
+    bar.finish_and_clear();
+    if let Some(mut w) = bad_sink {
+        if let Some(path) = &job.bad_rows {
+            w.flush().map_err(|source| AudiencesError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+    }
+    if outcome.scores == 0 {
+        return Err(AudiencesError::Empty(path_text));
+    }
+    outcome.timings[0] = started.elapsed();
+
+    // Thresholds.
+    let started = Instant::now();
+    engine.refresh();
+    outcome.timings[1] = started.elapsed();
+
+    // Place every pair.
+    let started = Instant::now();
+    let thresholds: Vec<&Thresholds> = names
+        .iter()
+        .map(|n| engine.thresholds(n).expect("every product was refreshed"))
+        .collect();
+    let with_conversions = conversions.is_some();
+    let mut stats: Vec<PlacedStats> = vec![PlacedStats::default(); names.len()];
+    let mut placed: Vec<(u32, Tier, f64, &str, i64, bool)> = Vec::new();
+    for (product, visitors) in latest.iter().enumerate() {
+        let s = &mut stats[product];
+        for (visitor, l) in visitors {
+            let tier = thresholds[product].tier(l.probability);
+            s.2 += 1;
+            let slot = match tier {
+                Some(t) => {
+                    s.0[t as usize] += 1;
+                    placed.push((
+                        product as u32,
+                        t,
+                        l.probability,
+                        visitor,
+                        l.time,
+                        l.converted,
+                    ));
+                    t as usize
+                }
+                None => 3,
+            };
+            s.1[slot].1 += 1;
+            s.1[slot].0 += u64::from(l.converted);
+        }
+    }
+    outcome.pairs = latest.iter().map(|v| v.len() as u64).sum();
+    outcome.placed = placed.len() as u64;
+    let mut order: Vec<u32> = (0..names.len() as u32).collect();
+    order.sort_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
+    let mut rank = vec![0u32; names.len()];
+    for (r, &i) in order.iter().enumerate() {
+        rank[i as usize] = r as u32;
+    }
+    placed.sort_unstable_by(|a, b| {
+        (rank[a.0 as usize], a.1)
+            .cmp(&(rank[b.0 as usize], b.1))
+            .then(b.2.total_cmp(&a.2))
+            .then(a.3.cmp(b.3))
+    });
+    write_audiences(
+        &job.out,
+        &names,
+        &thresholds,
+        &placed,
+        time_col.is_some(),
+        with_conversions,
+    )?;
+
+    if let Some(pooled) = engine.pooled() {
+        let mut sizes = [0u64; 3];
+        let mut conv = [(0u64, 0u64); 4];
+        for s in &stats {
+            for (total, n) in sizes.iter_mut().zip(s.0) {
+                *total += n;
+            }
+            for (total, (k, n)) in conv.iter_mut().zip(s.1) {
+                total.0 += k;
+                total.1 += n;
+            }
+        }
+        outcome.products.push(ProductSummary {
+            product: "*".into(),
+            thresholds: pooled.clone(),
+            visitors: outcome.pairs,
+            sizes,
+            conversions: with_conversions.then_some(conv),
+            plot: None,
+        });
+    }
+    for &i in &order {
+        let PlacedStats(sizes, conv, visitors) = stats[i as usize];
+        outcome.products.push(ProductSummary {
+            product: names[i as usize].to_string(),
+            thresholds: thresholds[i as usize].clone(),
+            visitors,
+            sizes,
+            conversions: with_conversions.then_some(conv),
+            plot: None,
+        });
+    }
+    write_summary(&job.summary, &outcome.products, with_conversions)?;
+    outcome.timings[2] = started.elapsed();
+
+    if let Some(dir) = &job.plots {
+        let started = Instant::now();
+        let by_name: FxHashMap<&str, usize> =
+            names.iter().enumerate().map(|(i, n)| (&**n, i)).collect();
+        let paths = super::audience_plot::draw_all(dir, &outcome.products[1..], |product| {
+            samples[by_name[product]].as_slice()
+        })?;
+        for (summary, path) in outcome.products[1..].iter_mut().zip(paths) {
+            summary.plot = path;
+        }
+        outcome.timings[3] = started.elapsed();
+    }
+    Ok(outcome)
+}
+
+/// Counts (and maybe records) a bad row; under `strict` it is an error.
+fn bad(
+    outcome: &mut AudiencesOutcome,
+    sink: &mut Option<BufWriter<File>>,
+    job: &AudiencesJob,
+    line: u64,
+    category: &str,
+    reason: String,
+) -> Result<(), AudiencesError> {
+    let path = job.scores.display().to_string();
+    if job.strict {
+        return Err(AudiencesError::Strict { path, line, reason });
+    }
+    outcome.bad_rows += 1;
+    *outcome
+        .bad_by_reason
+        .entry(category.to_owned())
+        .or_default() += 1;
+    if outcome.examples.len() < REPORTED_BAD_ROWS {
+        outcome.examples.push(BadRow {
+            line,
+            reason: reason.clone(),
+        });
+    }
+    if let (Some(w), Some(bad_path)) = (sink, &job.bad_rows) {
+        let mut row = csv::Writer::from_writer(Vec::new());
+        let _ = row.write_record([path.as_str(), &line.to_string(), &reason]);
+        let bytes = row.into_inner().unwrap_or_default();
+        w.write_all(&bytes).map_err(|source| AudiencesError::Io {
+            path: bad_path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Resolves `fields` against a header: a mapped column must exist; an unmapped field uses its
+/// own name (case-insensitive); required fields must be found.
+fn resolve_columns(
+    kind: &'static str,
+    prefix: &'static str,
+    fields: &[(&'static str, bool)],
+    headers: &[String],
+    map: &BTreeMap<String, String>,
+) -> Result<Vec<Option<usize>>, MappingError> {
+    let listing = || headers.join(", ");
+    for key in map.keys() {
+        if !fields.iter().any(|(f, _)| f == key) {
+            return Err(MappingError::UnknownField {
+                kind,
+                field: key.clone(),
+                known: fields
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+    }
+    let find = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h.trim().eq_ignore_ascii_case(name.trim()))
+    };
+    fields
+        .iter()
+        .map(|&(field, required)| match map.get(field) {
+            Some(column) => find(column)
+                .map(Some)
+                .ok_or_else(|| MappingError::MissingColumn {
+                    kind,
+                    field,
+                    column: column.clone(),
+                    columns: listing(),
+                }),
+            None => match find(field) {
+                Some(i) => Ok(Some(i)),
+                None if required => Err(MappingError::Unmapped {
+                    kind,
+                    field: field.to_owned(),
+                    columns: listing(),
+                    prefix,
+                }),
+                None => Ok(None),
+            },
+        })
+        .collect()
+}
+
+fn read_conversions(
+    path: &Path,
+    map: &BTreeMap<String, String>,
+) -> Result<Conversions, AudiencesError> {
+    let text = path.display().to_string();
+    let csv_err = |source| AudiencesError::Csv {
+        path: text.clone(),
+        source,
+    };
+    let file = File::open(path).map_err(|source| AudiencesError::Io {
+        path: text.clone(),
+        source,
+    })?;
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(std::io::BufReader::new(file));
+    let headers: Vec<String> = reader
+        .headers()
+        .map_err(csv_err)?
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    let cols = resolve_columns(
+        "conversions",
+        "conversions.",
+        &CONVERSION_FIELDS,
+        &headers,
+        map,
+    )?;
+    let (session_col, product_col) = (cols[0].unwrap(), cols[1]);
+    let mut out = Conversions::default();
+    for record in reader.records() {
+        let record = record.map_err(csv_err)?;
+        let session = record.get(session_col).unwrap_or("").trim();
+        if session.is_empty() {
+            continue;
+        }
+        let entry = out.entry(session.into()).or_default();
+        if let Some(p) = product_col.and_then(|c| record.get(c)).map(str::trim) {
+            if !p.is_empty() && !entry.iter().any(|x| &**x == p) {
+                entry.push(p.into());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn write_audiences(
+    path: &Path,
+    names: &[Arc<str>],
+    thresholds: &[&Thresholds],
+    placed: &[(u32, Tier, f64, &str, i64, bool)],
+    dated: bool,
+    with_conversions: bool,
+) -> Result<(), AudiencesError> {
+    let text = path.display().to_string();
+    let io = |source| AudiencesError::Io {
+        path: text.clone(),
+        source,
+    };
+    let mut w = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
+    write!(
+        w,
+        "visitor_id,product_id,tier,probability,event_time,premium_cutoff,growth_cutoff,volume_cutoff"
+    )
+    .map_err(io)?;
+    if with_conversions {
+        write!(w, ",converted").map_err(io)?;
+    }
+    writeln!(w).map_err(io)?;
+    // Each product's cells are formatted once.
+    let mut product_cells: Vec<Option<(String, String)>> = vec![None; names.len()];
+    for &(product, tier, probability, visitor, time, converted) in placed {
+        let (product_cell, cutoffs) = product_cells[product as usize].get_or_insert_with(|| {
+            let c = &thresholds[product as usize].cutoffs;
+            (
+                csv_cell(&names[product as usize]).into_owned(),
+                format!("{},{},{}", c.premium, c.growth, c.volume),
+            )
+        });
+        let time = if dated {
+            EventTime::from_unix(time)
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        write!(
+            w,
+            "{},{product_cell},{},{probability},{time},{cutoffs}",
+            csv_cell(visitor),
+            tier.as_str()
+        )
+        .map_err(io)?;
+        if with_conversions {
+            write!(w, ",{converted}").map_err(io)?;
+        }
+        writeln!(w).map_err(io)?;
+    }
+    w.flush().map_err(io)
+}
+
+fn write_summary(
+    path: &Path,
+    products: &[ProductSummary],
+    with_conversions: bool,
+) -> Result<(), AudiencesError> {
+    let text = path.display().to_string();
+    let csv_err = |source| AudiencesError::Csv {
+        path: text.clone(),
+        source,
+    };
+    let mut w = csv::Writer::from_path(path).map_err(csv_err)?;
+    let mut header = vec![
+        "product_id",
+        "scores",
+        "visitors",
+        "readiness",
+        "skewness",
+        "variance",
+        "confidence",
+        "premium_percentile",
+        "growth_percentile",
+        "volume_percentile",
+        "premium_cutoff",
+        "growth_cutoff",
+        "volume_cutoff",
+        "own_premium_cutoff",
+        "own_growth_cutoff",
+        "own_volume_cutoff",
+        "premium_size",
+        "growth_size",
+        "volume_size",
+    ];
+    if with_conversions {
+        header.extend([
+            "premium_conversion_rate",
+            "growth_conversion_rate",
+            "volume_conversion_rate",
+            "unplaced_conversion_rate",
+        ]);
+    }
+    w.write_record(&header).map_err(csv_err)?;
+    for p in products {
+        let t = &p.thresholds;
+        let mut row = vec![
+            p.product.clone(),
+            t.count.to_string(),
+            p.visitors.to_string(),
+            t.readiness.as_str().to_owned(),
+            format!("{:.4}", t.skewness),
+            format!("{:.6}", t.variance),
+            format!("{:.4}", t.confidence),
+            format!("{:.2}", t.percentiles.premium),
+            format!("{:.2}", t.percentiles.growth),
+            format!("{:.2}", t.percentiles.volume),
+            t.cutoffs.premium.to_string(),
+            t.cutoffs.growth.to_string(),
+            t.cutoffs.volume.to_string(),
+            t.own.premium.to_string(),
+            t.own.growth.to_string(),
+            t.own.volume.to_string(),
+            p.sizes[0].to_string(),
+            p.sizes[1].to_string(),
+            p.sizes[2].to_string(),
+        ];
+        if let Some(conv) = &p.conversions {
+            row.extend(conv.iter().map(|(c, n)| {
+                if *n == 0 {
+                    String::new()
+                } else {
+                    format!("{:.4}", *c as f64 / *n as f64)
+                }
+            }));
+        }
+        w.write_record(&row).map_err(csv_err)?;
+    }
+    w.flush()
+        .map_err(|source| AudiencesError::Io { path: text, source })
+}
+
+/// Quotes a CSV cell when it needs it.
+fn csv_cell(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([',', '"', '\n', '\r']) {
+        std::borrow::Cow::Owned(format!("\"{}\"", s.replace('"', "\"\"")))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
