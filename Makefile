@@ -11,7 +11,7 @@ export CC := ccache gcc
 export CXX := ccache g++
 endif
 
-.PHONY: deps build demo batch-demo test lint bench bench-batch bench-stream clean
+.PHONY: deps build demo batch-demo test lint bench bench-batch bench-stream bench-audiences clean
 
 # make demo runs until Ctrl-C; DURATION=60 stops it after a minute.
 DURATION ?=
@@ -57,6 +57,10 @@ bench: deps
 # End-to-end batch figures on 93,565 customers and 1,000,000 order lines.
 bench-batch: build
 	./scripts/bench-batch.sh
+
+# segmentd audiences over 5,000,000 scores across 1,000 products.
+bench-audiences: build
+	./scripts/bench-audiences.sh
 
 # Streaming figures: passthrough ceiling, daemon throughput, latency at 20k events/s, and a
 # daemon process over a million customers in state.

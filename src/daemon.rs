@@ -107,6 +107,7 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         output = %config.kafka.output_topic,
         "consuming"
     );
+    let audience_store = store.clone();
     let kafka = config.kafka.clone();
     let policy = config.publish;
     let sweep = config.sweep.clone();
@@ -119,9 +120,54 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         };
         async move { run_loop(&kafka, policy, sweep, store, shared, shutdown, hooks).await }
     });
+    // The score stream, when enabled, runs beside the event loop; its failure stops the
+    // daemon like the loop's would.
+    let mut audience_task = if config.audiences.enabled {
+        let (kafka, audiences, store, metrics, shutdown) = (
+            config.kafka.clone(),
+            config.audiences.clone(),
+            audience_store,
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        Some(tokio::spawn(async move {
+            crate::audience::stream::run(kafka, audiences, store, metrics, shutdown).await
+        }))
+    } else {
+        None
+    };
+    let mut audience_done = false;
+    let audience_failed = async {
+        match audience_task.as_mut() {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
     let mut http_task = http_task;
     let outcome = tokio::select! {
         done = &mut task => done,
+        stream = audience_failed => {
+            audience_done = true;
+            // Finishing cleanly is normal only when the daemon is stopping anyway.
+            let clean = shutdown.is_cancelled() && matches!(stream, Ok(Ok(_)));
+            shutdown.cancel();
+            let deadline = Duration::from_secs(config.daemon.shutdown_deadline_seconds);
+            let drained = tokio::time::timeout(deadline, &mut task).await;
+            if !clean {
+                return Err(match stream {
+                    Ok(Ok(stats)) => anyhow::anyhow!("the score stream stopped unexpectedly ({stats:?})"),
+                    Ok(Err(e)) => anyhow::Error::new(e).context("the score stream failed"),
+                    Err(e) => anyhow::anyhow!("the score stream panicked: {e}"),
+                });
+            }
+            match drained {
+                Ok(done) => done,
+                Err(_) => {
+                    tracing::error!(seconds = deadline.as_secs(), "drain deadline passed; exiting");
+                    return Ok(ExitCode::from(EXIT_DRAIN_TIMEOUT));
+                }
+            }
+        }
         served = &mut http_task => {
             // The endpoints are part of the service: failing to bind them is fatal.
             shutdown.cancel();
@@ -142,6 +188,14 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
             }
         }
     };
+    shutdown.cancel();
+    if let Some(task) = audience_task.filter(|_| !audience_done) {
+        match task.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the score stream failed while stopping"),
+            Err(e) => tracing::error!(error = %e, "the score stream panicked"),
+        }
+    }
     match outcome {
         Ok(Ok(stats)) => {
             tracing::info!(?stats, "stopped cleanly");

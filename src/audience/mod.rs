@@ -6,6 +6,7 @@
 
 pub mod engine;
 pub mod moments;
+pub mod stream;
 
 pub use engine::{Engine, PerTier, Readiness, ScoreError, ThresholdConfig, Thresholds, Tier};
 

@@ -81,7 +81,8 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    fn new(reason: DeadLetterReason, detail: impl Into<String>) -> Self {
+    /// A dead letter with its reason and detail.
+    pub fn new(reason: DeadLetterReason, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),

@@ -1027,29 +1027,7 @@ async fn publish(
         update.payload = Vec::new();
     }
     for (m, letter) in &prepared.dead {
-        let partition = m.partition().to_string();
-        let offset = m.offset().to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "segmentd.reason",
-                value: Some(letter.reason.as_str()),
-            })
-            .insert(Header {
-                key: "segmentd.detail",
-                value: Some(letter.detail.as_str()),
-            })
-            .insert(Header {
-                key: "segmentd.source.topic",
-                value: Some(m.topic()),
-            })
-            .insert(Header {
-                key: "segmentd.source.partition",
-                value: Some(partition.as_str()),
-            })
-            .insert(Header {
-                key: "segmentd.source.offset",
-                value: Some(offset.as_str()),
-            });
+        let headers = dead_letter_headers(m, letter);
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&topics.dead_letter).headers(headers);
         if let Some(key) = m.key() {
@@ -1067,6 +1045,34 @@ async fn publish(
         deliveries,
         sent_ms,
     })
+}
+
+/// The headers a dead letter carries: the reason code, the detail, and the source coordinates
+/// of the original record (whose key and value travel unchanged).
+pub(crate) fn dead_letter_headers(m: &OwnedMessage, letter: &DeadLetter) -> OwnedHeaders {
+    let partition = m.partition().to_string();
+    let offset = m.offset().to_string();
+    OwnedHeaders::new()
+        .insert(Header {
+            key: "segmentd.reason",
+            value: Some(letter.reason.as_str()),
+        })
+        .insert(Header {
+            key: "segmentd.detail",
+            value: Some(letter.detail.as_str()),
+        })
+        .insert(Header {
+            key: "segmentd.source.topic",
+            value: Some(m.topic()),
+        })
+        .insert(Header {
+            key: "segmentd.source.partition",
+            value: Some(partition.as_str()),
+        })
+        .insert(Header {
+            key: "segmentd.source.offset",
+            value: Some(offset.as_str()),
+        })
 }
 
 /// The second stage: makes batches durable, in order.
@@ -1243,7 +1249,7 @@ impl Committer {
 }
 
 /// Enqueues a record, waiting for room when the producer queue is full (backpressure).
-async fn send<'a, K, P>(
+pub(crate) async fn send<'a, K, P>(
     producer: &FutureProducer<QuietErrors>,
     mut record: FutureRecord<'a, K, P>,
 ) -> Result<rdkafka::producer::DeliveryFuture, RunError>

@@ -59,6 +59,20 @@ pub struct Metrics {
     /// Records between the committed position and the partition's high watermark, summed over
     /// assigned partitions.
     pub consumer_lag_messages: IntGauge,
+    /// Conversion scores consumed, by result (`accepted`, `dead_letter`).
+    pub audience_scores: IntCounterVec,
+    /// Audience tier changes published.
+    pub audience_updates: IntCounter,
+    /// Cut-off in force per product (the most-scored ones, and `*` for all pooled) and tier.
+    pub audience_cutoff: GaugeVec,
+    /// Visitors currently placed per product (as `audience_cutoff`, plus `_other`) and tier.
+    pub audience_tier_population: IntGaugeVec,
+    /// Products by readiness (`ready`, `too_few_scores`, `constant`).
+    pub audience_products: IntGaugeVec,
+    /// Revision of the thresholds in force.
+    pub audience_threshold_revision: IntGauge,
+    /// Time to refresh every product's thresholds.
+    pub audience_refresh_seconds: Histogram,
 }
 
 fn registered<M: prometheus::core::Collector + Clone + 'static>(
@@ -277,6 +291,72 @@ impl Metrics {
                 IntGauge::new(
                     "segmentd_consumer_lag_messages",
                     "Records behind the high watermark, summed over assigned partitions.",
+                )?,
+            ),
+            audience_scores: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "segmentd_audience_scores_total",
+                        "Conversion scores consumed, by result.",
+                    ),
+                    &["result"],
+                )?,
+            ),
+            audience_updates: registered(
+                &registry,
+                IntCounter::new(
+                    "segmentd_audience_updates_total",
+                    "Audience tier changes published.",
+                )?,
+            ),
+            audience_cutoff: registered(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "segmentd_audience_cutoff",
+                        "Cut-off in force, per product (the most-scored ones; * is all \
+                         products pooled) and tier.",
+                    ),
+                    &["product", "tier"],
+                )?,
+            ),
+            audience_tier_population: registered(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "segmentd_audience_tier_population",
+                        "Visitors placed, per product (the most-scored ones; _other sums the \
+                         rest) and tier.",
+                    ),
+                    &["product", "tier"],
+                )?,
+            ),
+            audience_products: registered(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "segmentd_audience_products",
+                        "Products by readiness (ready, too_few_scores, constant).",
+                    ),
+                    &["readiness"],
+                )?,
+            ),
+            audience_threshold_revision: registered(
+                &registry,
+                IntGauge::new(
+                    "segmentd_audience_threshold_revision",
+                    "Revision of the audience thresholds in force.",
+                )?,
+            ),
+            audience_refresh_seconds: registered(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "segmentd_audience_refresh_seconds",
+                        "Time to refresh every product's audience thresholds.",
+                    )
+                    .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
                 )?,
             ),
             registry,

@@ -835,3 +835,189 @@ async fn after_a_swap_the_sweep_republishes_quiet_customers_and_resumes_after_a_
     }
     drop(cluster);
 }
+
+fn score(visitor: &str, product: &str, p: &str) -> String {
+    format!(
+        r#"{{"visitor_id":"{visitor}","session_id":"s-{visitor}","product_id":"{product}","probability":{p},"event_time":"2024-12-01T10:00:00Z"}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_score_stream_publishes_tier_changes_once_and_refuses_bad_scores() {
+    use segmentd::audience::stream::{run as run_stream, AudienceUpdate, ENGINE_KEY};
+    use segmentd::audience::{AudienceConfig, ThresholdConfig, Tier};
+
+    let cluster = Cluster::new();
+    let brokers = cluster.brokers();
+    let (input, output, dlq) = topics(&cluster, "scores", 1).await;
+    // 300 evenly spread scores of one product (in shuffled order), 3 of a product with too
+    // few, 5 bad ones.
+    let mut records: Vec<(String, String)> = (0..300)
+        .map(|i| (i * 7) % 300)
+        .map(|i| {
+            let v = format!("v{i:03}");
+            (
+                v.clone(),
+                score(&v, "sku-1", &format!("{}", f64::from(i) / 300.0)),
+            )
+        })
+        .collect();
+    for i in 0..3 {
+        records.push(("r".into(), score(&format!("r{i}"), "rare", "0.9")));
+    }
+    records.push(("x".into(), "not json".into()));
+    records.push(("x".into(), score("x", "", "0.5")));
+    records.push(("x".into(), score("x", "sku-1", "\"NaN\"")));
+    records.push(("x".into(), score("x", "sku-1", "1.5")));
+    records.push((String::new(), score("", "sku-1", "0.5")));
+    produce(&brokers, &input, &records).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn StateStore> = Arc::new(
+        RocksStore::open(&StoreConfig {
+            path: dir.path().join("db"),
+            block_cache_bytes: 8 << 20,
+            ..StoreConfig::default()
+        })
+        .unwrap(),
+    );
+    let kafka = KafkaConfig {
+        brokers: brokers.clone(),
+        dead_letter_topic: dlq.clone(),
+        session_timeout_ms: 6_000,
+        ..KafkaConfig::default()
+    };
+    let config = AudienceConfig {
+        enabled: true,
+        scores_topic: input.clone(),
+        output_topic: output.clone(),
+        group_id: unique("audiences"),
+        refresh_every_scores: 50,
+        refresh_interval_ms: 600_000,
+        thresholds: ThresholdConfig {
+            full_confidence_scores: 1,
+            ..ThresholdConfig::default()
+        },
+        ..AudienceConfig::default()
+    };
+    let start = |metrics: Arc<Metrics>| {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_stream(
+            kafka.clone(),
+            config.clone(),
+            store.clone(),
+            metrics,
+            shutdown.clone(),
+        ));
+        (task, shutdown)
+    };
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let (task, shutdown) = start(metrics.clone());
+    let accepted = |m: &Metrics| m.audience_scores.with_label_values(&["accepted"]).get();
+    let dead = |m: &Metrics| m.audience_scores.with_label_values(&["dead_letter"]).get();
+    wait_for("the first scores", || {
+        accepted(&metrics) == 303 && dead(&metrics) == 5
+    })
+    .await;
+
+    // Scores are placed with the thresholds in force when they arrive (refreshed every 50
+    // scores here): about a third of the sku-1 visitors are above the volume cut-off; the
+    // rare product places no one.
+    let published = metrics.audience_updates.get() as usize;
+    assert!((50..=130).contains(&published), "{published}");
+    let updates: Vec<AudienceUpdate> = read(&brokers, &output, published)
+        .await
+        .iter()
+        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+        .collect();
+    assert_eq!(updates.len(), published);
+    for u in &updates {
+        assert_eq!(u.product_id, "sku-1");
+        assert_eq!(u.previous_tier, None);
+        assert!(u.threshold_revision >= 1);
+        assert_eq!(u.tier, u.cutoffs.tier(u.probability), "{u:?}");
+        assert!(u.tier.is_some());
+    }
+    assert!(updates.iter().any(|u| u.tier == Some(Tier::Premium)));
+
+    let letters = read(&brokers, &dlq, 5).await;
+    let reasons: Vec<String> = letters
+        .iter()
+        .map(|m| {
+            let h = m.headers().unwrap();
+            let reason = (0..h.count())
+                .map(|i| h.get(i))
+                .find(|x| x.key == "segmentd.reason")
+                .unwrap();
+            String::from_utf8(reason.value.unwrap().to_vec()).unwrap()
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "not_json",
+            "schema",
+            "invalid_value",
+            "invalid_value",
+            "bad_customer_id"
+        ]
+    );
+
+    // Two visitors score near the top (placed premium, if they were not already); then one
+    // of them drops below every cut-off: exactly one update, to no tier.
+    produce(
+        &brokers,
+        &input,
+        &[
+            ("v299".into(), score("v299", "sku-1", "0.999")),
+            ("v298".into(), score("v298", "sku-1", "0.999")),
+        ],
+    )
+    .await;
+    wait_for("the top scores", || accepted(&metrics) == 305).await;
+    let before = metrics.audience_updates.get() as usize;
+    produce(
+        &brokers,
+        &input,
+        &[("v299".into(), score("v299", "sku-1", "0.0"))],
+    )
+    .await;
+    wait_for("the drop", || accepted(&metrics) == 306).await;
+    assert_eq!(metrics.audience_updates.get() as usize, before + 1);
+    let last: AudienceUpdate = serde_json::from_slice(
+        read(&brokers, &output, before + 1).await[before]
+            .payload()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (last.visitor_id.as_str(), last.tier, last.previous_tier),
+        ("v299", None, Some(Tier::Premium))
+    );
+    let revision = metrics.audience_threshold_revision.get();
+
+    // A restart restores the distributions and the published tiers: the same score again
+    // publishes nothing.
+    shutdown.cancel();
+    let stats = task.await.unwrap().unwrap();
+    assert_eq!(stats.consumed, 311);
+    assert!(store.meta(ENGINE_KEY).unwrap().is_some());
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let (task, shutdown) = start(metrics.clone());
+    produce(
+        &brokers,
+        &input,
+        &[("v298".into(), score("v298", "sku-1", "0.999"))],
+    )
+    .await;
+    wait_for("the score after the restart", || accepted(&metrics) >= 1).await;
+    assert_eq!(
+        accepted(&metrics),
+        1,
+        "the committed scores are not replayed"
+    );
+    assert_eq!(metrics.audience_updates.get(), 0);
+    assert_eq!(metrics.audience_threshold_revision.get(), revision + 1);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -1,0 +1,670 @@
+//! The daemon's score stream: conversion scores in, audience tier changes out.
+//!
+//! A consumer of its own group (`audiences.group_id`) reads `audiences.scores_topic`. Each
+//! batch:
+//! 1. decodes the scores; a bad one (not JSON, no product or visitor, a probability that is
+//!    not a number or lies outside [0, 1], an unreadable time) goes to the dead-letter topic
+//!    with the same headers as refused events;
+//! 2. feeds every good score to the threshold engine (the code `segmentd audiences` runs);
+//! 3. refreshes the thresholds when `refresh_every_scores` scores or `refresh_interval_ms`
+//!    have passed since the last refresh (and on the first batch);
+//! 4. places each score's visitor with the thresholds in force and compares with the tier
+//!    last published for that visitor and product (kept in RocksDB); a change is published
+//!    to `audiences.output_topic`, keyed by visitor id, with the product, the tier (`null`
+//!    when the visitor left every tier), the previous tier, the probability, the cut-offs and
+//!    the threshold revision. Products that are not ready (too few scores, constant) are
+//!    reported in metrics and logs, and publish nothing;
+//! 5. awaits the deliveries, then writes the tier changes and the tier populations to RocksDB.
+//!
+//! At every refresh, the engine's distributions are checkpointed to RocksDB and then the
+//! consumed offsets are committed to the group. A restart restores the checkpoint and resumes
+//! from the committed offsets, so each score is in the distributions once — except the
+//! scores of the batches between a checkpoint and a crash that lands between the checkpoint
+//! write and the group commit, which are counted twice. Replayed scores are placed again, and
+//! the stored tiers keep a replay from publishing a tier that was already published.
+//!
+//! Each instance computes thresholds from the scores of its own partitions, that is from a
+//! hash sample of the visitors; the sketches are mergeable, but no cross-instance merge is
+//! made.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{check_probability, Engine, PerTier, Readiness, ScoreError, Tier};
+use super::AudienceConfig;
+use crate::domain::time::EventTime;
+use crate::pipeline::decode::{DeadLetter, DeadLetterReason, MAX_PAYLOAD_BYTES};
+use crate::pipeline::kafka::{
+    client_config, dead_letter_headers, send, KafkaConfig, QuietErrors, RunError,
+};
+use crate::store::{StateStore, StoreBatch};
+use crate::telemetry::metrics::Metrics;
+
+/// Meta key of the engine checkpoint.
+pub const ENGINE_KEY: &[u8] = b"audiences/engine";
+/// Meta key of the tier populations.
+pub const POPULATIONS_KEY: &[u8] = b"audiences/populations";
+/// Prefix of the last published tier per product and visitor.
+const TIER_PREFIX: &[u8] = b"audiences/tier/";
+/// Most scores per batch.
+const BATCH: usize = 5_000;
+/// Longest wait for a batch to fill once it has a score.
+const BATCH_WAIT: Duration = Duration::from_millis(20);
+
+/// A score as it arrives. `probability` may be a number or a numeric string (so "NaN" from a
+/// producer that stringifies floats is refused with a precise reason rather than as bad JSON).
+#[derive(Debug, Deserialize)]
+struct WireScore<'a> {
+    #[serde(borrow, default)]
+    visitor_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, alias = "product")]
+    product_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    probability: Option<serde_json::Value>,
+    #[serde(default, alias = "timestamp")]
+    event_time: Option<serde_json::Value>,
+}
+
+/// A decoded score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Score {
+    /// Visitor (or customer) id.
+    pub visitor_id: String,
+    /// Session id, when given.
+    pub session_id: Option<String>,
+    /// Product id.
+    pub product_id: String,
+    /// Conversion probability, in [0, 1].
+    pub probability: f64,
+    /// Event time.
+    pub event_time: EventTime,
+}
+
+/// Decodes one score record. A missing `event_time` takes the record's timestamp, else now.
+pub fn decode_score(
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    record_time: Option<i64>,
+) -> Result<Score, DeadLetter> {
+    use DeadLetterReason::*;
+    let payload = match payload {
+        None | Some([]) => return Err(DeadLetter::new(EmptyPayload, "record has no value")),
+        Some(p) if p.len() > MAX_PAYLOAD_BYTES => {
+            return Err(DeadLetter::new(TooLarge, format!("{} bytes", p.len())))
+        }
+        Some(p) => p,
+    };
+    let wire: WireScore<'_> =
+        serde_json::from_slice(payload).map_err(|e| DeadLetter::new(NotJson, e.to_string()))?;
+    let visitor = wire
+        .visitor_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .or_else(|| {
+            key.and_then(|k| std::str::from_utf8(k).ok())
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+        })
+        .ok_or_else(|| DeadLetter::new(BadCustomerId, "no visitor_id (and no record key)"))?;
+    if visitor.len() > 256 || visitor.chars().any(char::is_control) {
+        return Err(DeadLetter::new(
+            BadCustomerId,
+            "visitor_id is longer than 256 bytes or has control characters",
+        ));
+    }
+    let product = wire
+        .product_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| DeadLetter::new(Schema, ScoreError::MissingProduct.to_string()))?;
+    let probability = match &wire.probability {
+        Some(serde_json::Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().map_err(|_| {
+            DeadLetter::new(InvalidValue, format!("probability {s:?} is not a number"))
+        })?,
+        Some(other) => {
+            return Err(DeadLetter::new(
+                InvalidValue,
+                format!("probability {other} is not a number"),
+            ))
+        }
+        None => return Err(DeadLetter::new(Schema, "no probability")),
+    };
+    let probability =
+        check_probability(probability).map_err(|e| DeadLetter::new(InvalidValue, e.to_string()))?;
+    let event_time = match &wire.event_time {
+        Some(serde_json::Value::String(s)) => EventTime::parse(s),
+        Some(serde_json::Value::Number(n)) => {
+            EventTime::from_unix(n.as_f64().unwrap_or(0.0) as i64)
+        }
+        Some(other) => EventTime::parse(&other.to_string()),
+        None => record_time
+            .map(|ms| EventTime::from_unix(ms.div_euclid(1000)))
+            .unwrap_or_else(|| Ok(EventTime::now())),
+    }
+    .map_err(|e| DeadLetter::new(BadEventTime, e.to_string()))?;
+    Ok(Score {
+        visitor_id: visitor,
+        session_id: wire.session_id.map(|s| s.into_owned()),
+        product_id: product.to_owned(),
+        probability,
+        event_time,
+    })
+}
+
+/// The published tier change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AudienceUpdate {
+    /// Visitor id (also the record key).
+    pub visitor_id: String,
+    /// Product id.
+    pub product_id: String,
+    /// The visitor's tier now; `null` when they left every tier.
+    pub tier: Option<Tier>,
+    /// The tier published before; `null` when none.
+    pub previous_tier: Option<Tier>,
+    /// The score that placed them.
+    pub probability: f64,
+    /// The product's cut-offs in force.
+    pub cutoffs: PerTier,
+    /// Revision of the thresholds (increases with every refresh of this instance).
+    pub threshold_revision: u64,
+    /// Event time of the score.
+    pub event_time: String,
+    /// Session of the score, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+}
+
+fn tier_code(tier: Option<Tier>) -> u8 {
+    match tier {
+        None => 0,
+        Some(Tier::Premium) => 1,
+        Some(Tier::Growth) => 2,
+        Some(Tier::Volume) => 3,
+    }
+}
+
+fn tier_of(code: u8) -> Option<Tier> {
+    match code {
+        1 => Some(Tier::Premium),
+        2 => Some(Tier::Growth),
+        3 => Some(Tier::Volume),
+        _ => None,
+    }
+}
+
+fn tier_key(product: &str, visitor: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(TIER_PREFIX.len() + product.len() + 1 + visitor.len());
+    key.extend_from_slice(TIER_PREFIX);
+    key.extend_from_slice(product.as_bytes());
+    key.push(0);
+    key.extend_from_slice(visitor.as_bytes());
+    key
+}
+
+/// Counters of a run.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Scores consumed.
+    pub consumed: u64,
+    /// Scores refused to the dead-letter topic.
+    pub dead_letters: u64,
+    /// Tier changes published.
+    pub published: u64,
+    /// Threshold refreshes.
+    pub refreshes: u64,
+}
+
+/// What the blocking half keeps between batches.
+struct Worker {
+    engine: Engine,
+    /// Visitors placed per product and tier.
+    populations: HashMap<Arc<str>, [i64; 3]>,
+    last_refresh: Instant,
+    /// Products whose own metric labels are exported.
+    labelled: HashSet<Arc<str>>,
+}
+
+/// What one batch produced.
+#[derive(Default)]
+struct BatchOutput {
+    updates: Vec<(String, Vec<u8>)>,
+    dead: Vec<(OwnedMessage, DeadLetter)>,
+    tiers: Vec<(Vec<u8>, Vec<u8>)>,
+    refreshed: bool,
+}
+
+impl Worker {
+    fn restore(config: &AudienceConfig, store: &dyn StateStore) -> Result<Self, RunError> {
+        let engine = match store
+            .meta(ENGINE_KEY)
+            .map_err(crate::pipeline::process::ProcessError::from)?
+        {
+            Some(bytes) => match Engine::restore(config.thresholds.clone(), &bytes) {
+                Ok(engine) => {
+                    tracing::info!(
+                        products = engine.product_count(),
+                        revision = engine.revision(),
+                        "audience distributions restored"
+                    );
+                    engine
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the audience checkpoint is unreadable; starting afresh");
+                    Engine::new(config.thresholds.clone())
+                }
+            },
+            None => Engine::new(config.thresholds.clone()),
+        };
+        let populations = store
+            .meta(POPULATIONS_KEY)
+            .map_err(crate::pipeline::process::ProcessError::from)?
+            .and_then(|b| postcard::from_bytes::<Vec<(String, [i64; 3])>>(&b).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(p, c)| (Arc::from(p.as_str()), c))
+            .collect();
+        Ok(Self {
+            engine,
+            populations,
+            last_refresh: Instant::now(),
+            labelled: HashSet::new(),
+        })
+    }
+
+    fn process(
+        &mut self,
+        config: &AudienceConfig,
+        store: &dyn StateStore,
+        metrics: &Metrics,
+        messages: Vec<OwnedMessage>,
+    ) -> Result<BatchOutput, RunError> {
+        let mut out = BatchOutput::default();
+        let mut scores = Vec::with_capacity(messages.len());
+        for m in messages {
+            match decode_score(m.key(), m.payload(), m.timestamp().to_millis()) {
+                Ok(score) => {
+                    self.engine
+                        .observe(&score.product_id, score.probability, score.event_time)
+                        .expect("decode_score checked the score");
+                    scores.push(score);
+                }
+                Err(letter) => {
+                    metrics
+                        .dead_letters
+                        .with_label_values(&[letter.reason.as_str()])
+                        .inc();
+                    out.dead.push((m, letter));
+                }
+            }
+        }
+        metrics
+            .audience_scores
+            .with_label_values(&["accepted"])
+            .inc_by(scores.len() as u64);
+        metrics
+            .audience_scores
+            .with_label_values(&["dead_letter"])
+            .inc_by(out.dead.len() as u64);
+        let due = self.engine.revision() == 0
+            || self.engine.since_refresh() >= config.refresh_every_scores
+            || self.last_refresh.elapsed() >= Duration::from_millis(config.refresh_interval_ms);
+        if due && self.engine.since_refresh() > 0 {
+            self.refresh(config, metrics);
+            out.refreshed = true;
+        }
+        // Place each score against the tier last published for its visitor and product
+        // (this batch's own changes first).
+        let mut placed: HashMap<Vec<u8>, u8> = HashMap::new();
+        let revision = self.engine.revision();
+        for score in scores {
+            let Some(thresholds) = self.engine.thresholds(&score.product_id) else {
+                continue; // first seen since the last refresh
+            };
+            if thresholds.readiness != Readiness::Ready {
+                continue;
+            }
+            let key = tier_key(&score.product_id, &score.visitor_id);
+            let before = match placed.get(&key) {
+                Some(code) => *code,
+                None => store
+                    .meta(&key)
+                    .map_err(crate::pipeline::process::ProcessError::from)?
+                    .and_then(|v| v.first().copied())
+                    .unwrap_or(0),
+            };
+            let tier = thresholds.tier(score.probability);
+            let code = tier_code(tier);
+            if code == before {
+                continue;
+            }
+            let cutoffs = thresholds.cutoffs;
+            let counts = self
+                .populations
+                .entry(Arc::from(score.product_id.as_str()))
+                .or_default();
+            if let Some(t) = tier_of(before) {
+                counts[t as usize] -= 1;
+            }
+            if let Some(t) = tier {
+                counts[t as usize] += 1;
+            }
+            let update = AudienceUpdate {
+                product_id: score.product_id,
+                tier,
+                previous_tier: tier_of(before),
+                probability: score.probability,
+                cutoffs,
+                threshold_revision: revision,
+                event_time: score.event_time.to_rfc3339(),
+                session_id: score.session_id,
+                visitor_id: score.visitor_id,
+            };
+            let payload = serde_json::to_vec(&update).map_err(|e| RunError::Task(e.to_string()))?;
+            out.updates.push((update.visitor_id, payload));
+            placed.insert(key, code);
+        }
+        out.tiers = placed.into_iter().map(|(k, c)| (k, vec![c])).collect();
+        self.export_populations(metrics);
+        Ok(out)
+    }
+
+    fn refresh(&mut self, config: &AudienceConfig, metrics: &Metrics) {
+        let started = Instant::now();
+        self.engine.refresh();
+        let seconds = started.elapsed().as_secs_f64();
+        self.last_refresh = Instant::now();
+        metrics.audience_refresh_seconds.observe(seconds);
+        self.export_thresholds(config, metrics, seconds);
+    }
+
+    /// Exports the thresholds in force (and logs the readiness of the products).
+    fn export_thresholds(&mut self, config: &AudienceConfig, metrics: &Metrics, seconds: f64) {
+        let revision = self.engine.revision();
+        metrics.audience_threshold_revision.set(revision as i64);
+        let mut by_readiness: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut ranked: Vec<(&Arc<str>, u64)> = Vec::new();
+        for (product, t) in self.engine.all_thresholds() {
+            *by_readiness.entry(t.readiness.as_str()).or_default() += 1;
+            ranked.push((product, t.count));
+        }
+        for r in [
+            Readiness::Ready,
+            Readiness::TooFewScores,
+            Readiness::Constant,
+        ] {
+            metrics
+                .audience_products
+                .with_label_values(&[r.as_str()])
+                .set(by_readiness.get(r.as_str()).copied().unwrap_or(0));
+        }
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let labelled: HashSet<Arc<str>> = ranked
+            .iter()
+            .take(config.max_labelled_products)
+            .map(|(p, _)| (*p).clone())
+            .collect();
+        for gone in self.labelled.difference(&labelled) {
+            for tier in Tier::ALL {
+                let _ = metrics
+                    .audience_cutoff
+                    .remove_label_values(&[gone, tier.as_str()]);
+                let _ = metrics
+                    .audience_tier_population
+                    .remove_label_values(&[gone, tier.as_str()]);
+            }
+        }
+        for product in &labelled {
+            if let Some(t) = self.engine.thresholds(product) {
+                for tier in Tier::ALL {
+                    metrics
+                        .audience_cutoff
+                        .with_label_values(&[product, tier.as_str()])
+                        .set(t.cutoffs.get(tier));
+                }
+            }
+        }
+        if let Some(pooled) = self.engine.pooled() {
+            for tier in Tier::ALL {
+                metrics
+                    .audience_cutoff
+                    .with_label_values(&["*", tier.as_str()])
+                    .set(pooled.own.get(tier));
+            }
+        }
+        self.labelled = labelled;
+        tracing::info!(
+            revision,
+            products = self.engine.product_count(),
+            ready = by_readiness.get("ready").copied().unwrap_or(0),
+            too_few_scores = by_readiness.get("too_few_scores").copied().unwrap_or(0),
+            constant = by_readiness.get("constant").copied().unwrap_or(0),
+            seconds,
+            "audience thresholds refreshed"
+        );
+    }
+
+    fn export_populations(&self, metrics: &Metrics) {
+        let mut other = [0i64; 3];
+        for (product, counts) in &self.populations {
+            if self.labelled.contains(product) {
+                for tier in Tier::ALL {
+                    metrics
+                        .audience_tier_population
+                        .with_label_values(&[product, tier.as_str()])
+                        .set(counts[tier as usize]);
+                }
+            } else {
+                for (o, c) in other.iter_mut().zip(counts) {
+                    *o += c;
+                }
+            }
+        }
+        for tier in Tier::ALL {
+            metrics
+                .audience_tier_population
+                .with_label_values(&["_other", tier.as_str()])
+                .set(other[tier as usize]);
+        }
+    }
+
+    fn populations_bytes(&self) -> Vec<u8> {
+        let list: Vec<(&str, [i64; 3])> =
+            self.populations.iter().map(|(p, c)| (&**p, *c)).collect();
+        postcard::to_allocvec(&list).unwrap_or_default()
+    }
+}
+
+/// Runs the score stream until `shutdown`; returns its counters.
+pub async fn run(
+    kafka: KafkaConfig,
+    config: AudienceConfig,
+    store: Arc<dyn StateStore>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<StreamStats, RunError> {
+    let consumer: StreamConsumer<QuietErrors> = client_config(&kafka)
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
+        .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
+        .create_with_context(QuietErrors::default())?;
+    consumer.subscribe(&[config.scores_topic.as_str()])?;
+    let producer: FutureProducer<QuietErrors> = client_config(&kafka)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create_with_context(QuietErrors::default())?;
+    let mut worker = {
+        let (config, store) = (config.clone(), store.clone());
+        tokio::task::spawn_blocking(move || Worker::restore(&config, store.as_ref()))
+            .await
+            .map_err(|e| RunError::Task(e.to_string()))??
+    };
+    if worker.engine.revision() > 0 {
+        worker.export_thresholds(&config, &metrics, 0.0);
+        worker.export_populations(&metrics);
+    }
+    tracing::info!(
+        topic = %config.scores_topic,
+        output = %config.output_topic,
+        group = %config.group_id,
+        "consuming conversion scores"
+    );
+    let mut stats = StreamStats::default();
+    // Next offsets consumed since the last group commit.
+    let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let dead_letter_topic = kafka.dead_letter_topic.clone();
+    loop {
+        // Collect a batch: wait for the first score (or shutdown), then up to BATCH_WAIT.
+        let mut messages = Vec::new();
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            m = consumer.recv() => Some(m),
+        };
+        let Some(first) = first else { break };
+        match first {
+            Ok(m) => messages.push(m.detach()),
+            Err(e) => {
+                tracing::debug!(error = %e, "score stream");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + BATCH_WAIT;
+        while messages.len() < BATCH {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => messages.push(m.detach()),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "score stream");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        for m in &messages {
+            let next = offsets
+                .entry((m.topic().to_owned(), m.partition()))
+                .or_insert(0);
+            *next = (*next).max(m.offset() + 1);
+        }
+        stats.consumed += messages.len() as u64;
+        let (back, output) = {
+            let (config, store, metrics) = (config.clone(), store.clone(), metrics.clone());
+            tokio::task::spawn_blocking(move || {
+                let output = worker.process(&config, store.as_ref(), &metrics, messages);
+                (worker, output)
+            })
+            .await
+            .map_err(|e| RunError::Task(e.to_string()))?
+        };
+        worker = back;
+        let output = output?;
+        // Publish, then make the tiers durable once every delivery is acknowledged.
+        let mut deliveries = Vec::with_capacity(output.updates.len() + output.dead.len());
+        for (key, payload) in &output.updates {
+            let record = FutureRecord::to(&config.output_topic)
+                .key(key.as_str())
+                .payload(payload.as_slice());
+            deliveries.push((config.output_topic.clone(), send(&producer, record).await?));
+        }
+        for (m, letter) in &output.dead {
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&dead_letter_topic).headers(dead_letter_headers(m, letter));
+            if let Some(key) = m.key() {
+                record = record.key(key);
+            }
+            if let Some(payload) = m.payload() {
+                record = record.payload(payload);
+            }
+            deliveries.push((dead_letter_topic.clone(), send(&producer, record).await?));
+        }
+        for (topic, delivery) in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((source, _))) => return Err(RunError::Delivery { topic, source }),
+                Err(_) => {
+                    return Err(RunError::Delivery {
+                        topic,
+                        source: rdkafka::error::KafkaError::Canceled,
+                    })
+                }
+            }
+        }
+        stats.published += output.updates.len() as u64;
+        stats.dead_letters += output.dead.len() as u64;
+        metrics.audience_updates.inc_by(output.updates.len() as u64);
+        let mut batch = StoreBatch {
+            meta: output.tiers,
+            ..StoreBatch::default()
+        };
+        batch
+            .meta
+            .push((POPULATIONS_KEY.to_vec(), worker.populations_bytes()));
+        if output.refreshed {
+            stats.refreshes += 1;
+            batch
+                .meta
+                .push((ENGINE_KEY.to_vec(), worker.engine.checkpoint_bytes()));
+        }
+        {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.commit(&batch))
+                .await
+                .map_err(|e| RunError::Task(e.to_string()))?
+                .map_err(crate::pipeline::process::ProcessError::from)?;
+        }
+        if output.refreshed {
+            commit_offsets(&consumer, &mut offsets, CommitMode::Async);
+        }
+    }
+    // A final checkpoint, so a clean restart replays nothing.
+    if !offsets.is_empty() {
+        let batch = StoreBatch {
+            meta: vec![(ENGINE_KEY.to_vec(), worker.engine.checkpoint_bytes())],
+            ..StoreBatch::default()
+        };
+        store
+            .commit(&batch)
+            .map_err(crate::pipeline::process::ProcessError::from)?;
+        commit_offsets(&consumer, &mut offsets, CommitMode::Sync);
+    }
+    tracing::info!(?stats, "score stream stopped");
+    Ok(stats)
+}
+
+/// Commits the consumed offsets to the group (after the checkpoint that covers them).
+fn commit_offsets(
+    consumer: &StreamConsumer<QuietErrors>,
+    offsets: &mut BTreeMap<(String, i32), i64>,
+    mode: CommitMode,
+) {
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), next) in offsets.iter() {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+            tracing::warn!(error = %e, "bad offset for the score stream's group commit");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        tracing::warn!(error = %e, "score stream offset commit failed; a restart replays more");
+    } else {
+        offsets.clear();
+    }
+}
