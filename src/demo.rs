@@ -63,6 +63,10 @@ pub struct DemoArgs {
     /// version takes over while events keep flowing.
     #[arg(long)]
     pub drift_at: Option<u64>,
+    /// Conversion scores per second sent to the score topic (0: no score stream); the
+    /// daemon keeps per-product audiences current from them.
+    #[arg(long, default_value_t = 500)]
+    pub scores_rate: u32,
 }
 
 /// A generated shop's customer states after its history, and the snapshot discovered on a
@@ -117,11 +121,18 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         session_timeout_ms: 6_000,
         ..KafkaConfig::default()
     };
-    for name in kafka
-        .input_topics
-        .iter()
-        .chain([&kafka.output_topic, &kafka.dead_letter_topic])
-    {
+    let audiences = crate::audience::AudienceConfig {
+        enabled: args.scores_rate > 0,
+        // A demo's time scale: thresholds refreshed every few seconds.
+        refresh_interval_ms: 3_000,
+        ..crate::audience::AudienceConfig::default()
+    };
+    for name in kafka.input_topics.iter().chain([
+        &kafka.output_topic,
+        &kafka.dead_letter_topic,
+        &audiences.scores_topic,
+        &audiences.output_topic,
+    ]) {
         cluster
             .create_topic(name, 4, 1)
             .with_context(|| format!("creating topic {name}"))?;
@@ -256,9 +267,22 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
             .await
         }
     });
+    let scores_task = audiences.enabled.then(|| {
+        let (kafka, audiences, store, metrics, shutdown) = (
+            kafka.clone(),
+            audiences.clone(),
+            store.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(crate::audience::stream::run(
+            kafka, audiences, store, metrics, shutdown,
+        ))
+    });
     println!(
-        "daemon running; metrics at http://{}/metrics; sending {} events/s (Ctrl-C to stop)",
-        args.http, args.rate
+        "daemon running; metrics at http://{}/metrics; sending {} events/s and {} scores/s \
+         (Ctrl-C to stop)",
+        args.http, args.rate, args.scores_rate
     );
 
     // The live load: the shop's next events at the requested rate, in 10 ms slices.
@@ -304,6 +328,52 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
     });
 
+    // Conversion scores of 200 products for the shop's visitors, timed now.
+    let scores_producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "5")
+        .create()?;
+    let scores_load = (args.scores_rate > 0).then(|| {
+        let producer = scores_producer;
+        let shutdown = shutdown.clone();
+        let topic = audiences.scores_topic.clone();
+        let rate = f64::from(args.scores_rate);
+        let mut scores = crate::synth::scores::scores(&crate::synth::scores::ScoreParams {
+            scores: usize::MAX,
+            products: 200,
+            visitors: args.customers.max(1),
+            start: crate::domain::time::EventTime::now(),
+            days: 1,
+            seed: args.seed,
+        });
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while !shutdown.is_cancelled() {
+                tick.tick().await;
+                let due = (started.elapsed().as_secs_f64() * rate) as u64;
+                while sent < due {
+                    let Some(s) = scores.next() else { return };
+                    let visitor = format!("V{:08}", s.visitor);
+                    let payload = serde_json::json!({
+                        "visitor_id": visitor,
+                        "session_id": format!("S{:09}", s.session),
+                        "product_id": format!("P{:05}", s.product),
+                        "probability": s.probability,
+                        "event_time": crate::domain::time::EventTime::now().to_rfc3339(),
+                    })
+                    .to_string();
+                    let record = FutureRecord::to(&topic).key(&visitor).payload(&payload);
+                    if producer.send_result(record).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+            }
+        })
+    });
+
     let deadline = args
         .duration
         .map(|d| Instant::now() + Duration::from_secs(d));
@@ -320,7 +390,18 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let sent = load.await.unwrap_or(0);
+    if let Some(task) = scores_load {
+        let _ = task.await;
+    }
     let stats = daemon.await.context("daemon task")??;
+    if let Some(task) = scores_task {
+        let audience = task.await.context("score stream task")??;
+        println!(
+            "score stream: {} scores consumed, {} tier changes published, {} dead letters, {} \
+             threshold refreshes",
+            audience.consumed, audience.published, audience.dead_letters, audience.refreshes
+        );
+    }
     let _ = http_task.await;
     println!(
         "stopped: {sent} events sent, {} consumed, {} applied, {} updates published, {} dead letters",
@@ -336,6 +417,7 @@ struct LiveView {
     last: Instant,
     last_events: u64,
     last_updates: u64,
+    last_audience_updates: u64,
     last_buckets: Vec<(f64, u64)>,
 }
 
@@ -346,6 +428,7 @@ impl LiveView {
             last: Instant::now(),
             last_events: 0,
             last_updates: 0,
+            last_audience_updates: 0,
             last_buckets: Vec::new(),
         }
     }
@@ -428,8 +511,18 @@ impl LiveView {
         } else {
             String::new()
         };
+        let audience_updates = m.audience_updates.get();
+        let tps = (audience_updates - self.last_audience_updates) as f64 / secs;
+        self.last_audience_updates = audience_updates;
+        let audiences = match m.audience_threshold_revision.get() {
+            0 => String::new(),
+            revision => format!(
+                "  audiences r{revision} {} ready {tps:.0} tier/s",
+                m.audience_products.with_label_values(&["ready"]).get()
+            ),
+        };
         format!(
-            "v{} {eps:>6.0} ev/s {ups:>6.0} upd/s  p99 {p99:>6}  lag {:>5}  max PSI {psi:.3} ({psi_axis}){sweep} | {}",
+            "v{} {eps:>6.0} ev/s {ups:>6.0} upd/s  p99 {p99:>6}  lag {:>5}  max PSI {psi:.3} ({psi_axis}){sweep}{audiences} | {}",
             loaded.snapshot.version(),
             m.consumer_lag_messages.get(),
             tops.join(" | ")
