@@ -248,6 +248,7 @@ struct BatchOutput {
     dead: Vec<(OwnedMessage, DeadLetter)>,
     tiers: Vec<(Vec<u8>, Vec<u8>)>,
     refreshed: bool,
+    accepted: u64,
 }
 
 impl Worker {
@@ -314,14 +315,7 @@ impl Worker {
                 }
             }
         }
-        metrics
-            .audience_scores
-            .with_label_values(&["accepted"])
-            .inc_by(scores.len() as u64);
-        metrics
-            .audience_scores
-            .with_label_values(&["dead_letter"])
-            .inc_by(out.dead.len() as u64);
+        out.accepted = scores.len() as u64;
         let due = self.engine.revision() == 0
             || self.engine.since_refresh() >= config.refresh_every_scores
             || self.last_refresh.elapsed() >= Duration::from_millis(config.refresh_interval_ms);
@@ -610,7 +604,6 @@ pub async fn run(
         }
         stats.published += output.updates.len() as u64;
         stats.dead_letters += output.dead.len() as u64;
-        metrics.audience_updates.inc_by(output.updates.len() as u64);
         let mut batch = StoreBatch {
             meta: output.tiers,
             ..StoreBatch::default()
@@ -631,6 +624,16 @@ pub async fn run(
                 .map_err(|e| RunError::Task(e.to_string()))?
                 .map_err(crate::pipeline::process::ProcessError::from)?;
         }
+        // Counted once the batch is durable, so the counters never run ahead of the output.
+        metrics.audience_updates.inc_by(output.updates.len() as u64);
+        metrics
+            .audience_scores
+            .with_label_values(&["accepted"])
+            .inc_by(output.accepted);
+        metrics
+            .audience_scores
+            .with_label_values(&["dead_letter"])
+            .inc_by(output.dead.len() as u64);
         if output.refreshed {
             commit_offsets(&consumer, &mut offsets, CommitMode::Async);
         }

@@ -298,7 +298,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "segmentd_audience_scores_total",
-                        "Conversion scores consumed, by result.",
+                        "Conversion scores handled (published and durable), by result.",
                     ),
                     &["result"],
                 )?,
