@@ -105,19 +105,13 @@ pub struct InputArgs {
     /// TOML config file (see config/segmentd.toml).
     #[arg(long, value_name = "FILE", env = "SEGMENTD_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Stop at the first bad row instead of counting and skipping it.
-    #[arg(long)]
-    pub strict: bool,
-    /// Write every bad row (file, line, reason) to this CSV.
-    #[arg(long, value_name = "FILE")]
-    pub bad_rows: Option<PathBuf>,
+    /// Bad rows and progress.
+    #[command(flatten)]
+    pub rows: RowArgs,
     /// Compute features as of this time (any accepted timestamp format); default: the latest
     /// event in the input.
     #[arg(long, value_name = "TIME")]
     pub as_of: Option<String>,
-    /// Never draw progress bars.
-    #[arg(long)]
-    pub no_progress: bool,
     /// How many days of event time the lines of one order may be spread through the file
     /// (default 3, from the config).
     #[arg(long, value_name = "DAYS")]
@@ -230,6 +224,14 @@ pub struct AudiencesArgs {
     /// TOML config file (see config/segmentd.toml, [audiences.thresholds]).
     #[arg(long, value_name = "FILE", env = "SEGMENTD_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Bad rows and progress.
+    #[command(flatten)]
+    pub rows: RowArgs,
+}
+
+/// How a batch command treats bad rows, and whether it draws progress bars.
+#[derive(Debug, Args)]
+pub struct RowArgs {
     /// Stop at the first bad row instead of counting and skipping it.
     #[arg(long)]
     pub strict: bool,
@@ -239,6 +241,13 @@ pub struct AudiencesArgs {
     /// Never draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+impl RowArgs {
+    /// Whether to draw progress bars: asked for, and stderr is a terminal.
+    pub fn progress(&self) -> bool {
+        !self.no_progress && std::io::stderr().is_terminal()
+    }
 }
 
 /// `segmentd generate`.
@@ -372,9 +381,9 @@ fn prepare(
         }
     }
     let options = IngestOptions {
-        strict: input.strict,
-        progress: !input.no_progress && std::io::stderr().is_terminal(),
-        bad_rows_path: input.bad_rows.clone(),
+        strict: input.rows.strict,
+        progress: input.rows.progress(),
+        bad_rows_path: input.rows.bad_rows.clone(),
         order_window: config.input.order_window_seconds(),
         until: None,
     };
@@ -509,9 +518,9 @@ fn audiences(args: AudiencesArgs) -> anyhow::Result<ExitCode> {
         summary: args.summary,
         plots: args.plots,
         thresholds: config.audiences.thresholds,
-        strict: args.strict,
-        bad_rows: args.bad_rows,
-        progress: !args.no_progress && std::io::stderr().is_terminal(),
+        strict: args.rows.strict,
+        progress: args.rows.progress(),
+        bad_rows: args.rows.bad_rows,
     };
     let outcome = crate::batch::audiences::run(&job)?;
     report::print_audiences(&outcome, &job);

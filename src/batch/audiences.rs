@@ -3,7 +3,7 @@
 //! One pass over the scores file feeds every score to the threshold engine
 //! ([`crate::audience::engine`], the same code the daemon runs) and keeps each visitor's
 //! latest score per product (by event time; memory grows with the distinct visitor–product
-//! pairs, about 100 bytes each). After one refresh of the thresholds, each pair is placed by
+//! pairs, about 150 bytes each). After one refresh of the thresholds, each pair is placed by
 //! its latest score:
 //! - the audience file lists the placed pairs, by product, tier and descending probability,
 //!   with the cut-offs in force;
@@ -33,7 +33,7 @@ use thiserror::Error;
 
 use crate::audience::engine::{check_probability, Engine, ThresholdConfig, Thresholds, Tier};
 use crate::batch::ingest::{BadRow, REPORTED_BAD_ROWS};
-use crate::batch::mapping::MappingError;
+use crate::batch::mapping::{find_column, MappingError};
 use crate::domain::time::EventTime;
 
 /// Fields of a scores file: (name, required).
@@ -196,25 +196,11 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
 
     // One pass: sketch every score, keep each pair's latest.
     let path_text = job.scores.display().to_string();
-    let io = |source| AudiencesError::Io {
-        path: path_text.clone(),
-        source,
-    };
-    let file = File::open(&job.scores).map_err(io)?;
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_reader(std::io::BufReader::with_capacity(1 << 20, file));
+    let (mut reader, headers, len) = open_csv(&job.scores, 1 << 20)?;
     let csv_err = |source| AudiencesError::Csv {
         path: path_text.clone(),
         source,
     };
-    let headers: Vec<String> = reader
-        .headers()
-        .map_err(csv_err)?
-        .iter()
-        .map(str::to_owned)
-        .collect();
     let cols = resolve_columns("scores", "", &SCORE_FIELDS, &headers, &job.score_columns)?;
     let (visitor_col, product_col, p_col) = (cols[0].unwrap(), cols[1].unwrap(), cols[2].unwrap());
     let (session_col, time_col) = (cols[3], cols[4]);
@@ -566,11 +552,7 @@ fn resolve_columns(
             });
         }
     }
-    let find = |name: &str| {
-        headers
-            .iter()
-            .position(|h| h.trim().eq_ignore_ascii_case(name.trim()))
-    };
+    let find = |name: &str| find_column(headers, name);
     fields
         .iter()
         .map(|&(field, required)| match map.get(field) {
@@ -596,6 +578,31 @@ fn resolve_columns(
         .collect()
 }
 
+type CsvReader = csv::Reader<std::io::BufReader<File>>;
+
+/// Opens a CSV file: the reader, its header and the file's length.
+fn open_csv(path: &Path, buffer: usize) -> Result<(CsvReader, Vec<String>, u64), AudiencesError> {
+    let text = || path.display().to_string();
+    let file = File::open(path).map_err(|source| AudiencesError::Io {
+        path: text(),
+        source,
+    })?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(std::io::BufReader::with_capacity(buffer, file));
+    let headers = reader
+        .headers()
+        .map_err(|source| AudiencesError::Csv {
+            path: text(),
+            source,
+        })?
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    Ok((reader, headers, len))
+}
+
 fn read_conversions(
     path: &Path,
     map: &BTreeMap<String, String>,
@@ -605,19 +612,7 @@ fn read_conversions(
         path: text.clone(),
         source,
     };
-    let file = File::open(path).map_err(|source| AudiencesError::Io {
-        path: text.clone(),
-        source,
-    })?;
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_reader(std::io::BufReader::new(file));
-    let headers: Vec<String> = reader
-        .headers()
-        .map_err(csv_err)?
-        .iter()
-        .map(str::to_owned)
-        .collect();
+    let (mut reader, headers, _) = open_csv(path, 64 << 10)?;
     let cols = resolve_columns(
         "conversions",
         "conversions.",

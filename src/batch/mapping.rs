@@ -258,6 +258,13 @@ impl ResolvedColumns {
     }
 }
 
+/// The index of the column named `name` in a header, ignoring case and surrounding spaces.
+pub fn find_column(headers: &[String], name: &str) -> Option<usize> {
+    headers
+        .iter()
+        .position(|h| h.trim().eq_ignore_ascii_case(name.trim()))
+}
+
 /// Resolves a mapping against a header row.
 pub fn resolve(
     kind: FileKind,
@@ -279,11 +286,7 @@ pub fn resolve(
             });
         }
     }
-    let find = |name: &str| {
-        headers
-            .iter()
-            .position(|h| h.trim().eq_ignore_ascii_case(name.trim()))
-    };
+    let find = |name: &str| find_column(headers, name);
     let mut columns = BTreeMap::new();
     for &(field, _) in fields {
         match map.get(field.as_str()) {

@@ -31,6 +31,29 @@ fn pct(x: f64) -> String {
     format!("{:.0}%", x * 100.0)
 }
 
+/// Bad rows by reason, then the first few with their line numbers.
+fn print_bad_rows(
+    total: u64,
+    by_reason: &std::collections::BTreeMap<String, u64>,
+    examples: &[super::ingest::BadRow],
+) {
+    if total == 0 {
+        return;
+    }
+    for (reason, n) in by_reason {
+        println!("    {:>8} × {reason}", count(*n));
+    }
+    for bad in examples {
+        println!("    line {}: {}", bad.line, bad.reason);
+    }
+    if total as usize > examples.len() {
+        println!(
+            "    … {} more (write them all with --bad-rows FILE)",
+            count(total - examples.len() as u64)
+        );
+    }
+}
+
 /// Per-file reading summary, with bad rows by reason and the first few with line numbers.
 pub fn print_files(files: &[FileReport]) {
     for f in files {
@@ -50,20 +73,7 @@ pub fn print_files(files: &[FileReport]) {
                 count(f.after_as_of)
             );
         }
-        if f.bad_rows > 0 {
-            for (reason, n) in &f.bad_by_reason {
-                println!("    {:>8} × {reason}", count(*n));
-            }
-            for bad in &f.examples {
-                println!("    line {}: {}", bad.line, bad.reason);
-            }
-            if f.bad_rows as usize > f.examples.len() {
-                println!(
-                    "    … {} more (write them all with --bad-rows FILE)",
-                    count(f.bad_rows - f.examples.len() as u64)
-                );
-            }
-        }
+        print_bad_rows(f.bad_rows, &f.bad_by_reason, &f.examples);
     }
 }
 
@@ -235,20 +245,7 @@ pub fn print_audiences(
         count(o.bad_rows),
         secs(o.timings[0])
     );
-    if o.bad_rows > 0 {
-        for (reason, n) in &o.bad_by_reason {
-            println!("    {:>8} × {reason}", count(*n));
-        }
-        for bad in &o.examples {
-            println!("    line {}: {}", bad.line, bad.reason);
-        }
-        if o.bad_rows as usize > o.examples.len() {
-            println!(
-                "    … {} more (write them all with --bad-rows FILE)",
-                count(o.bad_rows - o.examples.len() as u64)
-            );
-        }
-    }
+    print_bad_rows(o.bad_rows, &o.bad_by_reason, &o.examples);
     if let Some(n) = o.converted_sessions {
         println!("read conversions: {} converting sessions", count(n));
     }

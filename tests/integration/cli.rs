@@ -607,15 +607,20 @@ fn audiences_report_small_and_constant_products_and_refuse_bad_input() {
     }
     std::fs::write(&scores, &body).unwrap();
     let (out, summary) = (dir.path().join("a.csv"), dir.path().join("s.csv"));
-    let run = segmentd(&[
-        "audiences",
-        "--scores",
-        p(&scores),
-        "--out",
-        p(&out),
-        "--summary",
-        p(&summary),
-    ]);
+    let audiences = |extra: &[&str]| {
+        let mut args = vec![
+            "audiences",
+            "--scores",
+            p(&scores),
+            "--out",
+            p(&out),
+            "--summary",
+            p(&summary),
+        ];
+        args.extend_from_slice(extra);
+        segmentd(&args)
+    };
+    let run = audiences(&[]);
     assert!(run.status.success(), "{}", text(&run));
     let (h, rows) = read_csv(&summary);
     let readiness = |product: &str| {
@@ -639,16 +644,7 @@ fn audiences_report_small_and_constant_products_and_refuse_bad_input() {
     // --strict stops at the first bad row and names its line (exit 3).
     body.push_str("v1,wide,2.0\n");
     std::fs::write(&scores, &body).unwrap();
-    let run = segmentd(&[
-        "audiences",
-        "--scores",
-        p(&scores),
-        "--strict",
-        "--out",
-        p(&out),
-        "--summary",
-        p(&summary),
-    ]);
+    let run = audiences(&["--strict"]);
     assert_eq!(run.status.code(), Some(3), "{}", text(&run));
     assert!(
         text(&run).contains(":257: probability 2 is outside [0, 1]"),
@@ -658,15 +654,7 @@ fn audiences_report_small_and_constant_products_and_refuse_bad_input() {
 
     // A file without a probability column is a usage error that lists the columns (exit 2).
     std::fs::write(&scores, "visitor_id,product_id,score\nv1,p,0.5\n").unwrap();
-    let run = segmentd(&[
-        "audiences",
-        "--scores",
-        p(&scores),
-        "--out",
-        p(&out),
-        "--summary",
-        p(&summary),
-    ]);
+    let run = audiences(&[]);
     assert_eq!(run.status.code(), Some(2), "{}", text(&run));
     assert!(
         text(&run).contains("visitor_id, product_id, score"),

@@ -101,6 +101,18 @@ fn hooks() -> Hooks {
     }
 }
 
+/// A small RocksDB store in `dir`.
+fn temp_store(dir: &std::path::Path) -> Arc<dyn StateStore> {
+    Arc::new(
+        RocksStore::open(&StoreConfig {
+            path: dir.join("db"),
+            block_cache_bytes: 8 << 20,
+            ..StoreConfig::default()
+        })
+        .unwrap(),
+    )
+}
+
 fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -184,14 +196,7 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
     let axes = snapshot.axes().len();
     let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn StateStore> = Arc::new(
-        RocksStore::open(&StoreConfig {
-            path: dir.path().join("db"),
-            block_cache_bytes: 8 << 20,
-            ..StoreConfig::default()
-        })
-        .unwrap(),
-    );
+    let store = temp_store(dir.path());
     let config = KafkaConfig {
         brokers: brokers.clone(),
         group_id: unique("group"),
@@ -541,14 +546,7 @@ async fn a_snapshot_swap_mid_stream_switches_each_customer_once_in_order() {
         metrics.clone(),
     )
     .unwrap();
-    let store: Arc<dyn StateStore> = Arc::new(
-        RocksStore::open(&StoreConfig {
-            path: dir.path().join("db"),
-            block_cache_bytes: 8 << 20,
-            ..StoreConfig::default()
-        })
-        .unwrap(),
-    );
+    let store = temp_store(dir.path());
     let config = KafkaConfig {
         brokers: brokers.clone(),
         group_id: unique("group"),
@@ -873,14 +871,7 @@ async fn the_score_stream_publishes_tier_changes_once_and_refuses_bad_scores() {
     produce(&brokers, &input, &records).await;
 
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn StateStore> = Arc::new(
-        RocksStore::open(&StoreConfig {
-            path: dir.path().join("db"),
-            block_cache_bytes: 8 << 20,
-            ..StoreConfig::default()
-        })
-        .unwrap(),
-    );
+    let store = temp_store(dir.path());
     let kafka = KafkaConfig {
         brokers: brokers.clone(),
         dead_letter_topic: dlq.clone(),
