@@ -253,75 +253,14 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
                 .map(str::trim)
                 .unwrap_or("")
         };
-        let visitor = field(visitor_col);
-        if visitor.is_empty() {
-            bad(
-                &mut outcome,
-                &mut bad_sink,
-                job,
-                line,
-                "visitor_id",
-                "missing visitor_id".into(),
-            )?;
-            continue;
-        }
-        let product = field(product_col);
-        if product.is_empty() {
-            bad(
-                &mut outcome,
-                &mut bad_sink,
-                job,
-                line,
-                "product_id",
-                "missing product_id".into(),
-            )?;
-            continue;
-        }
-        let raw = field(p_col);
-        let probability = match raw.parse::<f64>().map_err(|_| raw.to_owned()) {
-            Ok(p) => match check_probability(p) {
-                Ok(p) => p,
-                Err(e) => {
-                    bad(
-                        &mut outcome,
-                        &mut bad_sink,
-                        job,
-                        line,
-                        "probability",
-                        e.to_string(),
-                    )?;
+        let (visitor, product, probability, time) =
+            match parse_score(&field, [visitor_col, product_col, p_col], time_col) {
+                Ok(row) => row,
+                Err((category, reason)) => {
+                    bad(&mut outcome, &mut bad_sink, job, line, category, reason)?;
                     continue;
                 }
-            },
-            Err(raw) => {
-                bad(
-                    &mut outcome,
-                    &mut bad_sink,
-                    job,
-                    line,
-                    "probability",
-                    format!("probability {raw:?} is not a number"),
-                )?;
-                continue;
-            }
-        };
-        let time = match time_col {
-            Some(c) => match EventTime::parse(field(c)) {
-                Ok(t) => t,
-                Err(e) => {
-                    bad(
-                        &mut outcome,
-                        &mut bad_sink,
-                        job,
-                        line,
-                        "event_time",
-                        e.to_string(),
-                    )?;
-                    continue;
-                }
-            },
-            None => EventTime::from_unix(UNDATED).expect("a valid constant"),
-        };
+            };
         let index = match products.get(product) {
             Some(&i) => i,
             None => {
@@ -491,6 +430,37 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
         outcome.timings[3] = started.elapsed();
     }
     Ok(outcome)
+}
+
+/// One row's visitor, product, probability and time, or the bad row's category and reason.
+fn parse_score<'a>(
+    field: &impl Fn(usize) -> &'a str,
+    [visitor_col, product_col, p_col]: [usize; 3],
+    time_col: Option<usize>,
+) -> Result<(&'a str, &'a str, f64, EventTime), (&'static str, String)> {
+    let visitor = field(visitor_col);
+    if visitor.is_empty() {
+        return Err(("visitor_id", "missing visitor_id".into()));
+    }
+    let product = field(product_col);
+    if product.is_empty() {
+        return Err(("product_id", "missing product_id".into()));
+    }
+    let raw = field(p_col);
+    let probability = raw
+        .parse::<f64>()
+        .map_err(|_| {
+            (
+                "probability",
+                format!("probability {raw:?} is not a number"),
+            )
+        })
+        .and_then(|p| check_probability(p).map_err(|e| ("probability", e.to_string())))?;
+    let time = match time_col {
+        Some(c) => EventTime::parse(field(c)).map_err(|e| ("event_time", e.to_string()))?,
+        None => EventTime::from_unix(UNDATED).expect("a valid constant"),
+    };
+    Ok((visitor, product, probability, time))
 }
 
 /// Counts (and maybe records) a bad row; under `strict` it is an error.
