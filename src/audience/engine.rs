@@ -48,9 +48,9 @@
 //!   above anyone else, so no one is placed. Ties in general make a tier narrower (or empty),
 //!   never overlapping.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -501,8 +501,8 @@ fn own_thresholds(config: &ThresholdConfig, s: &Summary<'_>) -> Thresholds {
 #[derive(Debug, Clone)]
 pub struct Engine {
     config: ThresholdConfig,
-    products: HashMap<Arc<str>, ProductStats>,
-    thresholds: HashMap<Arc<str>, Thresholds>,
+    products: FxHashMap<Arc<str>, ProductStats>,
+    thresholds: FxHashMap<Arc<str>, Thresholds>,
     pooled: Option<Thresholds>,
     revision: u64,
     since_refresh: u64,
@@ -513,8 +513,8 @@ impl Engine {
     pub fn new(config: ThresholdConfig) -> Self {
         Self {
             config,
-            products: HashMap::new(),
-            thresholds: HashMap::new(),
+            products: FxHashMap::default(),
+            thresholds: FxHashMap::default(),
             pooled: None,
             revision: 0,
             since_refresh: 0,
@@ -592,7 +592,8 @@ impl Engine {
                 },
             )
         });
-        let mut thresholds = HashMap::with_capacity(self.products.len());
+        let mut thresholds =
+            FxHashMap::with_capacity_and_hasher(self.products.len(), Default::default());
         for (product, stats) in &self.products {
             let mut t = own_thresholds(
                 &config,

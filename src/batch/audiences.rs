@@ -3,8 +3,8 @@
 //! One pass over the scores file feeds every score to the threshold engine
 //! ([`crate::audience::engine`], the same code the daemon runs) and keeps each visitor's
 //! latest score per product (by event time; memory grows with the distinct visitor–product
-//! pairs, about 150 bytes each). After one refresh of the thresholds, each pair is placed by
-//! its latest score:
+//! pairs, about 130 bytes each, since visitor ids are numbered once). After one refresh of the
+//! thresholds, each pair is placed by its latest score:
 //! - the audience file lists the placed pairs, by product, tier and descending probability,
 //!   with the cut-offs in force;
 //! - the summary lists every product (and the pooled distribution, as product `*`): scores,
@@ -221,8 +221,11 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
     let mut engine = Engine::new(job.thresholds.clone());
     let mut products: FxHashMap<Box<str>, u32> = FxHashMap::default();
     let mut names: Vec<Arc<str>> = Vec::new();
-    // Per product: visitor → latest score (looked up by &str, no allocation per row).
-    let mut latest: Vec<FxHashMap<Box<str>, Latest>> = Vec::new();
+    // Visitors are numbered once; each (product, visitor) pair's latest score is keyed by
+    // the two numbers, so the pair map holds no strings.
+    let mut visitor_ids: FxHashMap<Box<str>, u32> = FxHashMap::default();
+    let mut visitor_names: Vec<Box<str>> = Vec::new();
+    let mut latest: FxHashMap<u64, Latest> = FxHashMap::default();
     let mut samples: Vec<Vec<f32>> = Vec::new();
     let keep_samples = job.plots.is_some();
     let mut record = csv::ByteRecord::new();
@@ -268,7 +271,6 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
                 products.insert(product.into(), i);
                 names.push(Arc::from(product));
                 samples.push(Vec::new());
-                latest.push(FxHashMap::default());
                 i
             }
         };
@@ -286,27 +288,31 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
             _ => false,
         };
         let t = time.unix();
-        let visitors = &mut latest[index as usize];
-        match visitors.get_mut(visitor) {
-            Some(l) => {
+        let visitor = match visitor_ids.get(visitor) {
+            Some(&v) => v,
+            None => {
+                let v = visitor_names.len() as u32;
+                visitor_ids.insert(visitor.into(), v);
+                visitor_names.push(visitor.into());
+                v
+            }
+        };
+        latest
+            .entry(u64::from(index) << 32 | u64::from(visitor))
+            .and_modify(|l| {
                 if t >= l.time {
                     l.time = t;
                     l.probability = probability;
                 }
                 l.converted |= converted;
-            }
-            None => {
-                visitors.insert(
-                    visitor.into(),
-                    Latest {
-                        time: t,
-                        probability,
-                        converted,
-                    },
-                );
-            }
-        }
+            })
+            .or_insert(Latest {
+                time: t,
+                probability,
+                converted,
+            });
     }
+    drop(visitor_ids);
     bar.finish_and_clear();
     if let Some(mut w) = bad_sink {
         if let Some(path) = &job.bad_rows {
@@ -335,31 +341,30 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
     let with_conversions = conversions.is_some();
     let mut stats: Vec<PlacedStats> = vec![PlacedStats::default(); names.len()];
     let mut placed: Vec<(u32, Tier, f64, &str, i64, bool)> = Vec::new();
-    for (product, visitors) in latest.iter().enumerate() {
+    for (&key, l) in &latest {
+        let (product, visitor) = ((key >> 32) as usize, key as u32 as usize);
         let s = &mut stats[product];
-        for (visitor, l) in visitors {
-            let tier = thresholds[product].tier(l.probability);
-            s.2 += 1;
-            let slot = match tier {
-                Some(t) => {
-                    s.0[t as usize] += 1;
-                    placed.push((
-                        product as u32,
-                        t,
-                        l.probability,
-                        visitor,
-                        l.time,
-                        l.converted,
-                    ));
-                    t as usize
-                }
-                None => 3,
-            };
-            s.1[slot].1 += 1;
-            s.1[slot].0 += u64::from(l.converted);
-        }
+        let tier = thresholds[product].tier(l.probability);
+        s.2 += 1;
+        let slot = match tier {
+            Some(t) => {
+                s.0[t as usize] += 1;
+                placed.push((
+                    product as u32,
+                    t,
+                    l.probability,
+                    &visitor_names[visitor],
+                    l.time,
+                    l.converted,
+                ));
+                t as usize
+            }
+            None => 3,
+        };
+        s.1[slot].1 += 1;
+        s.1[slot].0 += u64::from(l.converted);
     }
-    outcome.pairs = latest.iter().map(|v| v.len() as u64).sum();
+    outcome.pairs = latest.len() as u64;
     outcome.placed = placed.len() as u64;
     let mut order: Vec<u32> = (0..names.len() as u32).collect();
     order.sort_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
