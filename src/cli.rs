@@ -315,12 +315,26 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
+/// An error and its causes on one line, leaving out a cause whose text the line already
+/// carries (errors that name their file also print their cause, for the logs).
+fn error_text(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_text(&err));
             ExitCode::from(exit_code(&err))
         }
     }
