@@ -3,10 +3,11 @@
 //! scrape after a restart, without a scan of the store.
 //!
 //! Segment ids only mean something within one snapshot version. The counts carry theirs:
-//! counts stored for another version than the one running are dropped at start (with a
-//! warning), the counts start again from zero when a batch of a newly activated version is
-//! committed, and a change whose previous segment belongs to another version only adds to
-//! its new segment.
+//! when a newly activated snapshot carried the previous version's ids (its lineage), the
+//! segments that kept their ids keep their counts, at a swap while running and at a start
+//! after a swap; counts of any other version are dropped (with a warning) and start again
+//! from zero; a change whose previous segment belongs to a version the counts do not carry
+//! only adds to its new segment.
 
 use std::collections::BTreeMap;
 

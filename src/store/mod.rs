@@ -237,12 +237,15 @@ impl RocksStore {
     }
 }
 
-/// Read options for whole-store scans (the sweep, re-clustering): a scan would evict the hot
-/// customers from the block cache, and reads ahead since it walks the files in order.
-fn scan_options() -> rocksdb::ReadOptions {
+/// Read options for scans (the sweep's slices, re-clustering's full pass): a scan would evict
+/// the hot customers from the block cache. A full pass also reads ahead 2 MiB at a time; a
+/// sweep slice (a few hundred records) leaves it to RocksDB's own adaptive read-ahead.
+fn scan_options(full_pass: bool) -> rocksdb::ReadOptions {
     let mut options = rocksdb::ReadOptions::default();
     options.fill_cache(false);
-    options.set_readahead_size(2 << 20);
+    if full_pass {
+        options.set_readahead_size(2 << 20);
+    }
     options
 }
 
@@ -307,7 +310,7 @@ impl StateStore for RocksStore {
 
     fn records_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Records, StoreError> {
         let cf = self.cf(CF_CUSTOMERS)?;
-        let mut iter = self.db.raw_iterator_cf_opt(cf, scan_options());
+        let mut iter = self.db.raw_iterator_cf_opt(cf, scan_options(false));
         match after {
             Some(key) => {
                 iter.seek(key);
@@ -333,7 +336,7 @@ impl StateStore for RocksStore {
     fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
         let cf = self.cf(CF_CUSTOMERS)?;
         let snapshot = self.db.snapshot();
-        let mut iter = snapshot.raw_iterator_cf_opt(cf, scan_options());
+        let mut iter = snapshot.raw_iterator_cf_opt(cf, scan_options(true));
         iter.seek_to_first();
         while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
             visit(key, value);
