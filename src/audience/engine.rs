@@ -5,10 +5,12 @@
 //!
 //! # Per product
 //! - A t-digest (the `tdigest` crate) of the recency-weighted scores, with
-//!   [`ThresholdConfig::compression`] centroids. Its rank error at the percentiles used here
-//!   (roughly the 55th to 95th) is bounded by half a centroid's weight, about
-//!   `2·sqrt(2(1−q))/compression`: under 0.5% at the default of 300 (tested against exact
-//!   weighted percentiles below 1%).
+//!   [`ThresholdConfig::compression`] centroids. A centroid near quantile `q` holds at most
+//!   about `2·sqrt(2(1−q))/compression` of the weight, and interpolation inside it errs by
+//!   about half of that: under 0.35% of rank at the percentiles used here (the 55th to 99th)
+//!   at the default of 300 (tested against exact weighted percentiles: within 1%).
+//!   Memory: the digest (16 bytes a centroid) and at most `compression` pending scores,
+//!   about 10 KB a product at the default.
 //! - Weighted running moments (variance, skewness) of the same scores.
 //! - The number of scores seen.
 //!
@@ -25,9 +27,9 @@
 //! - premium, growth and volume start at the base percentiles (90 / 80 / 70);
 //! - all three shift by `clip(2·s, −5, +5)` points;
 //! - growth moves down by `w = clip(10·v, 0, 5)` points and volume by `2·w` (widening);
-//! - percentiles are clamped to `[0.5, 99.5]` and kept at least 0.5 points apart, premium
-//!   above growth above volume (by construction they are at least 10 points apart unless the
-//!   clamp bites);
+//! - the base percentiles are configured within 16..=94 and at least a point apart, so the
+//!   adjusted ones stay within 1..=99 and keep their order: premium − growth and growth −
+//!   volume only grow by the widening;
 //! - the product's own cut-offs are the scores at those percentiles;
 //! - confidence is `c = min(1, n / 5000)`, `n` the scores seen;
 //! - the published cut-offs are `c·own + (1 − c)·pooled`, per tier, where `pooled` is the
@@ -36,17 +38,23 @@
 //!   ordered, so their blend is too.
 //!
 //! A score is premium at or above the premium cut-off, growth at or above the growth cut-off
-//! (and below premium), volume likewise; below the volume cut-off it is in no audience.
+//! (and below premium), volume likewise; below the volume cut-off it is in no audience. One
+//! exception: a cut-off equal to the product's lowest score (a product whose scores are mostly
+//! zeros, say) admits only scores strictly above it, or the tier would take in everyone at
+//! the floor.
 //!
 //! # Edges
 //! - Probabilities must be finite and within `[0, 1]`; anything else is refused
-//!   ([`ScoreError`]) and counted by the caller (a bad row, or the dead-letter topic).
+//!   ([`ScoreError`]) and counted by the caller (a bad row, or the dead-letter topic). So is
+//!   a time more than a day past the wall clock ([`check_time`]): its weight would outweigh
+//!   every score before it.
 //! - Fewer than [`ThresholdConfig::min_scores`] scores: the product's thresholds are computed
 //!   and reported with [`Readiness::TooFewScores`], but no one is placed in its audiences.
 //! - A constant distribution (every score equal): variance and skewness are 0, every
 //!   percentile is that value, and the product is [`Readiness::Constant`]: it ranks no one
-//!   above anyone else, so no one is placed. Ties in general make a tier narrower (or empty),
-//!   never overlapping.
+//!   above anyone else, so no one is placed. Heavy ties elsewhere (scores rounded to two
+//!   decimals) can make a tier larger or smaller than its percentiles say, by the weight of
+//!   the tied value; tiers never overlap.
 
 use std::sync::Arc;
 
@@ -100,13 +108,15 @@ impl ThresholdConfig {
             self.growth_percentile,
             self.volume_percentile,
         );
+        // Shifts of up to 5 points either way and widening of up to 10 keep 16..=94 within
+        // 1..=99.
         let in_range = [p, g, v]
             .iter()
-            .all(|x| x.is_finite() && *x > 0.0 && *x < 100.0);
-        if !in_range || p <= g || g <= v {
+            .all(|x| x.is_finite() && (16.0..=94.0).contains(x));
+        if !in_range || p < g + 1.0 || g < v + 1.0 {
             return Err(format!(
                 "premium_percentile > growth_percentile > volume_percentile, all within \
-                 (0, 100), is required (got {p} / {g} / {v})"
+                 16..=94 and at least 1 apart, is required (got {p} / {g} / {v})"
             ));
         }
         if !(self.half_life_hours.is_finite() && self.half_life_hours > 0.0) {
@@ -144,6 +154,18 @@ pub enum ScoreError {
     /// The product id is empty.
     #[error("product id is empty")]
     MissingProduct,
+    /// The time lies more than a day past the wall clock.
+    #[error("event time {0} is in the future")]
+    Future(String),
+}
+
+/// Checks a score's time against the wall clock `now`: more than a day ahead is refused.
+pub fn check_time(time: EventTime, now: EventTime) -> Result<EventTime, ScoreError> {
+    if time.unix() > now.unix() + crate::domain::time::FUTURE_SLACK_SECONDS {
+        Err(ScoreError::Future(time.to_rfc3339()))
+    } else {
+        Ok(time)
+    }
 }
 
 /// Checks a probability.
@@ -269,14 +291,21 @@ pub struct Thresholds {
     pub cutoffs: PerTier,
     /// Whether anyone is placed.
     pub readiness: Readiness,
+    /// The lowest score seen: a cut-off there admits only scores above it.
+    pub floor: f64,
 }
 
 impl Thresholds {
-    /// The tier of a score, if the product is ready.
+    /// The tier of a score, if the product is ready: at or above a cut-off, or strictly above
+    /// one that equals the product's lowest score.
     pub fn tier(&self, score: f64) -> Option<Tier> {
-        (self.readiness == Readiness::Ready)
-            .then(|| self.cutoffs.tier(score))
-            .flatten()
+        if self.readiness != Readiness::Ready {
+            return None;
+        }
+        Tier::ALL.into_iter().find(|&tier| {
+            let cutoff = self.cutoffs.get(tier);
+            score > cutoff || (score == cutoff && cutoff > self.floor)
+        })
     }
 }
 
@@ -284,10 +313,12 @@ impl Thresholds {
 pub fn adjusted_percentiles(config: &ThresholdConfig, skewness: f64, variance: f64) -> PerTier {
     let shift = (2.0 * skewness).clamp(-5.0, 5.0);
     let widen = (10.0 * variance).clamp(0.0, 5.0);
-    let clamp = |x: f64| x.clamp(0.5, 99.5);
+    // With the configured bounds (16..=94, a point apart) these stay within 1..=99 and
+    // ordered; the clamp only guards an unchecked config.
+    let clamp = |x: f64| x.clamp(1.0, 99.0);
     let premium = clamp(config.premium_percentile + shift);
-    let growth = clamp(config.growth_percentile + shift - widen).min(premium - 0.5);
-    let volume = clamp(config.volume_percentile + shift - 2.0 * widen).min(growth - 0.5);
+    let growth = clamp(config.growth_percentile + shift - widen);
+    let volume = clamp(config.volume_percentile + shift - 2.0 * widen);
     PerTier {
         premium,
         growth,
@@ -300,7 +331,7 @@ const MAX_EXPONENT: f64 = 64.0;
 /// Smallest exponent used (older scores weigh 2^-1000, still positive).
 const MIN_EXPONENT: f64 = -1000.0;
 /// Pending scores per product before they are folded into the digest, per centroid.
-const PENDING_PER_CENTROID: usize = 4;
+const PENDING_PER_CENTROID: usize = 1;
 
 /// One product's distribution.
 #[derive(Debug, Clone)]
@@ -359,9 +390,9 @@ impl ProductStats {
         }
         let (mut sum, mut weight) = (0.0, 0.0);
         let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
-        let centroids: Vec<tdigest::Centroid> = self
-            .pending
-            .drain(..)
+        // Taken, not drained: the buffer's memory goes with it until the next score.
+        let centroids: Vec<tdigest::Centroid> = std::mem::take(&mut self.pending)
+            .into_iter()
             .map(|(x, w)| {
                 sum += x * w;
                 weight += w;
@@ -458,7 +489,8 @@ struct Summary<'a> {
     digest: &'a tdigest::TDigest,
     moments: Moments,
     count: u64,
-    constant: bool,
+    min: f64,
+    max: f64,
 }
 
 fn own_thresholds(config: &ThresholdConfig, s: &Summary<'_>) -> Thresholds {
@@ -480,7 +512,7 @@ fn own_thresholds(config: &ThresholdConfig, s: &Summary<'_>) -> Thresholds {
     let confidence = (s.count as f64 / config.full_confidence_scores as f64).min(1.0);
     let readiness = if s.count < config.min_scores.max(1) || own.premium.is_nan() {
         Readiness::TooFewScores
-    } else if s.constant {
+    } else if s.max <= s.min {
         Readiness::Constant
     } else {
         Readiness::Ready
@@ -494,6 +526,7 @@ fn own_thresholds(config: &ThresholdConfig, s: &Summary<'_>) -> Thresholds {
         own,
         cutoffs: own,
         readiness,
+        floor: s.min,
     }
 }
 
@@ -588,7 +621,8 @@ impl Engine {
                     digest: &digest,
                     moments,
                     count,
-                    constant: hi <= lo,
+                    min: lo,
+                    max: hi,
                 },
             )
         });
@@ -601,7 +635,8 @@ impl Engine {
                     digest: &stats.digest,
                     moments: stats.moments,
                     count: stats.count,
-                    constant: stats.max <= stats.min,
+                    min: stats.min,
+                    max: stats.max,
                 },
             );
             if let Some(pooled) = pooled.as_ref().filter(|p| !p.own.premium.is_nan()) {
@@ -885,20 +920,39 @@ mod tests {
 
     #[test]
     fn percentiles_stay_ordered_and_in_range_at_every_extreme() {
-        let config = ThresholdConfig {
-            premium_percentile: 99.0,
-            growth_percentile: 98.0,
-            volume_percentile: 97.5,
+        // The extremes the config allows: a point apart at the top and at the bottom.
+        let top = ThresholdConfig {
+            premium_percentile: 94.0,
+            growth_percentile: 93.0,
+            volume_percentile: 92.0,
             ..ThresholdConfig::default()
         };
-        for skew in [-100.0, -2.5, 0.0, 2.5, 100.0] {
-            for var in [0.0, 0.1, 0.25, 10.0] {
-                for c in [&config, &ThresholdConfig::default()] {
+        let bottom = ThresholdConfig {
+            premium_percentile: 18.0,
+            growth_percentile: 17.0,
+            volume_percentile: 16.0,
+            ..ThresholdConfig::default()
+        };
+        for c in [&top, &bottom, &ThresholdConfig::default()] {
+            c.check().unwrap();
+            for skew in [-100.0, -2.5, 0.0, 2.5, 100.0] {
+                for var in [0.0, 0.1, 0.25, 10.0] {
                     let p = adjusted_percentiles(c, skew, var);
-                    assert!(p.premium > p.growth && p.growth > p.volume, "{p:?}");
-                    assert!(p.volume >= 0.0 && p.premium <= 99.5, "{p:?}");
+                    assert!(p.premium >= p.growth + 1.0, "{p:?}");
+                    assert!(p.growth >= p.volume + 1.0, "{p:?}");
+                    assert!(p.volume >= 1.0 && p.premium <= 99.0, "{p:?}");
                 }
             }
+        }
+        // Outside those bounds the config is refused.
+        for (p, g, v) in [(95.0, 80.0, 70.0), (90.0, 80.0, 15.0), (90.0, 89.5, 70.0)] {
+            let c = ThresholdConfig {
+                premium_percentile: p,
+                growth_percentile: g,
+                volume_percentile: v,
+                ..ThresholdConfig::default()
+            };
+            assert!(c.check().is_err(), "{p} {g} {v}");
         }
     }
 
@@ -910,6 +964,30 @@ mod tests {
         assert_eq!((t.variance, t.skewness), (0.0, 0.0));
         assert_eq!(t.own.premium, 0.3);
         assert_eq!(t.tier(0.3), None, "a constant distribution places no one");
+
+        // Mostly zeros: every cut-off but premium sits on the floor, which admits only
+        // scores above it, so the one high score is premium and the zeros are nowhere.
+        let mut zeros = vec![0.0; 999];
+        zeros.push(1.0);
+        let t = engine(&zeros).thresholds("p").unwrap().clone();
+        assert_eq!(t.readiness, Readiness::Ready);
+        assert_eq!(t.own.volume, 0.0);
+        assert_eq!(t.tier(0.0), None);
+        assert_eq!(t.tier(1.0), Some(Tier::Premium));
+        // 80% at 0, 20% at 0.1: the 0.1s are premium (the top value), the zeros nowhere.
+        let mut two = vec![0.0; 800];
+        two.extend(vec![0.1; 200]);
+        let t = engine(&two).thresholds("p").unwrap().clone();
+        assert_eq!((t.tier(0.0), t.tier(0.1)), (None, Some(Tier::Premium)));
+
+        // A time more than a day ahead of the wall clock is refused.
+        let now = EventTime::now();
+        let tomorrow = EventTime::from_unix(now.unix() + 2 * 86_400).unwrap();
+        assert!(matches!(
+            check_time(tomorrow, now),
+            Err(ScoreError::Future(_))
+        ));
+        assert!(check_time(now, now).is_ok());
 
         let few = engine(&[0.1, 0.2, 0.3]);
         let t = few.thresholds("p").unwrap();

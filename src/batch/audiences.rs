@@ -31,7 +31,9 @@ use std::time::{Duration, Instant};
 use rustc_hash::FxHashMap;
 use thiserror::Error;
 
-use crate::audience::engine::{check_probability, Engine, ThresholdConfig, Thresholds, Tier};
+use crate::audience::engine::{
+    check_probability, check_time, Engine, ThresholdConfig, Thresholds, Tier,
+};
 use crate::batch::ingest::{BadRow, REPORTED_BAD_ROWS};
 use crate::batch::mapping::{find_column, MappingError};
 use crate::domain::time::EventTime;
@@ -229,6 +231,7 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
     let mut samples: Vec<Vec<f32>> = Vec::new();
     let keep_samples = job.plots.is_some();
     let mut record = csv::ByteRecord::new();
+    let now = EventTime::now();
     loop {
         match reader.read_byte_record(&mut record) {
             Ok(false) => break,
@@ -257,7 +260,7 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
                 .unwrap_or("")
         };
         let (visitor, product, probability, time) =
-            match parse_score(&field, [visitor_col, product_col, p_col], time_col) {
+            match parse_score(&field, [visitor_col, product_col, p_col], time_col, now) {
                 Ok(row) => row,
                 Err((category, reason)) => {
                     bad(&mut outcome, &mut bad_sink, job, line, category, reason)?;
@@ -442,6 +445,7 @@ fn parse_score<'a>(
     field: &impl Fn(usize) -> &'a str,
     [visitor_col, product_col, p_col]: [usize; 3],
     time_col: Option<usize>,
+    now: EventTime,
 ) -> Result<(&'a str, &'a str, f64, EventTime), (&'static str, String)> {
     let visitor = field(visitor_col);
     if visitor.is_empty() {
@@ -462,7 +466,10 @@ fn parse_score<'a>(
         })
         .and_then(|p| check_probability(p).map_err(|e| ("probability", e.to_string())))?;
     let time = match time_col {
-        Some(c) => EventTime::parse(field(c)).map_err(|e| ("event_time", e.to_string()))?,
+        Some(c) => EventTime::parse(field(c))
+            .map_err(|e| e.to_string())
+            .and_then(|t| check_time(t, now).map_err(|e| e.to_string()))
+            .map_err(|e| ("event_time", e))?,
         None => EventTime::from_unix(UNDATED).expect("a valid constant"),
     };
     Ok((visitor, product, probability, time))

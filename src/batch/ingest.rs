@@ -286,9 +286,7 @@ impl From<&str> for RowError {
     }
 }
 
-/// Event times further than this past the wall clock are refused: a stray future date would
-/// otherwise become the default as-of time and decay everybody else's history.
-const FUTURE_SLACK_SECONDS: i64 = 86_400;
+use crate::domain::time::FUTURE_SLACK_SECONDS;
 
 struct Reader<'a> {
     kind: FileKind,

@@ -30,6 +30,10 @@ pub enum TimeError {
     OutOfRange(String),
 }
 
+/// Event times further than this past the wall clock are refused wherever they are read: a
+/// stray future date would otherwise become an as-of time, or outweigh every other score.
+pub const FUTURE_SLACK_SECONDS: i64 = 86_400;
+
 /// An event time in whole seconds since 1970-01-01T00:00:00Z.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventTime(i64);
