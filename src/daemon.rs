@@ -190,10 +190,20 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     };
     shutdown.cancel();
     if let Some(task) = audience_task.filter(|_| !audience_done) {
-        match task.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "the score stream failed while stopping"),
-            Err(e) => tracing::error!(error = %e, "the score stream panicked"),
+        // The score stream gets its own drain deadline: it may be waiting for deliveries to
+        // a broker that is gone.
+        let deadline = Duration::from_secs(config.daemon.shutdown_deadline_seconds);
+        match tokio::time::timeout(deadline, task).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the score stream failed while stopping"),
+            Ok(Err(e)) => tracing::error!(error = %e, "the score stream panicked"),
+            Err(_) => {
+                tracing::error!(
+                    seconds = deadline.as_secs(),
+                    "the score stream did not drain within the deadline; exiting"
+                );
+                return Ok(ExitCode::from(EXIT_DRAIN_TIMEOUT));
+            }
         }
     }
     match outcome {

@@ -29,6 +29,9 @@ pub struct AudienceConfig {
     pub refresh_interval_ms: u64,
     /// `segmentd run`: ... and after this many scores, whichever comes first.
     pub refresh_every_scores: u64,
+    /// `segmentd run`: the distributions are checkpointed to RocksDB (and only then the
+    /// consumed offsets committed) at most this often, and at shutdown.
+    pub checkpoint_interval_ms: u64,
     /// `segmentd run`: products exported with their own metric labels (the most-scored
     /// ones); the rest are summed under `product="_other"`.
     pub max_labelled_products: usize,
@@ -45,6 +48,7 @@ impl Default for AudienceConfig {
             group_id: "segmentd-audiences".into(),
             refresh_interval_ms: 10_000,
             refresh_every_scores: 100_000,
+            checkpoint_interval_ms: 60_000,
             max_labelled_products: 50,
             thresholds: ThresholdConfig::default(),
         }
@@ -68,11 +72,13 @@ impl AudienceConfig {
                 return Err("audiences.group_id must be set".into());
             }
         }
-        if self.refresh_interval_ms == 0 || self.refresh_every_scores == 0 {
-            return Err(
-                "audiences.refresh_interval_ms and audiences.refresh_every_scores must be > 0"
-                    .into(),
-            );
+        if self.refresh_interval_ms == 0
+            || self.refresh_every_scores == 0
+            || self.checkpoint_interval_ms == 0
+        {
+            return Err("audiences.refresh_interval_ms, refresh_every_scores and \
+                 checkpoint_interval_ms must be > 0"
+                .into());
         }
         Ok(())
     }

@@ -16,16 +16,30 @@
 //!    reported in metrics and logs, and publish nothing;
 //! 5. awaits the deliveries, then writes the tier changes and the tier populations to RocksDB.
 //!
-//! At every refresh, the engine's distributions are checkpointed to RocksDB and then the
-//! consumed offsets are committed to the group. A restart restores the checkpoint and resumes
-//! from the committed offsets, so each score is in the distributions once — except the
-//! scores of the batches between a checkpoint and a crash that lands between the checkpoint
-//! write and the group commit, which are counted twice. Replayed scores are placed again, and
-//! the stored tiers keep a replay from publishing a tier that was already published.
+//! Scores dated more than a day past the wall clock are refused too: their weight would
+//! outweigh every score before them.
+//!
+//! # Delivery
+//! At most every `checkpoint_interval_ms`, and at shutdown, the engine's distributions are
+//! checkpointed to RocksDB and only then are the consumed offsets of the partitions still
+//! assigned committed to the group. A restart restores the checkpoint and resumes from the
+//! committed offsets, so each score is in the distributions once — except when a crash lands
+//! between the checkpoint write and the group commit, which counts the scores since the
+//! previous checkpoint twice.
+//!
+//! Updates are published at least once. The scores replayed after a crash are placed again
+//! against tiers stored after them, so a replay can repeat an update or flip a tier back and
+//! forth before settling; each update carries the whole state (tier, cut-offs, revision), so
+//! a consumer keeps the latest per visitor and product.
+//!
+//! Stored tiers belong to this instance. Each partition has an epoch: when a partition comes
+//! back after another instance moved its committed position past this instance's own
+//! progress, the epoch moves on and the tiers stored under the old one are no longer trusted;
+//! a visitor placed then is published with no previous tier.
 //!
 //! Each instance computes thresholds from the scores of its own partitions, that is from a
-//! hash sample of the visitors; the sketches are mergeable, but no cross-instance merge is
-//! made.
+//! hash sample of the visitors, and its tier populations count its own visitors; the
+//! sketches are mergeable, but no cross-instance merge is made.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -39,7 +53,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{check_probability, Engine, PerTier, Readiness, ScoreError, Tier};
+use super::engine::{check_probability, check_time, Engine, PerTier, Readiness, ScoreError, Tier};
 use super::AudienceConfig;
 use crate::domain::time::EventTime;
 use crate::pipeline::decode::{DeadLetter, DeadLetterReason, MAX_PAYLOAD_BYTES};
@@ -53,6 +67,8 @@ use crate::telemetry::metrics::Metrics;
 pub const ENGINE_KEY: &[u8] = b"audiences/engine";
 /// Meta key of the tier populations.
 pub const POPULATIONS_KEY: &[u8] = b"audiences/populations";
+/// Meta key of this instance's per-partition epochs and progress.
+pub const PARTITIONS_KEY: &[u8] = b"audiences/partitions";
 /// Prefix of the last published tier per product and visitor.
 const TIER_PREFIX: &[u8] = b"audiences/tier/";
 /// Most scores per batch.
@@ -158,6 +174,8 @@ pub fn decode_score(
             .unwrap_or_else(|| Ok(EventTime::now())),
     }
     .map_err(|e| DeadLetter::new(BadEventTime, e.to_string()))?;
+    let event_time = check_time(event_time, EventTime::now())
+        .map_err(|e| DeadLetter::new(BadEventTime, e.to_string()))?;
     Ok(Score {
         visitor_id: visitor,
         session_id: wire.session_id.map(|s| s.into_owned()),
@@ -231,12 +249,26 @@ pub struct StreamStats {
     pub refreshes: u64,
 }
 
+/// What this instance knows of one score partition: how far it processed it, and the epoch
+/// its stored tiers belong to. The epoch moves on when the partition comes back after another
+/// instance made progress on it, which makes the tiers stored before stale.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct PartitionState {
+    epoch: u32,
+    next: i64,
+}
+
 /// What the blocking half keeps between batches.
 struct Worker {
+    partitions: BTreeMap<i32, PartitionState>,
+    assigned: HashSet<i32>,
     engine: Engine,
     /// Visitors placed per product and tier.
     populations: HashMap<Arc<str>, [i64; 3]>,
     last_refresh: Instant,
+    last_checkpoint: Instant,
+    /// The partition of each tier written in the current batch.
+    partition_of_key: HashMap<Vec<u8>, i32>,
     /// Products whose own metric labels are exported.
     labelled: HashSet<Arc<str>>,
 }
@@ -249,6 +281,10 @@ struct BatchOutput {
     tiers: Vec<(Vec<u8>, Vec<u8>)>,
     refreshed: bool,
     accepted: u64,
+    /// The engine's distributions, when a checkpoint is due with this batch.
+    checkpoint: Option<Vec<u8>>,
+    populations: Vec<u8>,
+    partitions: Vec<u8>,
 }
 
 impl Worker {
@@ -281,10 +317,21 @@ impl Worker {
             .into_iter()
             .map(|(p, c)| (Arc::from(p.as_str()), c))
             .collect();
+        let partitions = store
+            .meta(PARTITIONS_KEY)
+            .map_err(crate::pipeline::process::ProcessError::from)?
+            .and_then(|b| postcard::from_bytes::<Vec<(i32, PartitionState)>>(&b).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         Ok(Self {
+            partitions,
+            assigned: HashSet::new(),
             engine,
             populations,
             last_refresh: Instant::now(),
+            last_checkpoint: Instant::now(),
+            partition_of_key: HashMap::new(),
             labelled: HashSet::new(),
         })
     }
@@ -299,20 +346,16 @@ impl Worker {
         let mut out = BatchOutput::default();
         let mut scores = Vec::with_capacity(messages.len());
         for m in messages {
+            let state = self.partitions.entry(m.partition()).or_default();
+            state.next = state.next.max(m.offset() + 1);
             match decode_score(m.key(), m.payload(), m.timestamp().to_millis()) {
                 Ok(score) => {
                     self.engine
                         .observe(&score.product_id, score.probability, score.event_time)
                         .expect("decode_score checked the score");
-                    scores.push(score);
+                    scores.push((score, m.partition()));
                 }
-                Err(letter) => {
-                    metrics
-                        .dead_letters
-                        .with_label_values(&[letter.reason.as_str()])
-                        .inc();
-                    out.dead.push((m, letter));
-                }
+                Err(letter) => out.dead.push((m, letter)),
             }
         }
         out.accepted = scores.len() as u64;
@@ -327,7 +370,8 @@ impl Worker {
         // (this batch's own changes first).
         let mut placed: HashMap<Vec<u8>, u8> = HashMap::new();
         let revision = self.engine.revision();
-        for score in scores {
+        for (score, partition) in scores {
+            let epoch = self.partitions.get(&partition).map_or(0, |p| p.epoch);
             let Some(thresholds) = self.engine.thresholds(&score.product_id) else {
                 continue; // first seen since the last refresh
             };
@@ -335,19 +379,32 @@ impl Worker {
                 continue;
             }
             let key = tier_key(&score.product_id, &score.visitor_id);
-            let before = match placed.get(&key) {
-                Some(code) => *code,
-                None => store
+            // The tier published before, if this instance knows it: stored tiers of an older
+            // epoch of the partition may have been overtaken by another instance's.
+            let before: Option<u8> = match placed.get(&key) {
+                Some(code) => Some(*code),
+                None => match store
                     .meta(&key)
                     .map_err(crate::pipeline::process::ProcessError::from)?
-                    .and_then(|v| v.first().copied())
-                    .unwrap_or(0),
+                {
+                    None => Some(0),
+                    Some(v) => {
+                        let stored_epoch = v
+                            .get(1..5)
+                            .and_then(|b| b.try_into().ok())
+                            .map_or(0, u32::from_le_bytes);
+                        (stored_epoch == epoch).then(|| v.first().copied().unwrap_or(0))
+                    }
+                },
             };
             let tier = thresholds.tier(score.probability);
             let code = tier_code(tier);
-            if code == before {
+            // Unknown before: publish where the visitor is placed (consumers keep the latest
+            // update per visitor and product); not placed, nothing to say.
+            if before == Some(code) || (before.is_none() && tier.is_none()) {
                 continue;
             }
+            let before = before.unwrap_or(0);
             let cutoffs = thresholds.cutoffs;
             let counts = self
                 .populations
@@ -372,9 +429,35 @@ impl Worker {
             };
             let payload = serde_json::to_vec(&update).map_err(|e| RunError::Task(e.to_string()))?;
             out.updates.push((update.visitor_id, payload));
+            self.partition_of_key.insert(key.clone(), partition);
             placed.insert(key, code);
         }
-        out.tiers = placed.into_iter().map(|(k, c)| (k, vec![c])).collect();
+        out.tiers = placed
+            .into_iter()
+            .map(|(k, c)| {
+                let epoch = self
+                    .partition_of_key
+                    .remove(&k)
+                    .and_then(|p| self.partitions.get(&p))
+                    .map_or(0, |p| p.epoch);
+                let mut value = vec![c];
+                value.extend_from_slice(&epoch.to_le_bytes());
+                (k, value)
+            })
+            .collect();
+        out.partitions = postcard::to_allocvec(
+            &self
+                .partitions
+                .iter()
+                .map(|(p, s)| (*p, *s))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or_default();
+        out.populations = self.populations_bytes();
+        if self.last_checkpoint.elapsed() >= Duration::from_millis(config.checkpoint_interval_ms) {
+            out.checkpoint = Some(self.engine.checkpoint_bytes());
+            self.last_checkpoint = Instant::now();
+        }
         self.export_populations(metrics);
         Ok(out)
     }
@@ -493,13 +576,15 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<StreamStats, RunError> {
-    let consumer: StreamConsumer<QuietErrors> = client_config(&kafka)
-        .set("group.id", &config.group_id)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
-        .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
-        .create_with_context(QuietErrors::default())?;
+    let consumer: Arc<StreamConsumer<QuietErrors>> = Arc::new(
+        client_config(&kafka)
+            .set("group.id", &config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
+            .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
+            .create_with_context(QuietErrors::default())?,
+    );
     consumer.subscribe(&[config.scores_topic.as_str()])?;
     let producer: FutureProducer<QuietErrors> = client_config(&kafka)
         .set("enable.idempotence", "true")
@@ -560,6 +645,7 @@ pub async fn run(
             *next = (*next).max(m.offset() + 1);
         }
         stats.consumed += messages.len() as u64;
+        reconcile_assignment(&consumer, &config.scores_topic, &mut worker).await?;
         let (back, output) = {
             let (config, store, metrics) = (config.clone(), store.clone(), metrics.clone());
             tokio::task::spawn_blocking(move || {
@@ -610,12 +696,14 @@ pub async fn run(
         };
         batch
             .meta
-            .push((POPULATIONS_KEY.to_vec(), worker.populations_bytes()));
-        if output.refreshed {
-            stats.refreshes += 1;
-            batch
-                .meta
-                .push((ENGINE_KEY.to_vec(), worker.engine.checkpoint_bytes()));
+            .push((POPULATIONS_KEY.to_vec(), output.populations));
+        batch
+            .meta
+            .push((PARTITIONS_KEY.to_vec(), output.partitions));
+        stats.refreshes += u64::from(output.refreshed);
+        let checkpointed = output.checkpoint.is_some();
+        if let Some(bytes) = output.checkpoint {
+            batch.meta.push((ENGINE_KEY.to_vec(), bytes));
         }
         {
             let store = store.clone();
@@ -634,40 +722,120 @@ pub async fn run(
             .audience_scores
             .with_label_values(&["dead_letter"])
             .inc_by(output.dead.len() as u64);
-        if output.refreshed {
+        for (_, letter) in &output.dead {
+            metrics
+                .dead_letters
+                .with_label_values(&[letter.reason.as_str()])
+                .inc();
+        }
+        if checkpointed {
             commit_offsets(&consumer, &mut offsets, CommitMode::Async);
         }
     }
     // A final checkpoint, so a clean restart replays nothing.
     if !offsets.is_empty() {
-        let batch = StoreBatch {
-            meta: vec![(ENGINE_KEY.to_vec(), worker.engine.checkpoint_bytes())],
-            ..StoreBatch::default()
-        };
-        store
-            .commit(&batch)
-            .map_err(crate::pipeline::process::ProcessError::from)?;
-        commit_offsets(&consumer, &mut offsets, CommitMode::Sync);
+        let store = store.clone();
+        let committer = consumer.clone();
+        tokio::task::spawn_blocking(move || {
+            let batch = StoreBatch {
+                meta: vec![(ENGINE_KEY.to_vec(), worker.engine.checkpoint_bytes())],
+                ..StoreBatch::default()
+            };
+            store.commit(&batch)?;
+            commit_offsets(&committer, &mut offsets, CommitMode::Sync);
+            Ok::<_, crate::store::StoreError>(())
+        })
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))?
+        .map_err(crate::pipeline::process::ProcessError::from)?;
     }
     tracing::info!(?stats, "score stream stopped");
     Ok(stats)
 }
 
-/// Commits the consumed offsets to the group (after the checkpoint that covers them).
+/// Notes newly assigned partitions: one that another instance moved past this instance's own
+/// progress since this instance last had it gets a new epoch, so the tiers stored for its
+/// visitors are no longer trusted (they may have been overtaken).
+async fn reconcile_assignment(
+    consumer: &Arc<StreamConsumer<QuietErrors>>,
+    topic: &str,
+    worker: &mut Worker,
+) -> Result<(), RunError> {
+    let assigned: HashSet<i32> = consumer
+        .assignment()?
+        .elements()
+        .iter()
+        .filter(|e| e.topic() == topic)
+        .map(|e| e.partition())
+        .collect();
+    let new: Vec<i32> = assigned.difference(&worker.assigned).copied().collect();
+    worker.assigned = assigned;
+    if new.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &new {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = {
+        let consumer = consumer.clone();
+        tokio::task::spawn_blocking(move || {
+            consumer.committed_offsets(tpl, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))??
+    };
+    for e in committed.elements() {
+        let (Offset::Offset(position), Some(state)) =
+            (e.offset(), worker.partitions.get_mut(&e.partition()))
+        else {
+            continue;
+        };
+        if state.next > 0 && position > state.next {
+            state.epoch += 1;
+            state.next = position;
+            tracing::info!(
+                partition = e.partition(),
+                epoch = state.epoch,
+                "score partition came back after another instance's progress; its stored tiers \
+                 are no longer trusted"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Commits the consumed offsets of the partitions still assigned to the group (after the
+/// checkpoint that covers them). Offsets of partitions taken away are dropped, so a commit
+/// never moves back a position another instance owns now; the rest stay and are committed
+/// again next time (harmless), so an asynchronous commit that failed is made good later.
 fn commit_offsets(
     consumer: &StreamConsumer<QuietErrors>,
     offsets: &mut BTreeMap<(String, i32), i64>,
     mode: CommitMode,
 ) {
+    let assigned: HashSet<(String, i32)> = match consumer.assignment() {
+        Ok(tpl) => tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "score stream assignment unknown; offsets not committed");
+            return;
+        }
+    };
+    offsets.retain(|key, _| assigned.contains(key));
     let mut tpl = TopicPartitionList::new();
     for ((topic, partition), next) in offsets.iter() {
         if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
             tracing::warn!(error = %e, "bad offset for the score stream's group commit");
         }
     }
+    if tpl.count() == 0 {
+        return;
+    }
     if let Err(e) = consumer.commit(&tpl, mode) {
         tracing::warn!(error = %e, "score stream offset commit failed; a restart replays more");
-    } else {
-        offsets.clear();
     }
 }

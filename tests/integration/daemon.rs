@@ -1011,4 +1011,68 @@ async fn the_score_stream_publishes_tier_changes_once_and_refuses_bad_scores() {
     assert_eq!(metrics.audience_threshold_revision.get(), revision + 1);
     shutdown.cancel();
     task.await.unwrap().unwrap();
+
+    // Meanwhile another instance moves the partition on (here: a score this instance never
+    // sees, and the group's position past it). When the partition comes back, the tiers
+    // stored before may have been overtaken, so a placed visitor is published again.
+    produce(
+        &brokers,
+        &input,
+        &[("v100".into(), score("v100", "sku-1", "0.5"))],
+    )
+    .await;
+    let other: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    other.subscribe(&[input.as_str()]).unwrap();
+    let taken = tokio::time::timeout(Duration::from_secs(60), other.recv())
+        .await
+        .expect("the other instance gets the partition")
+        .unwrap()
+        .detach();
+    assert_eq!(
+        taken.offset(),
+        312,
+        "the stopped instance committed everything it read"
+    );
+    let mut position = TopicPartitionList::new();
+    position
+        .add_partition_offset(&input, 0, Offset::Offset(313))
+        .unwrap();
+    other
+        .commit(&position, rdkafka::consumer::CommitMode::Sync)
+        .unwrap();
+    drop(other);
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let (task, shutdown) = start(metrics.clone());
+    produce(
+        &brokers,
+        &input,
+        &[("v298".into(), score("v298", "sku-1", "0.999"))],
+    )
+    .await;
+    wait_for("the score after the move", || accepted(&metrics) >= 1).await;
+    assert_eq!(
+        accepted(&metrics),
+        1,
+        "the other instance's score is not replayed"
+    );
+    assert_eq!(metrics.audience_updates.get(), 1);
+    let moved: AudienceUpdate = serde_json::from_slice(
+        read(&brokers, &output, before + 2).await[before + 1]
+            .payload()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (moved.visitor_id.as_str(), moved.tier, moved.previous_tier),
+        ("v298", Some(Tier::Premium), None)
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
 }
