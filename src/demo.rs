@@ -241,7 +241,8 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let (app, shutdown) = (app.clone(), shutdown.clone());
         async move { serve_http(&http, app, shutdown).await }
     });
-    let (live_drift, _) = start_drift_monitoring(&config, &registry, &store, &metrics, &shutdown);
+    let (live_drift, reclusterer) =
+        start_drift_monitoring(&config, &registry, &store, &metrics, &shutdown);
     let daemon = tokio::spawn({
         let hooks = Hooks {
             metrics: metrics.clone(),
@@ -407,6 +408,16 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         "stopped: {sent} events sent, {} consumed, {} applied, {} updates published, {} dead letters",
         stats.consumed, stats.applied, stats.updates, stats.dead_letters
     );
+    // A re-clustering still running writes its candidate into the data directory: wait for it
+    // before the directory goes.
+    tokio::task::spawn_blocking(move || {
+        let _running = reclusterer
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+    })
+    .await
+    .ok();
     drop(cluster);
     Ok(ExitCode::SUCCESS)
 }
