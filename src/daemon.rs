@@ -73,11 +73,13 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         start_drift_monitoring(&config, &registry, &store, &metrics, &shutdown);
     spawn_snapshot_sources(&config, &registry, &reclusterer, &shutdown).await?;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let audience_report: crate::audience::stream::SharedReport = Default::default();
     let http_state = Arc::new(AppState {
         metrics: metrics.clone(),
         store: store.clone(),
         snapshot: shared.clone(),
         ready: std::sync::atomic::AtomicBool::new(false),
+        audiences: config.audiences.enabled.then(|| audience_report.clone()),
     });
     // Readiness mirrors the loop's flag.
     tokio::spawn({
@@ -131,7 +133,15 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
             shutdown.clone(),
         );
         Some(tokio::spawn(async move {
-            crate::audience::stream::run(kafka, audiences, store, metrics, shutdown).await
+            crate::audience::stream::run(
+                kafka,
+                audiences,
+                store,
+                metrics,
+                audience_report,
+                shutdown,
+            )
+            .await
         }))
     } else {
         None

@@ -230,11 +230,13 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
             shutdown.cancel();
         });
     }
+    let audience_report: crate::audience::stream::SharedReport = Default::default();
     let app = Arc::new(AppState {
         metrics: metrics.clone(),
         store: store.clone(),
         snapshot: shared.clone(),
         ready: AtomicBool::new(true),
+        audiences: audiences.enabled.then(|| audience_report.clone()),
     });
     let http = HttpConfig { listen: args.http };
     let http_task = tokio::spawn({
@@ -277,7 +279,12 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
             shutdown.clone(),
         );
         tokio::spawn(crate::audience::stream::run(
-            kafka, audiences, store, metrics, shutdown,
+            kafka,
+            audiences,
+            store,
+            metrics,
+            audience_report.clone(),
+            shutdown,
         ))
     });
     println!(

@@ -53,7 +53,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{check_probability, check_time, Engine, PerTier, Readiness, ScoreError, Tier};
+use super::engine::{
+    check_probability, check_time, Engine, PerTier, Readiness, ScoreError, Thresholds, Tier,
+};
 use super::AudienceConfig;
 use crate::domain::time::EventTime;
 use crate::pipeline::decode::{DeadLetter, DeadLetterReason, MAX_PAYLOAD_BYTES};
@@ -236,6 +238,31 @@ fn tier_key(product: &str, visitor: &str) -> Vec<u8> {
     key
 }
 
+/// The thresholds in force, for the HTTP endpoint `/audiences`: replaced whole at each
+/// refresh.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AudienceReport {
+    /// Threshold revision (0 before the first refresh).
+    pub revision: u64,
+    /// All products pooled.
+    pub pooled: Option<Thresholds>,
+    /// Every product, most-scored first.
+    pub products: Vec<ProductReport>,
+}
+
+/// One product's line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProductReport {
+    /// Product id.
+    pub product_id: String,
+    /// Its thresholds (readiness says whether anyone is placed).
+    #[serde(flatten)]
+    pub thresholds: Thresholds,
+}
+
+/// Where the stream publishes its report.
+pub type SharedReport = Arc<arc_swap::ArcSwap<AudienceReport>>;
+
 /// Counters of a run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StreamStats {
@@ -269,6 +296,8 @@ struct Worker {
     last_checkpoint: Instant,
     /// The partition of each tier written in the current batch.
     partition_of_key: HashMap<Vec<u8>, i32>,
+    /// Where the thresholds in force are shown.
+    report: SharedReport,
     /// Products whose own metric labels are exported.
     labelled: HashSet<Arc<str>>,
 }
@@ -288,7 +317,11 @@ struct BatchOutput {
 }
 
 impl Worker {
-    fn restore(config: &AudienceConfig, store: &dyn StateStore) -> Result<Self, RunError> {
+    fn restore(
+        config: &AudienceConfig,
+        store: &dyn StateStore,
+        report: SharedReport,
+    ) -> Result<Self, RunError> {
         let engine = match store
             .meta(ENGINE_KEY)
             .map_err(crate::pipeline::process::ProcessError::from)?
@@ -332,6 +365,7 @@ impl Worker {
             last_refresh: Instant::now(),
             last_checkpoint: Instant::now(),
             partition_of_key: HashMap::new(),
+            report,
             labelled: HashSet::new(),
         })
     }
@@ -526,6 +560,25 @@ impl Worker {
             }
         }
         self.labelled = labelled;
+        let mut products: Vec<ProductReport> = self
+            .engine
+            .all_thresholds()
+            .map(|(p, t)| ProductReport {
+                product_id: p.to_string(),
+                thresholds: t.clone(),
+            })
+            .collect();
+        products.sort_by(|a, b| {
+            b.thresholds
+                .count
+                .cmp(&a.thresholds.count)
+                .then_with(|| a.product_id.cmp(&b.product_id))
+        });
+        self.report.store(Arc::new(AudienceReport {
+            revision,
+            pooled: self.engine.pooled().cloned(),
+            products,
+        }));
         tracing::info!(
             revision,
             products = self.engine.product_count(),
@@ -574,6 +627,7 @@ pub async fn run(
     config: AudienceConfig,
     store: Arc<dyn StateStore>,
     metrics: Arc<Metrics>,
+    report: SharedReport,
     shutdown: CancellationToken,
 ) -> Result<StreamStats, RunError> {
     let consumer: Arc<StreamConsumer<QuietErrors>> = Arc::new(
@@ -593,7 +647,7 @@ pub async fn run(
         .create_with_context(QuietErrors::default())?;
     let mut worker = {
         let (config, store) = (config.clone(), store.clone());
-        tokio::task::spawn_blocking(move || Worker::restore(&config, store.as_ref()))
+        tokio::task::spawn_blocking(move || Worker::restore(&config, store.as_ref(), report))
             .await
             .map_err(|e| RunError::Task(e.to_string()))??
     };

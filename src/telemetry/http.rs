@@ -3,7 +3,10 @@
 //! - `GET /healthz`: 200 while the process serves;
 //! - `GET /readyz`: 200 once the consumer loop is running, 503 before and while draining;
 //! - `GET /customers/{id}`: one customer's features now and last published memberships, a
-//!   point read of the store.
+//!   point read of the store;
+//! - `GET /audiences`: with the score stream on, the audience thresholds in force (revision,
+//!   pooled, and every product most-scored first, with its readiness, so products with too
+//!   little data are listed with what they lack); `GET /audiences/{product}`: one product.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +55,8 @@ pub struct AppState {
     pub snapshot: SharedSnapshot,
     /// Set while the consumer loop runs.
     pub ready: AtomicBool,
+    /// The score stream's thresholds, when it runs.
+    pub audiences: Option<crate::audience::stream::SharedReport>,
 }
 
 /// The router, for the server and for tests.
@@ -61,6 +66,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/customers/{id}", get(customer))
+        .route("/audiences", get(audiences))
+        .route("/audiences/{product}", get(audience))
         .with_state(state)
 }
 
@@ -105,6 +112,40 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+fn stream_off() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "the score stream is off (audiences.enabled = false)\n",
+    )
+        .into_response()
+}
+
+async fn audiences(State(state): State<Arc<AppState>>) -> Response {
+    match &state.audiences {
+        Some(report) => Json(report.load_full().as_ref().clone()).into_response(),
+        None => stream_off(),
+    }
+}
+
+async fn audience(State(state): State<Arc<AppState>>, Path(product): Path<String>) -> Response {
+    let Some(report) = &state.audiences else {
+        return stream_off();
+    };
+    match report
+        .load()
+        .products
+        .iter()
+        .find(|p| p.product_id == product)
+    {
+        Some(p) => Json(p.clone()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "no scores for this product since the stream started (or not yet refreshed)\n",
+        )
+            .into_response(),
     }
 }
 
@@ -227,6 +268,7 @@ mod tests {
                 snapshot,
             ))),
             ready: AtomicBool::new(false),
+            audiences: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -249,6 +291,62 @@ mod tests {
             .as_u64()
             .is_some());
         assert_eq!(get(addr, "/customers/nobody").await.0, 404);
+        let (status, body) = get(addr, "/audiences").await;
+        assert_eq!(status, 404);
+        assert!(body.contains("score stream is off"), "{body}");
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn audiences_show_the_thresholds_in_force() {
+        use crate::audience::{Engine, ThresholdConfig};
+        let mut engine = Engine::new(ThresholdConfig::default());
+        let t = EventTime::from_unix(1_700_000_000).unwrap();
+        for i in 0..100 {
+            engine.observe("wide", f64::from(i) / 100.0, t).unwrap();
+        }
+        engine.observe("rare", 0.5, t).unwrap();
+        engine.refresh();
+        let mut products: Vec<crate::audience::stream::ProductReport> = engine
+            .all_thresholds()
+            .map(|(p, t)| crate::audience::stream::ProductReport {
+                product_id: p.to_string(),
+                thresholds: t.clone(),
+            })
+            .collect();
+        products.sort_by_key(|p| std::cmp::Reverse(p.thresholds.count));
+        let report: crate::audience::stream::SharedReport = Default::default();
+        report.store(Arc::new(crate::audience::stream::AudienceReport {
+            revision: engine.revision(),
+            pooled: engine.pooled().cloned(),
+            products,
+        }));
+        let app = Arc::new(AppState {
+            metrics: Arc::new(Metrics::new().unwrap()),
+            store: Arc::new(MemStore::default()),
+            snapshot: Arc::new(arc_swap::ArcSwap::from_pointee(LoadedSnapshot::new(
+                sample_snapshot().validate().unwrap(),
+            ))),
+            ready: AtomicBool::new(true),
+            audiences: Some(report),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_on(listener, app, shutdown.clone()));
+        let (status, body) = get(addr, "/audiences").await;
+        assert_eq!(status, 200);
+        let all: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(all["revision"], 1);
+        assert_eq!(all["products"][0]["product_id"], "wide");
+        assert_eq!(all["products"][0]["readiness"], "ready");
+        assert_eq!(all["products"][1]["readiness"], "too_few_scores");
+        let (status, body) = get(addr, "/audiences/wide").await;
+        assert_eq!(status, 200);
+        let wide: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(wide["cutoffs"]["premium"].as_f64().unwrap() > 0.8);
+        assert_eq!(get(addr, "/audiences/none").await.0, 404);
         shutdown.cancel();
         server.await.unwrap().unwrap();
     }

@@ -883,7 +883,7 @@ async fn the_score_stream_publishes_tier_changes_once_and_refuses_bad_scores() {
         scores_topic: input.clone(),
         output_topic: output.clone(),
         group_id: unique("audiences"),
-        refresh_every_scores: 50,
+        refresh_every_scores: 1,
         refresh_interval_ms: 600_000,
         thresholds: ThresholdConfig {
             full_confidence_scores: 1,
@@ -891,6 +891,7 @@ async fn the_score_stream_publishes_tier_changes_once_and_refuses_bad_scores() {
         },
         ..AudienceConfig::default()
     };
+    let report: segmentd::audience::stream::SharedReport = Default::default();
     let start = |metrics: Arc<Metrics>| {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run_stream(
@@ -898,6 +899,7 @@ async fn the_score_stream_publishes_tier_changes_once_and_refuses_bad_scores() {
             config.clone(),
             store.clone(),
             metrics,
+            report.clone(),
             shutdown.clone(),
         ));
         (task, shutdown)
@@ -911,11 +913,26 @@ async fn the_score_stream_publishes_tier_changes_once_and_refuses_bad_scores() {
     })
     .await;
 
-    // Scores are placed with the thresholds in force when they arrive (refreshed every 50
-    // scores here): about a third of the sku-1 visitors are above the volume cut-off; the
+    // Scores are placed with the thresholds in force when they arrive (refreshed with every
+    // batch here): about a third of the sku-1 visitors are above the volume cut-off; the
     // rare product places no one.
     let published = metrics.audience_updates.get() as usize;
     assert!((50..=130).contains(&published), "{published}");
+    // The report lists both products: the rare one with what it lacks.
+    let shown = report.load_full();
+    assert!(shown.revision >= 1);
+    let readiness: Vec<(&str, segmentd::audience::Readiness)> = shown
+        .products
+        .iter()
+        .map(|p| (p.product_id.as_str(), p.thresholds.readiness))
+        .collect();
+    assert_eq!(
+        readiness,
+        [
+            ("sku-1", segmentd::audience::Readiness::Ready),
+            ("rare", segmentd::audience::Readiness::TooFewScores)
+        ]
+    );
     let updates: Vec<AudienceUpdate> = read(&brokers, &output, published)
         .await
         .iter()
@@ -1008,7 +1025,8 @@ async fn the_score_stream_publishes_tier_changes_once_and_refuses_bad_scores() {
         "the committed scores are not replayed"
     );
     assert_eq!(metrics.audience_updates.get(), 0);
-    assert_eq!(metrics.audience_threshold_revision.get(), revision + 1);
+    // The restored distributions: one refresh at restore, one with the new score's batch.
+    assert_eq!(metrics.audience_threshold_revision.get(), revision + 2);
     shutdown.cancel();
     task.await.unwrap().unwrap();
 
