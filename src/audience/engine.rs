@@ -226,7 +226,8 @@ impl PerTier {
         }
     }
 
-    /// The tier of a score against these cut-offs (`None`: below volume).
+    /// The tier of a score against these cut-offs alone (`None`: below volume); placement
+    /// goes through [`Thresholds::tier`], which also applies the rule at the product's floor.
     pub fn tier(&self, score: f64) -> Option<Tier> {
         if score >= self.premium {
             Some(Tier::Premium)

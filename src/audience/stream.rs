@@ -404,32 +404,42 @@ impl Worker {
         // (this batch's own changes first).
         let mut placed: HashMap<Vec<u8>, u8> = HashMap::new();
         let revision = self.engine.revision();
-        for (score, partition) in scores {
-            let epoch = self.partitions.get(&partition).map_or(0, |p| p.epoch);
+        // Scores of products that place anyone (a product first seen since the last refresh
+        // has no thresholds yet), with the tiers stored for them, read in one lookup.
+        let placeable: Vec<(Score, i32, Vec<u8>)> = scores
+            .into_iter()
+            .filter(|(score, _)| {
+                self.engine
+                    .thresholds(&score.product_id)
+                    .is_some_and(|t| t.readiness == Readiness::Ready)
+            })
+            .map(|(score, partition)| {
+                let key = tier_key(&score.product_id, &score.visitor_id);
+                (score, partition, key)
+            })
+            .collect();
+        let keys: Vec<&[u8]> = placeable.iter().map(|(_, _, key)| key.as_slice()).collect();
+        let stored = store
+            .meta_many(&keys)
+            .map_err(crate::pipeline::process::ProcessError::from)?;
+        for ((score, partition, key), stored) in placeable.into_iter().zip(stored) {
             let Some(thresholds) = self.engine.thresholds(&score.product_id) else {
-                continue; // first seen since the last refresh
-            };
-            if thresholds.readiness != Readiness::Ready {
                 continue;
-            }
-            let key = tier_key(&score.product_id, &score.visitor_id);
-            // The tier published before, if this instance knows it: stored tiers of an older
-            // epoch of the partition may have been overtaken by another instance's.
-            let before: Option<u8> = match placed.get(&key) {
-                Some(code) => Some(*code),
-                None => match store
-                    .meta(&key)
-                    .map_err(crate::pipeline::process::ProcessError::from)?
-                {
-                    None => Some(0),
-                    Some(v) => {
-                        let stored_epoch = v
-                            .get(1..5)
-                            .and_then(|b| b.try_into().ok())
-                            .map_or(0, u32::from_le_bytes);
-                        (stored_epoch == epoch).then(|| v.first().copied().unwrap_or(0))
-                    }
-                },
+            };
+            let epoch = self.partitions.get(&partition).map_or(0, |p| p.epoch);
+            // The tier published before, if this instance knows it: this batch's own change
+            // first; stored tiers of an older epoch of the partition may have been overtaken
+            // by another instance's.
+            let before: Option<u8> = match (placed.get(&key), stored) {
+                (Some(code), _) => Some(*code),
+                (None, None) => Some(0),
+                (None, Some(v)) => {
+                    let stored_epoch = v
+                        .get(1..5)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(0, u32::from_le_bytes);
+                    (stored_epoch == epoch).then(|| v.first().copied().unwrap_or(0))
+                }
             };
             let tier = thresholds.tier(score.probability);
             let code = tier_code(tier);

@@ -105,6 +105,10 @@ impl StateStore for Overlay {
         self.store.meta(key)
     }
 
+    fn meta_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.store.meta_many(keys)
+    }
+
     fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
         self.store.for_each(visit)
     }

@@ -117,6 +117,10 @@ pub trait StateStore: Send + Sync {
     fn offsets(&self) -> Result<BTreeMap<PartitionKey, i64>, StoreError>;
     /// A named value written with [`StoreBatch::meta`].
     fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Several named values at once, in the order of `keys`.
+    fn meta_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|key| self.meta(key)).collect()
+    }
     /// Visits every customer record (key, encoded record) in key order, on a consistent
     /// view of the store; writes go on meanwhile.
     fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>;
@@ -231,6 +235,23 @@ impl RocksStore {
         }
     }
 
+    /// Point reads of several keys of one column family, in one batched lookup.
+    fn multi_get(
+        &self,
+        cf: &'static str,
+        keys: &[&[u8]],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let cf = self.cf(cf)?;
+        self.db
+            .batched_multi_get_cf(cf, keys.iter().copied(), false)
+            .into_iter()
+            .map(|r| {
+                r.map(|v| v.map(|slice| slice.to_vec()))
+                    .map_err(|e| self.rocks(e))
+            })
+            .collect()
+    }
+
     /// The database directory.
     pub fn path(&self) -> &Path {
         self.db.path()
@@ -251,15 +272,7 @@ fn scan_options(full_pass: bool) -> rocksdb::ReadOptions {
 
 impl StateStore for RocksStore {
     fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        let cf = self.cf(CF_CUSTOMERS)?;
-        self.db
-            .batched_multi_get_cf(cf, keys.iter().copied(), false)
-            .into_iter()
-            .map(|r| {
-                r.map(|v| v.map(|slice| slice.to_vec()))
-                    .map_err(|e| self.rocks(e))
-            })
-            .collect()
+        self.multi_get(CF_CUSTOMERS, keys)
     }
 
     fn commit(&self, batch: &StoreBatch) -> Result<(), StoreError> {
@@ -306,6 +319,10 @@ impl StateStore for RocksStore {
     fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let cf = self.cf(CF_META)?;
         self.db.get_cf(cf, key).map_err(|e| self.rocks(e))
+    }
+
+    fn meta_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.multi_get(CF_META, keys)
     }
 
     fn records_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Records, StoreError> {

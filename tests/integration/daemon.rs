@@ -1010,20 +1010,29 @@ async fn the_score_stream_publishes_tier_changes_once_and_refuses_bad_scores() {
     let stats = task.await.unwrap().unwrap();
     assert_eq!(stats.consumed, 311);
     assert!(store.meta(ENGINE_KEY).unwrap().is_some());
-    let metrics = Arc::new(Metrics::new().unwrap());
-    let (task, shutdown) = start(metrics.clone());
-    produce(
-        &brokers,
-        &input,
-        &[("v298".into(), score("v298", "sku-1", "0.999"))],
-    )
-    .await;
-    wait_for("the score after the restart", || accepted(&metrics) >= 1).await;
-    assert_eq!(
-        accepted(&metrics),
-        1,
-        "the committed scores are not replayed"
-    );
+    // Starts the stream again, sends v298 a top score and waits until it is the only score
+    // handled (nothing before it replayed).
+    let restart_with_top_score = |what: &'static str| {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (task, shutdown) = start(metrics.clone());
+        let (brokers, input) = (brokers.clone(), input.clone());
+        async move {
+            produce(
+                &brokers,
+                &input,
+                &[("v298".into(), score("v298", "sku-1", "0.999"))],
+            )
+            .await;
+            wait_for(what, || accepted(&metrics) >= 1).await;
+            assert_eq!(
+                accepted(&metrics),
+                1,
+                "{what}: earlier scores are not replayed"
+            );
+            (metrics, task, shutdown)
+        }
+    };
+    let (metrics, task, shutdown) = restart_with_top_score("the score after the restart").await;
     assert_eq!(metrics.audience_updates.get(), 0);
     // The restored distributions: one refresh at restore, one with the new score's batch.
     assert_eq!(metrics.audience_threshold_revision.get(), revision + 2);
@@ -1066,20 +1075,7 @@ async fn the_score_stream_publishes_tier_changes_once_and_refuses_bad_scores() {
         .commit(&position, rdkafka::consumer::CommitMode::Sync)
         .unwrap();
     drop(other);
-    let metrics = Arc::new(Metrics::new().unwrap());
-    let (task, shutdown) = start(metrics.clone());
-    produce(
-        &brokers,
-        &input,
-        &[("v298".into(), score("v298", "sku-1", "0.999"))],
-    )
-    .await;
-    wait_for("the score after the move", || accepted(&metrics) >= 1).await;
-    assert_eq!(
-        accepted(&metrics),
-        1,
-        "the other instance's score is not replayed"
-    );
+    let (metrics, task, shutdown) = restart_with_top_score("the score after the move").await;
     assert_eq!(metrics.audience_updates.get(), 1);
     let moved: AudienceUpdate = serde_json::from_slice(
         read(&brokers, &output, before + 2).await[before + 1]
