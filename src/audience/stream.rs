@@ -48,7 +48,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -59,9 +58,8 @@ use super::engine::{
 use super::AudienceConfig;
 use crate::domain::time::EventTime;
 use crate::pipeline::decode::{DeadLetter, DeadLetterReason, MAX_PAYLOAD_BYTES};
-use crate::pipeline::kafka::{
-    client_config, dead_letter_headers, send, KafkaConfig, QuietErrors, RunError,
-};
+use crate::pipeline::deliver::{max_message_bytes, Outbox, Output};
+use crate::pipeline::kafka::{client_config, output_producer, KafkaConfig, QuietErrors, RunError};
 use crate::store::{StateStore, StoreBatch};
 use crate::telemetry::metrics::Metrics;
 
@@ -650,11 +648,13 @@ pub async fn run(
             .create_with_context(QuietErrors::default())?,
     );
     consumer.subscribe(&[config.scores_topic.as_str()])?;
-    let producer: FutureProducer<QuietErrors> = client_config(&kafka)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .create_with_context(QuietErrors::default())?;
+    let outbox = Outbox::new(
+        output_producer(&kafka)?,
+        &config.output_topic,
+        &kafka.dead_letter_topic,
+        max_message_bytes(&kafka.client),
+        metrics.clone(),
+    );
     let mut worker = {
         let (config, store) = (config.clone(), store.clone());
         tokio::task::spawn_blocking(move || Worker::restore(&config, store.as_ref(), report))
@@ -674,7 +674,6 @@ pub async fn run(
     let mut stats = StreamStats::default();
     // Next offsets consumed since the last group commit.
     let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    let dead_letter_topic = kafka.dead_letter_topic.clone();
     loop {
         // Collect a batch: wait for the first score (or shutdown), then up to BATCH_WAIT.
         let mut messages = Vec::new();
@@ -724,34 +723,23 @@ pub async fn run(
         // Publish, then make the tiers durable once every delivery is acknowledged.
         let mut deliveries = Vec::with_capacity(output.updates.len() + output.dead.len());
         for (key, payload) in &output.updates {
-            let record = FutureRecord::to(&config.output_topic)
-                .key(key.as_str())
-                .payload(payload.as_slice());
-            deliveries.push((config.output_topic.clone(), send(&producer, record).await?));
+            deliveries.push((Output::Update, outbox.send_update(key, payload).await?));
         }
-        for (m, letter) in &output.dead {
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&dead_letter_topic).headers(dead_letter_headers(m, letter));
-            if let Some(key) = m.key() {
-                record = record.key(key);
-            }
-            if let Some(payload) = m.payload() {
-                record = record.payload(payload);
-            }
-            deliveries.push((dead_letter_topic.clone(), send(&producer, record).await?));
+        for (i, (m, letter)) in output.dead.iter().enumerate() {
+            deliveries.push((
+                Output::DeadLetter(i),
+                outbox.send_dead_letter(m, letter).await?,
+            ));
         }
-        for (topic, delivery) in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((source, _))) => return Err(RunError::Delivery { topic, source }),
-                Err(_) => {
-                    return Err(RunError::Delivery {
-                        topic,
-                        source: rdkafka::error::KafkaError::Canceled,
-                    })
-                }
-            }
-        }
+        // Settling blocks (a failed delivery is sent again and waited for): off the runtime.
+        let output = {
+            let outbox = outbox.clone();
+            tokio::task::spawn_blocking(move || {
+                outbox.settle(deliveries, &output.dead).map(|()| output)
+            })
+            .await
+            .map_err(|e| RunError::Task(e.to_string()))??
+        };
         stats.published += output.updates.len() as u64;
         stats.dead_letters += output.dead.len() as u64;
         let mut batch = StoreBatch {

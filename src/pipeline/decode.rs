@@ -80,13 +80,26 @@ pub struct DeadLetter {
     pub detail: String,
 }
 
+/// Longest detail kept, in bytes. Parser messages quote the offending input, which can be as
+/// large as the record: the detail travels as a header beside the original bytes, so it is
+/// cut here rather than doubling a dead letter's size.
+pub const MAX_DETAIL_BYTES: usize = 512;
+
 impl DeadLetter {
-    /// A dead letter with its reason and detail.
+    /// A dead letter with its reason and detail (cut to [`MAX_DETAIL_BYTES`] at a character
+    /// boundary, with the full length noted).
     pub fn new(reason: DeadLetterReason, detail: impl Into<String>) -> Self {
-        Self {
-            reason,
-            detail: detail.into(),
+        let mut detail = detail.into();
+        if detail.len() > MAX_DETAIL_BYTES {
+            let full = detail.len();
+            let mut cut = MAX_DETAIL_BYTES;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+            detail.push_str(&format!("… ({full} bytes in all)"));
         }
+        Self { reason, detail }
     }
 }
 
@@ -270,5 +283,31 @@ mod tests {
         codes.sort_unstable();
         codes.dedup();
         assert_eq!(codes.len(), DeadLetterReason::ALL.len());
+    }
+
+    #[test]
+    fn a_detail_quoting_a_huge_field_is_cut_at_a_character_boundary() {
+        // "lines" as a 900 KB string: the parser's message quotes all of it.
+        let lines = "é".repeat(450_000);
+        let payload = format!(
+            r#"{{"event_id":"o-1","customer_id":"C1","event_time":"2024-03-01","kind":"order","lines":"{lines}"}}"#
+        );
+        let letter = decode(Some(b"C1"), Some(payload.as_bytes())).unwrap_err();
+        assert_eq!(letter.reason, DeadLetterReason::Schema);
+        assert!(
+            letter.detail.len() < MAX_DETAIL_BYTES + 40,
+            "{}",
+            letter.detail.len()
+        );
+        assert!(
+            letter.detail.starts_with("invalid type: string"),
+            "{}",
+            letter.detail
+        );
+        assert!(
+            letter.detail.ends_with(" bytes in all)"),
+            "{}",
+            letter.detail
+        );
     }
 }

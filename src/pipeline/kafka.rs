@@ -34,8 +34,8 @@ use arc_swap::ArcSwap;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,7 @@ use crate::store::{PartitionKey, StateStore, StoreBatch};
 use crate::telemetry::metrics::Metrics;
 
 use super::decode::{decode, DeadLetter};
+use super::deliver::{max_message_bytes, Deliveries, DeliveryError, Outbox, Output};
 use super::pending::{Overlay, Pending};
 use super::population::{Population, META_KEY};
 use super::process::{
@@ -142,13 +143,8 @@ pub enum RunError {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
     /// An output could not be delivered.
-    #[error("delivery to {topic} failed: {source}")]
-    Delivery {
-        /// The topic.
-        topic: String,
-        /// The error.
-        source: KafkaError,
-    },
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
     /// The store or a record failed.
     #[error(transparent)]
     Process(#[from] ProcessError),
@@ -403,6 +399,32 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
+/// The producer of updates and dead letters.
+///
+/// Idempotent, so librdkafka's own retries never duplicate or reorder a partition's records.
+/// Its `message.timeout.ms` is infinite unless `[kafka.client]` sets it: while the broker is
+/// unreachable a record waits and is retried, the batch waits with it, and nothing is
+/// committed, instead of the delivery failing after five minutes and stopping the daemon
+/// (see [`super::deliver`]).
+pub(crate) fn output_producer(
+    config: &KafkaConfig,
+) -> Result<FutureProducer<QuietErrors>, KafkaError> {
+    let mut client = client_config(config);
+    client
+        .set("enable.idempotence", "true")
+        // Every batch waits for its deliveries before committing, so time spent lingering
+        // is latency; a batch already gives the producer plenty to pack per request.
+        .set("linger.ms", "1")
+        .set("compression.type", "lz4");
+    if !["message.timeout.ms", "delivery.timeout.ms"]
+        .iter()
+        .any(|k| config.client.contains_key(*k))
+    {
+        client.set("message.timeout.ms", "0");
+    }
+    client.create_with_context(QuietErrors::default())
+}
+
 /// What the loop reports to the rest of the process.
 #[derive(Clone)]
 pub struct Hooks {
@@ -456,8 +478,15 @@ pub async fn run(
         quiet: QuietErrors::default(),
         metrics: metrics.clone(),
     };
+    let mut consumer_config = client_config(config);
+    if !config.client.contains_key("heartbeat.interval.ms") {
+        // librdkafka's default heartbeat (3 s) only suits session timeouts of 9 s and more;
+        // a third of the session keeps a shorter one alive.
+        let heartbeat = (config.session_timeout_ms / 3).clamp(100, 3_000);
+        consumer_config.set("heartbeat.interval.ms", heartbeat.to_string());
+    }
     let consumer: Arc<StreamConsumer<Resume>> = Arc::new(
-        client_config(config)
+        consumer_config
             .set("group.id", &config.group_id)
             // Offsets follow durability: nothing is committed or stored automatically.
             .set("enable.auto.commit", "false")
@@ -470,13 +499,13 @@ pub async fn run(
     );
     let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    let producer: FutureProducer<QuietErrors> = client_config(config)
-        .set("enable.idempotence", "true")
-        // Every batch waits for its deliveries before committing, so time spent lingering
-        // is latency; a batch already gives the producer plenty to pack per request.
-        .set("linger.ms", "1")
-        .set("compression.type", "lz4")
-        .create_with_context(QuietErrors::default())?;
+    let outbox = Outbox::new(
+        output_producer(config)?,
+        &config.output_topic,
+        &config.dead_letter_topic,
+        max_message_bytes(&config.client),
+        metrics.clone(),
+    );
 
     let pending = Arc::new(Pending::default());
     let overlay: Arc<dyn StateStore> = Arc::new(Overlay {
@@ -488,6 +517,7 @@ pub async fn run(
         Population::load(store.as_ref(), &snapshot.load().snapshot).map_err(ProcessError::from)?;
     population.export(&metrics);
     let committer = Committer {
+        outbox: outbox.clone(),
         population,
         snapshot: snapshot.clone(),
         drift: hooks.drift.clone(),
@@ -503,10 +533,6 @@ pub async fn run(
         .map_err(|e| RunError::Task(e.to_string()))?;
 
     let timeout = Duration::from_millis(config.batch_timeout_ms);
-    let topics = Topics {
-        output: Arc::from(config.output_topic.as_str()),
-        dead_letter: Arc::from(config.dead_letter_topic.as_str()),
-    };
     let mut consumed = 0u64;
     let mut batch_id = 0u64;
     let mut errors = ErrorLog::default();
@@ -577,7 +603,7 @@ pub async fn run(
                             prepared.swept as f64 / sweep_config.customers_per_second as f64,
                         )
                 };
-                let in_flight = match publish(&producer, &topics, prepared).await {
+                let in_flight = match publish(&outbox, prepared).await {
                     Ok(in_flight) => in_flight,
                     Err(e) => break Err(e),
                 };
@@ -646,7 +672,7 @@ pub async fn run(
                 .iter()
                 .map(|(k, v)| (k.clone(), *v)),
         );
-        let in_flight = match publish(&producer, &topics, prepared).await {
+        let in_flight = match publish(&outbox, prepared).await {
             Ok(in_flight) => in_flight,
             Err(e) => break Err(e),
         };
@@ -692,12 +718,6 @@ fn retain_assigned(batch: &mut Vec<OwnedMessage>, shared: &LoopShared) {
     });
 }
 
-/// Output topic names, shared with the committer for error messages.
-struct Topics {
-    output: Arc<str>,
-    dead_letter: Arc<str>,
-}
-
 /// An update ready to send.
 struct Outgoing {
     key: String,
@@ -710,18 +730,24 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(mut update: super::process::MembershipUpdate, arrived_ms: Option<i64>) -> Self {
+    fn new(
+        mut update: super::process::MembershipUpdate,
+        arrived_ms: Option<i64>,
+    ) -> Result<Self, ProcessError> {
         // A 13-axis update is about 1.5 KB: size the buffer once.
         let mut payload = Vec::with_capacity(2048);
-        serde_json::to_writer(&mut payload, &update).unwrap_or_default();
-        Self {
+        serde_json::to_writer(&mut payload, &update).map_err(|source| ProcessError::Serialise {
+            customer: update.customer_id.to_string(),
+            source,
+        })?;
+        Ok(Self {
             key: update.customer_id.to_string(),
             payload,
             snapshot_version: update.snapshot_version,
             previous_snapshot_version: update.previous_snapshot_version,
             arrived_ms,
             changed: std::mem::take(&mut update.changed),
-        }
+        })
     }
 }
 
@@ -822,7 +848,7 @@ fn prepare(
                 let arrived_ms = arrived
                     .get(&(t, update.cause.partition, update.cause.offset))
                     .copied();
-                outgoing.push(Outgoing::new(update, arrived_ms));
+                outgoing.push(Outgoing::new(update, arrived_ms)?);
             }
             Ok((result, outgoing))
         })
@@ -955,7 +981,7 @@ fn prepare_sweep(
     let updates = std::mem::take(&mut result.updates)
         .into_iter()
         .map(|u| Outgoing::new(u, None))
-        .collect();
+        .collect::<Result<_, _>>()?;
     Ok(Prepared {
         id,
         version: loaded.snapshot.version(),
@@ -1006,38 +1032,28 @@ fn topic_index<'a>(topics: &mut Vec<(&'a str, Arc<str>)>, name: &'a str) -> usiz
 /// A batch whose outputs are enqueued, on its way to the committer.
 struct InFlight {
     prepared: Prepared,
-    deliveries: Vec<(Arc<str>, rdkafka::producer::DeliveryFuture)>,
+    deliveries: Deliveries,
     sent_ms: f64,
 }
 
 /// Enqueues a prepared batch's updates and dead letters (waiting for room in the producer
 /// queue: backpressure).
 async fn publish(
-    producer: &FutureProducer<QuietErrors>,
-    topics: &Topics,
+    outbox: &Outbox<QuietErrors>,
     mut prepared: Prepared,
 ) -> Result<InFlight, RunError> {
     let mut deliveries = Vec::with_capacity(prepared.updates.len() + prepared.dead.len());
     for update in &mut prepared.updates {
-        let record = FutureRecord::to(&topics.output)
-            .key(update.key.as_str())
-            .payload(&update.payload);
-        deliveries.push((topics.output.clone(), send(producer, record).await?));
-        // Sent: the bytes are librdkafka's now.
+        let sent = outbox.send_update(&update.key, &update.payload).await?;
+        deliveries.push((Output::Update, sent));
+        // Sent: the bytes are librdkafka's now (a failed delivery hands them back).
         update.payload = Vec::new();
     }
-    for (m, letter) in &prepared.dead {
-        let headers = dead_letter_headers(m, letter);
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&topics.dead_letter).headers(headers);
-        if let Some(key) = m.key() {
-            record = record.key(key);
-        }
-        if let Some(payload) = m.payload() {
-            record = record.payload(payload);
-        }
-        tracing::debug!(reason = letter.reason.as_str(), detail = %letter.detail, "dead letter");
-        deliveries.push((topics.dead_letter.clone(), send(producer, record).await?));
+    for (i, (m, letter)) in prepared.dead.iter().enumerate() {
+        deliveries.push((
+            Output::DeadLetter(i),
+            outbox.send_dead_letter(m, letter).await?,
+        ));
     }
     let sent_ms = prepared.started.elapsed().as_secs_f64() * 1e3;
     Ok(InFlight {
@@ -1047,36 +1063,10 @@ async fn publish(
     })
 }
 
-/// The headers a dead letter carries: the reason code, the detail, and the source coordinates
-/// of the original record (whose key and value travel unchanged).
-pub(crate) fn dead_letter_headers(m: &OwnedMessage, letter: &DeadLetter) -> OwnedHeaders {
-    let partition = m.partition().to_string();
-    let offset = m.offset().to_string();
-    OwnedHeaders::new()
-        .insert(Header {
-            key: "segmentd.reason",
-            value: Some(letter.reason.as_str()),
-        })
-        .insert(Header {
-            key: "segmentd.detail",
-            value: Some(letter.detail.as_str()),
-        })
-        .insert(Header {
-            key: "segmentd.source.topic",
-            value: Some(m.topic()),
-        })
-        .insert(Header {
-            key: "segmentd.source.partition",
-            value: Some(partition.as_str()),
-        })
-        .insert(Header {
-            key: "segmentd.source.offset",
-            value: Some(offset.as_str()),
-        })
-}
-
 /// The second stage: makes batches durable, in order.
 struct Committer {
+    /// Settles the deliveries, sending again what failed (see [`super::deliver`]).
+    outbox: Outbox<QuietErrors>,
     population: Population,
     snapshot: SharedSnapshot,
     drift: Live,
@@ -1114,23 +1104,7 @@ impl Committer {
             sent_ms,
         } = batch;
         // Every output must be acknowledged before the state that produced it is committed.
-        for (topic, delivery) in deliveries {
-            match futures::executor::block_on(delivery) {
-                Ok(Ok(_)) => {}
-                Ok(Err((source, _))) => {
-                    return Err(RunError::Delivery {
-                        topic: topic.to_string(),
-                        source,
-                    })
-                }
-                Err(_) => {
-                    return Err(RunError::Delivery {
-                        topic: topic.to_string(),
-                        source: KafkaError::Canceled,
-                    })
-                }
-            }
-        }
+        self.outbox.settle(deliveries, &prepared.dead)?;
         let delivered_ms = prepared.started.elapsed().as_secs_f64() * 1e3;
         // The populations move with the records that changed them, in the same write.
         for update in &prepared.updates {
@@ -1245,32 +1219,6 @@ impl Committer {
                 .inc();
         }
         metrics.updates.inc_by(prepared.updates.len() as u64);
-    }
-}
-
-/// Enqueues a record, waiting for room when the producer queue is full (backpressure).
-pub(crate) async fn send<'a, K, P>(
-    producer: &FutureProducer<QuietErrors>,
-    mut record: FutureRecord<'a, K, P>,
-) -> Result<rdkafka::producer::DeliveryFuture, RunError>
-where
-    K: rdkafka::message::ToBytes + ?Sized,
-    P: rdkafka::message::ToBytes + ?Sized,
-{
-    loop {
-        match producer.send_result(record) {
-            Ok(delivery) => return Ok(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                record = back;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            Err((source, back)) => {
-                return Err(RunError::Delivery {
-                    topic: back.topic.to_owned(),
-                    source,
-                })
-            }
-        }
     }
 }
 

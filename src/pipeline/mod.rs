@@ -7,6 +7,7 @@
 //! keeps the customers-per-segment counts that are stored with the records.
 
 pub mod decode;
+pub mod deliver;
 pub mod kafka;
 pub mod pending;
 pub mod population;

@@ -247,6 +247,15 @@ pub enum ProcessError {
         /// The codec error.
         source: StateCodecError,
     },
+    /// An update could not be serialised (a bug: publishing an empty or partial payload
+    /// instead would break the byte-identical replay guarantee).
+    #[error("membership update of customer {customer} cannot be serialised: {source}")]
+    Serialise {
+        /// The customer.
+        customer: String,
+        /// The serialiser's error.
+        source: serde_json::Error,
+    },
 }
 
 fn quantise(m: f64) -> u16 {

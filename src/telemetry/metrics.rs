@@ -17,6 +17,12 @@ pub struct Metrics {
     pub events: IntCounterVec,
     /// Dead letters by reason code.
     pub dead_letters: IntCounterVec,
+    /// Dead letters refused for their size or content and delivered cut down, by form
+    /// (`payload`: truncated, `headers_only`).
+    pub dead_letters_reduced: IntCounterVec,
+    /// Outputs sent again after a failed delivery, by failure class (`record`: refused for
+    /// what it is; `outage`: the broker could not take it).
+    pub delivery_retries: IntCounterVec,
     /// Records per processed batch.
     pub batch_size: Histogram,
     /// From the record's broker timestamp to the acknowledged publication of its update.
@@ -120,9 +126,37 @@ impl Metrics {
         for reason in DeadLetterReason::ALL {
             dead_letters.with_label_values(&[reason.as_str()]);
         }
+        let dead_letters_reduced = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "segmentd_dead_letters_reduced_total",
+                    "Dead letters too large or invalid as they were, delivered cut down, by form.",
+                ),
+                &["form"],
+            )?,
+        );
+        let delivery_retries = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "segmentd_delivery_retries_total",
+                    "Outputs sent again after a failed delivery, by failure class.",
+                ),
+                &["class"],
+            )?,
+        );
+        for form in ["payload", "headers_only"] {
+            dead_letters_reduced.with_label_values(&[form]);
+        }
+        for class in ["record", "outage"] {
+            delivery_retries.with_label_values(&[class]);
+        }
         let metrics = Self {
             events,
             dead_letters,
+            dead_letters_reduced,
+            delivery_retries,
             batch_size: registered(
                 &registry,
                 Histogram::with_opts(
@@ -391,6 +425,8 @@ mod tests {
         for name in [
             "segmentd_events_consumed_total{kind=\"order\",result=\"applied\"} 1",
             "segmentd_dead_letters_total{reason=\"not_json\"} 0",
+            "segmentd_dead_letters_reduced_total{form=\"headers_only\"} 0",
+            "segmentd_delivery_retries_total{class=\"outage\"} 0",
             "segmentd_batch_size_bucket",
             "segmentd_event_to_publish_seconds_bucket",
             "segmentd_event_time_lag_seconds",
