@@ -71,6 +71,13 @@ pub enum Command {
     /// Throughput and latency of the full daemon path through the in-process cluster, against
     /// a bare consume-then-produce passthrough.
     Bench(crate::bench::BenchArgs),
+    /// A development Kafka broker (librdkafka's mock cluster) in a process of its own: prints
+    /// its bootstrap address and runs until stopped. Not for production.
+    Broker(crate::tools::broker::BrokerArgs),
+    /// The kill -9 harness: streams a generated shop through `segmentd run` against a
+    /// `segmentd broker` process, kills the daemon with SIGKILL again and again, and compares
+    /// its updates and state with a clean run's. Exits 0 on IDENTICAL, 1 on DIFFERENT.
+    Chaos(crate::tools::chaos::ChaosArgs),
 }
 
 /// `segmentd run`.
@@ -349,6 +356,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Audiences(args) => audiences(args),
         Command::Demo(args) => crate::demo::demo(args),
         Command::Bench(args) => crate::bench::bench(args),
+        Command::Broker(args) => crate::tools::broker::broker(args),
+        Command::Chaos(args) => crate::tools::chaos::chaos(args),
         Command::Run(args) => {
             let config = Config::load(args.config.as_deref())?;
             crate::daemon::serve(config)

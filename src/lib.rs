@@ -31,6 +31,8 @@
 //! - [`bench`]: `segmentd bench`: end-to-end throughput and latency figures.
 //! - [`cli`]: command-line parsing and dispatch.
 //! - [`telemetry`]: logging setup.
+//! - [`tools`]: `segmentd broker` (a development Kafka broker) and `segmentd chaos` (the kill -9
+//!   harness).
 #![warn(missing_docs)]
 
 pub mod audience;
@@ -47,3 +49,4 @@ pub mod snapshots;
 pub mod store;
 pub mod synth;
 pub mod telemetry;
+pub mod tools;
