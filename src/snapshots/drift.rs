@@ -452,7 +452,15 @@ mod tests {
         // (0.7-0.5) ln(0.7/0.5) + (0.3-0.5) ln(0.3/0.5)
         let want = 0.2 * (1.4f64).ln() - 0.2 * (0.6f64).ln();
         assert!((psi(&[0.5, 0.5], &[0.7, 0.3]) - want).abs() < 1e-12);
-        assert!(js_divergence(&[1.0, 0.0], &[0.0, 1.0]) - std::f64::consts::LN_2 < 1e-9);
+        // Disjoint distributions: the maximum, ln 2 (natural log).
+        assert!((js_divergence(&[1.0, 0.0], &[0.0, 1.0]) - std::f64::consts::LN_2).abs() < 1e-9);
+        // Half overlapping: m = (0.5, 0.25, 0.25); KL(p‖m) = 0.5 ln(0.5/0.5) + 0.5 ln(0.5/0.25)
+        // = 0.5 ln 2, the same for q, so JS = ½·0.5 ln 2 + ½·0.5 ln 2 = 0.5 ln 2.
+        assert!(
+            (js_divergence(&[0.5, 0.5, 0.0], &[0.5, 0.0, 0.5]) - 0.5 * std::f64::consts::LN_2)
+                .abs()
+                < 1e-9
+        );
         assert!(js_divergence(&[0.2, 0.8], &[0.2, 0.8]).abs() < 1e-12);
     }
 

@@ -430,6 +430,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, registry, metrics) = fixture(dir.path());
         let before = registry.active_version();
+        let params_before = *registry.shared().load().snapshot.state_params();
         let mut config = Config::default();
         config.discover.sample_size = crate::config::SampleSizeSetting::Count(1_000);
         let cause = Cause {
@@ -450,10 +451,9 @@ mod tests {
             (trigger.reason.as_str(), trigger.replaces),
             ("manual", before)
         );
-        assert_eq!(
-            active.snapshot.state_params(),
-            registry.shared().load().snapshot.state_params()
-        );
+        // The stored states were computed with the replaced snapshot's parameters: the new
+        // version must carry them over, not the configuration's defaults.
+        assert_eq!(active.snapshot.state_params(), &params_before);
 
         // Staged instead when auto-activation is off.
         let (outcome, _) = recluster(&store, &registry, &config, false, &cause, &metrics).unwrap();

@@ -78,7 +78,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %config.listen, "http endpoints up");
+    let listen = listener.local_addr().unwrap_or(config.listen);
+    tracing::info!(%listen, "http endpoints up");
     serve_on(listener, state, shutdown).await
 }
 
@@ -287,9 +288,14 @@ mod tests {
         let view: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(view["customer_id"], "C1");
         assert!(view["features"]["lifetime_orders_log"].as_f64().unwrap() > 0.0);
-        assert!(view["segments"]["purchase_frequency"]["segment"]
-            .as_u64()
-            .is_some());
+        // One order: lifetime_orders_log = ln 2 = 0.69, standardised (0.69 − 2) / 1 = −1.31;
+        // monthly_orders_log is at most ln(1 + ln2/90·30.44) = 0.21, standardised at most
+        // (0.21 − 1) / 0.5 = −1.58. Both near centroid (−1, −1), segment 2, at any time.
+        assert_eq!(
+            view["segments"]["purchase_frequency"]["segment"], 2,
+            "{view}"
+        );
+        assert_eq!(view["segments"]["purchase_frequency"]["name"], "infrequent");
         assert_eq!(get(addr, "/customers/nobody").await.0, 404);
         let (status, body) = get(addr, "/audiences").await;
         assert_eq!(status, 404);
