@@ -37,7 +37,12 @@ pub fn serve(config: Config) -> anyhow::Result<ExitCode> {
         .thread_name("segmentd")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve_async(config))
+    let outcome = runtime.block_on(serve_async(config));
+    // After a missed drain deadline a blocking thread may still wait on a broker that is
+    // gone: exit without waiting for it (nothing it could still do is needed: uncommitted
+    // work is redone from the stored offsets).
+    runtime.shutdown_background();
+    outcome
 }
 
 async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {

@@ -108,6 +108,61 @@ impl Form {
     }
 }
 
+/// How long a batch's deliveries may wait for their acknowledgements before a warning says
+/// so (and again every such period).
+pub const STALL_WARNING: Duration = Duration::from_secs(30);
+
+/// Watches how long the current batch's deliveries have been waiting, off the hot path: a
+/// timestamp set around each settling, read by a task every few seconds. librdkafka retries
+/// through an outage, a missing topic or missing rights, and the pipeline waits with it; the
+/// warning (and `segmentd_batches_in_flight`) is how an operator sees it.
+#[derive(Default)]
+struct StallWatch {
+    /// Milliseconds since the epoch when the current settling began; 0 when none is.
+    since_ms: std::sync::atomic::AtomicI64,
+}
+
+/// Clears the watch when a settling ends, however it ends.
+struct Waiting<'a>(&'a StallWatch);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .since_ms
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl StallWatch {
+    fn waiting(&self) -> Waiting<'_> {
+        let now = chrono::Utc::now().timestamp_millis();
+        self.since_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        Waiting(self)
+    }
+
+    /// Warns while a settling lasts longer than [`STALL_WARNING`]; ends with the outbox.
+    async fn watch(watch: std::sync::Weak<StallWatch>, topic: Arc<str>) {
+        let mut warned_at = 0i64;
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let Some(watch) = watch.upgrade() else { return };
+            let since = watch.since_ms.load(std::sync::atomic::Ordering::Relaxed);
+            let now = chrono::Utc::now().timestamp_millis();
+            let limit = STALL_WARNING.as_millis() as i64;
+            if since > 0 && now - since >= limit && now - warned_at >= limit {
+                warned_at = now;
+                tracing::warn!(
+                    %topic,
+                    waited_s = (now - since) / 1000,
+                    "deliveries are not acknowledged: the broker is unreachable, or a topic is \
+                     missing or not writable; nothing is committed until they are"
+                );
+            }
+        }
+    }
+}
+
 /// Longest key a reduced dead letter keeps; a longer one is cut (its size is in a header).
 pub const KEY_LIMIT: usize = 1024;
 
@@ -366,6 +421,8 @@ pub type Deliveries = Vec<(Output, Sent)>;
 /// the score stream each have one.
 pub struct Outbox<C: ClientContext + 'static> {
     producer: FutureProducer<C>,
+    /// When the current settling began, watched for stalls.
+    stall: Arc<StallWatch>,
     updates: Arc<str>,
     dead_letters: Arc<str>,
     /// The producer's `message.max.bytes`: the first cut of a dead letter too large for it.
@@ -377,6 +434,7 @@ impl<C: ClientContext + 'static> Clone for Outbox<C> {
     fn clone(&self) -> Self {
         Self {
             producer: self.producer.clone(),
+            stall: self.stall.clone(),
             updates: self.updates.clone(),
             dead_letters: self.dead_letters.clone(),
             max_message_bytes: self.max_message_bytes,
@@ -386,7 +444,8 @@ impl<C: ClientContext + 'static> Clone for Outbox<C> {
 }
 
 impl<C: ClientContext + 'static> Outbox<C> {
-    /// An outbox sending updates to `updates` and dead letters to `dead_letters`.
+    /// An outbox sending updates to `updates` and dead letters to `dead_letters`. Made on a
+    /// tokio runtime: it starts the stall watch there.
     pub fn new(
         producer: FutureProducer<C>,
         updates: &str,
@@ -394,8 +453,14 @@ impl<C: ClientContext + 'static> Outbox<C> {
         max_message_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let stall = Arc::new(StallWatch::default());
+        tokio::spawn(StallWatch::watch(
+            Arc::downgrade(&stall),
+            Arc::from(updates),
+        ));
         Self {
             producer,
+            stall,
             updates: Arc::from(updates),
             dead_letters: Arc::from(dead_letters),
             max_message_bytes,
@@ -457,6 +522,7 @@ impl<C: ClientContext + 'static> Outbox<C> {
         deliveries: Deliveries,
         dead: &[(OwnedMessage, DeadLetter)],
     ) -> Result<(), DeliveryError> {
+        let _waiting = self.stall.waiting();
         for (output, sent) in deliveries {
             let (error, returned) = match sent {
                 Sent::Pending(delivery) => match futures::executor::block_on(delivery) {

@@ -242,31 +242,45 @@ struct LoopShared {
 }
 
 /// A counter of in-flight batches that can be waited on from any thread (the rebalance
-/// callback runs inside the consumer's poll, not on the async runtime).
-#[derive(Default)]
+/// callback runs inside the consumer's poll, not on the async runtime), exported as a gauge:
+/// batches that stay in flight mean deliveries are waiting on the broker.
 struct Gate {
     count: Mutex<usize>,
     changed: Condvar,
+    gauge: prometheus::IntGauge,
 }
 
 impl Gate {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.set(0);
+        Self {
+            count: Mutex::new(0),
+            changed: Condvar::new(),
+            gauge,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
         self.count.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn enter(&self) {
-        *self.lock() += 1;
+        let mut count = self.lock();
+        *count += 1;
+        self.gauge.set(*count as i64);
     }
 
     fn leave(&self) {
         let mut count = self.lock();
         *count = count.saturating_sub(1);
+        self.gauge.set(*count as i64);
         self.changed.notify_all();
     }
 
     /// The committer is gone: nothing will leave any more.
     fn close(&self) {
         *self.lock() = 0;
+        self.gauge.set(0);
         self.changed.notify_all();
     }
 
@@ -468,7 +482,7 @@ pub async fn run(
     let shared = Arc::new(LoopShared {
         processed: Mutex::new(store.offsets().map_err(ProcessError::from)?),
         assigned: Mutex::default(),
-        in_flight: Gate::default(),
+        in_flight: Gate::new(metrics.batches_in_flight.clone()),
         drain_timeout: Duration::from_millis(config.session_timeout_ms / 2),
         ready: hooks.ready.clone(),
         durable_version: AtomicU64::new(0),
@@ -575,6 +589,9 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
+            // The committer stopped on an error (returned below): stop now rather than at the
+            // next record, which may never come.
+            _ = to_committer.closed() => break Ok(()),
             _ = tokio::time::sleep_until(sweep_at), if sweeping => {
                 last_was_sweep = true;
                 batch_id += 1;

@@ -65,6 +65,9 @@ pub struct Metrics {
     /// Records between the committed position and the partition's high watermark, summed over
     /// assigned partitions.
     pub consumer_lag_messages: IntGauge,
+    /// Batches processed and published but not yet durable (at most two). Staying above zero
+    /// means deliveries are waiting on the broker (an outage holds the pipeline here).
+    pub batches_in_flight: IntGauge,
     /// Conversion scores consumed, by result (`accepted`, `dead_letter`).
     pub audience_scores: IntCounterVec,
     /// Audience tier changes published.
@@ -327,6 +330,13 @@ impl Metrics {
                     "Records behind the high watermark, summed over assigned partitions.",
                 )?,
             ),
+            batches_in_flight: registered(
+                &registry,
+                IntGauge::new(
+                    "segmentd_batches_in_flight",
+                    "Batches published and not yet durable: awaiting delivery or the state commit.",
+                )?,
+            ),
             audience_scores: registered(
                 &registry,
                 IntCounterVec::new(
@@ -436,6 +446,7 @@ mod tests {
             "segmentd_store_size_bytes",
             "segmentd_store_estimated_keys",
             "segmentd_consumer_lag_messages",
+            "segmentd_batches_in_flight 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
