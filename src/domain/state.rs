@@ -618,6 +618,25 @@ mod tests {
     }
 
     #[test]
+    fn a_duplicate_further_back_than_the_window_is_applied() {
+        // The documented limit of the window: after DEDUP_WINDOW newer events the id is
+        // forgotten, and the same event counts again. Within it, it is caught.
+        let a = order("a", T0, &[(1.0, 10.0, None, "x", "p")]);
+        let mut s = CustomerState::default();
+        s.apply(&a, &params());
+        for i in 0..DEDUP_WINDOW - 1 {
+            let other = order(&format!("b{i}"), T0 + 60, &[(1.0, 1.0, None, "x", "p")]);
+            assert_eq!(s.apply(&other, &params()), ApplyOutcome::Applied);
+        }
+        assert_eq!(s.apply(&a, &params()), ApplyOutcome::Duplicate);
+        let last = order("c", T0 + 120, &[(1.0, 1.0, None, "x", "p")]);
+        assert_eq!(s.apply(&last, &params()), ApplyOutcome::Applied);
+        assert_eq!(s.orders, DEDUP_WINDOW as u32 + 1);
+        assert_eq!(s.apply(&a, &params()), ApplyOutcome::Applied);
+        assert_eq!(s.orders, DEDUP_WINDOW as u32 + 2);
+    }
+
+    #[test]
     fn order_counters_by_hand() {
         let mut s = CustomerState::default();
         // Two lines in category x (one discounted), one in y; a Saturday.

@@ -4,152 +4,26 @@
 //! Set `SEGMENTD_TEST_BROKERS=host:port` to run the same tests against a real Kafka-protocol
 //! broker instead (topics are created there through the admin API).
 
+use super::support::*;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use segmentd::config::Config;
-use segmentd::domain::state::CustomerState;
-use segmentd::model::snapshot::ValidSnapshot;
 use segmentd::pipeline::kafka::{run, Hooks, KafkaConfig, LoadedSnapshot, RunStats};
 use segmentd::pipeline::process::{MembershipUpdate, PublishPolicy};
 use segmentd::pipeline::sweep::SweepConfig;
 use segmentd::snapshots::Registry;
 use segmentd::store::{RocksStore, StateStore, StoreConfig};
-use segmentd::synth::{Shop, ShopParams};
 use segmentd::telemetry::metrics::Metrics;
-
-/// A snapshot discovered on a small generated shop, covering all 13 axes.
-fn snapshot() -> ValidSnapshot {
-    let shop = Shop::new(ShopParams {
-        customers: 400,
-        order_lines: 6_000,
-        ..ShopParams::default()
-    })
-    .unwrap();
-    segmentd::demo::discover_history(&shop, 300).unwrap().1
-}
-
-/// The mock cluster, or the real brokers named in `SEGMENTD_TEST_BROKERS`.
-enum Cluster {
-    Mock(MockCluster<'static, DefaultProducerContext>),
-    Real(String),
-}
-
-impl Cluster {
-    fn new() -> Self {
-        match std::env::var("SEGMENTD_TEST_BROKERS") {
-            Ok(brokers) if !brokers.trim().is_empty() => Self::Real(brokers),
-            _ => Self::Mock(MockCluster::new(1).unwrap()),
-        }
-    }
-
-    fn brokers(&self) -> String {
-        match self {
-            Self::Mock(m) => m.bootstrap_servers(),
-            Self::Real(b) => b.clone(),
-        }
-    }
-
-    async fn create_topic(&self, name: &str, partitions: i32) {
-        match self {
-            Self::Mock(m) => m.create_topic(name, partitions, 1).unwrap(),
-            Self::Real(brokers) => {
-                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                    .set("bootstrap.servers", brokers)
-                    .create()
-                    .unwrap();
-                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-                for result in admin
-                    .create_topics(&[topic], &AdminOptions::new())
-                    .await
-                    .unwrap()
-                {
-                    result.unwrap();
-                }
-            }
-        }
-    }
-}
-
-/// Fresh input, output and dead-letter topics for one test.
-async fn topics(cluster: &Cluster, input: &str, partitions: i32) -> (String, String, String) {
-    let (input, output, dlq) = (unique(input), unique("memberships"), unique("dead"));
-    cluster.create_topic(&input, partitions).await;
-    cluster.create_topic(&output, 1).await;
-    cluster.create_topic(&dlq, 1).await;
-    (input, output, dlq)
-}
-
-fn hooks() -> Hooks {
-    Hooks {
-        metrics: Arc::new(Metrics::new().unwrap()),
-        ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        drift: Default::default(),
-    }
-}
-
-/// A small RocksDB store in `dir`.
-fn temp_store(dir: &std::path::Path) -> Arc<dyn StateStore> {
-    Arc::new(
-        RocksStore::open(&StoreConfig {
-            path: dir.join("db"),
-            block_cache_bytes: 8 << 20,
-            ..StoreConfig::default()
-        })
-        .unwrap(),
-    )
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
-fn order(id: &str, customer: &str, day: u32, price: &str) -> String {
-    format!(
-        r#"{{"event_id":"{id}","customer_id":"{customer}","event_time":"2024-12-{day:02}T10:00:00Z","kind":"order","channel":"web","lines":[{{"product_id":"p1","category":"tea","quantity":1,"unit_price":{price},"list_price":12.0}}]}}"#
-    )
-}
-
-/// Reads `n` records from partition 0 of `topic` (or what arrives within the timeout).
-async fn read(brokers: &str, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while out.len() < n {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => out.push(m.detach()),
-            Ok(Err(e)) => panic!("reading {topic}: {e}"),
-            Err(_) => break,
-        }
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
@@ -337,196 +211,6 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
     // The dead letter carries the original bytes.
     assert_eq!(letters[0].payload(), Some(&b"not json"[..]));
     drop(cluster);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_mid_stream_loses_nothing_and_counts_nothing_twice() {
-    let cluster = Cluster::new();
-    let brokers = cluster.brokers();
-    let (input, output, dlq) = topics(&cluster, "events", 2).await;
-
-    // A generated shop's history: every kind of event, ~60 customers.
-    let shop = Shop::new(ShopParams {
-        customers: 60,
-        order_lines: 1_500,
-        days: 60,
-        seed: 11,
-        ..ShopParams::default()
-    })
-    .unwrap();
-    let events: Vec<segmentd::domain::event::Event> = shop.history().collect();
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
-    for e in &events {
-        let payload = serde_json::to_vec(e).unwrap();
-        producer
-            .send(
-                FutureRecord::to(&input)
-                    .key(e.customer_id.as_str())
-                    .payload(&payload),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-    }
-    let total = events.len() as i64;
-
-    let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot())));
-    let dir = tempfile::tempdir().unwrap();
-    let store_config = StoreConfig {
-        path: dir.path().join("db"),
-        block_cache_bytes: 8 << 20,
-        ..StoreConfig::default()
-    };
-    let config = KafkaConfig {
-        brokers: brokers.clone(),
-        group_id: unique("group"),
-        input_topics: vec![input.clone()],
-        output_topic: output.clone(),
-        dead_letter_topic: dlq.clone(),
-        session_timeout_ms: 6_000,
-        max_batch: 40,
-        ..KafkaConfig::default()
-    };
-    let consumed = |store: &dyn StateStore| -> i64 { store.offsets().unwrap().values().sum() };
-
-    // First run: abort it (no draining, futures dropped wherever they are) once part of the
-    // stream is committed.
-    {
-        let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&store_config).unwrap());
-        let task = {
-            let (config, store, shared) = (config.clone(), store.clone(), shared.clone());
-            tokio::spawn(async move {
-                run(
-                    &config,
-                    PublishPolicy::default(),
-                    SweepConfig::default(),
-                    store,
-                    shared,
-                    CancellationToken::new(),
-                    hooks(),
-                )
-                .await
-            })
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while consumed(store.as_ref()) < total / 3 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "first run made no progress"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        task.abort();
-        let _ = task.await;
-        assert!(
-            consumed(store.as_ref()) < total,
-            "the crash must come mid-stream"
-        );
-        // The aborted loop's committer thread lets go of the store once its channel closes;
-        // RocksDB allows one opener per process.
-        while Arc::strong_count(&store) > 1 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the first run never released the store"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    // Restart on the same store (the group's committed offsets may lag it).
-    let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&store_config).unwrap());
-    let shutdown = CancellationToken::new();
-    let restarted = hooks();
-    let task = {
-        let (store, shared, shutdown) = (store.clone(), shared.clone(), shutdown.clone());
-        let hooks = restarted.clone();
-        tokio::spawn(async move {
-            run(
-                &config,
-                PublishPolicy::default(),
-                SweepConfig::default(),
-                store,
-                shared,
-                shutdown,
-                hooks,
-            )
-            .await
-        })
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while consumed(store.as_ref()) < total {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "restart did not finish the stream"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
-
-    // Every customer's state equals applying all of its events once, in order.
-    let params = Config::default().features;
-    let mut expected: BTreeMap<String, CustomerState> = BTreeMap::new();
-    for e in &events {
-        expected
-            .entry(e.customer_id.to_string())
-            .or_default()
-            .apply(e, &params);
-    }
-    let keys: Vec<&[u8]> = expected.keys().map(|k| k.as_bytes()).collect();
-    let stored = store.get_many(&keys).unwrap();
-    for ((customer, want), got) in expected.iter().zip(stored) {
-        let record = segmentd::pipeline::process::CustomerRecord::decode(&got.unwrap()).unwrap();
-        assert_eq!(&record.state, want, "customer {customer}");
-    }
-    // The restarted process's segment populations count every customer, including those
-    // last published before the crash: they were stored with the records, not rebuilt.
-    let text = restarted.metrics.render();
-    let purchasers: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("segmentd_segment_customers{axis=\"purchase_frequency\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    let with_orders = events
-        .iter()
-        .filter(|e| e.body.kind() == segmentd::domain::event::EventKind::Order)
-        .map(|e| e.customer_id.as_str())
-        .collect::<std::collections::BTreeSet<_>>()
-        .len();
-    assert_eq!(purchasers, with_orders as f64, "{text}");
-    drop(cluster);
-}
-
-/// Offsets in the store, summed: records made durable.
-fn durable(store: &dyn StateStore) -> i64 {
-    store.offsets().unwrap().values().sum()
-}
-
-async fn produce(brokers: &str, topic: &str, records: &[(String, String)]) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    for (key, payload) in records {
-        producer
-            .send(
-                FutureRecord::to(topic).key(key).payload(payload),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-    }
-}
-
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -807,30 +491,48 @@ async fn after_a_swap_the_sweep_republishes_quiet_customers_and_resumes_after_a_
     assert_eq!(restarted.metrics.sweep_progress.get(), 1.0);
 
     // Every customer: one update on v1 (its event), then v2 from the sweep; a chunk redone
-    // after the crash repeats identical content only.
-    let records = read(&brokers, &output, 80).await;
-    let mut by_customer: BTreeMap<String, Vec<MembershipUpdate>> = BTreeMap::new();
+    // after the crash repeats updates, with byte-identical content. Everything published is
+    // read, repeats included.
+    let records = read_all(&brokers, &output).await;
+    let mut by_customer: BTreeMap<String, Vec<(MembershipUpdate, Vec<u8>)>> = BTreeMap::new();
     for m in &records {
-        let u: MembershipUpdate = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        let bytes = m.payload().unwrap().to_vec();
+        let u: MembershipUpdate = serde_json::from_slice(&bytes).unwrap();
         by_customer
             .entry(u.customer_id.to_string())
             .or_default()
-            .push(u);
+            .push((u, bytes));
     }
     assert_eq!(by_customer.len(), customers.len());
+    let mut repeats = 0;
     for (customer, mut seen) in by_customer {
-        seen.dedup();
-        let summary: Vec<(u64, u64)> = seen.iter().map(|u| (u.seq, u.snapshot_version)).collect();
+        let before = seen.len();
+        seen.dedup_by(|later, earlier| {
+            let same_seq = later.0.seq == earlier.0.seq;
+            assert!(
+                !same_seq || later.1 == earlier.1,
+                "{customer} seq {} published twice with different bytes",
+                later.0.seq
+            );
+            same_seq
+        });
+        repeats += before - seen.len();
+        let summary: Vec<(u64, u64)> = seen
+            .iter()
+            .map(|(u, _)| (u.seq, u.snapshot_version))
+            .collect();
         assert_eq!(
             summary,
             vec![(1, v1.version()), (2, v2.version)],
             "{customer}"
         );
         assert_eq!(
-            seen[1].cause.topic,
+            seen[1].0.cause.topic,
             segmentd::pipeline::process::SWEEP_TOPIC
         );
     }
+    // Repeats are allowed, not required: the crash may fall between chunks.
+    eprintln!("sweep updates repeated after the crash: {repeats}");
     drop(cluster);
 }
 

@@ -2,3 +2,6 @@
 
 mod cli;
 mod daemon;
+mod guarantees;
+mod processes;
+mod support;

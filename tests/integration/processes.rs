@@ -1,0 +1,361 @@
+//! The daemon as a process: `segmentd run` against `segmentd broker` in another process,
+//! stopped with signals, and the kill -9 harness in its short form.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use segmentd::store::{RocksStore, StateStore, StoreConfig};
+
+use super::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_segmentd");
+
+/// `segmentd broker` in a process of its own; killed when dropped.
+struct Broker {
+    child: Child,
+    address: String,
+}
+
+impl Broker {
+    fn start() -> Self {
+        let mut child = Command::new(BIN)
+            .args([
+                "broker",
+                "--listen",
+                "127.0.0.1:0",
+                "--initial-rebalance-delay-ms",
+                "100",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line.trim().to_owned();
+        assert!(address.starts_with("127.0.0.1:"), "{address:?}");
+        Self { child, address }
+    }
+
+    fn set_rtt(&mut self, ms: u64) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "rtt {ms}").unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `segmentd run` with its own topics, group, store and HTTP port.
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    http: u16,
+    input: String,
+}
+
+impl Daemon {
+    fn start(brokers: &str, deadline_seconds: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot_path = dir.path().join("snapshot.json");
+        snapshot().snapshot().save(&snapshot_path).unwrap();
+        let input = unique("orders");
+        let config = format!(
+            r#"[daemon]
+snapshot = {snapshot:?}
+snapshot_dir = {snapshots:?}
+shutdown_deadline_seconds = {deadline_seconds}
+[http]
+# Any free port: the daemon logs the one it bound (a port picked here could be taken by
+# another test's process before the daemon binds it).
+listen = "127.0.0.1:0"
+[drift]
+recluster = false
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+input_topics = ["{input}"]
+output_topic = "{output}"
+dead_letter_topic = "{dlq}"
+# Long enough for heartbeats through the slowed broker of the deadline tests.
+session_timeout_ms = 30000
+[store]
+path = {store:?}
+block_cache_bytes = 8388608
+"#,
+            snapshot = snapshot_path.display().to_string(),
+            snapshots = dir.path().join("snapshots").display().to_string(),
+            store = dir.path().join("db").display().to_string(),
+            group = unique("group"),
+            output = unique("memberships"),
+            dlq = unique("dead"),
+        );
+        let config_path = dir.path().join("segmentd.toml");
+        std::fs::write(&config_path, config).unwrap();
+        // The topic must exist before the daemon subscribes.
+        produce_blocking(
+            brokers,
+            &input,
+            &[("C0".into(), order("o0", "C0", 1, "3.0"))],
+        );
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log_path = dir.path().join("daemon.log");
+        let (tx, seen) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut log = std::fs::File::create(log_path).unwrap();
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(log, "{line}");
+                if let Some((_, port)) = line.split_once("http endpoints up listen=127.0.0.1:") {
+                    let _ = tx.send(port.trim().parse::<u16>().ok());
+                }
+                if line.contains("partitions assigned") {
+                    let _ = tx.send(None);
+                }
+            }
+        });
+        let wait = Duration::from_secs(30);
+        let http = seen
+            .recv_timeout(wait)
+            .ok()
+            .flatten()
+            .expect("the daemon logs its HTTP port");
+        seen.recv_timeout(wait)
+            .expect("the daemon got no partitions");
+        Self {
+            child,
+            dir,
+            http,
+            input,
+        }
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let body = http_get(self.http, "/metrics");
+        body.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// The exit code, waiting at most `timeout`.
+    fn exit_code(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not exit in {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The end of the daemon's log, for assertion messages.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains("librdkafka: "))
+            .collect();
+        lines[lines.len().saturating_sub(12)..].join("\n")
+    }
+
+    fn store_path(&self) -> PathBuf {
+        self.dir.path().join("db")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+fn produce_blocking(brokers: &str, topic: &str, records: &[(String, String)]) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(produce(brokers, topic, records));
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stored_offsets(path: &Path) -> i64 {
+    let store = RocksStore::open(&StoreConfig {
+        path: path.to_owned(),
+        block_cache_bytes: 8 << 20,
+        ..StoreConfig::default()
+    })
+    .unwrap();
+    store.offsets().unwrap().values().sum()
+}
+
+#[test]
+fn sigterm_drains_and_exits_0() {
+    let broker = Broker::start();
+    let mut daemon = Daemon::start(&broker.address, 30);
+    let orders: Vec<(String, String)> = (1..=200)
+        .map(|i| {
+            (
+                format!("C{i}"),
+                order(&format!("o{i}"), &format!("C{i}"), 2, "5.0"),
+            )
+        })
+        .collect();
+    produce_blocking(&broker.address, &daemon.input, &orders);
+    wait_until("201 events applied", Duration::from_secs(60), || {
+        daemon.metric("segmentd_events_consumed_total") >= 201.0
+    });
+    daemon.signal("TERM");
+    let code = daemon.exit_code(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", daemon.log_tail());
+    assert_eq!(stored_offsets(&daemon.store_path()), 201);
+}
+
+/// A daemon with a batch whose deliveries will take seconds: the broker's round trip is
+/// raised, and one event goes in.
+fn daemon_with_a_batch_in_flight(broker: &mut Broker, deadline_seconds: u64) -> Daemon {
+    let daemon = Daemon::start(&broker.address, deadline_seconds);
+    // The event that created the topic is done first, so the batch seen below is the slow one.
+    wait_until("the first event", Duration::from_secs(30), || {
+        daemon.metric("segmentd_events_consumed_total") >= 1.0
+            && daemon.metric("segmentd_batches_in_flight") == 0.0
+    });
+    broker.set_rtt(8_000);
+    let (brokers, input) = (broker.address.clone(), daemon.input.clone());
+    // Its own acknowledgement takes the round trip too: do not wait for it here.
+    std::thread::spawn(move || {
+        produce_blocking(
+            &brokers,
+            &input,
+            &[("C1".into(), order("o1", "C1", 2, "5.0"))],
+        );
+    });
+    wait_until("a batch in flight", Duration::from_secs(60), || {
+        daemon.metric("segmentd_batches_in_flight") >= 1.0
+    });
+    daemon
+}
+
+#[test]
+fn a_missed_drain_deadline_exits_4() {
+    let mut broker = Broker::start();
+    let mut daemon = daemon_with_a_batch_in_flight(&mut broker, 1);
+    let signalled = Instant::now();
+    daemon.signal("TERM");
+    let code = daemon.exit_code(Duration::from_secs(10));
+    assert_eq!(code, Some(4), "{}", daemon.log_tail());
+    // The deadline, not the delivery, ended it.
+    assert!(
+        signalled.elapsed() < Duration::from_millis(3_500),
+        "{:?}",
+        signalled.elapsed()
+    );
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let mut broker = Broker::start();
+    let mut daemon = daemon_with_a_batch_in_flight(&mut broker, 60);
+    let signalled = Instant::now();
+    daemon.signal("TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.signal("INT");
+    let code = daemon.exit_code(Duration::from_secs(10));
+    assert_eq!(code, Some(130), "{}", daemon.log_tail());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        signalled.elapsed()
+    );
+}
+
+#[test]
+fn kill_9_chaos_short_run_is_identical() {
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "chaos",
+            "--kills",
+            "5",
+            "--customers",
+            "300",
+            "--order-lines",
+            "2400",
+        ])
+        .args(["--rate", "400", "--max-uptime-ms", "1500", "--seed", "3"])
+        .arg("--work-dir")
+        .arg(work.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{report}");
+    assert!(stdout.contains("verdict: IDENTICAL"), "{report}");
+    assert!(stdout.contains("kills: 5"), "{report}");
+    let in_window: usize = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("kills between publish and state commit (a replay followed): ")
+        })
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("the report names the kills in the window");
+    assert!(
+        in_window >= 1,
+        "no kill fell between publish and commit:\n{report}"
+    );
+}

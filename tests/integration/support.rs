@@ -1,0 +1,216 @@
+//! What the integration tests share: a broker per test (the mock cluster, or real brokers
+//! named in `SEGMENTD_TEST_BROKERS`), fresh topics and groups, a small snapshot, and readers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use segmentd::model::snapshot::ValidSnapshot;
+use segmentd::pipeline::kafka::Hooks;
+use segmentd::store::{RocksStore, StateStore, StoreConfig};
+use segmentd::synth::{Shop, ShopParams};
+use segmentd::telemetry::metrics::Metrics;
+
+/// A snapshot discovered on a small generated shop, covering all 13 axes.
+pub fn snapshot() -> ValidSnapshot {
+    let shop = Shop::new(ShopParams {
+        customers: 400,
+        order_lines: 6_000,
+        ..ShopParams::default()
+    })
+    .unwrap();
+    segmentd::demo::discover_history(&shop, 300).unwrap().1
+}
+
+/// The mock cluster, or the real brokers named in `SEGMENTD_TEST_BROKERS`.
+pub enum Cluster {
+    Mock(MockCluster<'static, DefaultProducerContext>),
+    Real(String),
+}
+
+impl Cluster {
+    /// The mock cluster, for error and latency injection; `None` against real brokers (a test
+    /// that needs injection skips itself there).
+    pub fn mock(&self) -> Option<&MockCluster<'static, DefaultProducerContext>> {
+        match self {
+            Self::Mock(m) => Some(m),
+            Self::Real(_) => None,
+        }
+    }
+}
+
+impl Cluster {
+    pub fn new() -> Self {
+        match std::env::var("SEGMENTD_TEST_BROKERS") {
+            Ok(brokers) if !brokers.trim().is_empty() => Self::Real(brokers),
+            _ => Self::Mock(MockCluster::new(1).unwrap()),
+        }
+    }
+
+    pub fn brokers(&self) -> String {
+        match self {
+            Self::Mock(m) => m.bootstrap_servers(),
+            Self::Real(b) => b.clone(),
+        }
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        match self {
+            Self::Mock(m) => m.create_topic(name, partitions, 1).unwrap(),
+            Self::Real(brokers) => {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", brokers)
+                    .create()
+                    .unwrap();
+                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+                for result in admin
+                    .create_topics(&[topic], &AdminOptions::new())
+                    .await
+                    .unwrap()
+                {
+                    result.unwrap();
+                }
+            }
+        }
+    }
+}
+
+/// Fresh input, output and dead-letter topics for one test.
+pub async fn topics(cluster: &Cluster, input: &str, partitions: i32) -> (String, String, String) {
+    let (input, output, dlq) = (unique(input), unique("memberships"), unique("dead"));
+    cluster.create_topic(&input, partitions).await;
+    cluster.create_topic(&output, 1).await;
+    cluster.create_topic(&dlq, 1).await;
+    (input, output, dlq)
+}
+
+pub fn hooks() -> Hooks {
+    Hooks {
+        metrics: Arc::new(Metrics::new().unwrap()),
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        drift: Default::default(),
+    }
+}
+
+/// A small RocksDB store in `dir`.
+pub fn temp_store(dir: &std::path::Path) -> Arc<dyn StateStore> {
+    Arc::new(
+        RocksStore::open(&StoreConfig {
+            path: dir.join("db"),
+            block_cache_bytes: 8 << 20,
+            ..StoreConfig::default()
+        })
+        .unwrap(),
+    )
+}
+
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+pub fn order(id: &str, customer: &str, day: u32, price: &str) -> String {
+    format!(
+        r#"{{"event_id":"{id}","customer_id":"{customer}","event_time":"2024-12-{day:02}T10:00:00Z","kind":"order","channel":"web","lines":[{{"product_id":"p1","category":"tea","quantity":1,"unit_price":{price},"list_price":12.0}}]}}"#
+    )
+}
+
+/// Reads `n` records from partition 0 of `topic` (or what arrives within the timeout).
+pub async fn read(brokers: &str, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Err(e)) => panic!("reading {topic}: {e}"),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Offsets in the store, summed: records made durable.
+pub fn durable(store: &dyn StateStore) -> i64 {
+    store.offsets().unwrap().values().sum()
+}
+
+pub async fn produce(brokers: &str, topic: &str, records: &[(String, String)]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for (key, payload) in records {
+        producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+pub async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every record of every partition of `topic`, read up to the end offsets it has now.
+pub async fn read_all(brokers: &str, topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    let mut tpl = TopicPartitionList::new();
+    let mut left = 0i64;
+    for p in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(low, 0, "{topic}/{p} lost records to retention");
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+        left += high;
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while (out.len() as i64) < left {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Err(e)) => panic!("reading {topic}: {e}"),
+            Err(_) => panic!("reading {topic}: {} of {left} records in 60 s", out.len()),
+        }
+    }
+    out
+}
