@@ -11,7 +11,7 @@ export CC := ccache gcc
 export CXX := ccache g++
 endif
 
-.PHONY: deps build demo batch-demo test lint bench bench-batch bench-stream bench-audiences clean
+.PHONY: deps build demo batch-demo test chaos lint bench bench-batch bench-stream bench-audiences clean
 
 # make demo runs until Ctrl-C; DURATION=60 stops it after a minute.
 DURATION ?=
@@ -45,6 +45,12 @@ batch-demo: build
 
 test: deps
 	$(CARGO) test --all-targets
+
+# The kill -9 harness: segmentd broker in its own process, a daemon SIGKILLed KILLS times,
+# compared with a clean run. Prints the verdict (exit 1 on DIFFERENT).
+KILLS ?= 50
+chaos: build
+	$(BIN) chaos --kills $(KILLS)
 
 lint:
 	$(CARGO) fmt --all -- --check
