@@ -53,7 +53,7 @@ pub struct ChaosArgs {
     #[arg(long, default_value_t = 12_000)]
     pub order_lines: usize,
     /// Events streamed per second.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 150)]
     pub rate: u64,
     /// Round-trip time of the broker, in milliseconds: most of a batch's life is then spent
     /// between publishing and committing, where a kill forces a replay.

@@ -235,9 +235,13 @@ async fn a_crash_between_publish_and_state_commit_replays_identical_updates_and_
     {
         let faulty = Faulty::new(rocks(dir.path()), 3);
         let store: Arc<dyn StateStore> = faulty.clone();
-        let outcome = spawn_loop(&config, store, CancellationToken::new())
-            .await
-            .unwrap();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(60),
+            spawn_loop(&config, store, CancellationToken::new()),
+        )
+        .await
+        .expect("the loop went on after its state commit failed")
+        .unwrap();
         assert!(matches!(outcome, Err(RunError::Process(_))), "{outcome:?}");
         assert_eq!(faulty.committed.lock().unwrap().len(), 2);
         assert!(
@@ -301,9 +305,15 @@ async fn a_delivery_failure_commits_no_state_and_an_outage_stops_nothing() {
     );
     let dir = tempfile::tempdir().unwrap();
     let store = rocks(dir.path());
-    let outcome = spawn_loop(&config, store.clone(), CancellationToken::new())
-        .await
-        .unwrap();
+    let shutdown = CancellationToken::new();
+    let task = spawn_loop(&config, store.clone(), shutdown.clone());
+    let outcome = match tokio::time::timeout(Duration::from_secs(60), task).await {
+        Ok(joined) => joined.unwrap(),
+        Err(_) => {
+            shutdown.cancel();
+            panic!("the loop went on after a delivery it could not make");
+        }
+    };
     assert!(matches!(outcome, Err(RunError::Delivery(_))), "{outcome:?}");
     assert_eq!(durable(store.as_ref()), 0);
     assert!(store.records_after(None, 10).unwrap().is_empty());
