@@ -20,16 +20,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
-use segmentd::batch::discover::build_snapshot;
 use segmentd::config::Config;
 use segmentd::domain::event::Event;
 use segmentd::domain::features::{FeatureVector, Sources};
+use segmentd::domain::record::CustomerRecord;
 use segmentd::domain::state::{CustomerState, StateParams};
+use segmentd::io::store::{RocksStore, StateStore, StoreBatch, StoreConfig};
 use segmentd::model::assign::{Assigner, Assignment};
-use segmentd::pipeline::process::{
-    process_batch, published_record, reassign_batch, CustomerRecord, Input, PublishPolicy, Source,
-};
-use segmentd::store::{RocksStore, StateStore, StoreBatch, StoreConfig};
+use segmentd::model::build::build_snapshot;
+use segmentd::pipeline::assign::{published_record, PublishPolicy};
+use segmentd::pipeline::decode::{Input, Source};
+use segmentd::pipeline::sweep::reassign_batch;
+use segmentd::pipeline::update::process_batch;
 use segmentd::synth::{Shop, ShopParams};
 
 struct Fixture {
@@ -54,8 +56,16 @@ fn fixture() -> Fixture {
     let (states, last) = shop.history_states(&params);
     let as_of = last.expect("events");
     let mut config = Config::default();
-    config.discover.sample_size = segmentd::config::SampleSizeSetting::Count(2_000);
-    let built = build_snapshot(&states, Sources::ALL, as_of, &config, 1, vec![]).expect("snapshot");
+    config.discover.sample_size = segmentd::model::build::SampleSizeSetting::Count(2_000);
+    let built = build_snapshot(
+        &states,
+        Sources::ALL,
+        as_of,
+        config.build_settings(),
+        1,
+        vec![],
+    )
+    .expect("snapshot");
     let valid = built.snapshot.validate().expect("valid");
     assert_eq!(
         valid.axes().len(),

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::batch::assign::{AssignJob, OutputFormat};
 use crate::batch::discover::DiscoverJob;
@@ -18,9 +18,11 @@ use crate::batch::ingest::{IngestOptions, InputFile};
 use crate::batch::mapping::{parse_map_args, FileKind, MappingError};
 use crate::batch::report;
 use crate::batch::validate::ValidateJob;
-use crate::config::{Config, ConfigError, SampleSizeSetting};
+use crate::config::{Config, ConfigError};
 use crate::domain::time::EventTime;
+use crate::model::build::SampleSizeSetting;
 use crate::model::sampling::SampleSize;
+use crate::telemetry::LogFormat;
 
 /// segmentd keeps every customer of a shop assigned to behavioural segments.
 #[derive(Debug, Parser)]
@@ -35,15 +37,6 @@ pub struct Cli {
     /// The command.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// The subcommands.
@@ -67,10 +60,10 @@ pub enum Command {
     Run(RunArgs),
     /// The whole system on this machine: an in-process Kafka cluster, a generated shop, the
     /// daemon, live events and a live view.
-    Demo(crate::demo::DemoArgs),
+    Demo(crate::tools::demo::DemoArgs),
     /// Throughput and latency of the full daemon path through the in-process cluster, against
     /// a bare consume-then-produce passthrough.
-    Bench(crate::bench::BenchArgs),
+    Bench(crate::tools::bench::BenchArgs),
     /// A development Kafka broker (librdkafka's mock cluster) in a process of its own: prints
     /// its bootstrap address and runs until stopped. Not for production.
     Broker(crate::tools::broker::BrokerArgs),
@@ -354,8 +347,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Validate(args) => validate(args),
         Command::Generate(args) => generate(args),
         Command::Audiences(args) => audiences(args),
-        Command::Demo(args) => crate::demo::demo(args),
-        Command::Bench(args) => crate::bench::bench(args),
+        Command::Demo(args) => crate::tools::demo::demo(args),
+        Command::Bench(args) => crate::tools::bench::bench(args),
         Command::Broker(args) => crate::tools::broker::broker(args),
         Command::Chaos(args) => crate::tools::chaos::chaos(args),
         Command::Run(args) => {
@@ -445,7 +438,10 @@ fn discover(args: DiscoverArgs) -> anyhow::Result<ExitCode> {
     config.validate()?;
     let outcome = crate::batch::discover::run(&DiscoverJob {
         inputs,
-        config,
+        params: config.features,
+        discover: config.discover.clone(),
+        membership_exponent: config.assign.membership_exponent,
+        same_segment_distance: config.drift.same_segment_distance,
         as_of,
         version: args.snapshot_version,
         out: args.out.clone(),
@@ -551,6 +547,6 @@ fn audiences(args: AudiencesArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
-    crate::batch::generate::run(&args)?;
+    crate::tools::generate::run(&args)?;
     Ok(ExitCode::SUCCESS)
 }

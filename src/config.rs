@@ -18,10 +18,11 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::batch::mapping::{ColumnMap, FileKind};
-use crate::domain::membership::check_exponent;
 use crate::domain::state::StateParams;
-use crate::model::discover::ClusteringParams;
-use crate::model::sampling::{check_tiers, default_tiers, TierSpec};
+use crate::model::assign::AssignConfig;
+use crate::model::build::{DiscoverConfig, SampleSizeSetting};
+use crate::model::sampling::check_tiers;
+use crate::model::validation::ValidateConfig;
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "SEGMENTD__";
@@ -60,19 +61,19 @@ pub struct Config {
     /// `segmentd validate`.
     pub validate: ValidateConfig,
     /// `segmentd run`: Kafka clients and topics.
-    pub kafka: crate::pipeline::kafka::KafkaConfig,
+    pub kafka: crate::io::kafka::KafkaConfig,
     /// `segmentd run`: the RocksDB state store.
-    pub store: crate::store::StoreConfig,
+    pub store: crate::io::store::StoreConfig,
     /// `segmentd run`: when membership updates are published.
-    pub publish: crate::pipeline::process::PublishPolicy,
+    pub publish: crate::pipeline::assign::PublishPolicy,
     /// `segmentd run`: the daemon itself.
     pub daemon: DaemonConfig,
     /// `segmentd run`: the HTTP endpoints (metrics, health, customer lookups).
-    pub http: crate::telemetry::http::HttpConfig,
+    pub http: crate::api::http::HttpConfig,
     /// `segmentd run`: the admin API (snapshots).
-    pub admin: crate::telemetry::admin::AdminConfig,
+    pub admin: crate::api::admin::AdminConfig,
     /// `segmentd run`: drift monitoring and re-clustering.
-    pub drift: crate::snapshots::drift::DriftConfig,
+    pub drift: crate::control::drift::DriftConfig,
     /// `segmentd run`: the re-assignment sweep after a snapshot swap.
     pub sweep: crate::pipeline::sweep::SweepConfig,
     /// `segmentd audiences` and `segmentd run`: per-product audience buckets.
@@ -149,81 +150,6 @@ impl InputConfig {
     }
 }
 
-/// `segmentd discover` settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DiscoverConfig {
-    /// Customers to sample, or `"all"` for the whole population.
-    pub sample_size: SampleSizeSetting,
-    /// Lifetime-value tiers and their quotas (quotas scale to `sample_size`).
-    pub tiers: Vec<TierSpec>,
-    /// k-means and silhouette settings (the seed also drives sampling).
-    pub clustering: ClusteringParams,
-}
-
-impl Default for DiscoverConfig {
-    fn default() -> Self {
-        Self {
-            sample_size: SampleSizeSetting::Count(5000),
-            tiers: default_tiers(),
-            clustering: ClusteringParams::default(),
-        }
-    }
-}
-
-/// A sample size in config: a number or `"all"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum SampleSizeSetting {
-    /// This many customers.
-    Count(usize),
-    /// `"all"`.
-    Word(AllWord),
-}
-
-/// The literal `"all"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AllWord {
-    /// Everyone.
-    All,
-}
-
-impl SampleSizeSetting {
-    /// As the sampling module's type.
-    pub fn get(self) -> crate::model::sampling::SampleSize {
-        match self {
-            Self::Count(n) => crate::model::sampling::SampleSize::Count(n),
-            Self::Word(AllWord::All) => crate::model::sampling::SampleSize::All,
-        }
-    }
-
-    /// From the sampling module's type.
-    pub fn from_size(size: crate::model::sampling::SampleSize) -> Self {
-        match size {
-            crate::model::sampling::SampleSize::Count(n) => Self::Count(n),
-            crate::model::sampling::SampleSize::All => Self::Word(AllWord::All),
-        }
-    }
-}
-
-/// `segmentd assign` settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AssignConfig {
-    /// Exponent of the fuzzy memberships written into new snapshots: 1 is `1/(1+d)`, larger
-    /// is crisper, smaller softer.
-    pub membership_exponent: f64,
-}
-
-impl Default for AssignConfig {
-    fn default() -> Self {
-        Self {
-            membership_exponent: 1.0,
-        }
-    }
-}
-
 /// `segmentd run` settings that are not Kafka's, the store's or publishing's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -256,31 +182,27 @@ impl Default for DaemonConfig {
     }
 }
 
-/// `segmentd validate` thresholds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ValidateConfig {
-    /// Largest KL divergence of segment shares, sample against population, that passes.
-    pub max_kl: f64,
-    /// Largest relative difference between a segment's mean feature value in the population
-    /// and in the sample, `|Δ| / max(|sample mean|, feature std)`, that passes.
-    pub max_mean_shift: f64,
-    /// Smallest share of customers on which the two-stage assignment agrees with a clustering
-    /// of the whole population (after matching labels) that passes.
-    pub min_agreement: f64,
-}
-
-impl Default for ValidateConfig {
-    fn default() -> Self {
-        Self {
-            max_kl: 0.1,
-            max_mean_shift: 0.1,
-            min_agreement: 0.75,
+impl Config {
+    /// What building a snapshot reads: the rolling-feature parameters, `[discover]` and the
+    /// membership exponent.
+    pub fn build_settings(&self) -> crate::model::build::BuildSettings<'_> {
+        crate::model::build::BuildSettings {
+            params: &self.features,
+            discover: &self.discover,
+            membership_exponent: self.assign.membership_exponent,
         }
     }
-}
 
-impl Config {
+    /// What re-clustering in the daemon reads.
+    pub fn recluster_settings(&self) -> crate::control::recluster::ReclusterSettings {
+        crate::control::recluster::ReclusterSettings {
+            discover: self.discover.clone(),
+            validate: self.validate.clone(),
+            drift: self.drift.clone(),
+            membership_exponent: self.assign.membership_exponent,
+        }
+    }
+
     /// Defaults, then the file (if any), then `SEGMENTD__` environment overrides; validated.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let env: Vec<(String, String)> = std::env::vars()
@@ -339,7 +261,9 @@ impl Config {
                 "discover.sample_size must be at least 1 or \"all\"".into()
             ));
         }
-        check_exponent(self.assign.membership_exponent).map_err(|e| bad(format!("assign: {e}")))?;
+        self.assign
+            .check()
+            .map_err(|e| bad(format!("assign: {e}")))?;
         let v = &self.validate;
         for (name, value) in [
             ("max_kl", v.max_kl),
@@ -519,7 +443,7 @@ mod tests {
         let c = Config::load_with_env(Some(f.path()), &env).unwrap();
         assert_eq!(
             c.discover.sample_size,
-            SampleSizeSetting::Word(AllWord::All)
+            SampleSizeSetting::Word(crate::model::build::AllWord::All)
         );
         assert_eq!(c.discover.clustering.seed, 7);
         assert_eq!(c.input.orders.columns["customer_id"], "cid");

@@ -16,15 +16,15 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::assign::load_snapshot;
+use crate::api::admin::serve_on as serve_admin;
+use crate::api::http::{serve as serve_http, AppState};
 use crate::config::Config;
-use crate::pipeline::kafka::{run as run_loop, Hooks};
-use crate::snapshots::recluster::{start_drift_monitoring, Reclusterer};
-use crate::snapshots::sources::{follow_topic, watch_directory};
-use crate::snapshots::Registry;
-use crate::store::{RocksStore, StateStore};
-use crate::telemetry::admin::serve_on as serve_admin;
-use crate::telemetry::http::{serve as serve_http, AppState};
+use crate::control::recluster::{start_drift_monitoring, Reclusterer};
+use crate::control::registry::Registry;
+use crate::control::sources::{follow_topic, watch_directory};
+use crate::io::snapshot_file;
+use crate::io::store::{RocksStore, StateStore};
+use crate::pipeline::consume::{run as run_loop, Hooks};
 use crate::telemetry::metrics::Metrics;
 
 /// Exit code when the drain deadline passed.
@@ -49,7 +49,7 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     // The state in RocksDB is computed with the snapshot's feature parameters; a configured
     // set that disagrees is an error rather than a silent mix.
     let configured = config.features_explicit.then_some(config.features);
-    let snapshot = load_snapshot(&config.daemon.snapshot, configured.as_ref())
+    let snapshot = snapshot_file::load_checked(&config.daemon.snapshot, configured.as_ref())
         .with_context(|| format!("loading snapshot {}", config.daemon.snapshot.display()))?;
     tracing::info!(
         version = snapshot.version(),
@@ -74,8 +74,13 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     let shared = registry.shared();
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    let (live, reclusterer) =
-        start_drift_monitoring(&config, &registry, &store, &metrics, &shutdown);
+    let (live, reclusterer) = start_drift_monitoring(
+        &config.recluster_settings(),
+        &registry,
+        &store,
+        &metrics,
+        &shutdown,
+    );
     spawn_snapshot_sources(&config, &registry, &reclusterer, &shutdown).await?;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let audience_report: crate::audience::stream::SharedReport = Default::default();

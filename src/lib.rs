@@ -35,18 +35,17 @@
 //!   harness).
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod audience;
 pub mod batch;
-pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
-pub mod demo;
 pub mod domain;
+pub mod io;
 pub mod model;
 pub mod pipeline;
-pub mod snapshots;
-pub mod store;
 pub mod synth;
 pub mod telemetry;
 pub mod tools;

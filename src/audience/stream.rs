@@ -56,11 +56,13 @@ use super::engine::{
     check_probability, check_time, Engine, PerTier, Readiness, ScoreError, Thresholds, Tier,
 };
 use super::AudienceConfig;
+use crate::domain::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::domain::time::EventTime;
-use crate::pipeline::decode::{DeadLetter, DeadLetterReason, MAX_PAYLOAD_BYTES};
-use crate::pipeline::deliver::{max_message_bytes, Outbox, Output};
-use crate::pipeline::kafka::{client_config, output_producer, KafkaConfig, QuietErrors, RunError};
-use crate::store::{StateStore, StoreBatch};
+use crate::io::kafka::{client_config, output_producer, KafkaConfig, QuietErrors};
+use crate::io::outbox::{max_message_bytes, Outbox, Output};
+use crate::io::store::{StateStore, StoreBatch};
+use crate::pipeline::decode::MAX_PAYLOAD_BYTES;
+use crate::pipeline::error::{ProcessError, RunError};
 use crate::telemetry::metrics::Metrics;
 
 /// Meta key of the engine checkpoint.
@@ -320,10 +322,7 @@ impl Worker {
         store: &dyn StateStore,
         report: SharedReport,
     ) -> Result<Self, RunError> {
-        let engine = match store
-            .meta(ENGINE_KEY)
-            .map_err(crate::pipeline::process::ProcessError::from)?
-        {
+        let engine = match store.meta(ENGINE_KEY).map_err(ProcessError::from)? {
             Some(bytes) => match Engine::restore(config.thresholds.clone(), &bytes) {
                 Ok(engine) => {
                     tracing::info!(
@@ -342,7 +341,7 @@ impl Worker {
         };
         let populations = store
             .meta(POPULATIONS_KEY)
-            .map_err(crate::pipeline::process::ProcessError::from)?
+            .map_err(ProcessError::from)?
             .and_then(|b| postcard::from_bytes::<Vec<(String, [i64; 3])>>(&b).ok())
             .unwrap_or_default()
             .into_iter()
@@ -350,7 +349,7 @@ impl Worker {
             .collect();
         let partitions = store
             .meta(PARTITIONS_KEY)
-            .map_err(crate::pipeline::process::ProcessError::from)?
+            .map_err(ProcessError::from)?
             .and_then(|b| postcard::from_bytes::<Vec<(i32, PartitionState)>>(&b).ok())
             .unwrap_or_default()
             .into_iter()
@@ -417,9 +416,7 @@ impl Worker {
             })
             .collect();
         let keys: Vec<&[u8]> = placeable.iter().map(|(_, _, key)| key.as_slice()).collect();
-        let stored = store
-            .meta_many(&keys)
-            .map_err(crate::pipeline::process::ProcessError::from)?;
+        let stored = store.meta_many(&keys).map_err(ProcessError::from)?;
         for ((score, partition, key), stored) in placeable.into_iter().zip(stored) {
             let Some(thresholds) = self.engine.thresholds(&score.product_id) else {
                 continue;
@@ -762,7 +759,7 @@ pub async fn run(
             tokio::task::spawn_blocking(move || store.commit(&batch))
                 .await
                 .map_err(|e| RunError::Task(e.to_string()))?
-                .map_err(crate::pipeline::process::ProcessError::from)?;
+                .map_err(ProcessError::from)?;
         }
         // Counted once the batch is durable, so the counters never run ahead of the output.
         metrics.audience_updates.inc_by(output.updates.len() as u64);
@@ -795,11 +792,11 @@ pub async fn run(
             };
             store.commit(&batch)?;
             commit_offsets(&committer, &mut offsets, CommitMode::Sync);
-            Ok::<_, crate::store::StoreError>(())
+            Ok::<_, crate::io::store::StoreError>(())
         })
         .await
         .map_err(|e| RunError::Task(e.to_string()))?
-        .map_err(crate::pipeline::process::ProcessError::from)?;
+        .map_err(ProcessError::from)?;
     }
     tracing::info!(?stats, "score stream stopped");
     Ok(stats)

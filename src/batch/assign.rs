@@ -10,7 +10,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -19,8 +19,9 @@ use crate::domain::event::CustomerId;
 use crate::domain::features::FeatureVector;
 use crate::domain::state::{CustomerState, StateParams};
 use crate::domain::time::EventTime;
+use crate::io::snapshot_file;
 use crate::model::assign::{Assigner, Assignment};
-use crate::model::snapshot::{Snapshot, ValidSnapshot};
+use crate::model::snapshot::ValidSnapshot;
 
 use super::ingest::{ingest, FileReport, IngestOptions, InputFile};
 
@@ -99,28 +100,9 @@ pub struct AxisSummary {
     pub segments: Vec<(u32, String, usize)>,
 }
 
-/// Loads a snapshot and checks it fits the configured feature parameters.
-pub fn load_snapshot(
-    path: &Path,
-    configured: Option<&StateParams>,
-) -> anyhow::Result<ValidSnapshot> {
-    let snapshot = Snapshot::load(path)?;
-    if let Some(params) = configured {
-        if params != snapshot.state_params() {
-            bail!(
-                "the snapshot's features were computed with {:?}, but the configuration says {:?}; \
-                 assign with the snapshot's parameters (drop the override) or rediscover",
-                snapshot.state_params(),
-                params
-            );
-        }
-    }
-    Ok(snapshot)
-}
-
 /// Runs assignment.
 pub fn run(job: &AssignJob) -> anyhow::Result<AssignOutcome> {
-    let snapshot = load_snapshot(&job.snapshot, job.state_params.as_ref())?;
+    let snapshot = snapshot_file::load_checked(&job.snapshot, job.state_params.as_ref())?;
     let params = *snapshot.state_params();
     let started = Instant::now();
     let (population, files) = ingest(&job.inputs, &params, &job.ingest)?;

@@ -5,10 +5,40 @@
 //! so an [`Assigner`] flattens the snapshot once (contiguous centroids, resolved feature ids)
 //! and [`Assigner::assign_into`] reuses the caller's buffers instead of allocating.
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
 use crate::domain::features::FeatureVector;
 use crate::domain::membership::{fuzzy_memberships, squared_distance};
 
 use super::snapshot::ValidSnapshot;
+
+/// `segmentd assign` settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssignConfig {
+    /// Exponent of the fuzzy memberships written into new snapshots: 1 is `1/(1+d)`, larger
+    /// is crisper, smaller softer.
+    pub membership_exponent: f64,
+}
+
+impl Default for AssignConfig {
+    fn default() -> Self {
+        Self {
+            membership_exponent: 1.0,
+        }
+    }
+}
+
+impl AssignConfig {
+    /// A usable membership exponent.
+    pub fn check(&self) -> Result<(), String> {
+        crate::domain::membership::check_exponent(self.membership_exponent)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
 
 /// One axis flattened for assignment.
 #[derive(Debug, Clone)]
@@ -157,6 +187,26 @@ impl Assignment {
         &self.memberships[plan.m_offset..plan.m_offset + plan.k]
     }
 }
+
+/// A snapshot with its assigner, swapped as one unit.
+#[derive(Debug)]
+pub struct LoadedSnapshot {
+    /// The snapshot.
+    pub snapshot: ValidSnapshot,
+    /// Its flattened assigner.
+    pub assigner: Assigner,
+}
+
+impl LoadedSnapshot {
+    /// Flattens a validated snapshot.
+    pub fn new(snapshot: ValidSnapshot) -> Self {
+        let assigner = Assigner::new(&snapshot);
+        Self { snapshot, assigner }
+    }
+}
+
+/// The current snapshot, swapped atomically while the daemon runs.
+pub type SharedSnapshot = Arc<ArcSwap<LoadedSnapshot>>;
 
 #[cfg(test)]
 mod tests {

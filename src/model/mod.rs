@@ -1,8 +1,13 @@
-//! Clustering and snapshots: k-means, silhouette, matching, stratified sampling, segment naming,
-//! the snapshot format, and assignment against a snapshot.
+//! Pure models over the domain: k-means, silhouette, matching, stratified sampling, segment
+//! naming, the snapshot format (no file I/O), assignment against a snapshot and the holder
+//! that swaps it, the snapshot build, the validation math, the segment counts and the drift
+//! math. It imports only `domain`.
 
 pub mod assign;
+pub mod build;
+pub mod counts;
 pub mod discover;
+pub mod drift;
 pub mod kmeans;
 pub mod lineage;
 pub mod matching;
@@ -10,3 +15,4 @@ pub mod naming;
 pub mod sampling;
 pub mod silhouette;
 pub mod snapshot;
+pub mod validation;

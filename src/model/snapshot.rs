@@ -6,8 +6,6 @@
 //! numbers, unique ids and names). A file that fails any check is refused whole, with the first
 //! problem named, so a running consumer can keep the snapshot it has.
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -25,14 +23,6 @@ pub const MAX_SEGMENTS_PER_AXIS: usize = 32;
 /// Why a snapshot was refused.
 #[derive(Debug, Error)]
 pub enum SnapshotError {
-    /// The file could not be read or written.
-    #[error("snapshot file {path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
     /// The bytes are not a snapshot document.
     #[error("snapshot is not valid JSON for the snapshot format: {0}")]
     Parse(#[from] serde_json::Error),
@@ -359,32 +349,10 @@ impl ValidSnapshot {
 }
 
 impl Snapshot {
-    /// Reads and validates a snapshot file.
-    pub fn load(path: &Path) -> Result<ValidSnapshot, SnapshotError> {
-        let bytes = std::fs::read(path).map_err(|source| SnapshotError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_slice(&bytes)
-    }
-
     /// Parses and validates snapshot JSON.
     pub fn from_slice(bytes: &[u8]) -> Result<ValidSnapshot, SnapshotError> {
         let snapshot: Snapshot = serde_json::from_slice(bytes)?;
         snapshot.validate()
-    }
-
-    /// Writes the snapshot as pretty JSON, atomically (temp file, then rename), so a watcher
-    /// never sees half a file.
-    pub fn save(&self, path: &Path) -> Result<(), SnapshotError> {
-        let io = |source| SnapshotError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let json = serde_json::to_vec_pretty(self)?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, json).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
     }
 
     /// Checks everything a consumer relies on.
@@ -742,17 +710,5 @@ pub(crate) mod tests {
         let mut value: serde_json::Value = serde_json::from_slice(&json).unwrap();
         value["surprise"] = serde_json::json!(1);
         assert!(Snapshot::from_slice(&serde_json::to_vec(&value).unwrap()).is_err());
-    }
-
-    #[test]
-    fn save_then_load() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("snap.json");
-        sample_snapshot().save(&path).unwrap();
-        assert_eq!(Snapshot::load(&path).unwrap().version(), 1);
-        assert!(matches!(
-            Snapshot::load(&dir.path().join("missing.json")),
-            Err(SnapshotError::Io { .. })
-        ));
     }
 }

@@ -1,15 +1,25 @@
-//! The streaming pipeline, in the order data moves: decode (Kafka bytes → events or dead
-//! letters) → process (per-customer state in the store, assignment, what to publish) →
-//! publish.
+//! The streaming path, one file per stage in the order data moves:
 //!
-//! [`kafka`] runs the loop in two stages (process, then deliver and commit); [`pending`]
-//! lets the first stage read state the second has not made durable yet; [`population`]
-//! keeps the customers-per-segment counts that are stored with the records.
+//! ```text
+//!  consume ──▶ decode ──▶ update ──▶ assign ──▶ publish ──▶ commit
+//!  (batches   (bytes →   (state in  (features,  (outbox:    (await acks, then records +
+//!   of Kafka   events or  the store, segments,   updates,    offsets in one store write,
+//!   records)   dead       each event hysteresis, dead        then the group)
+//!              letters)   applied)   publish?)   letters)
+//! ```
+//!
+//! Beside them: [`partitions`] (rebalance, resume from the stored offsets), [`pending`] (the
+//! state of batches published but not yet durable), [`population`] (segment counts stored
+//! with the records), [`sweep`] (re-assignment after a snapshot swap), [`error`].
 
+pub mod assign;
+pub mod commit;
+pub mod consume;
 pub mod decode;
-pub mod deliver;
-pub mod kafka;
+pub mod error;
+pub mod partitions;
 pub mod pending;
 pub mod population;
-pub mod process;
+pub mod publish;
 pub mod sweep;
+pub mod update;

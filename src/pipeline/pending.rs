@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rustc_hash::FxHashMap;
 
-use crate::store::{PartitionKey, StateStore, StoreBatch, StoreError, StoreStats};
+use crate::io::store::{PartitionKey, StateStore, StoreBatch, StoreError, StoreStats};
 
 /// Encoded record by customer key, tagged with the batch that wrote it.
 type Records = FxHashMap<Box<[u8]>, (u64, Arc<[u8]>)>;
@@ -118,7 +118,7 @@ impl StateStore for Overlay {
         &self,
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<crate::store::Records, StoreError> {
+    ) -> Result<crate::io::store::Records, StoreError> {
         let mut records = self.store.records_after(after, limit)?;
         let map = self.pending.lock();
         if !map.is_empty() {
@@ -139,7 +139,7 @@ impl StateStore for Overlay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemStore;
+    use crate::io::store::MemStore;
 
     fn rec(k: &str, v: &str) -> (Vec<u8>, Vec<u8>) {
         (k.as_bytes().to_vec(), v.as_bytes().to_vec())

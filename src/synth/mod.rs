@@ -18,6 +18,7 @@ mod behaviour;
 mod catalogue;
 mod csv_out;
 mod events;
+pub mod fixtures;
 mod history;
 mod live;
 mod persona;

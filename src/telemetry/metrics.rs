@@ -7,7 +7,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::pipeline::decode::DeadLetterReason;
+use crate::domain::dead_letter::DeadLetterReason;
 
 /// The daemon's metrics and the registry they are exported from.
 pub struct Metrics {

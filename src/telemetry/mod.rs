@@ -1,12 +1,18 @@
-//! Observability: tracing setup, the metrics (each defined once) and the HTTP endpoints.
+//! Observability: tracing setup and the metrics, each defined once. The endpoints that serve
+//! them are in `api`.
 
-pub mod admin;
-pub mod http;
 pub mod metrics;
 
 use tracing_subscriber::{fmt, EnvFilter};
 
-use crate::cli::LogFormat;
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Installs the global tracing subscriber on stderr. `RUST_LOG` wins over `verbosity`
 /// (0 info, 1 debug, 2+ trace). Calling it twice is harmless (the second call is ignored).

@@ -37,7 +37,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 
-use crate::store::{RocksStore, StateStore, StoreConfig};
+use crate::io::snapshot_file;
+use crate::io::store::{RocksStore, StateStore, StoreConfig};
 use crate::synth::{Shop, ShopParams};
 
 /// `segmentd chaos`.
@@ -151,9 +152,9 @@ fn run(args: &ChaosArgs, work: &Path, binary: &Path) -> anyhow::Result<Verdict> 
         ..ShopParams::default()
     })?;
     let sample = args.customers.clamp(50, 2_000);
-    let (_, snapshot) = crate::demo::discover_history(&shop, sample)?;
+    let (_, snapshot) = crate::synth::fixtures::discover_history(&shop, sample)?;
     let snapshot_path = work.join("snapshot.json");
-    snapshot.snapshot().save(&snapshot_path)?;
+    snapshot_file::save(snapshot.snapshot(), &snapshot_path)?;
     let events: Vec<(String, Vec<u8>)> = shop
         .history()
         .map(|e| Ok((e.customer_id.to_string(), serde_json::to_vec(&e)?)))

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use segmentd::model::snapshot::Snapshot;
+use segmentd::io::snapshot_file;
 
 fn segmentd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_segmentd"))
@@ -78,7 +78,7 @@ fn discover_assign_validate_on_a_generated_shop() {
     let report = text(&run);
     assert!(report.contains("purchase_frequency"), "{report}");
     assert!(report.contains("silhouette"), "{report}");
-    let valid = Snapshot::load(&snap).expect("discover writes a valid snapshot");
+    let valid = snapshot_file::load(&snap).expect("discover writes a valid snapshot");
     let s = valid.snapshot();
     assert_eq!(s.source.population, 600);
     assert_eq!(s.source.sampled, 400);
@@ -286,7 +286,7 @@ fn a_grocery_export_maps_and_reports_the_axes_it_cannot_compute() {
         "{report}"
     );
     assert!(report.contains("return_behavior"), "{report}");
-    let s = Snapshot::load(&snap).unwrap();
+    let s = snapshot_file::load(&snap).unwrap();
     let skipped: Vec<&str> = s
         .snapshot()
         .skipped_axes
@@ -441,8 +441,8 @@ fn discover_carries_segment_ids_from_the_snapshot_it_replaces() {
         &inputs(&shop),
     );
     assert!(run.status.success(), "{}", text(&run));
-    let v1 = Snapshot::load(&first).unwrap();
-    let v2 = Snapshot::load(&second).unwrap();
+    let v1 = snapshot_file::load(&first).unwrap();
+    let v2 = snapshot_file::load(&second).unwrap();
     let lineage = v2.snapshot().lineage.as_ref().expect("a lineage");
     assert_eq!(
         (lineage.previous_version, lineage.chain.clone()),

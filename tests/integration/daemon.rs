@@ -18,11 +18,14 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use segmentd::pipeline::kafka::{run, Hooks, KafkaConfig, LoadedSnapshot, RunStats};
-use segmentd::pipeline::process::{MembershipUpdate, PublishPolicy};
+use segmentd::control::registry::Registry;
+use segmentd::domain::update::MembershipUpdate;
+use segmentd::io::kafka::KafkaConfig;
+use segmentd::io::store::{RocksStore, StateStore, StoreConfig};
+use segmentd::model::assign::LoadedSnapshot;
+use segmentd::pipeline::assign::PublishPolicy;
+use segmentd::pipeline::consume::{run, Hooks, RunStats};
 use segmentd::pipeline::sweep::SweepConfig;
-use segmentd::snapshots::Registry;
-use segmentd::store::{RocksStore, StateStore, StoreConfig};
 use segmentd::telemetry::metrics::Metrics;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,11 +280,14 @@ async fn a_snapshot_swap_mid_stream_switches_each_customer_once_in_order() {
     let outcome = registry
         .offer(
             &serde_json::to_vec(&v2).unwrap(),
-            segmentd::snapshots::Origin::Http,
-            segmentd::snapshots::Activation::Always,
+            segmentd::control::registry::Origin::Http,
+            segmentd::control::registry::Activation::Always,
         )
         .unwrap();
-    assert_eq!(outcome, segmentd::snapshots::Outcome::Activated(v2.version));
+    assert_eq!(
+        outcome,
+        segmentd::control::registry::Outcome::Activated(v2.version)
+    );
     produce(&brokers, &input, &phase([3, 4])).await;
     wait_for("the second half", || durable(store.as_ref()) >= 120).await;
     shutdown.cancel();
@@ -345,7 +351,7 @@ async fn bad_snapshots_on_the_topic_are_rejected_and_the_running_one_stays() {
         session_timeout_ms: 6_000,
         ..KafkaConfig::default()
     };
-    let follower = tokio::spawn(segmentd::snapshots::sources::follow_topic(
+    let follower = tokio::spawn(segmentd::control::sources::follow_topic(
         config,
         topic.clone(),
         registry.clone(),
@@ -377,7 +383,7 @@ async fn bad_snapshots_on_the_topic_are_rejected_and_the_running_one_stays() {
         .listing()
         .rejected
         .iter()
-        .all(|r| r.origin == segmentd::snapshots::Origin::Kafka));
+        .all(|r| r.origin == segmentd::control::registry::Origin::Kafka));
     produce(&brokers, &topic, &[("snapshot".to_owned(), good)]).await;
     wait_for("the good one", || {
         registry.active_version() == v1.version() + 1
@@ -453,8 +459,8 @@ async fn after_a_swap_the_sweep_republishes_quiet_customers_and_resumes_after_a_
         registry
             .offer(
                 &serde_json::to_vec(&v2).unwrap(),
-                segmentd::snapshots::Origin::Http,
-                segmentd::snapshots::Activation::Always,
+                segmentd::control::registry::Origin::Http,
+                segmentd::control::registry::Activation::Always,
             )
             .unwrap();
         let visited = |store: &dyn StateStore| -> u64 {
@@ -526,10 +532,7 @@ async fn after_a_swap_the_sweep_republishes_quiet_customers_and_resumes_after_a_
             vec![(1, v1.version()), (2, v2.version)],
             "{customer}"
         );
-        assert_eq!(
-            seen[1].0.cause.topic,
-            segmentd::pipeline::process::SWEEP_TOPIC
-        );
+        assert_eq!(seen[1].0.cause.topic, segmentd::domain::update::SWEEP_TOPIC);
     }
     // Repeats are allowed, not required: the crash may fall between chunks.
     eprintln!("sweep updates repeated after the crash: {repeats}");

@@ -20,13 +20,17 @@ use tokio_util::sync::CancellationToken;
 
 use segmentd::config::Config;
 use segmentd::domain::event::Event;
+use segmentd::domain::record::CustomerRecord;
 use segmentd::domain::state::CustomerState;
-use segmentd::pipeline::kafka::{run, KafkaConfig, LoadedSnapshot, RunError, RunStats};
-use segmentd::pipeline::process::{CustomerRecord, PublishPolicy};
-use segmentd::pipeline::sweep::SweepConfig;
-use segmentd::store::{
+use segmentd::io::kafka::KafkaConfig;
+use segmentd::io::store::{
     PartitionKey, Records, RocksStore, StateStore, StoreBatch, StoreConfig, StoreError, StoreStats,
 };
+use segmentd::model::assign::LoadedSnapshot;
+use segmentd::pipeline::assign::PublishPolicy;
+use segmentd::pipeline::consume::{run, RunStats};
+use segmentd::pipeline::error::RunError;
+use segmentd::pipeline::sweep::SweepConfig;
 use segmentd::synth::{Shop, ShopParams};
 use segmentd::tools::broker::{BrokerArgs, DevBroker};
 
@@ -546,8 +550,8 @@ async fn a_dead_letter_too_large_for_the_broker_is_delivered_cut_down_and_the_st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_nothing_of_which_fits_is_delivered_as_headers_only() {
-    use segmentd::pipeline::decode::{DeadLetter, DeadLetterReason};
-    use segmentd::pipeline::deliver::{deliver_reduced, Form};
+    use segmentd::domain::dead_letter::{DeadLetter, DeadLetterReason};
+    use segmentd::io::outbox::{deliver_reduced, Form};
     let broker = DevBroker::start(&BrokerArgs {
         message_max_bytes: 1_500,
         ..BrokerArgs::default()

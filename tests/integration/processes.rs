@@ -7,7 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use segmentd::store::{RocksStore, StateStore, StoreConfig};
+use segmentd::io::snapshot_file;
+use segmentd::io::store::{RocksStore, StateStore, StoreConfig};
 
 use super::support::*;
 
@@ -70,7 +71,7 @@ impl Daemon {
     fn start(brokers: &str, deadline_seconds: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let snapshot_path = dir.path().join("snapshot.json");
-        snapshot().snapshot().save(&snapshot_path).unwrap();
+        snapshot_file::save(snapshot().snapshot(), &snapshot_path).unwrap();
         let input = unique("orders");
         let config = format!(
             r#"[daemon]

@@ -13,9 +13,9 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
+use segmentd::io::store::{RocksStore, StateStore, StoreConfig};
 use segmentd::model::snapshot::ValidSnapshot;
-use segmentd::pipeline::kafka::Hooks;
-use segmentd::store::{RocksStore, StateStore, StoreConfig};
+use segmentd::pipeline::consume::Hooks;
 use segmentd::synth::{Shop, ShopParams};
 use segmentd::telemetry::metrics::Metrics;
 
@@ -27,7 +27,9 @@ pub fn snapshot() -> ValidSnapshot {
         ..ShopParams::default()
     })
     .unwrap();
-    segmentd::demo::discover_history(&shop, 300).unwrap().1
+    segmentd::synth::fixtures::discover_history(&shop, 300)
+        .unwrap()
+        .1
 }
 
 /// The mock cluster, or the real brokers named in `SEGMENTD_TEST_BROKERS`.

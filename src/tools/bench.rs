@@ -26,11 +26,15 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
-use crate::demo::{discover_history, histogram_buckets, quantile};
-use crate::pipeline::kafka::{run as run_loop, Hooks, KafkaConfig, LoadedSnapshot};
-use crate::store::{RocksStore, StateStore, StoreConfig};
+use crate::io::kafka::KafkaConfig;
+use crate::io::snapshot_file;
+use crate::io::store::{RocksStore, StateStore, StoreConfig};
+use crate::model::assign::LoadedSnapshot;
+use crate::pipeline::consume::{run as run_loop, Hooks};
+use crate::synth::fixtures::discover_history;
 use crate::synth::{Shop, ShopParams};
 use crate::telemetry::metrics::Metrics;
+use crate::tools::demo::{histogram_buckets, quantile};
 
 /// `segmentd bench` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -260,7 +264,7 @@ async fn process_run(
     );
     let rekeyed = rekey(payloads, n, 0)?;
     let snapshot_path = dir.path().join("snapshot.json");
-    snapshot.snapshot.snapshot().save(&snapshot_path)?;
+    snapshot_file::save(snapshot.snapshot.snapshot(), &snapshot_path)?;
     let input = "bench-process-events";
     for topic in [input, "bench-process-memberships"] {
         cluster.create_topic(topic, args.partitions, 1)?;
@@ -409,7 +413,7 @@ async fn swap_run(
         ..StoreConfig::default()
     })?);
     let metrics = Arc::new(Metrics::new()?);
-    let registry = crate::snapshots::Registry::open(
+    let registry = crate::control::registry::Registry::open(
         &dir.path().join("swap-snapshots"),
         5,
         snapshot.snapshot.clone(),
@@ -488,8 +492,8 @@ async fn swap_run(
     let swapped = Instant::now();
     registry.offer(
         &serde_json::to_vec(&next)?,
-        crate::snapshots::Origin::Http,
-        crate::snapshots::Activation::Always,
+        crate::control::registry::Origin::Http,
+        crate::control::registry::Activation::Always,
     )?;
     sweep_done(&store, next.version, || {
         follow(&store, &progress).map(|_| ())
@@ -555,8 +559,8 @@ async fn swap_run(
     let swapped = Instant::now();
     registry.offer(
         &serde_json::to_vec(&third)?,
-        crate::snapshots::Origin::Http,
-        crate::snapshots::Activation::Always,
+        crate::control::registry::Origin::Http,
+        crate::control::registry::Activation::Always,
     )?;
     sweep_done(&store, third.version, || Ok(())).await?;
     let seconds = swapped.elapsed().as_secs_f64();
@@ -612,7 +616,7 @@ fn recluster_run(
     dir: &std::path::Path,
     n: usize,
 ) -> anyhow::Result<f64> {
-    use crate::snapshots::recluster::{recluster, Cause, ReclusterOutcome};
+    use crate::control::recluster::{recluster, Cause, ReclusterOutcome};
     let path = dir.join("recluster");
     seed_store(&path, states, snapshot, n)?;
     let store = RocksStore::open(&StoreConfig {
@@ -620,13 +624,13 @@ fn recluster_run(
         ..StoreConfig::default()
     })?;
     let metrics = Arc::new(Metrics::new()?);
-    let registry = crate::snapshots::Registry::open(
+    let registry = crate::control::registry::Registry::open(
         &dir.join("recluster-snapshots"),
         5,
         snapshot.snapshot.clone(),
         metrics.clone(),
     )?;
-    let config = crate::config::Config::default();
+    let config = crate::control::recluster::ReclusterSettings::default();
     let cause = Cause {
         reason: "bench".into(),
         readings: Vec::new(),
@@ -658,8 +662,8 @@ fn seed_store(
     n: usize,
 ) -> anyhow::Result<()> {
     use crate::domain::time::EventTime;
-    use crate::pipeline::process::published_record;
-    use crate::store::StoreBatch;
+    use crate::io::store::StoreBatch;
+    use crate::pipeline::assign::published_record;
     anyhow::ensure!(!states.is_empty(), "no customer states to seed from");
     let store = RocksStore::open(&StoreConfig {
         path: path.to_owned(),
@@ -820,7 +824,7 @@ async fn daemon_run(
     brokers: &str,
     producer: &FutureProducer,
     payloads: &Payloads,
-    shared: &crate::pipeline::kafka::SharedSnapshot,
+    shared: &crate::model::assign::SharedSnapshot,
     dir: &tempfile::TempDir,
     name: &str,
     rate: Option<u32>,

@@ -1,79 +1,31 @@
-//! The drift monitor: how far the live population has moved from the active snapshot's
-//! baseline, per axis.
+//! Drift math: how far the live population has moved from a snapshot's baseline, per axis.
 //!
 //! Maintained incrementally, never by a scan:
-//! - segment shares come from the customers-per-segment counts the committer keeps
-//!   ([`crate::pipeline::population`]);
+//! - segment shares come from the customers-per-segment counts ([`SegmentCounts`]) the
+//!   committer keeps with the records;
 //! - each assignment adds its standardised features and its distance to the nearest centroid
-//!   to per-axis sums ([`DriftSums`], built while a batch is processed, absorbed by the
-//!   committer once the batch is durable), decayed with a half-life so the readings follow
+//!   to per-axis sums ([`DriftSums`], built while a batch is processed, absorbed into
+//!   [`LiveState`] once the batch is durable), decayed with a half-life so the readings follow
 //!   the recent population.
 //!
-//! Every `drift.check_seconds`, per axis, against the snapshot's baseline (its segment shares,
-//! their mean distances, and standardised feature means of 0):
-//! - PSI and Jensen–Shannon divergence of segment shares;
-//! - mean distance to the nearest centroid over the baseline's (the distance ratio);
-//! - the largest standardised mean shift of a feature.
-//!
-//! An axis counts as drifted while its PSI exceeds `drift.psi_threshold`. The monitor fires
-//! when some axis has been drifted for `drift.consecutive` checks in a row and the last firing
-//! is at least `drift.cooldown_seconds` ago.
+//! Against the snapshot's baseline (its segment shares, their mean distances, and
+//! standardised feature means of 0), per axis: PSI and Jensen–Shannon divergence of segment
+//! shares; mean distance to the nearest centroid over the baseline's; the largest
+//! standardised mean shift of a feature. The monitor that reads them on a schedule and
+//! decides when to re-cluster is `control::drift`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::model::assign::{Assigner, Assignment};
-use crate::model::snapshot::ValidSnapshot;
-use crate::pipeline::population::Population;
-use crate::telemetry::metrics::Metrics;
+use super::assign::{Assigner, Assignment};
+use super::counts::SegmentCounts;
+use super::snapshot::ValidSnapshot;
 
 /// Floor of a share in PSI and divergences, so an empty segment gives a large, finite value.
 const SHARE_FLOOR: f64 = 1e-4;
-
-/// Drift settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DriftConfig {
-    /// Seconds between checks.
-    pub check_seconds: u64,
-    /// Half-life of the running feature means and distances, in seconds.
-    pub half_life_seconds: f64,
-    /// Customers an axis needs in its live counts before it is judged.
-    pub min_customers: u64,
-    /// An axis is drifted while its PSI exceeds this.
-    pub psi_threshold: f64,
-    /// Checks in a row an axis must be drifted before the monitor fires.
-    pub consecutive: u32,
-    /// Least time between two firings, in seconds.
-    pub cooldown_seconds: u64,
-    /// Re-cluster when the monitor fires (otherwise it only reports).
-    pub recluster: bool,
-    /// Activate a re-clustered snapshot that passes validation at once (otherwise stage it
-    /// for `POST /admin/snapshots/{version}/activate`).
-    pub auto_activate: bool,
-    /// A re-clustered segment whose centroid lies within this distance of an active
-    /// segment's (in the active snapshot's standardised units) keeps that segment's id.
-    pub same_segment_distance: f64,
-}
-
-impl Default for DriftConfig {
-    fn default() -> Self {
-        Self {
-            check_seconds: 30,
-            half_life_seconds: 3_600.0,
-            min_customers: 1_000,
-            psi_threshold: 0.2,
-            consecutive: 3,
-            cooldown_seconds: 3_600,
-            recluster: true,
-            auto_activate: true,
-            same_segment_distance: 0.5,
-        }
-    }
-}
 
 /// Per-axis sums of assignments (weights, standardised features, squared features, nearest
 /// distances), aligned with one snapshot's axes.
@@ -164,18 +116,19 @@ impl DriftSums {
 #[derive(Debug)]
 pub struct LiveState {
     sums: DriftSums,
-    counts: Population,
+    counts: SegmentCounts,
     last: Option<Instant>,
     half_life: Duration,
 }
 
 impl Default for LiveState {
     fn default() -> Self {
-        Self::new(Duration::from_secs_f64(
-            DriftConfig::default().half_life_seconds,
-        ))
+        Self::new(DEFAULT_HALF_LIFE)
     }
 }
+
+/// The half-life of the running sums when none is configured (`drift.half_life_seconds`).
+pub const DEFAULT_HALF_LIFE: Duration = Duration::from_secs(3_600);
 
 /// Shared between the committer (writer) and the monitor (reader).
 pub type Live = Arc<Mutex<LiveState>>;
@@ -185,7 +138,7 @@ impl LiveState {
     pub fn new(half_life: Duration) -> Self {
         Self {
             sums: DriftSums::default(),
-            counts: Population::default(),
+            counts: SegmentCounts::default(),
             last: None,
             half_life,
         }
@@ -193,7 +146,7 @@ impl LiveState {
 
     /// Absorbs a durable batch: decays the running sums to now, adds the batch's, and takes
     /// the current counts.
-    pub fn absorb(&mut self, batch: &DriftSums, counts: &Population) {
+    pub fn absorb(&mut self, batch: &DriftSums, counts: &SegmentCounts) {
         let now = Instant::now();
         if let Some(last) = self.last {
             let dt = now.duration_since(last).as_secs_f64();
@@ -213,7 +166,7 @@ pub struct Reading {
     pub axis: String,
     /// Customers in the live counts.
     pub customers: u64,
-    /// Population stability index of segment shares, live against baseline.
+    /// SegmentCounts stability index of segment shares, live against baseline.
     pub psi: f64,
     /// Jensen–Shannon divergence of segment shares (natural log).
     pub js: f64,
@@ -333,115 +286,6 @@ pub fn readings(snapshot: &ValidSnapshot, live: &LiveState, min_customers: u64) 
         .collect()
 }
 
-/// The trigger: consecutive drifted checks per axis, and the cooldown.
-#[derive(Debug, Default)]
-pub struct Trigger {
-    streaks: BTreeMap<String, u32>,
-    last_fired: Option<Instant>,
-}
-
-impl Trigger {
-    /// Records one check's readings; returns the axes that fire now (empty: no firing).
-    pub fn check(
-        &mut self,
-        readings: &[Reading],
-        config: &DriftConfig,
-        now: Instant,
-    ) -> Vec<String> {
-        let mut due = Vec::new();
-        for r in readings {
-            let streak = self.streaks.entry(r.axis.clone()).or_insert(0);
-            if r.judged && r.psi > config.psi_threshold {
-                *streak += 1;
-            } else {
-                *streak = 0;
-            }
-            if *streak >= config.consecutive.max(1) {
-                due.push(r.axis.clone());
-            }
-        }
-        let cooled = self
-            .last_fired
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(config.cooldown_seconds));
-        if due.is_empty() || !cooled {
-            return Vec::new();
-        }
-        self.last_fired = Some(now);
-        self.streaks.clear();
-        due
-    }
-
-    /// Whether `axis` is currently drifted (on a streak).
-    pub fn drifted(&self, axis: &str) -> bool {
-        self.streaks.get(axis).is_some_and(|s| *s > 0)
-    }
-}
-
-/// Exports readings as gauges.
-pub fn export(readings: &[Reading], trigger: &Trigger, metrics: &Metrics) {
-    for r in readings {
-        let axis = [r.axis.as_str()];
-        metrics.drift_psi.with_label_values(&axis).set(r.psi);
-        metrics.drift_js.with_label_values(&axis).set(r.js);
-        metrics
-            .drift_distance_ratio
-            .with_label_values(&axis)
-            .set(r.distance_ratio);
-        metrics
-            .drift_feature_shift
-            .with_label_values(&axis)
-            .set(r.worst_shift);
-        metrics
-            .drift_detected
-            .with_label_values(&axis)
-            .set(i64::from(trigger.drifted(&r.axis)));
-    }
-}
-
-/// Checks drift every `config.check_seconds` until shutdown: exports the readings and, when
-/// the trigger fires and `config.recluster` is on, starts a re-clustering (one at a time; the
-/// checks go on meanwhile).
-pub async fn monitor(
-    config: DriftConfig,
-    registry: Arc<super::Registry>,
-    live: Live,
-    metrics: Arc<Metrics>,
-    reclusterer: Option<Arc<super::recluster::Reclusterer>>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut trigger = Trigger::default();
-    let every = Duration::from_secs(config.check_seconds);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        let loaded = registry.shared().load_full();
-        let current = {
-            let live = live.lock().unwrap_or_else(|e| e.into_inner());
-            readings(&loaded.snapshot, &live, config.min_customers)
-        };
-        let fired = trigger.check(&current, &config, Instant::now());
-        export(&current, &trigger, &metrics);
-        if fired.is_empty() {
-            continue;
-        }
-        tracing::warn!(axes = ?fired, version = loaded.snapshot.version(), "drift detected");
-        let Some(reclusterer) = reclusterer.clone().filter(|_| config.recluster) else {
-            continue;
-        };
-        let cause = super::recluster::Cause {
-            reason: "drift".into(),
-            readings: current,
-        };
-        tokio::task::spawn_blocking(move || {
-            if reclusterer.run(&cause).is_none() {
-                tracing::info!("a re-clustering is already running; this trigger is dropped");
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,11 +311,11 @@ mod tests {
     #[test]
     fn readings_compare_live_counts_and_sums_with_the_baseline() {
         use crate::domain::features::Axis;
-        use crate::pipeline::process::AxisChange;
+        use crate::domain::update::AxisChange;
         let snapshot = crate::model::snapshot::tests::sample_snapshot()
             .validate()
             .unwrap();
-        let mut counts = Population::new(snapshot.version());
+        let mut counts = SegmentCounts::new(snapshot.version());
         // 1,000 customers: 700 in segment 1, 300 in segment 2 (baseline 0.4 / 0.6).
         for i in 0..1_000 {
             let segment = if i < 700 { 1 } else { 2 };
@@ -512,42 +356,5 @@ mod tests {
         let mut other = LiveState::new(Duration::from_secs(3_600));
         other.absorb(&sums, &counts);
         assert!(readings(&snapshot, &other, 500)[0].distance_ratio.is_nan());
-    }
-
-    fn reading(axis: &str, psi: f64) -> Reading {
-        Reading {
-            axis: axis.into(),
-            customers: 5_000,
-            psi,
-            js: 0.0,
-            distance_ratio: 1.0,
-            worst_shift: 0.0,
-            worst_feature: String::new(),
-            judged: true,
-        }
-    }
-
-    #[test]
-    fn fires_after_consecutive_drifted_checks_then_cools_down() {
-        let config = DriftConfig {
-            consecutive: 3,
-            cooldown_seconds: 60,
-            ..DriftConfig::default()
-        };
-        let mut t = Trigger::default();
-        let start = Instant::now();
-        let at = |s: u64| start + Duration::from_secs(s);
-        assert!(t.check(&[reading("a", 0.3)], &config, at(0)).is_empty());
-        // A calm check breaks the streak.
-        assert!(t.check(&[reading("a", 0.1)], &config, at(1)).is_empty());
-        assert!(t.check(&[reading("a", 0.3)], &config, at(2)).is_empty());
-        assert!(t.check(&[reading("a", 0.3)], &config, at(3)).is_empty());
-        assert!(t.drifted("a"));
-        assert_eq!(t.check(&[reading("a", 0.3)], &config, at(4)), vec!["a"]);
-        // Cooling down: a new streak does not fire before 60 s.
-        for s in 5..8 {
-            assert!(t.check(&[reading("a", 0.3)], &config, at(s)).is_empty());
-        }
-        assert_eq!(t.check(&[reading("a", 0.3)], &config, at(70)), vec!["a"]);
     }
 }

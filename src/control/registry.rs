@@ -21,10 +21,6 @@
 //! [`Registry::activate`]); the snapshot topic always (it is the fleet's authority: every
 //! instance follows its latest record); the admin API as asked.
 
-pub mod drift;
-pub mod recluster;
-pub mod sources;
-
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -34,8 +30,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::domain::state::StateParams;
+use crate::io::snapshot_file;
+use crate::model::assign::{LoadedSnapshot, SharedSnapshot};
 use crate::model::snapshot::{Snapshot, SnapshotError, ValidSnapshot};
-use crate::pipeline::kafka::{LoadedSnapshot, SharedSnapshot};
 use crate::telemetry::metrics::Metrics;
 
 /// Rejected offers remembered for the admin API.
@@ -120,6 +117,9 @@ pub enum Rejection {
     /// No such version is stored.
     #[error("no snapshot version {0} is stored")]
     Unknown(u64),
+    /// A stored snapshot file could not be read or written.
+    #[error(transparent)]
+    File(#[from] crate::io::snapshot_file::SnapshotFileError),
     /// The snapshot directory failed.
     #[error("snapshot directory {path}: {source}")]
     Io {
@@ -359,7 +359,7 @@ impl Registry {
             path: self.dir.display().to_string(),
             source,
         };
-        valid.snapshot().save(&snapshot_path(&self.dir, version))?;
+        snapshot_file::save(valid.snapshot(), &snapshot_path(&self.dir, version))?;
         let entry = Entry {
             version,
             origin,
@@ -387,7 +387,7 @@ impl Registry {
         if !self.lock().entries.contains_key(&version) {
             return Err(Rejection::Unknown(version));
         }
-        let valid = Snapshot::load(&snapshot_path(&self.dir, version))?;
+        let valid = snapshot_file::load(&snapshot_path(&self.dir, version))?;
         if valid.state_params() != &self.params {
             return Err(Rejection::Incompatible(
                 "its rolling-state parameters differ from the running state's".into(),

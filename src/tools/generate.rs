@@ -9,7 +9,7 @@ use crate::cli::GenerateArgs;
 use crate::domain::time::EventTime;
 use crate::synth::{write_csv, PersonaMix, Shop, ShopParams};
 
-use super::report::count;
+use crate::batch::report::count;
 
 /// Runs the generator and prints what it wrote.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {

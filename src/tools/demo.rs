@@ -19,19 +19,21 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::discover::build_snapshot;
-use crate::config::{Config, SampleSizeSetting};
+use crate::api::http::{serve as serve_http, AppState, HttpConfig};
+use crate::config::Config;
+use crate::control::drift::DriftConfig;
+use crate::control::recluster::start_drift_monitoring;
+use crate::control::registry::Registry;
 use crate::domain::event::EventKind;
-use crate::domain::features::Sources;
-use crate::pipeline::kafka::{run as run_loop, Hooks, KafkaConfig};
-use crate::pipeline::population::{Population, META_KEY as POPULATION_KEY};
-use crate::pipeline::process::{published_record, AxisChange};
-use crate::snapshots::drift::DriftConfig;
-use crate::snapshots::recluster::start_drift_monitoring;
-use crate::snapshots::Registry;
-use crate::store::{RocksStore, StateStore, StoreBatch, StoreConfig};
+use crate::domain::update::AxisChange;
+use crate::io::kafka::KafkaConfig;
+use crate::io::store::{RocksStore, StateStore, StoreBatch, StoreConfig};
+use crate::model::counts::SegmentCounts;
+use crate::pipeline::assign::published_record;
+use crate::pipeline::consume::{run as run_loop, Hooks};
+use crate::pipeline::population::META_KEY as POPULATION_KEY;
+use crate::synth::fixtures::discover_history;
 use crate::synth::{Shop, ShopParams};
-use crate::telemetry::http::{serve as serve_http, AppState, HttpConfig};
 use crate::telemetry::metrics::Metrics;
 
 /// `segmentd demo` options.
@@ -67,30 +69,6 @@ pub struct DemoArgs {
     /// daemon keeps per-product audiences current from them.
     #[arg(long, default_value_t = 500)]
     pub scores_rate: u32,
-}
-
-/// A generated shop's customer states after its history, and the snapshot discovered on a
-/// `sample`-customer stratified sample of them (version 1, default settings): the starting
-/// point of the demo, the benchmark and the daemon's tests.
-pub fn discover_history(
-    shop: &Shop,
-    sample: usize,
-) -> anyhow::Result<(
-    Vec<crate::domain::state::CustomerState>,
-    crate::model::snapshot::ValidSnapshot,
-)> {
-    let mut config = Config::default();
-    config.discover.sample_size = SampleSizeSetting::Count(sample);
-    let (states, last) = shop.history_states(&config.features);
-    let built = build_snapshot(
-        &states,
-        Sources::ALL,
-        last.context("the shop has no history")?,
-        &config,
-        1,
-        vec!["generated history".into()],
-    )?;
-    Ok((states, built.snapshot.validate()?))
 }
 
 /// Topic of each event kind, as in the default configuration.
@@ -172,7 +150,7 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
     })?);
     // The history's states, as if their assignments had been published (the steady state a
     // backfill leaves), with the segment populations they make.
-    let mut population = Population::new(snapshot.version());
+    let mut population = SegmentCounts::new(snapshot.version());
     let assigner = crate::model::assign::Assigner::new(&snapshot);
     for chunk in states.chunks(10_000) {
         let mut records = Vec::with_capacity(chunk.len());
@@ -243,8 +221,13 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let (app, shutdown) = (app.clone(), shutdown.clone());
         async move { serve_http(&http, app, shutdown).await }
     });
-    let (live_drift, reclusterer) =
-        start_drift_monitoring(&config, &registry, &store, &metrics, &shutdown);
+    let (live_drift, reclusterer) = start_drift_monitoring(
+        &config.recluster_settings(),
+        &registry,
+        &store,
+        &metrics,
+        &shutdown,
+    );
     let daemon = tokio::spawn({
         let hooks = Hooks {
             metrics: metrics.clone(),
@@ -451,7 +434,7 @@ impl LiveView {
         }
     }
 
-    fn line(&mut self, snapshot: &crate::pipeline::kafka::SharedSnapshot) -> String {
+    fn line(&mut self, snapshot: &crate::model::assign::SharedSnapshot) -> String {
         let m = &self.metrics;
         let events: u64 = ["applied", "duplicate"]
             .iter()

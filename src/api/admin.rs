@@ -21,8 +21,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::snapshots::recluster::{Cause, ReclusterOutcome, Reclusterer};
-use crate::snapshots::{Activation, Origin, Registry, Rejection};
+use crate::control::recluster::{Cause, ReclusterOutcome, Reclusterer};
+use crate::control::registry::{Activation, Origin, Registry, Rejection};
 
 /// Largest snapshot document accepted, in bytes.
 const MAX_SNAPSHOT_BYTES: usize = 64 << 20;
@@ -160,7 +160,7 @@ async fn offer(
     match result {
         Ok(Ok(outcome)) => {
             let status = match outcome {
-                crate::snapshots::Outcome::Unchanged(_) => StatusCode::OK,
+                crate::control::registry::Outcome::Unchanged(_) => StatusCode::OK,
                 _ => StatusCode::CREATED,
             };
             (status, Json(outcome)).into_response()
@@ -224,7 +224,7 @@ async fn recluster(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Respo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshots::tests::versioned;
+    use crate::control::registry::tests::versioned;
     use crate::telemetry::metrics::Metrics;
     use axum::body::Body;
     use axum::http::Request;

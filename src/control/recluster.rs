@@ -25,19 +25,21 @@ use std::time::Instant;
 use anyhow::Context;
 use rayon::prelude::*;
 
-use super::drift::{monitor, Live, LiveState, Reading};
-use super::{Activation, Origin, Outcome, Registry};
-use crate::batch::discover::build_from_features;
-use crate::batch::validate::AxisTally;
-use crate::config::Config;
+use super::drift::monitor;
+use super::registry::{Activation, Origin, Outcome, Registry};
 use crate::domain::features::{FeatureVector, Sources};
+use crate::domain::record::CustomerRecord;
 use crate::domain::time::EventTime;
+use crate::io::store::StateStore;
 use crate::model::assign::{Assigner, Assignment};
+use crate::model::build::DiscoverConfig;
+use crate::model::build::{build_from_features, BuildSettings};
+use crate::model::drift::{Live, LiveState, Reading};
 use crate::model::lineage::carry_ids;
 use crate::model::sampling::{check_tiers, stratified_sample};
 use crate::model::snapshot::{AxisDriftRecord, SnapshotSource, TriggerRecord, ValidSnapshot};
-use crate::pipeline::process::CustomerRecord;
-use crate::store::StateStore;
+use crate::model::validation::AxisTally;
+use crate::model::validation::ValidateConfig;
 use crate::telemetry::metrics::Metrics;
 
 /// What a re-clustering run did.
@@ -74,6 +76,32 @@ pub struct Cause {
     pub readings: Vec<Reading>,
 }
 
+/// What a re-clustering reads of the configuration: sampling and clustering as `discover`
+/// does them, the validation thresholds, the drift section (id matching, activation) and the
+/// membership exponent to record.
+#[derive(Debug, Clone)]
+pub struct ReclusterSettings {
+    /// `[discover]`.
+    pub discover: DiscoverConfig,
+    /// `[validate]`.
+    pub validate: ValidateConfig,
+    /// `[drift]`.
+    pub drift: super::drift::DriftConfig,
+    /// `assign.membership_exponent`.
+    pub membership_exponent: f64,
+}
+
+impl Default for ReclusterSettings {
+    fn default() -> Self {
+        Self {
+            discover: DiscoverConfig::default(),
+            validate: ValidateConfig::default(),
+            drift: super::drift::DriftConfig::default(),
+            membership_exponent: crate::model::assign::AssignConfig::default().membership_exponent,
+        }
+    }
+}
+
 fn finite(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
 }
@@ -82,13 +110,13 @@ fn finite(v: f64) -> Option<f64> {
 pub fn recluster(
     store: &dyn StateStore,
     registry: &Registry,
-    config: &Config,
+    settings: &ReclusterSettings,
     auto_activate: bool,
     cause: &Cause,
     metrics: &Metrics,
 ) -> anyhow::Result<(ReclusterOutcome, Timings)> {
     let started = Instant::now();
-    let result = run(store, registry, config, auto_activate, cause);
+    let result = run(store, registry, settings, auto_activate, cause);
     metrics
         .recluster_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -115,7 +143,7 @@ pub fn recluster(
 fn run(
     store: &dyn StateStore,
     registry: &Registry,
-    config: &Config,
+    settings: &ReclusterSettings,
     auto_activate: bool,
     cause: &Cause,
 ) -> anyhow::Result<(ReclusterOutcome, Timings)> {
@@ -147,12 +175,12 @@ fn run(
     let as_of = newest
         .and_then(|t| EventTime::from_unix(t).ok())
         .context("no customer has an event time")?;
-    let tiers = check_tiers(&config.discover.tiers)?;
-    let clustering = &config.discover.clustering;
+    let tiers = check_tiers(&settings.discover.tiers)?;
+    let clustering = &settings.discover.clustering;
     let sample = stratified_sample(
         &ltv,
         &tiers,
-        config.discover.sample_size.get(),
+        settings.discover.sample_size.get(),
         clustering.seed,
     );
     let sampled_keys: Vec<&[u8]> = sample.indices.iter().map(|&i| &*keys[i]).collect();
@@ -202,28 +230,26 @@ fn run(
                 .collect(),
         }),
     };
-    let mut clustering_config = config.clone();
-    clustering_config.features = params;
-    let built = build_from_features(
-        &features,
-        &weights,
-        source,
-        Sources::ALL,
-        &clustering_config,
-        version,
-    )?;
+    // The stored states were computed with the active snapshot's parameters: the candidate
+    // records those, whatever the configuration says.
+    let build = BuildSettings {
+        params: &params,
+        discover: &settings.discover,
+        membership_exponent: settings.membership_exponent,
+    };
+    let built = build_from_features(&features, &weights, source, Sources::ALL, build, version)?;
     let mut document = built.snapshot;
     carry_ids(
         &active.snapshot,
         &mut document,
-        config.drift.same_segment_distance,
+        settings.drift.same_segment_distance,
     )?;
     let candidate = document.clone().validate()?;
     timings.cluster = step.elapsed().as_secs_f64();
 
     // 3. Validate against the live population.
     let step = Instant::now();
-    let reasons = validate_live(store, &candidate, as_of, config)?;
+    let reasons = validate_live(store, &candidate, as_of, &settings.validate)?;
     timings.validate = step.elapsed().as_secs_f64();
     if !reasons.is_empty() {
         registry.keep_rejected(&document, &reasons)?;
@@ -247,7 +273,7 @@ fn validate_live(
     store: &dyn StateStore,
     candidate: &ValidSnapshot,
     as_of: EventTime,
-    config: &Config,
+    t: &ValidateConfig,
 ) -> anyhow::Result<Vec<String>> {
     let assigner = Assigner::new(candidate);
     let params = *candidate.state_params();
@@ -295,7 +321,6 @@ fn validate_live(
     })?;
     flush(&mut chunk, &mut tallies);
 
-    let t = &config.validate;
     let mut reasons = Vec::new();
     for (axis, tally) in candidate.axes().iter().zip(&tallies) {
         let name = axis.model.axis.as_str();
@@ -321,28 +346,28 @@ fn validate_live(
     Ok(reasons)
 }
 
-/// Starts the drift monitor, re-clustering when it fires (per `config.drift`), until
-/// `shutdown`. Returns what the consumer loop feeds ([`crate::pipeline::kafka::Hooks::drift`])
+/// Starts the drift monitor, re-clustering when it fires (per `settings.drift`), until
+/// `shutdown`. Returns what the consumer loop feeds ([`crate::pipeline::consume::Hooks::drift`])
 /// and the re-clusterer, for the admin API.
 pub fn start_drift_monitoring(
-    config: &Config,
+    settings: &ReclusterSettings,
     registry: &Arc<Registry>,
     store: &Arc<dyn StateStore>,
     metrics: &Arc<Metrics>,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> (Live, Arc<Reclusterer>) {
     let live: Live = Arc::new(std::sync::Mutex::new(LiveState::new(
-        std::time::Duration::from_secs_f64(config.drift.half_life_seconds),
+        std::time::Duration::from_secs_f64(settings.drift.half_life_seconds),
     )));
     let reclusterer = Arc::new(Reclusterer {
         store: store.clone(),
         registry: registry.clone(),
-        config: config.clone(),
+        settings: settings.clone(),
         metrics: metrics.clone(),
         running: std::sync::Mutex::new(()),
     });
     tokio::spawn(monitor(
-        config.drift.clone(),
+        settings.drift.clone(),
         registry.clone(),
         live.clone(),
         metrics.clone(),
@@ -359,7 +384,7 @@ pub struct Reclusterer {
     /// The registry to offer to.
     pub registry: Arc<Registry>,
     /// Sampling, clustering and validation settings.
-    pub config: Config,
+    pub settings: ReclusterSettings,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Held while a run is going: one at a time.
@@ -374,8 +399,8 @@ impl Reclusterer {
             recluster(
                 self.store.as_ref(),
                 &self.registry,
-                &self.config,
-                self.config.drift.auto_activate,
+                &self.settings,
+                self.settings.drift.auto_activate,
                 cause,
                 &self.metrics,
             )
@@ -387,7 +412,7 @@ impl Reclusterer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MemStore, StoreBatch};
+    use crate::io::store::{MemStore, StoreBatch};
     use crate::synth::{Shop, ShopParams};
 
     /// A store holding a generated shop's customers, and the registry of a snapshot
@@ -400,7 +425,7 @@ mod tests {
             ..ShopParams::default()
         })
         .unwrap();
-        let (states, snapshot) = crate::demo::discover_history(&shop, 1_000).unwrap();
+        let (states, snapshot) = crate::synth::fixtures::discover_history(&shop, 1_000).unwrap();
         let store = MemStore::default();
         let records = shop
             .customer_ids()
@@ -431,8 +456,8 @@ mod tests {
         let (store, registry, metrics) = fixture(dir.path());
         let before = registry.active_version();
         let params_before = *registry.shared().load().snapshot.state_params();
-        let mut config = Config::default();
-        config.discover.sample_size = crate::config::SampleSizeSetting::Count(1_000);
+        let mut config = ReclusterSettings::default();
+        config.discover.sample_size = crate::model::build::SampleSizeSetting::Count(1_000);
         let cause = Cause {
             reason: "manual".into(),
             readings: Vec::new(),
@@ -469,8 +494,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, registry, metrics) = fixture(dir.path());
         let before = registry.active_version();
-        let mut config = Config::default();
-        config.discover.sample_size = crate::config::SampleSizeSetting::Count(1_000);
+        let mut config = ReclusterSettings::default();
+        config.discover.sample_size = crate::model::build::SampleSizeSetting::Count(1_000);
         // No candidate can be this close to its population.
         config.validate.max_mean_shift = 0.0;
         let cause = Cause {

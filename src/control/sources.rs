@@ -1,5 +1,5 @@
 //! Two of the three ways a snapshot reaches a running daemon (the third is the admin API,
-//! [`crate::telemetry::admin`]); all of them end in [`Registry::offer`].
+//! [`crate::api::admin`]); all of them end in [`Registry::offer`].
 //!
 //! - [`watch_directory`]: a new or changed `*.json` file in `daemon.snapshot_watch_dir`. Write
 //!   the file elsewhere and move it in (a rename is atomic); a file changed within the last
@@ -17,8 +17,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::{Activation, Origin, Registry};
-use crate::pipeline::kafka::{client_config, KafkaConfig, QuietErrors};
+use super::registry::{Activation, Origin, Registry};
+use crate::io::kafka::{client_config, KafkaConfig, QuietErrors};
 
 /// Looks at `dir` every `every` and offers each new or changed `*.json` file (activated when
 /// newer than the active version, staged otherwise).
@@ -168,7 +168,7 @@ fn now_nanos() -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshots::tests::versioned;
+    use crate::control::registry::tests::versioned;
     use crate::telemetry::metrics::Metrics;
 
     #[tokio::test]

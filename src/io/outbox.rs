@@ -33,7 +33,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::ClientContext;
 use sha2::{Digest, Sha256};
 
-use super::decode::DeadLetter;
+use crate::domain::dead_letter::DeadLetter;
 use crate::telemetry::metrics::Metrics;
 
 /// What a produce failure says about the record and the broker. See the module docs.
@@ -663,7 +663,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::decode::DeadLetterReason;
+    use crate::domain::dead_letter::DeadLetterReason;
     use rdkafka::message::Headers;
     use rdkafka::Timestamp;
 

@@ -22,12 +22,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::event::CustomerId;
 use crate::domain::features::{FeatureVector, FEATURES};
+use crate::domain::record::CustomerRecord;
 use crate::domain::time::EventTime;
-use crate::pipeline::kafka::SharedSnapshot;
-use crate::pipeline::process::CustomerRecord;
-use crate::store::StateStore;
+use crate::io::store::StateStore;
+use crate::model::assign::SharedSnapshot;
 
-use super::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// HTTP settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,7 +157,7 @@ struct CustomerView {
     as_of: EventTime,
     features: serde_json::Map<String, serde_json::Value>,
     segments: serde_json::Map<String, serde_json::Value>,
-    last_published: Option<crate::pipeline::process::Published>,
+    last_published: Option<crate::domain::record::Published>,
 }
 
 async fn customer(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
@@ -222,9 +222,9 @@ async fn customer(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
 mod tests {
     use super::*;
     use crate::domain::state::CustomerState;
+    use crate::io::store::{MemStore, StoreBatch};
+    use crate::model::assign::LoadedSnapshot;
     use crate::model::snapshot::tests::sample_snapshot;
-    use crate::pipeline::kafka::LoadedSnapshot;
-    use crate::store::{MemStore, StoreBatch};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {

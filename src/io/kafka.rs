@@ -1,0 +1,148 @@
+//! Kafka client plumbing at the edge: the `[kafka]` section, client configurations, the
+//! producer of the daemon's outputs, and librdkafka's logs and errors turned into tracing.
+//! Nothing here knows what the records mean.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientContext;
+use serde::{Deserialize, Serialize};
+
+/// Kafka settings of the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port,...`.
+    pub brokers: String,
+    /// Consumer group.
+    pub group_id: String,
+    /// Topics of customer events (JSON, keyed by customer id).
+    pub input_topics: Vec<String>,
+    /// Topic of membership updates (compacted, keyed by customer id).
+    pub output_topic: String,
+    /// Topic of refused records (original bytes, reason in headers).
+    pub dead_letter_topic: String,
+    /// Most records per batch.
+    pub max_batch: usize,
+    /// Longest wait for a batch to fill after its first record, in milliseconds.
+    pub batch_timeout_ms: u64,
+    /// Consumer session timeout, in milliseconds.
+    pub session_timeout_ms: u64,
+    /// Longest time a broker may hold a fetch when no data is waiting, in milliseconds.
+    /// Kafka answers as soon as data arrives, so this mostly sets the idle fetch rate; some
+    /// brokers (librdkafka's mock cluster among them) hold every fetch this long, and then it
+    /// is a floor under latency. librdkafka's default is 500.
+    pub fetch_wait_max_ms: u64,
+    /// A compacted topic of snapshot documents that every instance follows (empty: none).
+    pub snapshot_topic: String,
+    /// Extra librdkafka properties for both clients (e.g. security settings).
+    pub client: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "segmentd".into(),
+            input_topics: vec![
+                "orders".into(),
+                "returns".into(),
+                "support-contacts".into(),
+                "engagement".into(),
+            ],
+            output_topic: "segment-memberships".into(),
+            dead_letter_topic: "segmentd-dead-letters".into(),
+            max_batch: 5_000,
+            batch_timeout_ms: 2,
+            session_timeout_ms: 10_000,
+            fetch_wait_max_ms: 10,
+            snapshot_topic: String::new(),
+            client: BTreeMap::new(),
+        }
+    }
+}
+
+/// Client-level errors and logs from librdkafka, rate-limited: an unreachable broker reports
+/// the same failure many times a second, and librdkafka reconnects by itself.
+#[derive(Default)]
+pub struct QuietErrors {
+    last: Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+impl QuietErrors {
+    fn report(&self, message: std::fmt::Arguments<'_>) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match *last {
+            Some((at, ref mut suppressed)) if at.elapsed() < Duration::from_secs(10) => {
+                *suppressed += 1;
+                tracing::debug!("librdkafka: {message}");
+            }
+            Some((_, suppressed)) => {
+                tracing::error!(suppressed, "librdkafka: {message}");
+                *last = Some((std::time::Instant::now(), 0));
+            }
+            None => {
+                tracing::error!("librdkafka: {message}");
+                *last = Some((std::time::Instant::now(), 0));
+            }
+        }
+    }
+}
+
+impl ClientContext for QuietErrors {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel::*;
+        match level {
+            Emerg | Alert | Critical | Error => self.report(format_args!("{fac} {log_message}")),
+            Warning => tracing::warn!("librdkafka: {fac} {log_message}"),
+            Notice | Info => tracing::info!("librdkafka: {fac} {log_message}"),
+            Debug => tracing::debug!("librdkafka: {fac} {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.report(format_args!("{error}: {reason}"));
+    }
+}
+
+/// Default rebalance handling, for consumers that keep no state of their own.
+impl ConsumerContext for QuietErrors {}
+
+/// A librdkafka configuration with the brokers and the extra `[kafka.client]` properties.
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.brokers);
+    for (k, v) in &config.client {
+        client.set(k, v);
+    }
+    client
+}
+
+/// The producer of updates and dead letters.
+///
+/// Idempotent, so librdkafka's own retries never duplicate or reorder a partition's records.
+/// Its `message.timeout.ms` is infinite unless `[kafka.client]` sets it: while the broker is
+/// unreachable a record waits and is retried, the batch waits with it, and nothing is
+/// committed, instead of the delivery failing after five minutes and stopping the daemon
+/// (see [`super::outbox`]).
+pub fn output_producer(config: &KafkaConfig) -> Result<FutureProducer<QuietErrors>, KafkaError> {
+    let mut client = client_config(config);
+    client
+        .set("enable.idempotence", "true")
+        // Every batch waits for its deliveries before committing, so time spent lingering
+        // is latency; a batch already gives the producer plenty to pack per request.
+        .set("linger.ms", "1")
+        .set("compression.type", "lz4");
+    if !["message.timeout.ms", "delivery.timeout.ms"]
+        .iter()
+        .any(|k| config.client.contains_key(*k))
+    {
+        client.set("message.timeout.ms", "0");
+    }
+    client.create_with_context(QuietErrors::default())
+}

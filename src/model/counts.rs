@@ -1,0 +1,139 @@
+//! Customers per segment and axis, for one snapshot version: maintained from every published
+//! change and stored with the records in the same write (see `pipeline::population`), so the
+//! segment populations are right after a restart without a scan of the store.
+//!
+//! Segment ids only mean something within one snapshot version. The counts carry theirs:
+//! when a newly activated snapshot carried the previous version's ids (its lineage), the
+//! segments that kept their ids keep their counts; counts of any other version start again
+//! from zero; a change whose previous segment belongs to a version the counts do not carry
+//! only adds to its new segment.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::snapshot::ValidSnapshot;
+use crate::domain::update::AxisChange;
+
+/// Customers per axis and segment id, for one snapshot version.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SegmentCounts {
+    /// The snapshot version the segment ids belong to.
+    pub snapshot_version: u64,
+    /// Customers per axis name and segment id.
+    pub counts: BTreeMap<String, BTreeMap<u32, i64>>,
+    /// Earlier versions whose ids these counts carry (the snapshot's lineage chain).
+    #[serde(default)]
+    pub carried: Vec<u64>,
+}
+
+impl SegmentCounts {
+    /// No customers yet, for `version`.
+    pub fn new(version: u64) -> Self {
+        Self {
+            snapshot_version: version,
+            counts: BTreeMap::new(),
+            carried: Vec::new(),
+        }
+    }
+
+    /// Moves the counts to a newly activated snapshot: when its lineage carried this
+    /// version's ids, the segments that kept their ids keep their counts (their customers
+    /// are only re-published if they change); otherwise counting starts from zero.
+    pub fn advance(&mut self, snapshot: &ValidSnapshot) {
+        let old = self.snapshot_version;
+        let lineage = snapshot
+            .snapshot()
+            .lineage
+            .as_ref()
+            .filter(|l| l.previous_version == old);
+        let Some(lineage) = lineage else {
+            *self = Self::new(snapshot.version());
+            return;
+        };
+        let mut counts = BTreeMap::new();
+        for axis in &lineage.axes {
+            let name = axis.axis.as_str().to_owned();
+            let before = self.counts.get(&name);
+            let kept: BTreeMap<u32, i64> = axis
+                .segments
+                .iter()
+                .filter_map(|s| s.previous_id)
+                .filter_map(|id| before.and_then(|b| b.get(&id)).map(|c| (id, *c)))
+                .collect();
+            counts.insert(name, kept);
+        }
+        *self = Self {
+            snapshot_version: snapshot.version(),
+            counts,
+            carried: lineage.chain.clone(),
+        };
+    }
+
+    /// The counts to continue from: `stored` (the store's meta value) when they are of
+    /// `snapshot`'s version; carried as [`SegmentCounts::advance`] would carry them when
+    /// they are of the version it replaced (a swap while the daemon was down); otherwise
+    /// empty ones.
+    pub fn restore(stored: Option<&[u8]>, snapshot: &ValidSnapshot) -> Self {
+        let version = snapshot.version();
+        let empty = Self::new(version);
+        let Some(bytes) = stored else {
+            return empty;
+        };
+        let replaced = snapshot
+            .snapshot()
+            .lineage
+            .as_ref()
+            .map(|l| l.previous_version);
+        match serde_json::from_slice::<SegmentCounts>(bytes) {
+            Ok(stored) if stored.snapshot_version == version => stored,
+            Ok(mut stored) if Some(stored.snapshot_version) == replaced => {
+                stored.advance(snapshot);
+                stored
+            }
+            Ok(stored) => {
+                tracing::warn!(
+                    stored = stored.snapshot_version,
+                    running = version,
+                    "segment populations were counted for another snapshot version; \
+                     counting again from zero"
+                );
+                empty
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "stored segment populations are unreadable; \
+                               counting again from zero");
+                empty
+            }
+        }
+    }
+
+    /// Applies one published update's changes. `previous_version` is the version the
+    /// previous segments belong to (`None`: never published).
+    pub fn apply(&mut self, version: u64, previous_version: Option<u64>, changes: &[AxisChange]) {
+        if version != self.snapshot_version {
+            return;
+        }
+        let same = previous_version == Some(version)
+            || previous_version.is_some_and(|p| self.carried.contains(&p));
+        for change in changes {
+            let axis = self
+                .counts
+                .entry(change.axis.as_str().to_owned())
+                .or_default();
+            if same {
+                if let Some(previous) = change.previous {
+                    *axis.entry(previous).or_insert(0) -= 1;
+                }
+            }
+            if let Some(segment) = change.segment {
+                *axis.entry(segment).or_insert(0) += 1;
+            }
+        }
+    }
+
+    /// The stored form.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}

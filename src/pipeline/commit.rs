@@ -1,0 +1,204 @@
+//! Commit: the second stage of the loop. One thread takes published batches in input order,
+//! awaits every delivery, writes the batch's records, offsets and segment counts to the store
+//! in one atomic write, then commits the offsets to the consumer group (best effort: the
+//! store is the source of truth).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::io::kafka::QuietErrors;
+use crate::io::outbox::Outbox;
+use crate::io::store::{PartitionKey, StateStore};
+use crate::model::assign::SharedSnapshot;
+use crate::model::drift::Live;
+use crate::telemetry::metrics::Metrics;
+
+use super::consume::RunStats;
+use super::error::{ProcessError, RunError};
+use super::partitions::{LoopShared, Resume};
+use super::pending::Pending;
+use super::population::{self, META_KEY};
+use super::publish::{InFlight, Prepared};
+use crate::model::counts::SegmentCounts;
+
+/// The second stage: makes batches durable, in order.
+pub(crate) struct Committer {
+    /// Settles the deliveries, sending again what failed (see [`super::deliver`]).
+    pub(crate) outbox: Outbox<QuietErrors>,
+    pub(crate) counts: SegmentCounts,
+    pub(crate) snapshot: SharedSnapshot,
+    pub(crate) drift: Live,
+    pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) pending: Arc<Pending>,
+    pub(crate) consumer: Arc<StreamConsumer<Resume>>,
+    pub(crate) shared: Arc<LoopShared>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl Committer {
+    pub(crate) fn run(
+        mut self,
+        mut batches: tokio::sync::mpsc::Receiver<InFlight>,
+    ) -> Result<RunStats, RunError> {
+        let mut stats = RunStats::default();
+        let mut result = Ok(());
+        while let Some(batch) = batches.blocking_recv() {
+            result = self.commit(batch, &mut stats);
+            if result.is_err() {
+                break;
+            }
+        }
+        // Dropping the receiver makes the loop's next hand-over fail: it stops too.
+        drop(batches);
+        self.shared.in_flight.close();
+        result.map(|()| stats)
+    }
+
+    /// Steps 4–6 of the module docs for one batch.
+    fn commit(&mut self, batch: InFlight, stats: &mut RunStats) -> Result<(), RunError> {
+        let InFlight {
+            mut prepared,
+            deliveries,
+            sent_ms,
+        } = batch;
+        // Every output must be acknowledged before the state that produced it is committed.
+        self.outbox.settle(deliveries, &prepared.dead)?;
+        let delivered_ms = prepared.started.elapsed().as_secs_f64() * 1e3;
+        // The populations move with the records that changed them, in the same write.
+        for update in &prepared.updates {
+            if update.snapshot_version != self.counts.snapshot_version {
+                // A swap: counts carry over only for segments whose ids the new snapshot
+                // kept.
+                let loaded = self.snapshot.load();
+                if loaded.snapshot.version() == update.snapshot_version {
+                    self.counts.advance(&loaded.snapshot);
+                } else {
+                    self.counts = SegmentCounts::new(update.snapshot_version);
+                }
+                self.metrics.segment_customers.reset();
+            }
+            self.counts.apply(
+                update.snapshot_version,
+                update.previous_snapshot_version,
+                &update.changed,
+            );
+        }
+        if !prepared.updates.is_empty() {
+            prepared
+                .store_batch
+                .meta
+                .push((META_KEY.to_vec(), self.counts.encode()));
+        }
+        self.store
+            .commit(&prepared.store_batch)
+            .map_err(ProcessError::from)?;
+        self.pending
+            .remove(prepared.id, &prepared.store_batch.records);
+        self.drift
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .absorb(&prepared.drift, &self.counts);
+        commit_group(&self.consumer, &prepared.store_batch.offsets);
+        self.shared
+            .durable_version
+            .store(prepared.version, Ordering::SeqCst);
+        self.shared.in_flight.leave();
+        self.record_metrics(&prepared);
+        if let Some(sweep) = &prepared.sweep {
+            self.metrics.sweep_customers.inc_by(prepared.swept as u64);
+            let progress = if sweep.done {
+                1.0
+            } else {
+                let keys = self.store.stats().estimated_keys.max(1) as f64;
+                (sweep.visited as f64 / keys).min(0.99)
+            };
+            self.metrics.sweep_progress.set(progress);
+            if sweep.done {
+                tracing::info!(
+                    version = sweep.version,
+                    customers = sweep.visited,
+                    "re-assignment sweep finished"
+                );
+            }
+        }
+        stats.applied += prepared.applied as u64;
+        stats.duplicates += prepared.duplicates as u64;
+        stats.dead_letters += prepared.dead.len() as u64;
+        stats.updates += prepared.updates.len() as u64;
+        stats.batches += 1;
+        tracing::debug!(
+            records = prepared.records,
+            updates = prepared.updates.len(),
+            decode_ms = prepared.decode_ms,
+            process_ms = prepared.process_ms,
+            sent_ms,
+            delivered_ms,
+            committed_ms = prepared.started.elapsed().as_secs_f64() * 1e3,
+            "batch"
+        );
+        Ok(())
+    }
+
+    fn record_metrics(&self, prepared: &Prepared) {
+        let metrics = &self.metrics;
+        if prepared.records > 0 {
+            metrics.batch_size.observe(prepared.records as f64);
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for update in &prepared.updates {
+            if let Some(ms) = update.arrived_ms {
+                metrics
+                    .event_to_publish_seconds
+                    .observe(((now_ms - ms).max(0) as f64) / 1000.0);
+            }
+        }
+        if !prepared.updates.is_empty() {
+            population::export(&self.counts, metrics);
+        }
+        if let Some(newest) = prepared.newest_event_time {
+            metrics
+                .event_time_lag_seconds
+                .set(((now_ms / 1000) - newest).max(0) as f64);
+        }
+        for (kind, outcome) in &prepared.outcomes {
+            metrics
+                .events
+                .with_label_values(&[kind.as_str(), outcome])
+                .inc();
+        }
+        for (_, letter) in &prepared.dead {
+            metrics
+                .events
+                .with_label_values(&["unknown", "dead_letter"])
+                .inc();
+            metrics
+                .dead_letters
+                .with_label_values(&[letter.reason.as_str()])
+                .inc();
+        }
+        metrics.updates.inc_by(prepared.updates.len() as u64);
+    }
+}
+
+/// Commits the store's offsets to the group, best effort: the store is the source of truth.
+pub(crate) fn commit_group(
+    consumer: &StreamConsumer<Resume>,
+    offsets: &BTreeMap<PartitionKey, i64>,
+) {
+    if offsets.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (key, next) in offsets {
+        if let Err(e) = tpl.add_partition_offset(&key.topic, key.partition, Offset::Offset(*next)) {
+            tracing::warn!(error = %e, "bad offset for group commit");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::warn!(error = %e, "group offset commit failed (the store keeps the offsets)");
+    }
+}

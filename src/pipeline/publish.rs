@@ -1,0 +1,107 @@
+//! Publish: a processed batch's updates serialised and enqueued, with its dead letters,
+//! through the [`Outbox`]. Enqueueing waits for room in the producer queue (backpressure);
+//! the committer awaits the acknowledgements.
+
+use std::time::Instant;
+
+use rdkafka::message::OwnedMessage;
+
+use crate::domain::dead_letter::DeadLetter;
+use crate::domain::event::EventKind;
+use crate::io::kafka::QuietErrors;
+use crate::io::outbox::{Deliveries, Outbox, Output};
+use crate::io::store::StoreBatch;
+use crate::model::drift::DriftSums;
+
+use super::error::{ProcessError, RunError};
+use super::sweep::SweepState;
+
+/// An update ready to send.
+pub(crate) struct Outgoing {
+    pub(crate) key: String,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) snapshot_version: u64,
+    pub(crate) previous_snapshot_version: Option<u64>,
+    /// Broker timestamp of the record that caused it, to time event-to-publish.
+    pub(crate) arrived_ms: Option<i64>,
+    pub(crate) changed: Vec<crate::domain::update::AxisChange>,
+}
+
+impl Outgoing {
+    pub(crate) fn new(
+        mut update: crate::domain::update::MembershipUpdate,
+        arrived_ms: Option<i64>,
+    ) -> Result<Self, ProcessError> {
+        // A 13-axis update is about 1.5 KB: size the buffer once.
+        let mut payload = Vec::with_capacity(2048);
+        serde_json::to_writer(&mut payload, &update).map_err(|source| ProcessError::Serialise {
+            customer: update.customer_id.to_string(),
+            source,
+        })?;
+        Ok(Self {
+            key: update.customer_id.to_string(),
+            payload,
+            snapshot_version: update.snapshot_version,
+            previous_snapshot_version: update.previous_snapshot_version,
+            arrived_ms,
+            changed: std::mem::take(&mut update.changed),
+        })
+    }
+}
+
+/// A batch decoded and processed, its outputs serialised, not yet sent.
+pub(crate) struct Prepared {
+    pub(crate) id: u64,
+    /// The snapshot version it was processed with.
+    pub(crate) version: u64,
+    /// For a sweep chunk: the sweep's state after it.
+    pub(crate) sweep: Option<SweepState>,
+    /// For a sweep chunk: customers visited.
+    pub(crate) swept: usize,
+    pub(crate) records: usize,
+    pub(crate) updates: Vec<Outgoing>,
+    pub(crate) dead: Vec<(OwnedMessage, DeadLetter)>,
+    pub(crate) store_batch: StoreBatch,
+    pub(crate) outcomes: Vec<(EventKind, &'static str)>,
+    pub(crate) drift: DriftSums,
+    pub(crate) applied: usize,
+    pub(crate) duplicates: usize,
+    pub(crate) newest_event_time: Option<i64>,
+    pub(crate) started: Instant,
+    pub(crate) decode_ms: f64,
+    pub(crate) process_ms: f64,
+}
+
+/// A batch whose outputs are enqueued, on its way to the committer.
+pub(crate) struct InFlight {
+    pub(crate) prepared: Prepared,
+    pub(crate) deliveries: Deliveries,
+    pub(crate) sent_ms: f64,
+}
+
+/// Enqueues a prepared batch's updates and dead letters (waiting for room in the producer
+/// queue: backpressure).
+pub(crate) async fn publish(
+    outbox: &Outbox<QuietErrors>,
+    mut prepared: Prepared,
+) -> Result<InFlight, RunError> {
+    let mut deliveries = Vec::with_capacity(prepared.updates.len() + prepared.dead.len());
+    for update in &mut prepared.updates {
+        let sent = outbox.send_update(&update.key, &update.payload).await?;
+        deliveries.push((Output::Update, sent));
+        // Sent: the bytes are librdkafka's now (a failed delivery hands them back).
+        update.payload = Vec::new();
+    }
+    for (i, (m, letter)) in prepared.dead.iter().enumerate() {
+        deliveries.push((
+            Output::DeadLetter(i),
+            outbox.send_dead_letter(m, letter).await?,
+        ));
+    }
+    let sent_ms = prepared.started.elapsed().as_secs_f64() * 1e3;
+    Ok(InFlight {
+        prepared,
+        deliveries,
+        sent_ms,
+    })
+}
