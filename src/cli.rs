@@ -52,7 +52,7 @@ pub enum Command {
     /// with a summary and optional histograms.
     Audiences(AudiencesArgs),
     /// Write a seeded synthetic shop (orders, returns, support, engagement CSVs).
-    Generate(GenerateArgs),
+    Generate(crate::tools::generate::GenerateArgs),
     /// Print the feature catalogue (the 13 axes and their features).
     Schema(SchemaArgs),
     /// Run the streaming daemon: consume events from Kafka, keep state in RocksDB, publish
@@ -248,42 +248,6 @@ impl RowArgs {
     pub fn progress(&self) -> bool {
         !self.no_progress && std::io::stderr().is_terminal()
     }
-}
-
-/// `segmentd generate`.
-#[derive(Debug, Args)]
-pub struct GenerateArgs {
-    /// Customers.
-    #[arg(long, default_value_t = 10_000)]
-    pub customers: usize,
-    /// Order lines, exactly.
-    #[arg(long, default_value_t = 100_000)]
-    pub order_lines: usize,
-    /// Days of history.
-    #[arg(long, default_value_t = 365)]
-    pub days: u32,
-    /// First day (YYYY-MM-DD).
-    #[arg(long, default_value = "2024-01-01")]
-    pub start: String,
-    /// Seed.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// Persona mix, e.g. "big_spender=0.3,bargain_hunter=0.2" (default: the built-in mix).
-    #[arg(long)]
-    pub mix: Option<String>,
-    /// Also write this many conversion scores (scores.csv, with conversions.csv) for
-    /// `segmentd audiences`.
-    #[arg(long, default_value_t = 0)]
-    pub scores: usize,
-    /// Products the scores are spread over.
-    #[arg(long, default_value_t = 200)]
-    pub products: usize,
-    /// Visitors the scores belong to.
-    #[arg(long, default_value_t = 100_000)]
-    pub visitors: usize,
-    /// Output directory.
-    #[arg(long, short, value_name = "DIR", default_value = "shop")]
-    pub out_dir: PathBuf,
 }
 
 /// `segmentd schema`.
@@ -546,7 +510,7 @@ fn audiences(args: AudiencesArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
+fn generate(args: crate::tools::generate::GenerateArgs) -> anyhow::Result<ExitCode> {
     crate::tools::generate::run(&args)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -198,7 +198,8 @@ impl Config {
         crate::control::recluster::ReclusterSettings {
             discover: self.discover.clone(),
             validate: self.validate.clone(),
-            drift: self.drift.clone(),
+            same_segment_distance: self.drift.same_segment_distance,
+            auto_activate: self.drift.auto_activate,
             membership_exponent: self.assign.membership_exponent,
         }
     }

@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::admin::serve_on as serve_admin;
 use crate::api::http::{serve as serve_http, AppState};
 use crate::config::Config;
-use crate::control::recluster::{start_drift_monitoring, Reclusterer};
+use crate::control::drift::start_drift_monitoring;
+use crate::control::recluster::Reclusterer;
 use crate::control::registry::Registry;
 use crate::control::sources::{follow_topic, watch_directory};
 use crate::io::snapshot_file;
@@ -75,6 +76,7 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
     let (live, reclusterer) = start_drift_monitoring(
+        &config.drift,
         &config.recluster_settings(),
         &registry,
         &store,

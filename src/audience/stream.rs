@@ -58,7 +58,7 @@ use super::engine::{
 use super::AudienceConfig;
 use crate::domain::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::domain::time::EventTime;
-use crate::io::kafka::{client_config, output_producer, KafkaConfig, QuietErrors};
+use crate::io::kafka::{group_consumer, output_producer, KafkaConfig, QuietErrors};
 use crate::io::outbox::{max_message_bytes, Outbox, Output};
 use crate::io::store::{StateStore, StoreBatch};
 use crate::pipeline::decode::MAX_PAYLOAD_BYTES;
@@ -635,15 +635,11 @@ pub async fn run(
     report: SharedReport,
     shutdown: CancellationToken,
 ) -> Result<StreamStats, RunError> {
-    let consumer: Arc<StreamConsumer<QuietErrors>> = Arc::new(
-        client_config(&kafka)
-            .set("group.id", &config.group_id)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
-            .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
-            .create_with_context(QuietErrors::default())?,
-    );
+    let consumer: Arc<StreamConsumer<QuietErrors>> = Arc::new(group_consumer(
+        &kafka,
+        &config.group_id,
+        QuietErrors::default(),
+    )?);
     consumer.subscribe(&[config.scores_topic.as_str()])?;
     let outbox = Outbox::new(
         output_producer(&kafka)?,

@@ -108,7 +108,7 @@ pub fn run(job: &AssignJob) -> anyhow::Result<AssignOutcome> {
     let (population, files) = ingest(&job.inputs, &params, &job.ingest)?;
     // Print the reading report now: it explains an empty or suspicious input before any
     // later step can fail on it.
-    super::report::print_files(&files);
+    super::text::print_files(&files);
     let read_time = started.elapsed();
     let as_of = job
         .as_of

@@ -11,8 +11,7 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 use rayon::prelude::*;
 
-use super::audiences::{AudiencesError, ProductSummary};
-use crate::audience::engine::{Readiness, Tier};
+use crate::audience::engine::{Readiness, Thresholds, Tier};
 
 /// Image size in pixels.
 pub const SIZE: (u32, u32) = (1000, 600);
@@ -51,18 +50,50 @@ fn file_stem(product: &str) -> String {
     }
 }
 
+/// What a product's plot shows: its thresholds and its tier sizes.
+#[derive(Debug, Clone, Copy)]
+pub struct PlotProduct<'a> {
+    /// Product id.
+    pub product: &'a str,
+    /// The thresholds in force.
+    pub thresholds: &'a Thresholds,
+    /// Placed visitors per tier (premium, growth, volume).
+    pub sizes: [u64; 3],
+}
+
+/// Why plots could not be drawn.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    /// The directory could not be made.
+    #[error("{path}: {source}")]
+    Io {
+        /// The directory.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A plot could not be drawn.
+    #[error("plot of product {product}: {reason}")]
+    Draw {
+        /// The product.
+        product: String,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// Draws every product's plot into `dir` (created if missing), in parallel; returns each
 /// product's file.
 pub fn draw_all<'a>(
     dir: &Path,
-    products: &[ProductSummary],
+    products: &[PlotProduct<'_>],
     scores: impl Fn(&str) -> &'a [f32] + Sync,
-) -> Result<Vec<Option<PathBuf>>, AudiencesError> {
-    std::fs::create_dir_all(dir).map_err(|source| AudiencesError::Io {
+) -> Result<Vec<Option<PathBuf>>, PlotError> {
+    std::fs::create_dir_all(dir).map_err(|source| PlotError::Io {
         path: dir.display().to_string(),
         source,
     })?;
-    register_font().map_err(|reason| AudiencesError::Plot {
+    register_font().map_err(|reason| PlotError::Draw {
         product: "*".into(),
         reason,
     })?;
@@ -71,7 +102,7 @@ pub fn draw_all<'a>(
     let paths: Vec<PathBuf> = products
         .iter()
         .map(|p| {
-            let stem = file_stem(&p.product);
+            let stem = file_stem(p.product);
             let mut name = format!("{stem}.png");
             let mut n = 2;
             while !used.insert(name.clone()) {
@@ -85,10 +116,10 @@ pub fn draw_all<'a>(
         .par_iter()
         .zip(paths.par_iter())
         .map(|(product, path)| {
-            draw(path, product, scores(&product.product))
+            draw(path, product, scores(product.product))
                 .map(|()| Some(path.clone()))
-                .map_err(|reason| AudiencesError::Plot {
-                    product: product.product.clone(),
+                .map_err(|reason| PlotError::Draw {
+                    product: product.product.to_owned(),
                     reason,
                 })
         })
@@ -104,9 +135,9 @@ fn tier_colour(tier: Tier) -> RGBColor {
 }
 
 /// One product's histogram with its cut-offs.
-pub fn draw(path: &Path, product: &ProductSummary, scores: &[f32]) -> Result<(), String> {
+pub fn draw(path: &Path, product: &PlotProduct<'_>, scores: &[f32]) -> Result<(), String> {
     register_font()?;
-    let t = &product.thresholds;
+    let t = product.thresholds;
     let cutoffs: Vec<f64> = Tier::ALL
         .iter()
         .map(|&tier| t.cutoffs.get(tier))
@@ -149,7 +180,7 @@ pub fn draw(path: &Path, product: &ProductSummary, scores: &[f32]) -> Result<(),
     let caption = format!(
         "{}: {} scores, skewness {:.2}, variance {:.4}, confidence {:.2}",
         product.product,
-        super::report::count(t.count),
+        super::text::count(t.count),
         t.skewness,
         t.variance,
         t.confidence

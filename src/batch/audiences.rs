@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use rustc_hash::FxHashMap;
 use thiserror::Error;
 
+use super::audience_plot::PlotProduct;
 use crate::audience::engine::{
     check_probability, check_time, Engine, ThresholdConfig, Thresholds, Tier,
 };
@@ -116,13 +117,8 @@ pub enum AudiencesError {
     #[error("{0}: no valid scores")]
     Empty(String),
     /// A plot could not be drawn.
-    #[error("plot of product {product}: {reason}")]
-    Plot {
-        /// The product.
-        product: String,
-        /// Why.
-        reason: String,
-    },
+    #[error(transparent)]
+    Plot(#[from] super::audience_plot::PlotError),
 }
 
 /// One product's line of the summary.
@@ -429,7 +425,15 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
         let started = Instant::now();
         let by_name: FxHashMap<&str, usize> =
             names.iter().enumerate().map(|(i, n)| (&**n, i)).collect();
-        let paths = super::audience_plot::draw_all(dir, &outcome.products[1..], |product| {
+        let plotted: Vec<PlotProduct<'_>> = outcome.products[1..]
+            .iter()
+            .map(|p| PlotProduct {
+                product: &p.product,
+                thresholds: &p.thresholds,
+                sizes: p.sizes,
+            })
+            .collect();
+        let paths = super::audience_plot::draw_all(dir, &plotted, |product| {
             samples[by_name[product]].as_slice()
         })?;
         for (summary, path) in outcome.products[1..].iter_mut().zip(paths) {

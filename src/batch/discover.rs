@@ -67,7 +67,7 @@ pub fn run(job: &DiscoverJob) -> anyhow::Result<DiscoverOutcome> {
     let (population, files) = ingest(&job.inputs, &params, &job.ingest)?;
     // Print the reading report now: it explains an empty or suspicious input before any
     // later step can fail on it.
-    super::report::print_files(&files);
+    super::text::print_files(&files);
     let read_time = started.elapsed();
     if population.is_empty() {
         bail!("the input holds no valid events; nothing to discover (see the bad-row report)");

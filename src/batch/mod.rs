@@ -9,4 +9,5 @@ pub mod discover;
 pub mod ingest;
 pub mod mapping;
 pub mod report;
+pub mod text;
 pub mod validate;

@@ -97,7 +97,7 @@ pub fn run(job: &ValidateJob) -> anyhow::Result<ValidateOutcome> {
     let (population, files) = ingest(&job.inputs, &params, &options)?;
     // Print the reading report now: it explains an empty or suspicious input before any
     // later step can fail on it.
-    super::report::print_files(&files);
+    super::text::print_files(&files);
     let as_of = job
         .as_of
         .or(snapshot_as_of)

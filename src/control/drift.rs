@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::drift::{readings, Live, Reading};
+use super::recluster::{Cause, ReclusterSettings, Reclusterer};
+use super::registry::Registry;
+use crate::io::store::StateStore;
+use crate::model::drift::{readings, Live, LiveState, Reading};
 use crate::telemetry::metrics::Metrics;
 
 /// Drift settings.
@@ -125,10 +128,10 @@ pub fn export(readings: &[Reading], trigger: &Trigger, metrics: &Metrics) {
 /// checks go on meanwhile).
 pub async fn monitor(
     config: DriftConfig,
-    registry: Arc<super::registry::Registry>,
+    registry: Arc<Registry>,
     live: Live,
     metrics: Arc<Metrics>,
-    reclusterer: Option<Arc<super::recluster::Reclusterer>>,
+    reclusterer: Option<Arc<Reclusterer>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut trigger = Trigger::default();
@@ -152,7 +155,7 @@ pub async fn monitor(
         let Some(reclusterer) = reclusterer.clone().filter(|_| config.recluster) else {
             continue;
         };
-        let cause = super::recluster::Cause {
+        let cause = Cause {
             reason: "drift".into(),
             readings: current,
         };
@@ -162,6 +165,38 @@ pub async fn monitor(
             }
         });
     }
+}
+
+/// Starts the drift monitor (per `config`), re-clustering when it fires, until
+/// `shutdown`. Returns what the consumer loop feeds ([`crate::pipeline::consume::Hooks::drift`])
+/// and the re-clusterer, for the admin API.
+pub fn start_drift_monitoring(
+    config: &DriftConfig,
+    settings: &ReclusterSettings,
+    registry: &Arc<Registry>,
+    store: &Arc<dyn StateStore>,
+    metrics: &Arc<Metrics>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> (Live, Arc<Reclusterer>) {
+    let live: Live = Arc::new(std::sync::Mutex::new(LiveState::new(
+        std::time::Duration::from_secs_f64(config.half_life_seconds),
+    )));
+    let reclusterer = Arc::new(Reclusterer {
+        store: store.clone(),
+        registry: registry.clone(),
+        settings: settings.clone(),
+        metrics: metrics.clone(),
+        running: std::sync::Mutex::new(()),
+    });
+    tokio::spawn(monitor(
+        config.clone(),
+        registry.clone(),
+        live.clone(),
+        metrics.clone(),
+        Some(reclusterer.clone()),
+        shutdown.clone(),
+    ));
+    (live, reclusterer)
 }
 
 #[cfg(test)]

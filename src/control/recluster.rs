@@ -25,7 +25,6 @@ use std::time::Instant;
 use anyhow::Context;
 use rayon::prelude::*;
 
-use super::drift::monitor;
 use super::registry::{Activation, Origin, Outcome, Registry};
 use crate::domain::features::{FeatureVector, Sources};
 use crate::domain::record::CustomerRecord;
@@ -34,7 +33,7 @@ use crate::io::store::StateStore;
 use crate::model::assign::{Assigner, Assignment};
 use crate::model::build::DiscoverConfig;
 use crate::model::build::{build_from_features, BuildSettings};
-use crate::model::drift::{Live, LiveState, Reading};
+use crate::model::drift::Reading;
 use crate::model::lineage::carry_ids;
 use crate::model::sampling::{check_tiers, stratified_sample};
 use crate::model::snapshot::{AxisDriftRecord, SnapshotSource, TriggerRecord, ValidSnapshot};
@@ -77,7 +76,7 @@ pub struct Cause {
 }
 
 /// What a re-clustering reads of the configuration: sampling and clustering as `discover`
-/// does them, the validation thresholds, the drift section (id matching, activation) and the
+/// does them, the validation thresholds, id matching and activation from `[drift]`, and the
 /// membership exponent to record.
 #[derive(Debug, Clone)]
 pub struct ReclusterSettings {
@@ -85,8 +84,10 @@ pub struct ReclusterSettings {
     pub discover: DiscoverConfig,
     /// `[validate]`.
     pub validate: ValidateConfig,
-    /// `[drift]`.
-    pub drift: super::drift::DriftConfig,
+    /// `drift.same_segment_distance`: a new segment this close to an active one keeps its id.
+    pub same_segment_distance: f64,
+    /// `drift.auto_activate`: activate a passing candidate at once (otherwise stage it).
+    pub auto_activate: bool,
     /// `assign.membership_exponent`.
     pub membership_exponent: f64,
 }
@@ -96,7 +97,8 @@ impl Default for ReclusterSettings {
         Self {
             discover: DiscoverConfig::default(),
             validate: ValidateConfig::default(),
-            drift: super::drift::DriftConfig::default(),
+            same_segment_distance: 0.5,
+            auto_activate: true,
             membership_exponent: crate::model::assign::AssignConfig::default().membership_exponent,
         }
     }
@@ -242,7 +244,7 @@ fn run(
     carry_ids(
         &active.snapshot,
         &mut document,
-        settings.drift.same_segment_distance,
+        settings.same_segment_distance,
     )?;
     let candidate = document.clone().validate()?;
     timings.cluster = step.elapsed().as_secs_f64();
@@ -346,37 +348,6 @@ fn validate_live(
     Ok(reasons)
 }
 
-/// Starts the drift monitor, re-clustering when it fires (per `settings.drift`), until
-/// `shutdown`. Returns what the consumer loop feeds ([`crate::pipeline::consume::Hooks::drift`])
-/// and the re-clusterer, for the admin API.
-pub fn start_drift_monitoring(
-    settings: &ReclusterSettings,
-    registry: &Arc<Registry>,
-    store: &Arc<dyn StateStore>,
-    metrics: &Arc<Metrics>,
-    shutdown: &tokio_util::sync::CancellationToken,
-) -> (Live, Arc<Reclusterer>) {
-    let live: Live = Arc::new(std::sync::Mutex::new(LiveState::new(
-        std::time::Duration::from_secs_f64(settings.drift.half_life_seconds),
-    )));
-    let reclusterer = Arc::new(Reclusterer {
-        store: store.clone(),
-        registry: registry.clone(),
-        settings: settings.clone(),
-        metrics: metrics.clone(),
-        running: std::sync::Mutex::new(()),
-    });
-    tokio::spawn(monitor(
-        settings.drift.clone(),
-        registry.clone(),
-        live.clone(),
-        metrics.clone(),
-        Some(reclusterer.clone()),
-        shutdown.clone(),
-    ));
-    (live, reclusterer)
-}
-
 /// Shared by the daemon's drift monitor and the admin API.
 pub struct Reclusterer {
     /// The durable store.
@@ -400,7 +371,7 @@ impl Reclusterer {
                 self.store.as_ref(),
                 &self.registry,
                 &self.settings,
-                self.settings.drift.auto_activate,
+                self.settings.auto_activate,
                 cause,
                 &self.metrics,
             )

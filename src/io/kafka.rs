@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::ConsumerContext;
+use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientContext;
@@ -121,6 +121,32 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
         client.set(k, v);
     }
     client
+}
+
+/// A consumer in group `group` whose offsets follow durability: nothing is committed or
+/// stored automatically (the caller commits what it made durable), a partition never seen
+/// starts at the earliest offset, and a short session timeout gets a heartbeat to match.
+pub fn group_consumer<C: ConsumerContext + 'static>(
+    config: &KafkaConfig,
+    group: &str,
+    context: C,
+) -> Result<StreamConsumer<C>, KafkaError> {
+    let mut client = client_config(config);
+    if !config.client.contains_key("heartbeat.interval.ms") {
+        // librdkafka's default heartbeat (3 s) only suits session timeouts of 9 s and more;
+        // a third of the session keeps a shorter one alive.
+        let heartbeat = (config.session_timeout_ms / 3).clamp(100, 3_000);
+        client.set("heartbeat.interval.ms", heartbeat.to_string());
+    }
+    client
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set("statistics.interval.ms", "5000")
+        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+        .create_with_context(context)
 }
 
 /// The producer of updates and dead letters.

@@ -21,6 +21,7 @@ use super::naming::name_segments;
 use super::silhouette::mean_silhouettes_weighted;
 use super::snapshot::{
     AxisModel, ClusteringRecord, DroppedFeature, KScore, Scaler, Segment, MAX_SEGMENTS_PER_AXIS,
+    MIN_AXIS_FEATURES,
 };
 
 /// Standard deviations below this count as "constant": the feature cannot separate customers.
@@ -178,10 +179,6 @@ pub enum AxisPlan {
     /// Skip the axis.
     Skip(super::snapshot::SkippedAxis),
 }
-
-/// Fewest available features an axis may be clustered on; with one feature left an axis says
-/// too little about the behaviour it names.
-pub const MIN_AXIS_FEATURES: usize = 2;
 
 /// Plans every axis for an input that has `sources`.
 pub fn plan_axes(sources: crate::domain::features::Sources) -> Vec<AxisPlan> {

@@ -35,6 +35,10 @@ fn invalid(msg: impl Into<String>) -> SnapshotError {
     SnapshotError::Invalid(msg.into())
 }
 
+/// Fewest available features an axis may be clustered on; with one feature left an axis says
+/// too little about the behaviour it names.
+pub const MIN_AXIS_FEATURES: usize = 2;
+
 /// Per-feature standardisation: `z = (x − mean) / std`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -464,10 +468,10 @@ fn check_lineage(lineage: &Lineage, axes: &[AxisModel]) -> Result<(), SnapshotEr
 fn validate_axis(model: &AxisModel) -> Result<ValidAxis, SnapshotError> {
     let axis = model.axis;
     let d = model.features.len();
-    if d < crate::model::discover::MIN_AXIS_FEATURES {
+    if d < MIN_AXIS_FEATURES {
         return Err(invalid(format!(
             "{axis}: {d} features (an axis needs at least {})",
-            crate::model::discover::MIN_AXIS_FEATURES
+            MIN_AXIS_FEATURES
         )));
     }
     let mut feature_ids = Vec::with_capacity(d);

@@ -17,13 +17,29 @@ use crate::model::assign::SharedSnapshot;
 use crate::model::drift::Live;
 use crate::telemetry::metrics::Metrics;
 
-use super::consume::RunStats;
 use super::error::{ProcessError, RunError};
 use super::partitions::{LoopShared, Resume};
 use super::pending::Pending;
 use super::population::{self, META_KEY};
 use super::publish::{InFlight, Prepared};
 use crate::model::counts::SegmentCounts;
+
+/// Counters of a run.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunStats {
+    /// Records consumed.
+    pub consumed: u64,
+    /// Events applied to state.
+    pub applied: u64,
+    /// Events ignored as duplicates.
+    pub duplicates: u64,
+    /// Records refused to the dead-letter topic.
+    pub dead_letters: u64,
+    /// Membership updates published.
+    pub updates: u64,
+    /// Batches committed.
+    pub batches: u64,
+}
 
 /// The second stage: makes batches durable, in order.
 pub(crate) struct Committer {

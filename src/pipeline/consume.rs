@@ -32,9 +32,10 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::io::kafka::{client_config, output_producer, KafkaConfig, QuietErrors};
+use crate::io::kafka::{group_consumer, output_producer, KafkaConfig, QuietErrors};
 use crate::io::outbox::{max_message_bytes, Outbox};
 use crate::io::store::StateStore;
 use crate::model::assign::SharedSnapshot;
@@ -42,31 +43,14 @@ use crate::model::drift::Live;
 use crate::telemetry::metrics::Metrics;
 
 use super::assign::PublishPolicy;
-use super::commit::Committer;
+use super::commit::{Committer, RunStats};
 use super::error::{ProcessError, RunError};
 use super::partitions::{lock, retain_assigned, Gate, LoopShared, Resume};
 use super::pending::{Overlay, Pending};
 use super::population;
-use super::publish::{publish, InFlight};
-use super::sweep::{prepare_sweep, SweepConfig, SweepState};
+use super::publish::{publish, InFlight, Prepared};
+use super::sweep::{prepare_sweep, SweepConfig, SweepSchedule};
 use super::update::prepare;
-
-/// Counters of a run.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct RunStats {
-    /// Records consumed.
-    pub consumed: u64,
-    /// Events applied to state.
-    pub applied: u64,
-    /// Events ignored as duplicates.
-    pub duplicates: u64,
-    /// Records refused to the dead-letter topic.
-    pub dead_letters: u64,
-    /// Membership updates published.
-    pub updates: u64,
-    /// Batches committed.
-    pub batches: u64,
-}
 
 /// What the loop reports to the rest of the process.
 #[derive(Clone)]
@@ -88,7 +72,7 @@ const MAX_IN_FLIGHT: usize = 2;
 ///
 /// Two stages, in order per batch:
 /// - this task collects a batch, decodes and processes it off the runtime (reading state
-///   through [`Overlay`], so it sees batches not yet durable), and enqueues its outputs;
+///   through the overlay, so it sees batches not yet durable), and enqueues its outputs;
 /// - a committer thread awaits the batch's deliveries, commits it to the store, then to the
 ///   group, one batch after another in input order.
 ///
@@ -98,238 +82,17 @@ const MAX_IN_FLIGHT: usize = 2;
 pub async fn run(
     config: &KafkaConfig,
     policy: PublishPolicy,
-    sweep_config: SweepConfig,
+    sweep: SweepConfig,
     store: Arc<dyn StateStore>,
     snapshot: SharedSnapshot,
     shutdown: CancellationToken,
     hooks: Hooks,
 ) -> Result<RunStats, RunError> {
-    let metrics = hooks.metrics.clone();
-    metrics
-        .snapshot_version
-        .set(i64::try_from(snapshot.load().snapshot.version()).unwrap_or(i64::MAX));
-    let shared = Arc::new(LoopShared {
-        processed: Mutex::new(store.offsets().map_err(ProcessError::from)?),
-        assigned: Mutex::default(),
-        in_flight: Gate::new(metrics.batches_in_flight.clone()),
-        drain_timeout: Duration::from_millis(config.session_timeout_ms / 2),
-        ready: hooks.ready.clone(),
-        durable_version: AtomicU64::new(0),
-    });
-    let context = Resume {
-        shared: shared.clone(),
-        quiet: QuietErrors::default(),
-        metrics: metrics.clone(),
-    };
-    let mut consumer_config = client_config(config);
-    if !config.client.contains_key("heartbeat.interval.ms") {
-        // librdkafka's default heartbeat (3 s) only suits session timeouts of 9 s and more;
-        // a third of the session keeps a shorter one alive.
-        let heartbeat = (config.session_timeout_ms / 3).clamp(100, 3_000);
-        consumer_config.set("heartbeat.interval.ms", heartbeat.to_string());
-    }
-    let consumer: Arc<StreamConsumer<Resume>> = Arc::new(
-        consumer_config
-            .set("group.id", &config.group_id)
-            // Offsets follow durability: nothing is committed or stored automatically.
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", config.session_timeout_ms.to_string())
-            .set("statistics.interval.ms", "5000")
-            .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
-            .create_with_context(context)?,
-    );
-    let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics)?;
-    let outbox = Outbox::new(
-        output_producer(config)?,
-        &config.output_topic,
-        &config.dead_letter_topic,
-        max_message_bytes(&config.client),
-        metrics.clone(),
-    );
-
-    let pending = Arc::new(Pending::default());
-    let overlay: Arc<dyn StateStore> = Arc::new(Overlay {
-        store: store.clone(),
-        pending: pending.clone(),
-    });
-    let (to_committer, from_loop) = tokio::sync::mpsc::channel::<InFlight>(MAX_IN_FLIGHT);
-    let counts =
-        population::load(store.as_ref(), &snapshot.load().snapshot).map_err(ProcessError::from)?;
-    population::export(&counts, &metrics);
-    let committer = Committer {
-        outbox: outbox.clone(),
-        counts,
-        snapshot: snapshot.clone(),
-        drift: hooks.drift.clone(),
-        store: store.clone(),
-        pending: pending.clone(),
-        consumer: consumer.clone(),
-        shared: shared.clone(),
-        metrics: metrics.clone(),
-    };
-    let committer = std::thread::Builder::new()
-        .name("segmentd-commit".into())
-        .spawn(move || committer.run(from_loop))
-        .map_err(|e| RunError::Task(e.to_string()))?;
-
-    let timeout = Duration::from_millis(config.batch_timeout_ms);
-    let mut consumed = 0u64;
-    let mut batch_id = 0u64;
-    let mut errors = ErrorLog::default();
-    let mut sweep = SweepState::load(store.as_ref()).map_err(ProcessError::from)?;
-    // Whether the running sweep may go: once no batch of the old version is in flight.
-    let mut sweep_cleared = sweep.cursor.is_some();
-    let mut sweep_next = tokio::time::Instant::now();
-    let mut last_was_sweep = false;
-    metrics
-        .sweep_progress
-        .set(if sweep.done { 1.0 } else { 0.0 });
-    let outcome: Result<(), RunError> = loop {
-        let active = snapshot.load().snapshot.version();
-        if sweep.version != active {
-            tracing::info!(
-                version = active,
-                previous = sweep.version,
-                "re-assignment sweep starting"
-            );
-            sweep = SweepState::start(active);
-            sweep_cleared = false;
-            metrics.sweep_progress.set(0.0);
-        }
-        if !sweep.done && !sweep_cleared {
-            sweep_cleared = shared.in_flight.count() == 0
-                || shared.durable_version.load(Ordering::SeqCst) == active;
-        }
-        let sweeping = !sweep.done && sweep_cleared;
-        // After a sweep chunk, waiting records go first: the chunk after waits at least a
-        // millisecond, which is all a record already fetched needs.
-        let sweep_at = if last_was_sweep {
-            sweep_next.max(tokio::time::Instant::now() + Duration::from_millis(1))
-        } else {
-            sweep_next
-        };
-        let waiting_to_sweep = !sweep.done && !sweep_cleared;
-        let mut batch: Vec<OwnedMessage> = Vec::with_capacity(config.max_batch);
-        // Waiting for the first record is the only point where shutdown is observed, so a
-        // batch in hand is always finished and committed before the loop ends.
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break Ok(()),
-            // The committer stopped on an error (returned below): stop now rather than at the
-            // next record, which may never come.
-            _ = to_committer.closed() => break Ok(()),
-            _ = tokio::time::sleep_until(sweep_at), if sweeping => {
-                last_was_sweep = true;
-                batch_id += 1;
-                let loaded = snapshot.load_full();
-                let task = {
-                    let (overlay, pending, state) = (overlay.clone(), pending.clone(), sweep.clone());
-                    let chunk = sweep_config.chunk.max(1);
-                    tokio::task::spawn_blocking(move || {
-                        prepare_sweep(batch_id, state, chunk, &overlay, &pending, &loaded, &policy)
-                    })
-                };
-                let prepared = match task.await {
-                    Ok(Ok(prepared)) => prepared,
-                    Ok(Err(e)) => break Err(e.into()),
-                    Err(e) => break Err(RunError::Task(e.to_string())),
-                };
-                if let Some(state) = &prepared.sweep {
-                    sweep = state.clone();
-                }
-                let now = tokio::time::Instant::now();
-                sweep_next = if sweep_config.customers_per_second == 0 {
-                    now
-                } else {
-                    sweep_next.max(now)
-                        + Duration::from_secs_f64(
-                            prepared.swept as f64 / sweep_config.customers_per_second as f64,
-                        )
-                };
-                let in_flight = match publish(&outbox, prepared).await {
-                    Ok(in_flight) => in_flight,
-                    Err(e) => break Err(e),
-                };
-                shared.in_flight.enter();
-                if to_committer.send(in_flight).await.is_err() {
-                    shared.in_flight.leave();
-                    break Ok(());
-                }
-                continue;
-            }
-            _ = tokio::time::sleep(Duration::from_millis(50)), if waiting_to_sweep => continue,
-            // While no record comes, look at the snapshot now and then: a swap starts a sweep.
-            _ = tokio::time::sleep(Duration::from_millis(250)), if !sweeping => continue,
-            first = consumer.recv() => match first {
-                Ok(m) => {
-                    last_was_sweep = false;
-                    errors.clear();
-                    batch.push(m.detach());
-                }
-                Err(e) => {
-                    // librdkafka reconnects by itself; back off so an unreachable broker
-                    // does not become a busy loop or a flood of identical warnings.
-                    errors.record(&e);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break Ok(()),
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                    continue;
-                }
-            },
-        }
-        let deadline = tokio::time::Instant::now() + timeout;
-        while batch.len() < config.max_batch {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m.detach()),
-                Ok(Err(e)) => errors.record(&e),
-                Err(_) => break,
-            }
-        }
-        consumed += batch.len() as u64;
-        retain_assigned(&mut batch, &shared);
-        if batch.is_empty() {
-            continue;
-        }
-        batch_id += 1;
-        let processed = lock(&shared.processed).clone();
-        // One snapshot for the whole batch: a swap takes effect at the next batch.
-        let loaded = snapshot.load_full();
-        let task = {
-            let (overlay, pending) = (overlay.clone(), pending.clone());
-            tokio::task::spawn_blocking(move || {
-                prepare(
-                    batch_id, batch, &processed, &overlay, &pending, &loaded, &policy,
-                )
-            })
-        };
-        let prepared = match task.await {
-            Ok(Ok(prepared)) => prepared,
-            Ok(Err(e)) => break Err(e.into()),
-            Err(e) => break Err(RunError::Task(e.to_string())),
-        };
-        lock(&shared.processed).extend(
-            prepared
-                .store_batch
-                .offsets
-                .iter()
-                .map(|(k, v)| (k.clone(), *v)),
-        );
-        let in_flight = match publish(&outbox, prepared).await {
-            Ok(in_flight) => in_flight,
-            Err(e) => break Err(e),
-        };
-        shared.in_flight.enter();
-        if to_committer.send(in_flight).await.is_err() {
-            // The committer stopped on an error; it is returned below.
-            shared.in_flight.leave();
-            break Ok(());
-        }
-    };
-    drop(to_committer);
+    let (mut stage, committer) = Loop::start(config, policy, sweep, store, snapshot, &hooks)?;
+    let outcome = stage.drive(&shutdown).await;
+    let consumed = stage.consumed;
+    // The committer ends once its channel closes and it has made every batch in hand durable.
+    drop(stage);
     let committed = tokio::task::spawn_blocking(move || committer.join())
         .await
         .map_err(|e| RunError::Task(e.to_string()))?
@@ -342,6 +105,263 @@ pub async fn run(
     stats.consumed = consumed;
     tracing::info!(?stats, "consumer loop stopped");
     Ok(stats)
+}
+
+/// What the loop does next.
+enum Step {
+    /// Shutdown, or the committer stopped on an error (which it returns).
+    Stop,
+    /// Run the sweep's next chunk.
+    Sweep,
+    /// Process a batch that starts with this record.
+    Records(OwnedMessage),
+    /// Nothing: look again (a swap may have started a sweep).
+    Idle,
+}
+
+/// The first stage, between batches.
+struct Loop {
+    max_batch: usize,
+    batch_timeout: Duration,
+    policy: PublishPolicy,
+    consumer: Arc<StreamConsumer<Resume>>,
+    outbox: Outbox<QuietErrors>,
+    /// The store seen through the batches not yet durable.
+    overlay: Arc<dyn StateStore>,
+    pending: Arc<Pending>,
+    shared: Arc<LoopShared>,
+    snapshot: SharedSnapshot,
+    metrics: Arc<Metrics>,
+    to_committer: mpsc::Sender<InFlight>,
+    sweep: SweepSchedule,
+    batch_id: u64,
+    consumed: u64,
+    errors: ErrorLog,
+}
+
+/// The committer thread, returning the run's counters.
+type CommitterThread = std::thread::JoinHandle<Result<RunStats, RunError>>;
+
+impl Loop {
+    /// Subscribes, and starts the committer thread.
+    fn start(
+        config: &KafkaConfig,
+        policy: PublishPolicy,
+        sweep: SweepConfig,
+        store: Arc<dyn StateStore>,
+        snapshot: SharedSnapshot,
+        hooks: &Hooks,
+    ) -> Result<(Self, CommitterThread), RunError> {
+        let metrics = hooks.metrics.clone();
+        let active = snapshot.load().snapshot.version();
+        metrics
+            .snapshot_version
+            .set(i64::try_from(active).unwrap_or(i64::MAX));
+        let shared = Arc::new(LoopShared {
+            processed: Mutex::new(store.offsets().map_err(ProcessError::from)?),
+            assigned: Mutex::default(),
+            in_flight: Gate::new(metrics.batches_in_flight.clone()),
+            drain_timeout: Duration::from_millis(config.session_timeout_ms / 2),
+            ready: hooks.ready.clone(),
+            durable_version: AtomicU64::new(0),
+        });
+        let context = Resume {
+            shared: shared.clone(),
+            quiet: QuietErrors::default(),
+            metrics: metrics.clone(),
+        };
+        let consumer = Arc::new(group_consumer(config, &config.group_id, context)?);
+        let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        let outbox = Outbox::new(
+            output_producer(config)?,
+            &config.output_topic,
+            &config.dead_letter_topic,
+            max_message_bytes(&config.client),
+            metrics.clone(),
+        );
+        let pending = Arc::new(Pending::default());
+        let overlay: Arc<dyn StateStore> = Arc::new(Overlay {
+            store: store.clone(),
+            pending: pending.clone(),
+        });
+        let counts = population::load(store.as_ref(), &snapshot.load().snapshot)
+            .map_err(ProcessError::from)?;
+        population::export(&counts, &metrics);
+        let sweep = SweepSchedule::load(store.as_ref(), sweep).map_err(ProcessError::from)?;
+        metrics
+            .sweep_progress
+            .set(if sweep.state.done { 1.0 } else { 0.0 });
+        let (to_committer, from_loop) = mpsc::channel::<InFlight>(MAX_IN_FLIGHT);
+        let committer = Committer {
+            outbox: outbox.clone(),
+            counts,
+            snapshot: snapshot.clone(),
+            drift: hooks.drift.clone(),
+            store,
+            pending: pending.clone(),
+            consumer: consumer.clone(),
+            shared: shared.clone(),
+            metrics: metrics.clone(),
+        };
+        let committer = std::thread::Builder::new()
+            .name("segmentd-commit".into())
+            .spawn(move || committer.run(from_loop))
+            .map_err(|e| RunError::Task(e.to_string()))?;
+        let stage = Self {
+            max_batch: config.max_batch,
+            batch_timeout: Duration::from_millis(config.batch_timeout_ms),
+            policy,
+            consumer,
+            outbox,
+            overlay,
+            pending,
+            shared,
+            snapshot,
+            metrics,
+            to_committer,
+            sweep,
+            batch_id: 0,
+            consumed: 0,
+            errors: ErrorLog::default(),
+        };
+        Ok((stage, committer))
+    }
+
+    /// Runs batches and sweep chunks until shutdown or an error.
+    async fn drive(&mut self, shutdown: &CancellationToken) -> Result<(), RunError> {
+        loop {
+            let handed = match self.next(shutdown).await {
+                Step::Stop => return Ok(()),
+                Step::Idle => continue,
+                Step::Sweep => self.sweep_chunk().await?,
+                Step::Records(first) => {
+                    self.sweep.records_ran();
+                    let batch = self.collect(first).await;
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    self.process(batch).await?
+                }
+            };
+            if !handed {
+                // The committer stopped on an error; `run` returns it.
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits for what comes first. Waiting for the first record is the only point where
+    /// shutdown is observed, so a batch in hand is always finished and committed before the
+    /// loop ends.
+    async fn next(&mut self, shutdown: &CancellationToken) -> Step {
+        let active = self.snapshot.load().snapshot.version();
+        let durable = self.shared.durable_version.load(Ordering::SeqCst);
+        if self
+            .sweep
+            .observe(active, self.shared.in_flight.count(), durable)
+            .is_some()
+        {
+            self.metrics.sweep_progress.set(0.0);
+        }
+        let (sweeping, waiting) = (self.sweep.sweeping(), self.sweep.waiting());
+        tokio::select! {
+            // Shutdown first, then a failed committer, then the sweep's turn, then records.
+            biased;
+            _ = shutdown.cancelled() => Step::Stop,
+            // The committer stopped on an error: stop now rather than at the next record,
+            // which may never come.
+            _ = self.to_committer.closed() => Step::Stop,
+            _ = tokio::time::sleep_until(self.sweep.due()), if sweeping => Step::Sweep,
+            _ = tokio::time::sleep(Duration::from_millis(50)), if waiting => Step::Idle,
+            // While no record comes, look at the snapshot now and then: a swap starts a sweep.
+            _ = tokio::time::sleep(Duration::from_millis(250)), if !sweeping => Step::Idle,
+            first = self.consumer.recv() => match first {
+                Ok(m) => {
+                    self.errors.clear();
+                    Step::Records(m.detach())
+                }
+                Err(e) => {
+                    // librdkafka reconnects by itself; back off so an unreachable broker
+                    // does not become a busy loop or a flood of identical warnings.
+                    self.errors.record(&e);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => Step::Stop,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => Step::Idle,
+                    }
+                }
+            },
+        }
+    }
+
+    /// The batch that starts with `first`: what else arrives within the batch timeout, up to
+    /// `max_batch`, without records of partitions revoked meanwhile.
+    async fn collect(&mut self, first: OwnedMessage) -> Vec<OwnedMessage> {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + self.batch_timeout;
+        while batch.len() < self.max_batch {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                Ok(Err(e)) => self.errors.record(&e),
+                Err(_) => break,
+            }
+        }
+        self.consumed += batch.len() as u64;
+        retain_assigned(&mut batch, &self.shared);
+        batch
+    }
+
+    /// Decodes and processes a batch off the runtime, then hands it over.
+    async fn process(&mut self, batch: Vec<OwnedMessage>) -> Result<bool, RunError> {
+        self.batch_id += 1;
+        let id = self.batch_id;
+        let processed = lock(&self.shared.processed).clone();
+        // One snapshot for the whole batch: a swap takes effect at the next batch.
+        let loaded = self.snapshot.load_full();
+        let (overlay, pending, policy) = (self.overlay.clone(), self.pending.clone(), self.policy);
+        let prepared = tokio::task::spawn_blocking(move || {
+            prepare(id, batch, &processed, &overlay, &pending, &loaded, &policy)
+        })
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))??;
+        lock(&self.shared.processed).extend(
+            prepared
+                .store_batch
+                .offsets
+                .iter()
+                .map(|(k, v)| (k.clone(), *v)),
+        );
+        self.hand_over(prepared).await
+    }
+
+    /// Runs the sweep's next chunk off the runtime, then hands it over.
+    async fn sweep_chunk(&mut self) -> Result<bool, RunError> {
+        self.batch_id += 1;
+        let id = self.batch_id;
+        let loaded = self.snapshot.load_full();
+        let (overlay, pending, policy) = (self.overlay.clone(), self.pending.clone(), self.policy);
+        let (state, chunk) = (self.sweep.state.clone(), self.sweep.chunk());
+        let (prepared, state) = tokio::task::spawn_blocking(move || {
+            prepare_sweep(id, state, chunk, &overlay, &pending, &loaded, &policy)
+        })
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))??;
+        self.sweep.ran(state, prepared.swept);
+        self.hand_over(prepared).await
+    }
+
+    /// Publishes a prepared batch and hands it to the committer; false when the committer
+    /// is gone (it stopped on an error, which it returns).
+    async fn hand_over(&mut self, prepared: Prepared) -> Result<bool, RunError> {
+        let in_flight = publish(&self.outbox, prepared).await?;
+        self.shared.in_flight.enter();
+        if self.to_committer.send(in_flight).await.is_err() {
+            self.shared.in_flight.leave();
+            return Ok(false);
+        }
+        Ok(true)
+    }
 }
 
 /// Logs consumer errors as warnings at most every 10 seconds (with the count since), and at

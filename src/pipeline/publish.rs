@@ -14,7 +14,6 @@ use crate::io::store::StoreBatch;
 use crate::model::drift::DriftSums;
 
 use super::error::{ProcessError, RunError};
-use super::sweep::SweepState;
 
 /// An update ready to send.
 pub(crate) struct Outgoing {
@@ -54,8 +53,8 @@ pub(crate) struct Prepared {
     pub(crate) id: u64,
     /// The snapshot version it was processed with.
     pub(crate) version: u64,
-    /// For a sweep chunk: the sweep's state after it.
-    pub(crate) sweep: Option<SweepState>,
+    /// For a sweep chunk: where the sweep stands after it.
+    pub(crate) sweep: Option<SweepProgress>,
     /// For a sweep chunk: customers visited.
     pub(crate) swept: usize,
     pub(crate) records: usize,
@@ -77,6 +76,17 @@ pub(crate) struct InFlight {
     pub(crate) prepared: Prepared,
     pub(crate) deliveries: Deliveries,
     pub(crate) sent_ms: f64,
+}
+
+/// Where a sweep stands after a chunk, for the committer's metrics and log.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SweepProgress {
+    /// The version swept to.
+    pub(crate) version: u64,
+    /// Customers visited so far.
+    pub(crate) visited: u64,
+    /// Whether every customer has been visited.
+    pub(crate) done: bool,
 }
 
 /// Enqueues a prepared batch's updates and dead letters (waiting for room in the producer

@@ -32,7 +32,7 @@ use crate::model::snapshot::ValidSnapshot;
 use super::assign::{assign_customer, decide, PublishPolicy};
 use super::error::ProcessError;
 use super::pending::Pending;
-use super::publish::{Outgoing, Prepared};
+use super::publish::{Outgoing, Prepared, SweepProgress};
 use super::update::BatchResult;
 
 /// The store's meta key of the sweep state.
@@ -92,6 +92,104 @@ impl SweepState {
         }
     }
 }
+/// When the sweep runs, from the consumer loop's point of view: which sweep, whether it may
+/// go, and when its next chunk is due (rate-limited by `[sweep] customers_per_second`).
+#[derive(Debug)]
+pub(crate) struct SweepSchedule {
+    /// The sweep in progress (or the last one, done).
+    pub(crate) state: SweepState,
+    config: SweepConfig,
+    /// Whether it may go: once no batch of the previous version is in flight, so the key
+    /// scan sees every customer of it.
+    cleared: bool,
+    next: tokio::time::Instant,
+    last_was_sweep: bool,
+}
+
+impl SweepSchedule {
+    /// The stored sweep, resumed where its cursor says.
+    pub(crate) fn load(store: &dyn StateStore, config: SweepConfig) -> Result<Self, StoreError> {
+        let state = SweepState::load(store)?;
+        Ok(Self {
+            cleared: state.cursor.is_some(),
+            state,
+            config,
+            next: tokio::time::Instant::now(),
+            last_was_sweep: false,
+        })
+    }
+
+    /// Starts a sweep when the active version changed, and clears it to go once no batch of
+    /// the old version is in flight (`in_flight` batches, the last durable one of
+    /// `durable_version`). Returns the version a new sweep starts to.
+    pub(crate) fn observe(
+        &mut self,
+        active: u64,
+        in_flight: usize,
+        durable_version: u64,
+    ) -> Option<u64> {
+        let mut started = None;
+        if self.state.version != active {
+            tracing::info!(
+                version = active,
+                previous = self.state.version,
+                "re-assignment sweep starting"
+            );
+            self.state = SweepState::start(active);
+            self.cleared = false;
+            started = Some(active);
+        }
+        if !self.state.done && !self.cleared {
+            self.cleared = in_flight == 0 || durable_version == active;
+        }
+        started
+    }
+
+    /// A chunk may run now (or at [`SweepSchedule::due`]).
+    pub(crate) fn sweeping(&self) -> bool {
+        !self.state.done && self.cleared
+    }
+
+    /// A sweep waits for the old version's batches to become durable.
+    pub(crate) fn waiting(&self) -> bool {
+        !self.state.done && !self.cleared
+    }
+
+    /// When the next chunk may run. After a chunk, records already fetched go first: the
+    /// next chunk waits at least a millisecond, which is all they need.
+    pub(crate) fn due(&self) -> tokio::time::Instant {
+        if self.last_was_sweep {
+            self.next
+                .max(tokio::time::Instant::now() + std::time::Duration::from_millis(1))
+        } else {
+            self.next
+        }
+    }
+
+    /// Keys per chunk.
+    pub(crate) fn chunk(&self) -> usize {
+        self.config.chunk.max(1)
+    }
+
+    /// A chunk of `swept` customers ran and left the sweep at `state`.
+    pub(crate) fn ran(&mut self, state: SweepState, swept: usize) {
+        self.state = state;
+        self.last_was_sweep = true;
+        let now = tokio::time::Instant::now();
+        self.next = match self.config.customers_per_second {
+            0 => now,
+            rate => {
+                self.next.max(now) + std::time::Duration::from_secs_f64(swept as f64 / rate as f64)
+            }
+        };
+    }
+
+    /// A batch of records ran: the next chunk no longer yields to them.
+    pub(crate) fn records_ran(&mut self) {
+        self.last_was_sweep = false;
+    }
+}
+
 /// Re-assigns stored customers against `snapshot` without an event: the sweep after a swap.
 /// Customers whose record is already on this version are left alone; the others are
 /// assigned at the time of their latest event and published per `policy` (with lineage, only
@@ -167,7 +265,8 @@ pub fn reassign_batch(
 }
 
 /// Prepares the next chunk of the sweep: re-assigns the next keys through the overlay, and
-/// stores the advanced cursor with their records. Runs off the async runtime.
+/// stores the advanced cursor with their records; returns the chunk and the sweep's state
+/// after it. Runs off the async runtime.
 pub(crate) fn prepare_sweep(
     id: u64,
     mut sweep: SweepState,
@@ -176,7 +275,7 @@ pub(crate) fn prepare_sweep(
     pending: &Pending,
     loaded: &LoadedSnapshot,
     policy: &PublishPolicy,
-) -> Result<Prepared, ProcessError> {
+) -> Result<(Prepared, SweepState), ProcessError> {
     let started = Instant::now();
     // The durable store's keys: every customer of the old version is durable by now (the
     // sweep starts only then), and customers created since are on the new version already.
@@ -240,10 +339,15 @@ pub(crate) fn prepare_sweep(
         .into_iter()
         .map(|u| Outgoing::new(u, None))
         .collect::<Result<_, _>>()?;
-    Ok(Prepared {
+    let progress = SweepProgress {
+        version: sweep.version,
+        visited: sweep.visited,
+        done: sweep.done,
+    };
+    let prepared = Prepared {
         id,
         version: loaded.snapshot.version(),
-        sweep: Some(sweep),
+        sweep: Some(progress),
         swept,
         records: 0,
         updates,
@@ -257,5 +361,50 @@ pub(crate) fn prepare_sweep(
         started,
         decode_ms: 0.0,
         process_ms: started.elapsed().as_secs_f64() * 1e3,
-    })
+    };
+    Ok((prepared, sweep))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::update::SWEEP_TOPIC;
+    use crate::io::store::MemStore;
+    use crate::model::snapshot::tests::sample_snapshot;
+    use crate::pipeline::update::process_batch;
+    use crate::pipeline::update::tests::{input, order};
+
+    #[test]
+    fn the_sweep_writes_back_only_customers_it_publishes() {
+        let v1 = sample_snapshot().validate().unwrap();
+        let store = MemStore::default();
+        let policy = PublishPolicy::default();
+        let a1 = Assigner::new(&v1);
+        let offsets = store.offsets().unwrap();
+        let first = process_batch(
+            &store,
+            &v1,
+            &a1,
+            &policy,
+            &[input(order("a", "o1", 0), 0)],
+            &offsets,
+        )
+        .unwrap();
+        store.commit(&first.store_batch).unwrap();
+        let mut carried = sample_snapshot();
+        carried.version = 2;
+        crate::model::lineage::carry_ids(&v1, &mut carried, 0.5).unwrap();
+        let v2 = carried.validate().unwrap();
+        let records = store.records_after(None, 10).unwrap();
+        let swept = reassign_batch(&v2, &Assigner::new(&v2), &policy, &records).unwrap();
+        assert!(swept.updates.is_empty() && swept.store_batch.records.is_empty());
+        let mut fresh = sample_snapshot();
+        fresh.version = 3;
+        let v3 = fresh.validate().unwrap();
+        let swept = reassign_batch(&v3, &Assigner::new(&v3), &policy, &records).unwrap();
+        assert_eq!(swept.updates.len(), 1);
+        assert_eq!(swept.updates[0].seq, 2);
+        assert_eq!(swept.updates[0].cause.topic, SWEEP_TOPIC);
+        assert_eq!(swept.store_batch.records.len(), 1);
+    }
 }

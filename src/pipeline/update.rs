@@ -334,25 +334,25 @@ fn topic_index<'a>(topics: &mut Vec<(&'a str, Arc<str>)>, name: &'a str) -> usiz
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::event::Event;
     use crate::domain::features::Axis;
     use crate::domain::record::{Published, PublishedAxis};
     use crate::domain::state::CustomerState;
     use crate::domain::time::EventTime;
-    use crate::domain::update::SWEEP_TOPIC;
     use crate::io::store::MemStore;
     use crate::model::snapshot::tests::sample_snapshot;
     use crate::pipeline::assign::published_record;
-    use crate::pipeline::sweep::reassign_batch;
 
-    fn order(customer: &str, id: &str, day: i64) -> Event {
+    /// An order of `customer` on day `day` after 2024-03-01.
+    pub(crate) fn order(customer: &str, id: &str, day: i64) -> Event {
         let time = EventTime::from_unix(1_709_251_200 + day * 86_400).unwrap();
         crate::domain::event::test_order(customer, id, time)
     }
 
-    fn input(event: Event, offset: i64) -> Input {
+    /// `event` as the record at `offset` of partition 0 of `orders`.
+    pub(crate) fn input(event: Event, offset: i64) -> Input {
         Input {
             event,
             source: Source {
@@ -574,40 +574,6 @@ mod tests {
         let update = &result.updates[0];
         assert_eq!(update.changed.len(), update.axes.len());
         assert_eq!(update.previous_snapshot_version, Some(2));
-    }
-
-    #[test]
-    fn the_sweep_writes_back_only_customers_it_publishes() {
-        let v1 = sample_snapshot().validate().unwrap();
-        let store = MemStore::default();
-        let policy = PublishPolicy::default();
-        let a1 = Assigner::new(&v1);
-        let offsets = store.offsets().unwrap();
-        let first = process_batch(
-            &store,
-            &v1,
-            &a1,
-            &policy,
-            &[input(order("a", "o1", 0), 0)],
-            &offsets,
-        )
-        .unwrap();
-        store.commit(&first.store_batch).unwrap();
-        let mut carried = sample_snapshot();
-        carried.version = 2;
-        crate::model::lineage::carry_ids(&v1, &mut carried, 0.5).unwrap();
-        let v2 = carried.validate().unwrap();
-        let records = store.records_after(None, 10).unwrap();
-        let swept = reassign_batch(&v2, &Assigner::new(&v2), &policy, &records).unwrap();
-        assert!(swept.updates.is_empty() && swept.store_batch.records.is_empty());
-        let mut fresh = sample_snapshot();
-        fresh.version = 3;
-        let v3 = fresh.validate().unwrap();
-        let swept = reassign_batch(&v3, &Assigner::new(&v3), &policy, &records).unwrap();
-        assert_eq!(swept.updates.len(), 1);
-        assert_eq!(swept.updates[0].seq, 2);
-        assert_eq!(swept.updates[0].cause.topic, SWEEP_TOPIC);
-        assert_eq!(swept.store_batch.records.len(), 1);
     }
 
     #[test]

@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::http::{serve as serve_http, AppState, HttpConfig};
 use crate::config::Config;
+use crate::control::drift::start_drift_monitoring;
 use crate::control::drift::DriftConfig;
-use crate::control::recluster::start_drift_monitoring;
 use crate::control::registry::Registry;
 use crate::domain::event::EventKind;
 use crate::domain::update::AxisChange;
@@ -222,6 +222,7 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         async move { serve_http(&http, app, shutdown).await }
     });
     let (live_drift, reclusterer) = start_drift_monitoring(
+        &config.drift,
         &config.recluster_settings(),
         &registry,
         &store,

@@ -5,11 +5,49 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::cli::GenerateArgs;
+use std::path::PathBuf;
+
 use crate::domain::time::EventTime;
 use crate::synth::{write_csv, PersonaMix, Shop, ShopParams};
+use clap::Args;
 
-use crate::batch::report::count;
+use crate::batch::text::count;
+
+/// `segmentd generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Customers.
+    #[arg(long, default_value_t = 10_000)]
+    pub customers: usize,
+    /// Order lines, exactly.
+    #[arg(long, default_value_t = 100_000)]
+    pub order_lines: usize,
+    /// Days of history.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+    /// First day (YYYY-MM-DD).
+    #[arg(long, default_value = "2024-01-01")]
+    pub start: String,
+    /// Seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Persona mix, e.g. "big_spender=0.3,bargain_hunter=0.2" (default: the built-in mix).
+    #[arg(long)]
+    pub mix: Option<String>,
+    /// Also write this many conversion scores (scores.csv, with conversions.csv) for
+    /// `segmentd audiences`.
+    #[arg(long, default_value_t = 0)]
+    pub scores: usize,
+    /// Products the scores are spread over.
+    #[arg(long, default_value_t = 200)]
+    pub products: usize,
+    /// Visitors the scores belong to.
+    #[arg(long, default_value_t = 100_000)]
+    pub visitors: usize,
+    /// Output directory.
+    #[arg(long, short, value_name = "DIR", default_value = "shop")]
+    pub out_dir: PathBuf,
+}
 
 /// Runs the generator and prints what it wrote.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {

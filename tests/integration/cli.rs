@@ -622,7 +622,7 @@ fn audiences_from_a_renamed_scores_file_with_bad_rows_conversions_and_plots() {
 }
 
 fn thousands(n: usize) -> String {
-    segmentd::batch::report::count(n as u64)
+    segmentd::batch::text::count(n as u64)
 }
 
 #[test]

@@ -24,7 +24,8 @@ use segmentd::io::kafka::KafkaConfig;
 use segmentd::io::store::{RocksStore, StateStore, StoreConfig};
 use segmentd::model::assign::LoadedSnapshot;
 use segmentd::pipeline::assign::PublishPolicy;
-use segmentd::pipeline::consume::{run, Hooks, RunStats};
+use segmentd::pipeline::commit::RunStats;
+use segmentd::pipeline::consume::{run, Hooks};
 use segmentd::pipeline::sweep::SweepConfig;
 use segmentd::telemetry::metrics::Metrics;
 

@@ -28,7 +28,8 @@ use segmentd::io::store::{
 };
 use segmentd::model::assign::LoadedSnapshot;
 use segmentd::pipeline::assign::PublishPolicy;
-use segmentd::pipeline::consume::{run, RunStats};
+use segmentd::pipeline::commit::RunStats;
+use segmentd::pipeline::consume::run;
 use segmentd::pipeline::error::RunError;
 use segmentd::pipeline::sweep::SweepConfig;
 use segmentd::synth::{Shop, ShopParams};

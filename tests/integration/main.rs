@@ -1,5 +1,6 @@
 //! All integration tests, in one binary so they share one build and link step.
 
+mod architecture;
 mod cli;
 mod daemon;
 mod guarantees;
