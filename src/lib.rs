@@ -46,6 +46,7 @@ pub mod domain;
 pub mod io;
 pub mod model;
 pub mod pipeline;
+pub mod shutdown;
 pub mod synth;
 pub mod telemetry;
 pub mod tools;

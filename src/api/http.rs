@@ -54,7 +54,7 @@ pub struct AppState {
     /// The snapshot in use.
     pub snapshot: SharedSnapshot,
     /// Set while the consumer loop runs.
-    pub ready: AtomicBool,
+    pub ready: Arc<AtomicBool>,
     /// The score stream's thresholds, when it runs.
     pub audiences: Option<crate::audience::stream::SharedReport>,
 }
@@ -71,24 +71,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` is cancelled.
-pub async fn serve(
-    config: &HttpConfig,
-    state: Arc<AppState>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let listen = listener.local_addr().unwrap_or(config.listen);
-    tracing::info!(%listen, "http endpoints up");
-    serve_on(listener, state, shutdown).await
-}
-
-/// Serves on an already bound listener until `shutdown` is cancelled.
+/// Serves on a bound listener until `shutdown` is cancelled.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    if let Ok(listen) = listener.local_addr() {
+        tracing::info!(%listen, "http endpoints up");
+    }
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
@@ -268,7 +259,7 @@ mod tests {
             snapshot: Arc::new(arc_swap::ArcSwap::from_pointee(LoadedSnapshot::new(
                 snapshot,
             ))),
-            ready: AtomicBool::new(false),
+            ready: Arc::new(AtomicBool::new(false)),
             audiences: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -334,7 +325,7 @@ mod tests {
             snapshot: Arc::new(arc_swap::ArcSwap::from_pointee(LoadedSnapshot::new(
                 sample_snapshot().validate().unwrap(),
             ))),
-            ready: AtomicBool::new(true),
+            ready: Arc::new(AtomicBool::new(true)),
             audiences: Some(report),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -167,17 +167,26 @@ pub async fn monitor(
     }
 }
 
-/// Starts the drift monitor (per `config`), re-clustering when it fires, until
-/// `shutdown`. Returns what the consumer loop feeds ([`crate::pipeline::consume::Hooks::drift`])
-/// and the re-clusterer, for the admin API.
-pub fn start_drift_monitoring(
+/// The drift monitor and its re-clusterer, ready to run.
+pub struct Monitoring {
+    /// What the consumer loop feeds once each batch is durable
+    /// ([`crate::pipeline::consume::Hooks::drift`]).
+    pub live: Live,
+    /// Runs re-clusterings one at a time, for the monitor and the admin API.
+    pub reclusterer: Arc<Reclusterer>,
+    /// The monitor's loop (per `config`), re-clustering when it fires, until `shutdown`.
+    pub monitor: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+/// Sets up drift monitoring and re-clustering; the caller runs [`Monitoring::monitor`].
+pub fn monitoring(
     config: &DriftConfig,
     settings: &ReclusterSettings,
     registry: &Arc<Registry>,
     store: &Arc<dyn StateStore>,
     metrics: &Arc<Metrics>,
     shutdown: &tokio_util::sync::CancellationToken,
-) -> (Live, Arc<Reclusterer>) {
+) -> Monitoring {
     let live: Live = Arc::new(std::sync::Mutex::new(LiveState::new(
         std::time::Duration::from_secs_f64(config.half_life_seconds),
     )));
@@ -188,7 +197,7 @@ pub fn start_drift_monitoring(
         metrics: metrics.clone(),
         running: std::sync::Mutex::new(()),
     });
-    tokio::spawn(monitor(
+    let monitor = Box::pin(monitor(
         config.clone(),
         registry.clone(),
         live.clone(),
@@ -196,7 +205,11 @@ pub fn start_drift_monitoring(
         Some(reclusterer.clone()),
         shutdown.clone(),
     ));
-    (live, reclusterer)
+    Monitoring {
+        live,
+        reclusterer,
+        monitor,
+    }
 }
 
 #[cfg(test)]

@@ -418,6 +418,36 @@ impl Metrics {
     }
 }
 
+/// A histogram's cumulative buckets as (upper bound, count), with +Inf last.
+pub fn histogram_buckets(histogram: &prometheus::Histogram) -> Vec<(f64, u64)> {
+    use prometheus::core::Collector;
+    let families = histogram.collect();
+    let Some(h) = families
+        .first()
+        .and_then(|f| f.get_metric().first())
+        .map(|m| m.get_histogram().clone())
+    else {
+        return Vec::new();
+    };
+    let mut out: Vec<(f64, u64)> = h
+        .get_bucket()
+        .iter()
+        .map(|b| (b.upper_bound(), b.cumulative_count()))
+        .collect();
+    out.push((f64::INFINITY, h.get_sample_count()));
+    out
+}
+
+/// The upper bound of the bucket holding quantile `q` of cumulative `buckets`.
+pub fn quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = (q * total as f64).ceil() as u64;
+    buckets.iter().find(|(_, c)| *c >= rank).map(|(b, _)| *b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

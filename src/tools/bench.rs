@@ -12,7 +12,7 @@
 //! measure processing, not the group join.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,11 +30,10 @@ use crate::io::kafka::KafkaConfig;
 use crate::io::snapshot_file;
 use crate::io::store::{RocksStore, StateStore, StoreConfig};
 use crate::model::assign::LoadedSnapshot;
-use crate::pipeline::consume::{run as run_loop, Hooks};
 use crate::synth::fixtures::discover_history;
 use crate::synth::{Shop, ShopParams};
 use crate::telemetry::metrics::Metrics;
-use crate::tools::demo::{histogram_buckets, quantile};
+use crate::telemetry::metrics::{histogram_buckets, quantile};
 
 /// `segmentd bench` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -125,13 +124,13 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     // 2. the daemon, flat out
     let dir = tempfile::tempdir()?;
+    snapshot_file::save(snapshot.snapshot(), &dir.path().join("snapshot.json"))?;
     let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
     let (flat, metrics) = daemon_run(
         &cluster,
         &brokers,
         &producer,
         &payloads,
-        &shared,
         &dir,
         "flat",
         None,
@@ -155,7 +154,6 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
         &brokers,
         &producer,
         &offered,
-        &shared,
         &dir,
         "paced",
         Some(args.rate),
@@ -390,9 +388,8 @@ fn process_cpu_seconds(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Live traffic at `--rate` over `n` customers in state, through a snapshot swap (ids carried,
-/// so the sweep publishes only changes) and the sweep it starts: p99 before, during and after
-/// the sweep, the sweep's rate, and whether every event was applied.
+/// Live traffic over `n` customers in state through a snapshot swap (ids carried) and the
+/// sweep it starts, at the default sweep settings; then the sweep alone, unthrottled.
 #[allow(clippy::too_many_arguments)]
 async fn swap_run(
     cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
@@ -408,169 +405,134 @@ async fn swap_run(
     use crate::pipeline::sweep::SweepConfig;
     let path = dir.path().join("swap");
     seed_store(&path, states, snapshot, n)?;
-    let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&StoreConfig {
-        path,
-        ..StoreConfig::default()
-    })?);
-    let metrics = Arc::new(Metrics::new()?);
-    let registry = crate::control::registry::Registry::open(
-        &dir.path().join("swap-snapshots"),
-        5,
-        snapshot.snapshot.clone(),
-        metrics.clone(),
-    )?;
     let mut next = snapshot.snapshot.snapshot().clone();
     next.version += 1;
     crate::model::lineage::carry_ids(&snapshot.snapshot, &mut next, 0.5)?;
     // Events re-keyed over the n customers in state.
     let events = rekey(payloads, n, 0x5eed)?;
-    let input = "bench-swap-events";
-    let kafka = KafkaConfig {
-        brokers: brokers.to_owned(),
-        group_id: "bench-swap".into(),
-        input_topics: vec![input.into()],
-        output_topic: "bench-swap-memberships".into(),
-        dead_letter_topic: "bench-swap-dead".into(),
-        session_timeout_ms: 6_000,
-        ..KafkaConfig::default()
-    };
-    cluster.create_topic(input, args.partitions, 1)?;
-    cluster.create_topic(&kafka.output_topic, args.partitions, 1)?;
-    cluster.create_topic(&kafka.dead_letter_topic, 1, 1)?;
-    let start = |sweep: SweepConfig, shutdown: CancellationToken| {
-        let hooks = Hooks {
-            metrics: metrics.clone(),
-            ready: Arc::new(AtomicBool::new(false)),
-            drift: Default::default(),
-        };
-        let (kafka, store, shared) = (kafka.clone(), store.clone(), registry.shared());
-        tokio::spawn(async move {
-            run_loop(
-                &kafka,
-                Default::default(),
-                sweep,
-                store,
-                shared,
-                shutdown,
-                hooks,
-            )
-            .await
-        })
-    };
-    // Live traffic with the default sweep settings (rate-limited).
-    let shutdown = CancellationToken::new();
-    let task = start(SweepConfig::default(), shutdown.clone());
-    let consumed = |store: &Arc<dyn StateStore>| -> anyhow::Result<i64> {
-        Ok(store.offsets()?.values().sum())
-    };
-    // The first sweep (to v1 over a store seeded without one) runs first; wait it out.
-    sweep_done(&store, snapshot.snapshot.version(), || Ok(())).await?;
-    let progress = Arc::new(AtomicU64::new(0));
-    feed(producer, input, &events[..1], None, &progress).await?;
-    while consumed(&store)? < 1 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let buckets = || histogram_buckets(&metrics.event_to_publish_seconds);
-    let start_buckets = buckets();
-    let rest: Payloads = Arc::new(events[1..].to_vec());
-    let feeder = {
-        let (producer, rest, progress) = (producer.clone(), rest.clone(), progress.clone());
-        let rate = args.rate;
-        tokio::spawn(async move { feed(&producer, input, &rest, Some(rate), &progress).await })
-    };
-    let follow = |store: &Arc<dyn StateStore>, progress: &AtomicU64| -> anyhow::Result<i64> {
-        let done = consumed(store)?;
-        progress.store((done - 1).max(0) as u64, Ordering::Relaxed);
-        Ok(done)
-    };
-    let steady_until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < steady_until {
-        follow(&store, &progress)?;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let before = buckets();
-    let swapped = Instant::now();
-    registry.offer(
-        &serde_json::to_vec(&next)?,
-        crate::control::registry::Origin::Http,
-        crate::control::registry::Activation::Always,
-    )?;
-    sweep_done(&store, next.version, || {
-        follow(&store, &progress).map(|_| ())
-    })
+    let running = Running::start(
+        cluster,
+        brokers,
+        dir,
+        "swap",
+        path.clone(),
+        args.partitions,
+        SweepConfig::default(),
+    )
     .await?;
-    let sweep_seconds = swapped.elapsed().as_secs_f64();
-    let during = buckets();
-    let total = events.len() as i64;
-    let mut last = (0, Instant::now());
-    loop {
-        let done = follow(&store, &progress)?;
-        if done >= total {
-            break;
-        }
-        if done > last.0 {
-            last = (done, Instant::now());
-        } else if last.1.elapsed() > STALL {
-            return Err(stalled(done as usize, total as usize));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    feeder.await??;
-    let after = buckets();
-    shutdown.cancel();
-    let stats = task.await??;
-    let p99 = |from: &[(f64, u64)], to: &[(f64, u64)]| -> String {
-        let diff: Vec<(f64, u64)> = to
-            .iter()
-            .zip(from)
-            .map(|((b, t), (_, f))| (*b, t - f))
-            .collect();
-        match quantile(&diff, 0.99) {
-            Some(s) if s.is_finite() => format!("p99 <= {:.0} ms", s * 1000.0),
-            Some(_) => "p99 > 5 s".into(),
-            None => "no samples".into(),
-        }
-    };
+    // The first sweep (to v1 over a store seeded without one) runs first; wait it out.
+    sweep_done(&running.store, snapshot.snapshot.version(), || Ok(())).await?;
+    let figures = swap_with_traffic(&running, producer, &events, &next, args.rate).await?;
+    let applied = running.applied();
+    running.stop().await?;
     println!(
         "swap at {} events/s offered over {n} customers in state, default sweep settings: \
-         steady {}, during the sweep ({sweep_seconds:.1} s) {}, after {}; \
-         {} of {} events applied",
+         {figures}; {applied} of {} events applied",
         args.rate,
-        p99(&start_buckets, &before),
-        p99(&before, &during),
-        p99(&during, &after),
-        stats.applied,
-        total,
+        events.len(),
     );
 
     // The sweep alone, unthrottled: another swap with ids carried, no traffic.
     let mut third = next.clone();
     third.version += 1;
-    let second = next.clone().validate()?;
-    crate::model::lineage::carry_ids(&second, &mut third, 0.5)?;
-    let shutdown = CancellationToken::new();
-    let task = start(
-        SweepConfig {
-            customers_per_second: 0,
-            chunk: 5_000,
-        },
-        shutdown.clone(),
-    );
+    crate::model::lineage::carry_ids(&next.clone().validate()?, &mut third, 0.5)?;
+    let unthrottled = SweepConfig {
+        customers_per_second: 0,
+        chunk: 5_000,
+    };
+    // Its own (empty) topics and group, the same store: the sweep has no traffic to share.
+    let running = Running::start(
+        cluster,
+        brokers,
+        dir,
+        "sweep",
+        path,
+        args.partitions,
+        unthrottled,
+    )
+    .await?;
     let swapped = Instant::now();
-    registry.offer(
-        &serde_json::to_vec(&third)?,
-        crate::control::registry::Origin::Http,
-        crate::control::registry::Activation::Always,
-    )?;
-    sweep_done(&store, third.version, || Ok(())).await?;
+    let activate = crate::control::registry::Activation::Always;
+    let origin = crate::control::registry::Origin::Http;
+    running
+        .registry
+        .offer(&serde_json::to_vec(&third)?, origin, activate)?;
+    sweep_done(&running.store, third.version, || Ok(())).await?;
     let seconds = swapped.elapsed().as_secs_f64();
-    shutdown.cancel();
-    task.await??;
+    running.stop().await?;
     println!(
         "sweep alone, unthrottled: {n} customers in {seconds:.2} s = {:.0} customers/s",
         n as f64 / seconds
     );
     Ok(())
+}
+
+/// Feeds `events` at `rate`; swaps to `next` after 5 s of steady traffic and follows the
+/// sweep to the end of the events. Returns the p99 before, during and after the sweep.
+async fn swap_with_traffic(
+    running: &Running,
+    producer: &FutureProducer,
+    events: &[(String, Vec<u8>)],
+    next: &crate::model::snapshot::Snapshot,
+    rate: u32,
+) -> anyhow::Result<String> {
+    let input = "bench-swap-events";
+    let progress = Arc::new(AtomicU64::new(0));
+    feed(producer, input, &events[..1], None, &progress).await?;
+    while running.consumed()? < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let buckets = || histogram_buckets(&running.metrics.event_to_publish_seconds);
+    let start_buckets = buckets();
+    let rest: Payloads = Arc::new(events[1..].to_vec());
+    let feeder = {
+        let (producer, rest, progress) = (producer.clone(), rest.clone(), progress.clone());
+        tokio::spawn(async move { feed(&producer, input, &rest, Some(rate), &progress).await })
+    };
+    let steady_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < steady_until {
+        let done = running.consumed()?;
+        progress.store((done - 1).max(0) as u64, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let before = buckets();
+    let swapped = Instant::now();
+    let activate = crate::control::registry::Activation::Always;
+    let origin = crate::control::registry::Origin::Http;
+    running
+        .registry
+        .offer(&serde_json::to_vec(next)?, origin, activate)?;
+    sweep_done(&running.store, next.version, || {
+        let done = running.consumed()?;
+        progress.store((done - 1).max(0) as u64, Ordering::Relaxed);
+        Ok(())
+    })
+    .await?;
+    let sweep_seconds = swapped.elapsed().as_secs_f64();
+    let during = buckets();
+    follow(running, events.len() as i64, &progress, || Ok(())).await?;
+    feeder.await??;
+    let after = buckets();
+    Ok(format!(
+        "steady {}, during the sweep ({sweep_seconds:.1} s) {}, after {}",
+        p99_between(&start_buckets, &before),
+        p99_between(&before, &during),
+        p99_between(&during, &after),
+    ))
+}
+
+/// The p99 of the samples between two looks at a histogram.
+fn p99_between(from: &[(f64, u64)], to: &[(f64, u64)]) -> String {
+    let diff: Vec<(f64, u64)> = to
+        .iter()
+        .zip(from)
+        .map(|((b, t), (_, f))| (*b, t - f))
+        .collect();
+    match quantile(&diff, 0.99) {
+        Some(s) if s.is_finite() => format!("p99 <= {:.0} ms", s * 1000.0),
+        Some(_) => "p99 > 5 s".into(),
+        None => "no samples".into(),
+    }
 }
 
 /// `payloads` with each event moved to one of the `n` seeded customers (hashed from its
@@ -817,65 +779,104 @@ async fn passthrough(
     })
 }
 
-/// One run of the full daemon; returns events/s and its metrics.
+/// A daemon of one bench run, wired as `segmentd run` wires it, with what the bench watches.
+struct Running {
+    store: Arc<dyn StateStore>,
+    metrics: Arc<Metrics>,
+    registry: Arc<crate::control::registry::Registry>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<ExitCode>>,
+}
+
+impl Running {
+    /// Creates the run's topics (`bench-{name}-…`) and starts a daemon on them, with its own
+    /// group, store (at `store`, seeded or not) and snapshot directory.
+    async fn start(
+        cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        brokers: &str,
+        dir: &tempfile::TempDir,
+        name: &str,
+        store: std::path::PathBuf,
+        partitions: i32,
+        sweep: crate::pipeline::sweep::SweepConfig,
+    ) -> anyhow::Result<Self> {
+        let mut config = crate::config::Config::default();
+        config.kafka = KafkaConfig {
+            brokers: brokers.to_owned(),
+            group_id: format!("bench-{name}"),
+            input_topics: vec![format!("bench-{name}-events")],
+            output_topic: format!("bench-{name}-memberships"),
+            dead_letter_topic: format!("bench-{name}-dead"),
+            session_timeout_ms: 6_000,
+            ..KafkaConfig::default()
+        };
+        for topic in [&config.kafka.input_topics[0], &config.kafka.output_topic] {
+            cluster.create_topic(topic, partitions, 1)?;
+        }
+        cluster.create_topic(&config.kafka.dead_letter_topic, 1, 1)?;
+        config.store.path = store;
+        config.daemon.snapshot = dir.path().join("snapshot.json");
+        config.daemon.snapshot_dir = dir.path().join(format!("{name}-snapshots"));
+        config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        // Throughput, not re-clustering, is measured here.
+        config.drift.recluster = false;
+        config.sweep = sweep;
+        let daemon = crate::daemon::Daemon::start(config).await?;
+        let (store, metrics, registry) = (daemon.store(), daemon.metrics(), daemon.registry());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(daemon.run(stop.clone().cancelled_owned()));
+        Ok(Self {
+            store,
+            metrics,
+            registry,
+            stop,
+            task,
+        })
+    }
+
+    /// Records made durable.
+    fn consumed(&self) -> anyhow::Result<i64> {
+        Ok(self.store.offsets()?.values().sum())
+    }
+
+    /// Events applied, from the metrics.
+    fn applied(&self) -> u64 {
+        ["order", "return", "support_contact", "engagement"]
+            .iter()
+            .map(|k| self.metrics.events.with_label_values(&[k, "applied"]).get())
+            .sum()
+    }
+
+    /// Stops the daemon, which must exit cleanly.
+    async fn stop(self) -> anyhow::Result<Arc<Metrics>> {
+        self.stop.cancel();
+        let code = self.task.await??;
+        anyhow::ensure!(code == ExitCode::SUCCESS, "the daemon exited with {code:?}");
+        Ok(self.metrics)
+    }
+}
+
+/// Feeds `payloads` to a fresh daemon (paced at `rate`, or flat out) and times it from the
+/// first durable record to the last.
 #[allow(clippy::too_many_arguments)]
 async fn daemon_run(
     cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     brokers: &str,
     producer: &FutureProducer,
     payloads: &Payloads,
-    shared: &crate::model::assign::SharedSnapshot,
     dir: &tempfile::TempDir,
     name: &str,
     rate: Option<u32>,
     partitions: i32,
 ) -> anyhow::Result<(Throughput, Arc<Metrics>)> {
+    let store = dir.path().join(name);
+    let sweep = Default::default();
+    let running = Running::start(cluster, brokers, dir, name, store, partitions, sweep).await?;
     let input = format!("bench-{name}-events");
-    let kafka = KafkaConfig {
-        brokers: brokers.to_owned(),
-        group_id: format!("bench-{name}"),
-        input_topics: vec![input.clone()],
-        output_topic: format!("bench-{name}-memberships"),
-        dead_letter_topic: format!("bench-{name}-dead"),
-        session_timeout_ms: 6_000,
-        ..KafkaConfig::default()
-    };
-    cluster.create_topic(&input, partitions, 1)?;
-    cluster.create_topic(&kafka.output_topic, partitions, 1)?;
-    cluster.create_topic(&kafka.dead_letter_topic, 1, 1)?;
-    let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&StoreConfig {
-        path: dir.path().join(name),
-        ..StoreConfig::default()
-    })?);
-    let metrics = Arc::new(Metrics::new()?);
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn({
-        let hooks = Hooks {
-            metrics: metrics.clone(),
-            ready: Arc::new(AtomicBool::new(false)),
-            drift: Default::default(),
-        };
-        let (store, shared, shutdown) = (store.clone(), shared.clone(), shutdown.clone());
-        async move {
-            run_loop(
-                &kafka,
-                Default::default(),
-                Default::default(),
-                store,
-                shared,
-                shutdown,
-                hooks,
-            )
-            .await
-        }
-    });
-    let consumed = |store: &Arc<dyn StateStore>| -> anyhow::Result<i64> {
-        Ok(store.offsets()?.values().sum())
-    };
     // Warm-up record: wait until it is durable, then time the rest.
     let progress = Arc::new(AtomicU64::new(0));
     feed(producer, &input, &payloads[..1], None, &progress).await?;
-    while consumed(&store)? < 1 {
+    while running.consumed()? < 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let started = Instant::now();
@@ -886,14 +887,37 @@ async fn daemon_run(
         let progress = progress.clone();
         tokio::spawn(async move { feed(&producer, &input, &rest, rate, &progress).await })
     };
-    let total = payloads.len() as i64;
+    follow(&running, payloads.len() as i64, &progress, || Ok(())).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cores = (cpu_seconds() - cpu) / elapsed;
+    feeder.await??;
+    let metrics = running.stop().await?;
+    let throughput = Throughput {
+        rate: (payloads.len() - 1) as f64 / elapsed,
+        cores,
+    };
+    Ok((throughput, metrics))
+}
+
+/// Waits until `total` records are durable, telling the feeder how far the daemon is and
+/// calling `tick` meanwhile; fails when nothing moves for [`STALL`].
+async fn follow(
+    running: &Running,
+    total: i64,
+    progress: &AtomicU64,
+    mut tick: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let mut last = (0, Instant::now());
     loop {
-        let done = consumed(&store)?;
-        if done >= total || task.is_finished() {
-            break;
-        }
+        tick()?;
+        let done = running.consumed()?;
         progress.store((done - 1).max(0) as u64, Ordering::Relaxed);
+        if done >= total {
+            return Ok(());
+        }
+        if running.task.is_finished() {
+            anyhow::bail!("the daemon stopped after {done} of {total} records");
+        }
         if done > last.0 {
             last = (done, Instant::now());
         } else if last.1.elapsed() > STALL {
@@ -901,18 +925,6 @@ async fn daemon_run(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cores = (cpu_seconds() - cpu) / elapsed;
-    feeder.await??;
-    shutdown.cancel();
-    task.await??;
-    Ok((
-        Throughput {
-            rate: (total - 1) as f64 / elapsed,
-            cores,
-        },
-        metrics,
-    ))
 }
 
 /// Events per second of a run, and the CPU the whole process used meanwhile (the mock

@@ -244,7 +244,7 @@ pub fn broker(args: BrokerArgs) -> anyhow::Result<std::process::ExitCode> {
              partition; not for production)"
         );
         tokio::select! {
-            _ = crate::daemon::wait_for_signal() => {}
+            _ = crate::shutdown::wait_for_signal() => {}
             _ = commands(&broker) => {}
         }
         tracing::info!("development broker stopping");

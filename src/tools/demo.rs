@@ -3,13 +3,12 @@
 //! 1. starts librdkafka's in-process mock cluster (real loopback TCP);
 //! 2. generates a synthetic shop's history and discovers a snapshot from it;
 //! 3. loads the history's customer states into RocksDB (a bootstrap, as from a backfill);
-//! 4. runs the daemon (consumer loop and HTTP endpoints) against the cluster;
+//! 4. runs the daemon, wired exactly as `segmentd run` wires it, against the cluster;
 //! 5. streams the shop's live events at a configurable rate;
 //! 6. prints a compact live view every few seconds until `--duration` or Ctrl-C.
 
-use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,22 +18,19 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::http::{serve as serve_http, AppState, HttpConfig};
 use crate::config::Config;
-use crate::control::drift::start_drift_monitoring;
 use crate::control::drift::DriftConfig;
-use crate::control::registry::Registry;
+use crate::daemon::Daemon;
 use crate::domain::event::EventKind;
 use crate::domain::update::AxisChange;
-use crate::io::kafka::KafkaConfig;
-use crate::io::store::{RocksStore, StateStore, StoreBatch, StoreConfig};
+use crate::io::snapshot_file;
+use crate::io::store::{RocksStore, StateStore, StoreBatch};
 use crate::model::counts::SegmentCounts;
 use crate::pipeline::assign::published_record;
-use crate::pipeline::consume::{run as run_loop, Hooks};
 use crate::pipeline::population::META_KEY as POPULATION_KEY;
 use crate::synth::fixtures::discover_history;
 use crate::synth::{Shop, ShopParams};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{histogram_buckets, quantile, Metrics};
 
 /// `segmentd demo` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -87,52 +83,113 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(demo_async(args))
+    let outcome = runtime.block_on(demo_async(args));
+    runtime.shutdown_background();
+    outcome
 }
 
 async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let cluster = MockCluster::new(1).context("starting the mock cluster")?;
     let brokers = cluster.bootstrap_servers();
-    let kafka = KafkaConfig {
-        brokers: brokers.clone(),
-        group_id: "segmentd-demo".into(),
-        session_timeout_ms: 6_000,
-        ..KafkaConfig::default()
-    };
-    let audiences = crate::audience::AudienceConfig {
-        enabled: args.scores_rate > 0,
-        // A demo's time scale: thresholds refreshed every few seconds.
-        refresh_interval_ms: 3_000,
-        ..crate::audience::AudienceConfig::default()
-    };
-    for name in kafka.input_topics.iter().chain([
-        &kafka.output_topic,
-        &kafka.dead_letter_topic,
-        &audiences.scores_topic,
-        &audiences.output_topic,
+    let dir = tempfile::tempdir().context("creating the demo's data directory")?;
+    let config = demo_config(&args, &brokers, dir.path());
+    for name in config.kafka.input_topics.iter().chain([
+        &config.kafka.output_topic,
+        &config.kafka.dead_letter_topic,
+        &config.audiences.scores_topic,
+        &config.audiences.output_topic,
     ]) {
         cluster
             .create_topic(name, 4, 1)
             .with_context(|| format!("creating topic {name}"))?;
     }
     println!("mock cluster at {brokers}");
+    let shop = bootstrap(&args, &config).await?;
 
-    // History and discovery, off the runtime: both are CPU-bound.
+    let daemon = Daemon::start(config.clone()).await?;
+    let (metrics, snapshot) = (daemon.metrics(), daemon.snapshot());
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            crate::shutdown::signals().await;
+            stop.cancel();
+        });
+    }
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { daemon.run(stop.cancelled_owned()).await }
+    });
+    println!(
+        "daemon running; metrics at http://{}/metrics; sending {} events/s and {} scores/s \
+         (Ctrl-C to stop)",
+        args.http, args.rate, args.scores_rate
+    );
+    let events = tokio::spawn(send_events(
+        event_producer(&brokers)?,
+        shop.live(args.seed ^ 0x11fe),
+        args.rate,
+        args.drift_at.map(Duration::from_secs),
+        stop.clone(),
+    ));
+    let scores = (args.scores_rate > 0).then(|| {
+        let producer = event_producer(&brokers);
+        let (topic, stop) = (config.audiences.scores_topic.clone(), stop.clone());
+        let plan = args_scores(&args);
+        tokio::spawn(async move { send_scores(producer?, topic, &plan, stop).await })
+    });
+    watch(&args, &metrics, &snapshot, &stop).await;
+    let sent = events.await.unwrap_or(0);
+    if let Some(task) = scores {
+        let _ = task.await;
+    }
+    let code = running.await.context("the daemon task")??;
+    summarise(sent, &metrics);
+    drop(cluster);
+    Ok(code)
+}
+
+/// The daemon's configuration for the demo: the mock cluster, the data directory, and a
+/// demo's time scale for drift (quick checks, a short memory) and audiences.
+fn demo_config(args: &DemoArgs, brokers: &str, dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.kafka.brokers = brokers.to_owned();
+    config.kafka.group_id = "segmentd-demo".into();
+    config.kafka.session_timeout_ms = 6_000;
+    config.store.path = dir.join("state");
+    config.daemon.snapshot = dir.join("snapshot.json");
+    config.daemon.snapshot_dir = dir.join("snapshots");
+    config.http.listen = args.http;
+    config.drift = DriftConfig {
+        check_seconds: args.every.max(1),
+        half_life_seconds: 30.0,
+        min_customers: 500,
+        consecutive: 2,
+        cooldown_seconds: 60,
+        ..DriftConfig::default()
+    };
+    config.audiences.enabled = args.scores_rate > 0;
+    config.audiences.refresh_interval_ms = 3_000;
+    config
+}
+
+/// Generates the shop, discovers a snapshot from its history (written where the daemon
+/// loads it), and seeds the store with the history's states, as if their assignments had
+/// been published (the steady state a backfill leaves), with the segment counts they make.
+async fn bootstrap(args: &DemoArgs, config: &Config) -> anyhow::Result<Shop> {
     let started = Instant::now();
-    let (shop, states, snapshot) = tokio::task::spawn_blocking({
-        let args = args.clone();
-        move || -> anyhow::Result<_> {
-            let shop = Shop::new(ShopParams {
-                customers: args.customers,
-                order_lines: args.history_lines,
-                seed: args.seed,
-                ..ShopParams::default()
-            })?;
-            let ids = shop.customer_ids().to_vec();
-            let (states, snapshot) = discover_history(&shop, 5_000)?;
-            let states: Vec<_> = ids.into_iter().zip(states).collect();
-            Ok((shop, states, snapshot))
-        }
+    let (customers, lines, seed) = (args.customers, args.history_lines, args.seed);
+    let (shop, states, snapshot) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let shop = Shop::new(ShopParams {
+            customers,
+            order_lines: lines,
+            seed,
+            ..ShopParams::default()
+        })?;
+        let ids = shop.customer_ids().to_vec();
+        let (states, snapshot) = discover_history(&shop, 5_000)?;
+        let states: Vec<_> = ids.into_iter().zip(states).collect();
+        Ok((shop, states, snapshot))
     })
     .await??;
     println!(
@@ -142,15 +199,9 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         snapshot.version(),
         snapshot.axes().len()
     );
-
-    let dir = tempfile::tempdir().context("creating the demo's data directory")?;
-    let store: Arc<dyn StateStore> = Arc::new(RocksStore::open(&StoreConfig {
-        path: dir.path().join("state"),
-        ..StoreConfig::default()
-    })?);
-    // The history's states, as if their assignments had been published (the steady state a
-    // backfill leaves), with the segment populations they make.
-    let mut population = SegmentCounts::new(snapshot.version());
+    snapshot_file::save(snapshot.snapshot(), &config.daemon.snapshot)?;
+    let store = RocksStore::open(&config.store)?;
+    let mut counts = SegmentCounts::new(snapshot.version());
     let assigner = crate::model::assign::Assigner::new(&snapshot);
     for chunk in states.chunks(10_000) {
         let mut records = Vec::with_capacity(chunk.len());
@@ -169,248 +220,172 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
                         segment: a.segment,
                     })
                     .collect();
-                population.apply(snapshot.version(), None, &changes);
+                counts.apply(snapshot.version(), None, &changes);
             }
             records.push((id.as_str().as_bytes().to_vec(), record.encode()));
         }
         store.commit(&StoreBatch {
             records,
-            offsets: BTreeMap::new(),
-            meta: Vec::new(),
+            ..StoreBatch::default()
         })?;
     }
     store.commit(&StoreBatch {
-        meta: vec![(POPULATION_KEY.to_vec(), population.encode())],
+        meta: vec![(POPULATION_KEY.to_vec(), counts.encode())],
         ..StoreBatch::default()
     })?;
+    Ok(shop)
+}
 
-    let metrics = Arc::new(Metrics::new()?);
-    let registry = Registry::open(&dir.path().join("snapshots"), 5, snapshot, metrics.clone())?;
-    let shared = registry.shared();
-    // Drift settings for a demo's time scale: quick checks, a short memory.
-    let config = Config {
-        drift: DriftConfig {
-            check_seconds: args.every.max(1),
-            half_life_seconds: 30.0,
-            min_customers: 500,
-            consecutive: 2,
-            cooldown_seconds: 60,
-            ..DriftConfig::default()
-        },
-        ..Config::default()
-    };
-    let ready = Arc::new(AtomicBool::new(false));
-    let shutdown = CancellationToken::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            shutdown.cancel();
-        });
+fn event_producer(brokers: &str) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .create()?)
+}
+
+/// The shop's next events at `rate` per second, in 10 ms slices, until `stop`; the persona
+/// mix shifts at `drift_at`. Returns how many were sent.
+async fn send_events(
+    producer: FutureProducer,
+    mut live: crate::synth::LiveStream,
+    rate: u32,
+    mut drift_at: Option<Duration>,
+    stop: CancellationToken,
+) -> u64 {
+    let rate = f64::from(rate.max(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while !stop.is_cancelled() {
+        tick.tick().await;
+        if drift_at.is_some_and(|at| started.elapsed() >= at) {
+            drift_at = None;
+            let shifted = live.mix().shifted();
+            live.set_mix(shifted);
+            println!(
+                "--- persona mix shifted: deal-seekers, returners and lapsing customers gain share ---"
+            );
+        }
+        let due = (started.elapsed().as_secs_f64() * rate) as u64;
+        while sent < due {
+            let Some(event) = live.next() else {
+                return sent;
+            };
+            let Ok(payload) = serde_json::to_vec(&event) else {
+                continue;
+            };
+            let record = FutureRecord::to(topic(event.body.kind()))
+                .key(event.customer_id.as_str())
+                .payload(&payload);
+            // Deliveries are not awaited one by one; a full queue just drops the demo's
+            // pace for a moment.
+            if producer.send_result(record).is_err() {
+                break;
+            }
+            sent += 1;
+        }
     }
-    let audience_report: crate::audience::stream::SharedReport = Default::default();
-    let app = Arc::new(AppState {
-        metrics: metrics.clone(),
-        store: store.clone(),
-        snapshot: shared.clone(),
-        ready: AtomicBool::new(true),
-        audiences: audiences.enabled.then(|| audience_report.clone()),
-    });
-    let http = HttpConfig { listen: args.http };
-    let http_task = tokio::spawn({
-        let (app, shutdown) = (app.clone(), shutdown.clone());
-        async move { serve_http(&http, app, shutdown).await }
-    });
-    let (live_drift, reclusterer) = start_drift_monitoring(
-        &config.drift,
-        &config.recluster_settings(),
-        &registry,
-        &store,
-        &metrics,
-        &shutdown,
-    );
-    let daemon = tokio::spawn({
-        let hooks = Hooks {
-            metrics: metrics.clone(),
-            ready: ready.clone(),
-            drift: live_drift.clone(),
-        };
-        let (kafka, store, shared, shutdown) = (
-            kafka.clone(),
-            store.clone(),
-            shared.clone(),
-            shutdown.clone(),
-        );
-        async move {
-            run_loop(
-                &kafka,
-                Default::default(),
-                Default::default(),
-                store,
-                shared,
-                shutdown,
-                hooks,
-            )
-            .await
-        }
-    });
-    let scores_task = audiences.enabled.then(|| {
-        let (kafka, audiences, store, metrics, shutdown) = (
-            kafka.clone(),
-            audiences.clone(),
-            store.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
-        tokio::spawn(crate::audience::stream::run(
-            kafka,
-            audiences,
-            store,
-            metrics,
-            audience_report.clone(),
-            shutdown,
-        ))
-    });
-    println!(
-        "daemon running; metrics at http://{}/metrics; sending {} events/s and {} scores/s \
-         (Ctrl-C to stop)",
-        args.http, args.rate, args.scores_rate
-    );
+    sent
+}
 
-    // The live load: the shop's next events at the requested rate, in 10 ms slices.
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("linger.ms", "5")
-        .create()?;
-    let load = tokio::spawn({
-        let shutdown = shutdown.clone();
-        let rate = f64::from(args.rate.max(1));
-        let mut live = shop.live(args.seed ^ 0x11fe);
-        let mut drift_at = args.drift_at.map(Duration::from_secs);
-        async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            let started = Instant::now();
-            let mut sent = 0u64;
-            while !shutdown.is_cancelled() {
-                tick.tick().await;
-                if drift_at.is_some_and(|at| started.elapsed() >= at) {
-                    drift_at = None;
-                    let shifted = live.mix().shifted();
-                    live.set_mix(shifted);
-                    println!("--- persona mix shifted: deal-seekers, returners and lapsing customers gain share ---");
-                }
-                let due = (started.elapsed().as_secs_f64() * rate) as u64;
-                while sent < due {
-                    let Some(event) = live.next() else {
-                        return sent;
-                    };
-                    let payload = serde_json::to_vec(&event).unwrap_or_default();
-                    let record = FutureRecord::to(topic(event.body.kind()))
-                        .key(event.customer_id.as_str())
-                        .payload(&payload);
-                    // Deliveries are not awaited one by one; a full queue just drops the
-                    // demo's pace for a moment.
-                    if producer.send_result(record).is_err() {
-                        break;
-                    }
-                    sent += 1;
-                }
+/// Conversion scores of 200 products for the shop's visitors, timed now.
+fn args_scores(args: &DemoArgs) -> (f64, crate::synth::scores::ScoreParams) {
+    let params = crate::synth::scores::ScoreParams {
+        scores: usize::MAX,
+        products: 200,
+        visitors: args.customers.max(1),
+        start: crate::domain::time::EventTime::now(),
+        days: 1,
+        seed: args.seed,
+    };
+    (f64::from(args.scores_rate), params)
+}
+
+/// Scores at the given rate, in 10 ms slices, until `stop`.
+async fn send_scores(
+    producer: FutureProducer,
+    topic: String,
+    (rate, params): &(f64, crate::synth::scores::ScoreParams),
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut scores = crate::synth::scores::scores(params);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while !stop.is_cancelled() {
+        tick.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate) as u64;
+        while sent < due {
+            let Some(s) = scores.next() else {
+                return Ok(());
+            };
+            let visitor = format!("V{:08}", s.visitor);
+            let payload = serde_json::json!({
+                "visitor_id": visitor,
+                "session_id": format!("S{:09}", s.session),
+                "product_id": format!("P{:05}", s.product),
+                "probability": s.probability,
+                "event_time": crate::domain::time::EventTime::now().to_rfc3339(),
+            })
+            .to_string();
+            let record = FutureRecord::to(&topic).key(&visitor).payload(&payload);
+            if producer.send_result(record).is_err() {
+                break;
             }
-            sent
+            sent += 1;
         }
-    });
+    }
+    Ok(())
+}
 
-    // Conversion scores of 200 products for the shop's visitors, timed now.
-    let scores_producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("linger.ms", "5")
-        .create()?;
-    let scores_load = (args.scores_rate > 0).then(|| {
-        let producer = scores_producer;
-        let shutdown = shutdown.clone();
-        let topic = audiences.scores_topic.clone();
-        let rate = f64::from(args.scores_rate);
-        let mut scores = crate::synth::scores::scores(&crate::synth::scores::ScoreParams {
-            scores: usize::MAX,
-            products: 200,
-            visitors: args.customers.max(1),
-            start: crate::domain::time::EventTime::now(),
-            days: 1,
-            seed: args.seed,
-        });
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            let started = Instant::now();
-            let mut sent = 0u64;
-            while !shutdown.is_cancelled() {
-                tick.tick().await;
-                let due = (started.elapsed().as_secs_f64() * rate) as u64;
-                while sent < due {
-                    let Some(s) = scores.next() else { return };
-                    let visitor = format!("V{:08}", s.visitor);
-                    let payload = serde_json::json!({
-                        "visitor_id": visitor,
-                        "session_id": format!("S{:09}", s.session),
-                        "product_id": format!("P{:05}", s.product),
-                        "probability": s.probability,
-                        "event_time": crate::domain::time::EventTime::now().to_rfc3339(),
-                    })
-                    .to_string();
-                    let record = FutureRecord::to(&topic).key(&visitor).payload(&payload);
-                    if producer.send_result(record).is_err() {
-                        break;
-                    }
-                    sent += 1;
-                }
-            }
-        })
-    });
-
+/// Prints the live view every `--every` seconds until `stop` (or `--duration`, which
+/// cancels it).
+async fn watch(
+    args: &DemoArgs,
+    metrics: &Arc<Metrics>,
+    snapshot: &crate::model::assign::SharedSnapshot,
+    stop: &CancellationToken,
+) {
     let deadline = args
         .duration
         .map(|d| Instant::now() + Duration::from_secs(d));
     let mut view = LiveView::new(metrics.clone());
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_secs(args.every.max(1))) => {
-                println!("{}", view.line(&shared));
+                println!("{}", view.line(snapshot));
                 if deadline.is_some_and(|d| Instant::now() >= d) {
-                    shutdown.cancel();
+                    stop.cancel();
                 }
             }
         }
     }
-    let sent = load.await.unwrap_or(0);
-    if let Some(task) = scores_load {
-        let _ = task.await;
-    }
-    let stats = daemon.await.context("daemon task")??;
-    if let Some(task) = scores_task {
-        let audience = task.await.context("score stream task")??;
-        println!(
-            "score stream: {} scores consumed, {} tier changes published, {} dead letters, {} \
-             threshold refreshes",
-            audience.consumed, audience.published, audience.dead_letters, audience.refreshes
-        );
-    }
-    let _ = http_task.await;
+}
+
+/// The last line: what went through, from the metrics.
+fn summarise(sent: u64, m: &Metrics) {
+    let count = |result: &str| -> u64 {
+        [
+            "order",
+            "return",
+            "support_contact",
+            "engagement",
+            "unknown",
+        ]
+        .iter()
+        .map(|k| m.events.with_label_values(&[k, result]).get())
+        .sum()
+    };
     println!(
-        "stopped: {sent} events sent, {} consumed, {} applied, {} updates published, {} dead letters",
-        stats.consumed, stats.applied, stats.updates, stats.dead_letters
+        "stopped: {sent} events sent, {} applied, {} updates published, {} dead letters; \
+         {} scores placed, {} tier changes published",
+        count("applied"),
+        m.updates.get(),
+        count("dead_letter"),
+        m.audience_scores.with_label_values(&["accepted"]).get(),
+        m.audience_updates.get(),
     );
-    // A re-clustering still running writes its candidate into the data directory: wait for it
-    // before the directory goes.
-    tokio::task::spawn_blocking(move || {
-        let _running = reclusterer
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-    })
-    .await
-    .ok();
-    drop(cluster);
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Rates and quantiles between two looks at the metrics.
@@ -532,39 +507,9 @@ impl LiveView {
     }
 }
 
-/// A histogram's cumulative buckets as (upper bound, count), with +Inf last.
-pub fn histogram_buckets(histogram: &prometheus::Histogram) -> Vec<(f64, u64)> {
-    use prometheus::core::Collector;
-    let families = histogram.collect();
-    let Some(h) = families
-        .first()
-        .and_then(|f| f.get_metric().first())
-        .map(|m| m.get_histogram().clone())
-    else {
-        return Vec::new();
-    };
-    let mut out: Vec<(f64, u64)> = h
-        .get_bucket()
-        .iter()
-        .map(|b| (b.upper_bound(), b.cumulative_count()))
-        .collect();
-    out.push((f64::INFINITY, h.get_sample_count()));
-    out
-}
-
-/// The upper bound of the bucket holding quantile `q` of cumulative `buckets`.
-pub fn quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
-    let total = buckets.last()?.1;
-    if total == 0 {
-        return None;
-    }
-    let rank = (q * total as f64).ceil() as u64;
-    buckets.iter().find(|(_, c)| *c >= rank).map(|(b, _)| *b)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::telemetry::metrics::quantile;
 
     #[test]
     fn quantiles_from_cumulative_buckets() {
