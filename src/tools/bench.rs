@@ -800,15 +800,18 @@ impl Running {
         partitions: i32,
         sweep: crate::pipeline::sweep::SweepConfig,
     ) -> anyhow::Result<Self> {
-        let mut config = crate::config::Config::default();
-        config.kafka = KafkaConfig {
-            brokers: brokers.to_owned(),
-            group_id: format!("bench-{name}"),
-            input_topics: vec![format!("bench-{name}-events")],
-            output_topic: format!("bench-{name}-memberships"),
-            dead_letter_topic: format!("bench-{name}-dead"),
-            session_timeout_ms: 6_000,
-            ..KafkaConfig::default()
+        let mut config = crate::config::Config {
+            kafka: KafkaConfig {
+                brokers: brokers.to_owned(),
+                group_id: format!("bench-{name}"),
+                input_topics: vec![format!("bench-{name}-events")],
+                output_topic: format!("bench-{name}-memberships"),
+                dead_letter_topic: format!("bench-{name}-dead"),
+                session_timeout_ms: 6_000,
+                ..KafkaConfig::default()
+            },
+            sweep,
+            ..crate::config::Config::default()
         };
         for topic in [&config.kafka.input_topics[0], &config.kafka.output_topic] {
             cluster.create_topic(topic, partitions, 1)?;
@@ -820,7 +823,6 @@ impl Running {
         config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         // Throughput, not re-clustering, is measured here.
         config.drift.recluster = false;
-        config.sweep = sweep;
         let daemon = crate::daemon::Daemon::start(config).await?;
         let (store, metrics, registry) = (daemon.store(), daemon.metrics(), daemon.registry());
         let stop = CancellationToken::new();
