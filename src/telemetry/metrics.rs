@@ -9,87 +9,207 @@ use prometheus::{
 
 use crate::domain::dead_letter::DeadLetterReason;
 
-/// The daemon's metrics and the registry they are exported from.
-pub struct Metrics {
-    registry: Registry,
+/// The buckets of every latency histogram, in seconds.
+const LATENCY_BUCKETS: [f64; 17] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0,
+    5.0,
+];
+
+/// One row of the metric table: what a metric is called, what it means, and its shape.
+struct Spec {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    buckets: &'static [f64],
+}
+
+/// A metric type that can be built from a [`Spec`].
+trait Define: Sized {
+    fn define(spec: &Spec) -> Result<Self, prometheus::Error>;
+}
+
+macro_rules! define_plain {
+    ($($ty:ty),*) => {$(
+        impl Define for $ty {
+            fn define(spec: &Spec) -> Result<Self, prometheus::Error> {
+                <$ty>::new(spec.name, spec.help)
+            }
+        }
+    )*};
+}
+define_plain!(IntCounter, IntGauge, Gauge);
+
+macro_rules! define_vec {
+    ($($ty:ty),*) => {$(
+        impl Define for $ty {
+            fn define(spec: &Spec) -> Result<Self, prometheus::Error> {
+                <$ty>::new(Opts::new(spec.name, spec.help), spec.labels)
+            }
+        }
+    )*};
+}
+define_vec!(IntCounterVec, IntGaugeVec, GaugeVec);
+
+impl Define for Histogram {
+    fn define(spec: &Spec) -> Result<Self, prometheus::Error> {
+        Histogram::with_opts(
+            HistogramOpts::new(spec.name, spec.help).buckets(spec.buckets.to_vec()),
+        )
+    }
+}
+
+/// A table row's buckets; none for metrics that are not histograms.
+macro_rules! buckets {
+    () => {
+        &[]
+    };
+    ($buckets:expr) => {
+        &$buckets
+    };
+}
+
+/// Declares the `Metrics` struct and its constructor from one table, so that each metric's
+/// field, documentation, name, help, labels and buckets are written once, side by side.
+macro_rules! metric_table {
+    ($(
+        $(#[doc = $doc:literal])*
+        $field:ident: $ty:ty = $name:literal, $help:literal
+            $(, labels [$($label:literal),*])? $(, buckets $buckets:expr)?;
+    )*) => {
+        /// The daemon's metrics and the registry they are exported from.
+        pub struct Metrics {
+            registry: Registry,
+            $($(#[doc = $doc])* pub $field: $ty,)*
+        }
+
+        impl Metrics {
+            /// Builds and registers every metric of the table.
+            fn define(registry: Registry) -> Result<Self, prometheus::Error> {
+                Ok(Self {
+                    $($field: registered(&registry, <$ty as Define>::define(&Spec {
+                        name: $name,
+                        help: $help,
+                        labels: &[$($($label),*)?],
+                        buckets: buckets!($($buckets)?),
+                    })?),)*
+                    registry,
+                })
+            }
+        }
+    };
+}
+
+metric_table! {
     /// Records consumed, by event kind (`unknown` for dead letters) and result
     /// (`applied`, `duplicate`, `dead_letter`, `replayed`).
-    pub events: IntCounterVec,
+    events: IntCounterVec = "segmentd_events_consumed_total",
+        "Records consumed, by kind and result.", labels ["kind", "result"];
     /// Dead letters by reason code.
-    pub dead_letters: IntCounterVec,
+    dead_letters: IntCounterVec = "segmentd_dead_letters_total",
+        "Records sent to the dead-letter topic, by reason.", labels ["reason"];
     /// Dead letters refused for their size or content and delivered cut down, by form
     /// (`payload`: truncated, `headers_only`).
-    pub dead_letters_reduced: IntCounterVec,
+    dead_letters_reduced: IntCounterVec = "segmentd_dead_letters_reduced_total",
+        "Dead letters too large or invalid as they were, delivered cut down, by form.", labels ["form"];
     /// Outputs sent again after a failed delivery, by failure class (`record`: refused for
     /// what it is; `outage`: the broker could not take it).
-    pub delivery_retries: IntCounterVec,
+    delivery_retries: IntCounterVec = "segmentd_delivery_retries_total",
+        "Outputs sent again after a failed delivery, by failure class.", labels ["class"];
     /// Records per processed batch.
-    pub batch_size: Histogram,
+    batch_size: Histogram = "segmentd_batch_size",
+        "Records per processed batch.", buckets [1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0];
     /// From the record's broker timestamp to the acknowledged publication of its update.
-    pub event_to_publish_seconds: Histogram,
+    event_to_publish_seconds: Histogram = "segmentd_event_to_publish_seconds",
+        "From the input record's broker timestamp to the acknowledged update.", buckets LATENCY_BUCKETS;
     /// Wall clock minus the event time of the newest event in the last batch.
-    pub event_time_lag_seconds: Gauge,
+    event_time_lag_seconds: Gauge = "segmentd_event_time_lag_seconds",
+        "Wall clock minus the newest event time of the last batch (end-to-end lag).";
     /// Membership updates published.
-    pub updates: IntCounter,
+    updates: IntCounter = "segmentd_membership_updates_total",
+        "Membership updates published.";
     /// Customers currently in each segment, maintained from every published change.
-    pub segment_customers: IntGaugeVec,
+    segment_customers: IntGaugeVec = "segmentd_segment_customers",
+        "Customers in each segment, as last published, maintained incrementally.", labels ["axis", "segment"];
     /// Version of the snapshot in use.
-    pub snapshot_version: IntGauge,
+    snapshot_version: IntGauge = "segmentd_snapshot_version",
+        "Version of the snapshot in use.";
     /// Snapshots offered, by source (`config`, `directory`, `http`, `kafka`, `recluster`)
     /// and result (`activated`, `staged`, `unchanged`, `rejected`).
-    pub snapshot_offers: IntCounterVec,
+    snapshot_offers: IntCounterVec = "segmentd_snapshot_offers_total",
+        "Snapshots offered to the daemon, by source and result.", labels ["source", "result"];
     /// Snapshot activations (swaps), including rollbacks.
-    pub snapshot_swaps: IntCounter,
+    snapshot_swaps: IntCounter = "segmentd_snapshot_swaps_total",
+        "Snapshots activated while running, rollbacks included.";
     /// PSI of segment shares, live against the snapshot's baseline, per axis.
-    pub drift_psi: GaugeVec,
+    drift_psi: GaugeVec = "segmentd_drift_psi",
+        "Population stability index of segment shares against the snapshot's baseline.", labels ["axis"];
     /// Jensen–Shannon divergence of segment shares, per axis.
-    pub drift_js: GaugeVec,
+    drift_js: GaugeVec = "segmentd_drift_js_divergence",
+        "Jensen-Shannon divergence of segment shares against the snapshot's baseline.", labels ["axis"];
     /// Mean distance to the nearest centroid over the baseline's, per axis.
-    pub drift_distance_ratio: GaugeVec,
+    drift_distance_ratio: GaugeVec = "segmentd_drift_distance_ratio",
+        "Mean distance to the nearest centroid over the snapshot's baseline.", labels ["axis"];
     /// Largest standardised mean shift of a feature, per axis.
-    pub drift_feature_shift: GaugeVec,
+    drift_feature_shift: GaugeVec = "segmentd_drift_feature_shift",
+        "Largest standardised mean shift of a feature of the axis.", labels ["axis"];
     /// 1 while the monitor considers the axis drifted.
-    pub drift_detected: IntGaugeVec,
+    drift_detected: IntGaugeVec = "segmentd_drift_detected",
+        "1 while the drift monitor considers the axis drifted.", labels ["axis"];
     /// Re-clustering runs by outcome (`activated`, `staged`, `rejected`, `failed`).
-    pub recluster_runs: IntCounterVec,
+    recluster_runs: IntCounterVec = "segmentd_recluster_runs_total",
+        "Re-clustering runs from live state, by outcome.", labels ["outcome"];
     /// Duration of re-clustering runs.
-    pub recluster_seconds: Histogram,
+    recluster_seconds: Histogram = "segmentd_recluster_duration_seconds",
+        "Duration of re-clustering runs from live state.", buckets [0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
     /// Customers visited by re-assignment sweeps.
-    pub sweep_customers: IntCounter,
+    sweep_customers: IntCounter = "segmentd_sweep_customers_total",
+        "Customers visited by re-assignment sweeps after snapshot swaps.";
     /// Progress of the current sweep, 0 to 1 (1 when none is running).
-    pub sweep_progress: Gauge,
+    sweep_progress: Gauge = "segmentd_sweep_progress",
+        "Progress of the current re-assignment sweep, 0 to 1 (1: none running).";
     /// RocksDB live data and memtable bytes.
-    pub store_size_bytes: IntGauge,
+    store_size_bytes: IntGauge = "segmentd_store_size_bytes",
+        "RocksDB data and memtable bytes.";
     /// RocksDB's estimate of the number of customers stored.
-    pub store_estimated_keys: IntGauge,
+    store_estimated_keys: IntGauge = "segmentd_store_estimated_keys",
+        "RocksDB's estimate of customers stored.";
     /// Records between the committed position and the partition's high watermark, summed over
     /// assigned partitions.
-    pub consumer_lag_messages: IntGauge,
+    consumer_lag_messages: IntGauge = "segmentd_consumer_lag_messages",
+        "Records behind the high watermark, summed over assigned partitions.";
     /// Batches processed and published but not yet durable (at most two). Staying above zero
     /// means deliveries are waiting on the broker (an outage holds the pipeline here).
-    pub batches_in_flight: IntGauge,
+    batches_in_flight: IntGauge = "segmentd_batches_in_flight",
+        "Batches published and not yet durable: awaiting delivery or the state commit.";
     /// Conversion scores consumed, by result (`accepted`, `dead_letter`).
-    pub audience_scores: IntCounterVec,
+    audience_scores: IntCounterVec = "segmentd_audience_scores_total",
+        "Conversion scores handled (published and durable), by result.", labels ["result"];
     /// Audience tier changes published.
-    pub audience_updates: IntCounter,
+    audience_updates: IntCounter = "segmentd_audience_updates_total",
+        "Audience tier changes published.";
     /// Cut-off in force per product (the most-scored ones, and `*` for all pooled) and tier.
-    pub audience_cutoff: GaugeVec,
+    audience_cutoff: GaugeVec = "segmentd_audience_cutoff",
+        "Cut-off in force, per product (the most-scored ones; * is all products pooled) and tier.", labels ["product", "tier"];
     /// Visitors currently placed per product (as `audience_cutoff`, plus `_other`) and tier.
-    pub audience_tier_population: IntGaugeVec,
+    audience_tier_population: IntGaugeVec = "segmentd_audience_tier_population",
+        "Visitors placed, per product (the most-scored ones; _other sums the rest) and tier.", labels ["product", "tier"];
     /// Products by readiness (`ready`, `too_few_scores`, `constant`).
-    pub audience_products: IntGaugeVec,
+    audience_products: IntGaugeVec = "segmentd_audience_products",
+        "Products by readiness (ready, too_few_scores, constant).", labels ["readiness"];
     /// Revision of the thresholds in force.
-    pub audience_threshold_revision: IntGauge,
+    audience_threshold_revision: IntGauge = "segmentd_audience_threshold_revision",
+        "Revision of the audience thresholds in force.";
     /// Time to refresh every product's thresholds.
-    pub audience_refresh_seconds: Histogram,
+    audience_refresh_seconds: Histogram = "segmentd_audience_refresh_seconds",
+        "Time to refresh every product's audience thresholds.", buckets [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 }
 
 fn registered<M: prometheus::core::Collector + Clone + 'static>(
     registry: &Registry,
     metric: M,
 ) -> M {
-    // Registration only fails on a duplicate name, which the definitions below rule out; a
-    // metric that fails to register still works, it is just not exported.
+    // Registration only fails on a duplicate name, which the table rules out; a metric that
+    // fails to register still works, it is just not exported.
     if let Err(e) = registry.register(Box::new(metric.clone())) {
         tracing::error!(error = %e, "metric registration failed");
     }
@@ -99,312 +219,18 @@ fn registered<M: prometheus::core::Collector + Clone + 'static>(
 impl Metrics {
     /// Defines and registers every metric. Fails only on an invalid definition (a bug).
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let latency_buckets = vec![
-            0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
-            1.0, 2.0, 5.0,
-        ];
-        let events = registered(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "segmentd_events_consumed_total",
-                    "Records consumed, by kind and result.",
-                ),
-                &["kind", "result"],
-            )?,
-        );
-        let dead_letters = registered(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "segmentd_dead_letters_total",
-                    "Records sent to the dead-letter topic, by reason.",
-                ),
-                &["reason"],
-            )?,
-        );
-        // Every reason is exported from the start, at 0, so alerts see the series before the
-        // first failure.
+        let metrics = Self::define(Registry::new())?;
+        // Label values from bounded sets are exported from the start, at 0, so alerts see the
+        // series before the first occurrence.
         for reason in DeadLetterReason::ALL {
-            dead_letters.with_label_values(&[reason.as_str()]);
+            metrics.dead_letters.with_label_values(&[reason.as_str()]);
         }
-        let dead_letters_reduced = registered(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "segmentd_dead_letters_reduced_total",
-                    "Dead letters too large or invalid as they were, delivered cut down, by form.",
-                ),
-                &["form"],
-            )?,
-        );
-        let delivery_retries = registered(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "segmentd_delivery_retries_total",
-                    "Outputs sent again after a failed delivery, by failure class.",
-                ),
-                &["class"],
-            )?,
-        );
         for form in ["payload", "headers_only"] {
-            dead_letters_reduced.with_label_values(&[form]);
+            metrics.dead_letters_reduced.with_label_values(&[form]);
         }
         for class in ["record", "outage"] {
-            delivery_retries.with_label_values(&[class]);
+            metrics.delivery_retries.with_label_values(&[class]);
         }
-        let metrics = Self {
-            events,
-            dead_letters,
-            dead_letters_reduced,
-            delivery_retries,
-            batch_size: registered(
-                &registry,
-                Histogram::with_opts(
-                    HistogramOpts::new("segmentd_batch_size", "Records per processed batch.")
-                        .buckets(vec![1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0]),
-                )?,
-            ),
-            event_to_publish_seconds: registered(
-                &registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "segmentd_event_to_publish_seconds",
-                        "From the input record's broker timestamp to the acknowledged update.",
-                    )
-                    .buckets(latency_buckets),
-                )?,
-            ),
-            event_time_lag_seconds: registered(
-                &registry,
-                Gauge::new(
-                    "segmentd_event_time_lag_seconds",
-                    "Wall clock minus the newest event time of the last batch (end-to-end lag).",
-                )?,
-            ),
-            updates: registered(
-                &registry,
-                IntCounter::new(
-                    "segmentd_membership_updates_total",
-                    "Membership updates published.",
-                )?,
-            ),
-            segment_customers: registered(
-                &registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "segmentd_segment_customers",
-                        "Customers in each segment, as last published, maintained incrementally.",
-                    ),
-                    &["axis", "segment"],
-                )?,
-            ),
-            snapshot_version: registered(
-                &registry,
-                IntGauge::new(
-                    "segmentd_snapshot_version",
-                    "Version of the snapshot in use.",
-                )?,
-            ),
-            snapshot_offers: registered(
-                &registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "segmentd_snapshot_offers_total",
-                        "Snapshots offered to the daemon, by source and result.",
-                    ),
-                    &["source", "result"],
-                )?,
-            ),
-            snapshot_swaps: registered(
-                &registry,
-                IntCounter::new(
-                    "segmentd_snapshot_swaps_total",
-                    "Snapshots activated while running, rollbacks included.",
-                )?,
-            ),
-            drift_psi: registered(
-                &registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "segmentd_drift_psi",
-                        "Population stability index of segment shares against the snapshot's baseline.",
-                    ),
-                    &["axis"],
-                )?,
-            ),
-            drift_js: registered(
-                &registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "segmentd_drift_js_divergence",
-                        "Jensen-Shannon divergence of segment shares against the snapshot's baseline.",
-                    ),
-                    &["axis"],
-                )?,
-            ),
-            drift_distance_ratio: registered(
-                &registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "segmentd_drift_distance_ratio",
-                        "Mean distance to the nearest centroid over the snapshot's baseline.",
-                    ),
-                    &["axis"],
-                )?,
-            ),
-            drift_feature_shift: registered(
-                &registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "segmentd_drift_feature_shift",
-                        "Largest standardised mean shift of a feature of the axis.",
-                    ),
-                    &["axis"],
-                )?,
-            ),
-            drift_detected: registered(
-                &registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "segmentd_drift_detected",
-                        "1 while the drift monitor considers the axis drifted.",
-                    ),
-                    &["axis"],
-                )?,
-            ),
-            recluster_runs: registered(
-                &registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "segmentd_recluster_runs_total",
-                        "Re-clustering runs from live state, by outcome.",
-                    ),
-                    &["outcome"],
-                )?,
-            ),
-            recluster_seconds: registered(
-                &registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "segmentd_recluster_duration_seconds",
-                        "Duration of re-clustering runs from live state.",
-                    )
-                    .buckets(vec![0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
-                )?,
-            ),
-            sweep_customers: registered(
-                &registry,
-                IntCounter::new(
-                    "segmentd_sweep_customers_total",
-                    "Customers visited by re-assignment sweeps after snapshot swaps.",
-                )?,
-            ),
-            sweep_progress: registered(
-                &registry,
-                Gauge::new(
-                    "segmentd_sweep_progress",
-                    "Progress of the current re-assignment sweep, 0 to 1 (1: none running).",
-                )?,
-            ),
-            store_size_bytes: registered(
-                &registry,
-                IntGauge::new(
-                    "segmentd_store_size_bytes",
-                    "RocksDB data and memtable bytes.",
-                )?,
-            ),
-            store_estimated_keys: registered(
-                &registry,
-                IntGauge::new(
-                    "segmentd_store_estimated_keys",
-                    "RocksDB's estimate of customers stored.",
-                )?,
-            ),
-            consumer_lag_messages: registered(
-                &registry,
-                IntGauge::new(
-                    "segmentd_consumer_lag_messages",
-                    "Records behind the high watermark, summed over assigned partitions.",
-                )?,
-            ),
-            batches_in_flight: registered(
-                &registry,
-                IntGauge::new(
-                    "segmentd_batches_in_flight",
-                    "Batches published and not yet durable: awaiting delivery or the state commit.",
-                )?,
-            ),
-            audience_scores: registered(
-                &registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "segmentd_audience_scores_total",
-                        "Conversion scores handled (published and durable), by result.",
-                    ),
-                    &["result"],
-                )?,
-            ),
-            audience_updates: registered(
-                &registry,
-                IntCounter::new(
-                    "segmentd_audience_updates_total",
-                    "Audience tier changes published.",
-                )?,
-            ),
-            audience_cutoff: registered(
-                &registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "segmentd_audience_cutoff",
-                        "Cut-off in force, per product (the most-scored ones; * is all \
-                         products pooled) and tier.",
-                    ),
-                    &["product", "tier"],
-                )?,
-            ),
-            audience_tier_population: registered(
-                &registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "segmentd_audience_tier_population",
-                        "Visitors placed, per product (the most-scored ones; _other sums the \
-                         rest) and tier.",
-                    ),
-                    &["product", "tier"],
-                )?,
-            ),
-            audience_products: registered(
-                &registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "segmentd_audience_products",
-                        "Products by readiness (ready, too_few_scores, constant).",
-                    ),
-                    &["readiness"],
-                )?,
-            ),
-            audience_threshold_revision: registered(
-                &registry,
-                IntGauge::new(
-                    "segmentd_audience_threshold_revision",
-                    "Revision of the audience thresholds in force.",
-                )?,
-            ),
-            audience_refresh_seconds: registered(
-                &registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "segmentd_audience_refresh_seconds",
-                        "Time to refresh every product's audience thresholds.",
-                    )
-                    .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
-                )?,
-            ),
-            registry,
-        };
         Ok(metrics)
     }
 
