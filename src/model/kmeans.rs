@@ -16,6 +16,8 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use thiserror::Error;
 
+use super::input::{check_finite, check_weights, InputError};
+
 /// Errors from [`KMeansParams::check`]: the hyper-parameters make no sense on their own.
 #[derive(Debug, Clone, Copy, PartialEq, Error)]
 pub enum KMeansParamError {
@@ -52,32 +54,9 @@ pub enum KMeansFitError {
     /// The data has no feature columns.
     #[error("data has no feature columns")]
     NoFeatures,
-    /// A value in the data is NaN or infinite.
-    #[error("data contains a non-finite value ({value}) at row {row}, column {col}")]
-    NonFinite {
-        /// Row of the first offending value.
-        row: usize,
-        /// Column of the first offending value.
-        col: usize,
-        /// The offending value.
-        value: f64,
-    },
-    /// The weights do not match the rows.
-    #[error("{weights} weights for {n_points} points")]
-    WeightLength {
-        /// Weights given.
-        weights: usize,
-        /// Rows in the data.
-        n_points: usize,
-    },
-    /// A weight is not a positive finite number.
-    #[error("weight {value} at row {row} is not a positive finite number")]
-    BadWeight {
-        /// Row of the first offending weight.
-        row: usize,
-        /// The offending weight.
-        value: f64,
-    },
+    /// The points or weights are unusable.
+    #[error(transparent)]
+    Input(#[from] InputError),
 }
 
 /// Unvalidated k-means hyper-parameters; call [`KMeansParams::check`] to use them.
@@ -204,25 +183,11 @@ impl ValidKMeansParams {
         if n < k {
             return Err(KMeansFitError::TooFewPoints { n_points: n, k });
         }
-        if let Some(((row, col), &value)) = data.indexed_iter().find(|(_, v)| !v.is_finite()) {
-            return Err(KMeansFitError::NonFinite { row, col, value });
-        }
+        check_finite(data)?;
         let ones;
         let weights = match weights {
             Some(w) => {
-                if w.len() != n {
-                    return Err(KMeansFitError::WeightLength {
-                        weights: w.len(),
-                        n_points: n,
-                    });
-                }
-                if let Some((row, &value)) = w
-                    .iter()
-                    .enumerate()
-                    .find(|(_, w)| !(w.is_finite() && **w > 0.0))
-                {
-                    return Err(KMeansFitError::BadWeight { row, value });
-                }
+                check_weights(w, n)?;
                 w
             }
             None => {
@@ -796,11 +761,11 @@ mod tests {
         let p = KMeansParams::new(1).check().unwrap();
         assert!(matches!(
             p.fit_weighted(data.view(), Some(&[1.0])),
-            Err(KMeansFitError::WeightLength { .. })
+            Err(KMeansFitError::Input(InputError::WeightLength { .. }))
         ));
         assert!(matches!(
             p.fit_weighted(data.view(), Some(&[1.0, 0.0])),
-            Err(KMeansFitError::BadWeight { row: 1, .. })
+            Err(KMeansFitError::Input(InputError::BadWeight { row: 1, .. }))
         ));
     }
 
@@ -994,11 +959,11 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err,
-            KMeansFitError::NonFinite {
+            KMeansFitError::Input(InputError::NonFinite {
                 row: 1,
                 col: 1,
                 value: f64::INFINITY
-            }
+            })
         );
         assert_eq!(
             err.to_string(),

@@ -8,6 +8,7 @@ pub mod build;
 pub mod counts;
 pub mod discover;
 pub mod drift;
+pub mod input;
 pub mod kmeans;
 pub mod lineage;
 pub mod matching;

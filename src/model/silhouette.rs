@@ -11,6 +11,8 @@ use ndarray::ArrayView2;
 use rayon::prelude::*;
 use thiserror::Error;
 
+use super::input::{check_finite, check_weights, InputError};
+
 /// Reasons a silhouette cannot be computed.
 #[derive(Debug, Clone, Copy, PartialEq, Error)]
 pub enum SilhouetteError {
@@ -47,32 +49,9 @@ pub enum SilhouetteError {
         /// Number of rows in the data.
         n_points: usize,
     },
-    /// A value in the data is NaN or infinite.
-    #[error("data contains a non-finite value ({value}) at row {row}, column {col}")]
-    NonFinite {
-        /// Row of the first offending value.
-        row: usize,
-        /// Column of the first offending value.
-        col: usize,
-        /// The offending value.
-        value: f64,
-    },
-    /// The weights do not match the points.
-    #[error("{weights} weights for {n_points} points")]
-    WeightLength {
-        /// Weights given.
-        weights: usize,
-        /// Points.
-        n_points: usize,
-    },
-    /// A weight is not a positive finite number.
-    #[error("weight {value} at row {row} is not a positive finite number")]
-    BadWeight {
-        /// Row of the first offending weight.
-        row: usize,
-        /// The weight.
-        value: f64,
-    },
+    /// The points or weights are unusable.
+    #[error(transparent)]
+    Input(#[from] InputError),
 }
 
 /// Mean silhouette for several labelings of the SAME points in one pass over the point pairs
@@ -101,26 +80,12 @@ pub fn mean_silhouettes_weighted(
 ) -> Result<Vec<f64>, SilhouetteError> {
     let (n, d) = data.dim();
     if let Some(w) = weights {
-        if w.len() != n {
-            return Err(SilhouetteError::WeightLength {
-                weights: w.len(),
-                n_points: n,
-            });
-        }
-        if let Some((row, &value)) = w
-            .iter()
-            .enumerate()
-            .find(|(_, w)| !(w.is_finite() && **w > 0.0))
-        {
-            return Err(SilhouetteError::BadWeight { row, value });
-        }
+        check_weights(w, n)?;
     }
     if n == 0 {
         return Err(SilhouetteError::NoPoints);
     }
-    if let Some(((row, col), &value)) = data.indexed_iter().find(|(_, v)| !v.is_finite()) {
-        return Err(SilhouetteError::NonFinite { row, col, value });
-    }
+    check_finite(data)?;
     let n_lab = labelings.len();
     if n_lab == 0 {
         return Ok(Vec::new());
@@ -301,11 +266,11 @@ mod tests {
         assert!((got - expected).abs() < 1e-12);
         assert!(matches!(
             mean_silhouettes_weighted(data.view(), &[&labels], Some(&[1.0; 3])),
-            Err(SilhouetteError::WeightLength { .. })
+            Err(SilhouetteError::Input(InputError::WeightLength { .. }))
         ));
         assert!(matches!(
             mean_silhouettes_weighted(data.view(), &[&labels], Some(&[1.0, -1.0, 1.0, 1.0])),
-            Err(SilhouetteError::BadWeight { row: 1, .. })
+            Err(SilhouetteError::Input(InputError::BadWeight { row: 1, .. }))
         ));
     }
     use ndarray::{array, Array2, ShapeBuilder};
@@ -452,7 +417,11 @@ mod tests {
         );
         assert!(matches!(
             mean_silhouette(array![[0.0], [f64::NAN]].view(), &[0, 1]),
-            Err(SilhouetteError::NonFinite { row: 1, col: 0, .. })
+            Err(SilhouetteError::Input(InputError::NonFinite {
+                row: 1,
+                col: 0,
+                ..
+            }))
         ));
         assert_eq!(mean_silhouettes(data.view(), &[]), Ok(vec![]));
     }
