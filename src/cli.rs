@@ -317,7 +317,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Chaos(args) => crate::tools::chaos::chaos(args),
         Command::Run(args) => {
             let config = Config::load(args.config.as_deref())?;
-            crate::daemon::run_until_signalled(config)
+            crate::daemon::run_until_signalled(config.check()?)
         }
         Command::Schema(args) => {
             if args.markdown {

@@ -17,12 +17,20 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::api::admin::AdminConfig;
+use crate::api::http::HttpConfig;
+use crate::audience::AudienceConfig;
 use crate::batch::mapping::{ColumnMap, FileKind};
+use crate::control::drift::DriftConfig;
+use crate::domain::section::{Checked, Section};
 use crate::domain::state::StateParams;
+use crate::io::kafka::KafkaConfig;
+use crate::io::store::StoreConfig;
 use crate::model::assign::AssignConfig;
-use crate::model::build::{DiscoverConfig, SampleSizeSetting};
-use crate::model::sampling::check_tiers;
+use crate::model::build::DiscoverConfig;
 use crate::model::validation::ValidateConfig;
+use crate::pipeline::assign::PublishPolicy;
+use crate::pipeline::sweep::SweepConfig;
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "SEGMENTD__";
@@ -61,23 +69,23 @@ pub struct Config {
     /// `segmentd validate`.
     pub validate: ValidateConfig,
     /// `segmentd run`: Kafka clients and topics.
-    pub kafka: crate::io::kafka::KafkaConfig,
+    pub kafka: KafkaConfig,
     /// `segmentd run`: the RocksDB state store.
-    pub store: crate::io::store::StoreConfig,
+    pub store: StoreConfig,
     /// `segmentd run`: when membership updates are published.
-    pub publish: crate::pipeline::assign::PublishPolicy,
+    pub publish: PublishPolicy,
     /// `segmentd run`: the daemon itself.
     pub daemon: DaemonConfig,
     /// `segmentd run`: the HTTP endpoints (metrics, health, customer lookups).
-    pub http: crate::api::http::HttpConfig,
+    pub http: HttpConfig,
     /// `segmentd run`: the admin API (snapshots).
-    pub admin: crate::api::admin::AdminConfig,
+    pub admin: AdminConfig,
     /// `segmentd run`: drift monitoring and re-clustering.
-    pub drift: crate::control::drift::DriftConfig,
+    pub drift: DriftConfig,
     /// `segmentd run`: the re-assignment sweep after a snapshot swap.
-    pub sweep: crate::pipeline::sweep::SweepConfig,
+    pub sweep: SweepConfig,
     /// `segmentd audiences` and `segmentd run`: per-product audience buckets.
-    pub audiences: crate::audience::AudienceConfig,
+    pub audiences: AudienceConfig,
     /// Whether the file or the environment set anything under `[features]` (as opposed to
     /// the defaults): `assign` checks only explicit settings against a snapshot's.
     #[serde(skip)]
@@ -119,6 +127,17 @@ impl Default for InputConfig {
             support: FileMapping::default(),
             engagement: FileMapping::default(),
         }
+    }
+}
+
+impl Section for InputConfig {
+    const KEY: &'static str = "input";
+
+    fn problems(&self) -> Result<(), String> {
+        if !(self.order_window_days.is_finite() && self.order_window_days >= 0.0) {
+            return Err("order_window_days must be a number of days >= 0".into());
+        }
+        Ok(())
     }
 }
 
@@ -182,6 +201,17 @@ impl Default for DaemonConfig {
     }
 }
 
+impl Section for DaemonConfig {
+    const KEY: &'static str = "daemon";
+
+    fn problems(&self) -> Result<(), String> {
+        if self.keep_snapshots == 0 || self.snapshot_watch_seconds == 0 {
+            return Err("keep_snapshots and snapshot_watch_seconds must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// What building a snapshot reads: the rolling-feature parameters, `[discover]` and the
     /// membership exponent.
@@ -240,112 +270,41 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks every value; called after each layer of overrides.
+    /// Checks every section; called after each layer of overrides.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |e: String| ConfigError::Invalid(e);
-        self.audiences.check().map_err(bad)?;
-        self.features
-            .validate()
-            .map_err(|e| bad(format!("features: {e}")))?;
-        if !(self.input.order_window_days.is_finite() && self.input.order_window_days >= 0.0) {
-            return Err(bad(
-                "input.order_window_days must be a number of days >= 0".into()
-            ));
-        }
-        check_tiers(&self.discover.tiers).map_err(|e| bad(format!("discover.tiers: {e}")))?;
-        self.discover
-            .clustering
-            .check()
-            .map_err(|e| bad(format!("discover.clustering: {e}")))?;
-        if let SampleSizeSetting::Count(0) = self.discover.sample_size {
-            return Err(bad(
-                "discover.sample_size must be at least 1 or \"all\"".into()
-            ));
-        }
-        self.assign
-            .check()
-            .map_err(|e| bad(format!("assign: {e}")))?;
-        let v = &self.validate;
-        for (name, value) in [
-            ("max_kl", v.max_kl),
-            ("max_mean_shift", v.max_mean_shift),
-            ("min_agreement", v.min_agreement),
-        ] {
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(bad(format!("validate.{name} must be a number >= 0")));
-            }
-        }
-        if v.min_agreement > 1.0 {
-            return Err(bad("validate.min_agreement must be at most 1".into()));
-        }
-        let k = &self.kafka;
-        if k.input_topics.is_empty() || k.input_topics.iter().any(|t| t.trim().is_empty()) {
-            return Err(bad("kafka.input_topics must name at least one topic".into()));
-        }
-        if k.output_topic.trim().is_empty() || k.dead_letter_topic.trim().is_empty() {
-            return Err(bad(
-                "kafka.output_topic and kafka.dead_letter_topic must be set".into(),
-            ));
-        }
-        if k.input_topics
-            .iter()
-            .any(|t| *t == k.output_topic || *t == k.dead_letter_topic)
-        {
-            return Err(bad(
-                "kafka: an input topic cannot also be the output or dead-letter topic".into(),
-            ));
-        }
-        if k.max_batch == 0 || k.batch_timeout_ms == 0 {
-            return Err(bad(
-                "kafka.max_batch and kafka.batch_timeout_ms must be at least 1".into(),
-            ));
-        }
-        if self.daemon.keep_snapshots == 0 || self.daemon.snapshot_watch_seconds == 0 {
-            return Err(bad(
-                "daemon.keep_snapshots and daemon.snapshot_watch_seconds must be at least 1".into(),
-            ));
-        }
-        if !self.admin.token.is_empty() && self.admin.token.len() < 16 {
-            return Err(bad(
-                "admin.token must be at least 16 characters (or empty to turn the admin API off)"
-                    .into(),
-            ));
-        }
-        let d = &self.drift;
-        if d.check_seconds == 0
-            || d.consecutive == 0
-            || !(d.half_life_seconds.is_finite() && d.half_life_seconds > 0.0)
-            || !(d.psi_threshold.is_finite() && d.psi_threshold > 0.0)
-        {
-            return Err(bad(
-                "drift: check_seconds, consecutive, half_life_seconds and psi_threshold must be \
-                 positive"
-                    .into(),
-            ));
-        }
-        if self.sweep.chunk == 0 {
-            return Err(bad("sweep.chunk must be at least 1".into()));
-        }
-        if k.fetch_wait_max_ms > 300_000 {
-            return Err(bad(
-                "kafka.fetch_wait_max_ms must be at most 300000 (librdkafka's limit)".into(),
-            ));
-        }
-        if !(self.publish.epsilon.is_finite() && (0.0..=1.0).contains(&self.publish.epsilon)) {
-            return Err(bad("publish.epsilon must be in 0..=1".into()));
-        }
-        let margin = self.publish.switch_margin;
-        if !(margin.is_finite() && (0.0..=1.0).contains(&margin)) {
-            return Err(bad("publish.switch_margin must be in 0..=1".into()));
-        }
-        if self.store.block_cache_bytes < (1 << 20) || self.store.write_buffer_bytes < (1 << 20) {
-            return Err(bad(
-                "store.block_cache_bytes and store.write_buffer_bytes must be at least 1 MiB"
-                    .into(),
-            ));
-        }
-        if self.store.max_write_buffers < 2 {
-            return Err(bad("store.max_write_buffers must be at least 2".into()));
+        self.problems().map_err(ConfigError::Invalid)
+    }
+
+    /// The configuration, checked: what the daemon takes.
+    pub fn check(self) -> Result<Checked<Config>, ConfigError> {
+        Section::check(self).map_err(|e| ConfigError::Invalid(e.message))
+    }
+}
+
+/// The whole configuration is a section whose problems are its sections' problems, so
+/// [`Section::check`] yields the `Checked<Config>` the daemon takes.
+impl Section for Config {
+    const KEY: &'static str = "config";
+
+    fn problems(&self) -> Result<(), String> {
+        let sections: [(&str, Result<(), String>); 14] = [
+            (StateParams::KEY, self.features.problems()),
+            (InputConfig::KEY, self.input.problems()),
+            (DiscoverConfig::KEY, self.discover.problems()),
+            (AssignConfig::KEY, self.assign.problems()),
+            (ValidateConfig::KEY, self.validate.problems()),
+            (KafkaConfig::KEY, self.kafka.problems()),
+            (StoreConfig::KEY, self.store.problems()),
+            (PublishPolicy::KEY, self.publish.problems()),
+            (DaemonConfig::KEY, self.daemon.problems()),
+            (HttpConfig::KEY, self.http.problems()),
+            (AdminConfig::KEY, self.admin.problems()),
+            (DriftConfig::KEY, self.drift.problems()),
+            (SweepConfig::KEY, self.sweep.problems()),
+            (AudienceConfig::KEY, self.audiences.problems()),
+        ];
+        for (section, result) in sections {
+            result.map_err(|message| format!("{section}: {message}"))?;
         }
         Ok(())
     }
@@ -392,6 +351,7 @@ pub type MapArgs = BTreeMap<FileKind, ColumnMap>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::build::SampleSizeSetting;
 
     fn write(text: &str) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();

@@ -35,6 +35,7 @@ use crate::control::drift::monitoring;
 use crate::control::recluster::Reclusterer;
 use crate::control::registry::Registry;
 use crate::control::sources::{follow_topic, watch_directory};
+use crate::domain::section::Checked;
 use crate::io::snapshot_file;
 use crate::io::store::{RocksStore, StateStore};
 use crate::model::assign::SharedSnapshot;
@@ -43,7 +44,7 @@ use crate::shutdown::EXIT_DRAIN_TIMEOUT;
 use crate::telemetry::metrics::Metrics;
 
 /// `segmentd run`: a runtime, the daemon, and the signals as its shutdown.
-pub fn run_until_signalled(config: Config) -> anyhow::Result<ExitCode> {
+pub fn run_until_signalled(config: Checked<Config>) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("segmentd")
@@ -57,13 +58,16 @@ pub fn run_until_signalled(config: Config) -> anyhow::Result<ExitCode> {
 }
 
 /// Starts the daemon and runs it until `shutdown` resolves or a task fails.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<ExitCode> {
+pub async fn serve(
+    config: Checked<Config>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<ExitCode> {
     Daemon::start(config).await?.run(shutdown).await
 }
 
 /// A daemon that is set up but not yet running.
 pub struct Daemon {
-    config: Config,
+    config: Checked<Config>,
     store: Arc<dyn StateStore>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
@@ -74,7 +78,7 @@ pub struct Daemon {
 impl Daemon {
     /// Loads and checks the snapshot, opens the store and the snapshot registry, and binds
     /// the HTTP (and admin) listeners.
-    pub async fn start(config: Config) -> anyhow::Result<Self> {
+    pub async fn start(config: Checked<Config>) -> anyhow::Result<Self> {
         // The state in RocksDB is computed with the snapshot's feature parameters; a
         // configured set that disagrees is an error rather than a silent mix.
         let configured = config.features_explicit.then_some(config.features);

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::recluster::{Cause, ReclusterOutcome, Reclusterer};
 use crate::control::registry::{Activation, Origin, Registry, Rejection};
+use crate::domain::section::Section;
 
 /// Largest snapshot document accepted, in bytes.
 const MAX_SNAPSHOT_BYTES: usize = 64 << 20;
@@ -43,6 +44,19 @@ impl Default for AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9465)),
             token: String::new(),
         }
+    }
+}
+
+impl Section for AdminConfig {
+    const KEY: &'static str = "admin";
+
+    fn problems(&self) -> Result<(), String> {
+        if !self.token.is_empty() && self.token.len() < 16 {
+            return Err(
+                "token must be at least 16 characters (or empty to turn the admin API off)".into(),
+            );
+        }
+        Ok(())
     }
 }
 

@@ -27,6 +27,7 @@ use crate::domain::time::EventTime;
 use crate::io::store::StateStore;
 use crate::model::assign::SharedSnapshot;
 
+use crate::domain::section::Section;
 use crate::telemetry::metrics::Metrics;
 
 /// HTTP settings.
@@ -42,6 +43,15 @@ impl Default for HttpConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
+    }
+}
+
+impl Section for HttpConfig {
+    const KEY: &'static str = "http";
+
+    /// Any socket address serves; binding it is the only check, and it happens at start.
+    fn problems(&self) -> Result<(), String> {
+        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@ pub mod stream;
 
 pub use engine::{Engine, PerTier, Readiness, ScoreError, ThresholdConfig, Thresholds, Tier};
 
+use crate::domain::section::Section;
 use serde::{Deserialize, Serialize};
 
 /// `[audiences]`: the threshold method, and the daemon's score stream.
@@ -55,28 +56,30 @@ impl Default for AudienceConfig {
     }
 }
 
-impl AudienceConfig {
-    /// Checks the settings; the message names the offending key.
-    pub fn check(&self) -> Result<(), String> {
+impl Section for AudienceConfig {
+    const KEY: &'static str = "audiences";
+
+    // Checks the settings; the message names the offending key.
+    fn problems(&self) -> Result<(), String> {
         self.thresholds
             .check()
-            .map_err(|e| format!("audiences.thresholds: {e}"))?;
+            .map_err(|e| format!("thresholds: {e}"))?;
         if self.enabled {
             if self.scores_topic.trim().is_empty() || self.output_topic.trim().is_empty() {
-                return Err("audiences.scores_topic and audiences.output_topic must be set".into());
+                return Err("scores_topic and output_topic must be set".into());
             }
             if self.scores_topic == self.output_topic {
-                return Err("audiences.scores_topic and audiences.output_topic must differ".into());
+                return Err("scores_topic and output_topic must differ".into());
             }
             if self.group_id.trim().is_empty() {
-                return Err("audiences.group_id must be set".into());
+                return Err("group_id must be set".into());
             }
         }
         if self.refresh_interval_ms == 0
             || self.refresh_every_scores == 0
             || self.checkpoint_interval_ms == 0
         {
-            return Err("audiences.refresh_interval_ms, refresh_every_scores and \
+            return Err("refresh_interval_ms, refresh_every_scores and \
                  checkpoint_interval_ms must be > 0"
                 .into());
         }

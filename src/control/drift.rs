@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::recluster::{Cause, ReclusterSettings, Reclusterer};
 use super::registry::Registry;
+use crate::domain::section::Section;
 use crate::io::store::StateStore;
 use crate::model::drift::{readings, Live, LiveState, Reading};
 use crate::telemetry::metrics::Metrics;
@@ -55,6 +56,24 @@ impl Default for DriftConfig {
             auto_activate: true,
             same_segment_distance: 0.5,
         }
+    }
+}
+
+impl Section for DriftConfig {
+    const KEY: &'static str = "drift";
+
+    fn problems(&self) -> Result<(), String> {
+        if self.check_seconds == 0
+            || self.consecutive == 0
+            || !(self.half_life_seconds.is_finite() && self.half_life_seconds > 0.0)
+            || !(self.psi_threshold.is_finite() && self.psi_threshold > 0.0)
+        {
+            return Err(
+                "check_seconds, consecutive, half_life_seconds and psi_threshold must be positive"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 }
 

@@ -142,19 +142,27 @@ pub fn recluster(
     result
 }
 
-fn run(
-    store: &dyn StateStore,
-    registry: &Registry,
-    settings: &ReclusterSettings,
-    auto_activate: bool,
-    cause: &Cause,
-) -> anyhow::Result<(ReclusterOutcome, Timings)> {
-    let mut timings = Timings::default();
-    let step = Instant::now();
-    let active = registry.shared().load_full();
-    let params = *active.snapshot.state_params();
+/// A stratified sample of the live customers, read as the daemon reads them.
+struct LiveSample {
+    /// The newest event time in the store: the population's "now".
+    as_of: EventTime,
+    /// Customers in the store.
+    population: usize,
+    /// Customers per tier, as drawn.
+    tiers: Vec<crate::model::snapshot::TierRecord>,
+    /// The sampled customers' features.
+    features: Vec<FeatureVector>,
+    /// Their design weights.
+    weights: Vec<f64>,
+}
 
-    // 1. Sample by lifetime value, as discover does.
+/// Scans the store for lifetime values, draws a sample stratified by them as `discover`
+/// does, and reads the sampled customers' features.
+fn sample_live(
+    store: &dyn StateStore,
+    settings: &ReclusterSettings,
+    params: &crate::domain::state::StateParams,
+) -> anyhow::Result<LiveSample> {
     let mut keys: Vec<Box<[u8]>> = Vec::new();
     let mut ltv: Vec<f64> = Vec::new();
     let mut newest: Option<i64> = None;
@@ -179,19 +187,19 @@ fn run(
         .context("no customer has an event time")?;
     let tiers = check_tiers(&settings.discover.tiers)?;
     let clustering = &settings.discover.clustering;
-    let sample = stratified_sample(
+    let drawn = stratified_sample(
         &ltv,
         &tiers,
         settings.discover.sample_size.get(),
         clustering.seed,
     );
-    let sampled_keys: Vec<&[u8]> = sample.indices.iter().map(|&i| &*keys[i]).collect();
+    let sampled_keys: Vec<&[u8]> = drawn.indices.iter().map(|&i| &*keys[i]).collect();
     let mut features = Vec::with_capacity(sampled_keys.len());
     let mut weights = Vec::with_capacity(sampled_keys.len());
     for (bytes, &w) in store
         .get_many(&sampled_keys)?
         .into_iter()
-        .zip(&sample.weights)
+        .zip(&drawn.weights)
     {
         // A customer deleted since the scan is simply not in the sample.
         if let Some(record) = bytes.and_then(|b| CustomerRecord::decode(&b).ok()) {
@@ -199,26 +207,32 @@ fn run(
             // describes the population the monitor compares it with; reading everyone at one
             // global time would age quiet customers and show drift where there is none.
             let own = record.state.last_event_time().unwrap_or(as_of);
-            features.push(FeatureVector::compute(&record.state, own, &params));
+            features.push(FeatureVector::compute(&record.state, own, params));
             weights.push(w);
         }
     }
 
-    timings.sample = step.elapsed().as_secs_f64();
+    Ok(LiveSample {
+        as_of,
+        population: keys.len(),
+        tiers: drawn.tiers,
+        features,
+        weights,
+    })
+}
 
-    // 2. Cluster.
-    let step = Instant::now();
-    let version = registry.next_version();
-    let source = SnapshotSource {
+/// Where a re-clustered snapshot comes from: live state, and the drift that triggered it.
+fn recluster_source(sample: &LiveSample, replaces: u64, cause: &Cause) -> SnapshotSource {
+    SnapshotSource {
         kind: "recluster".into(),
         inputs: vec!["live state".into()],
-        as_of: as_of.to_rfc3339(),
-        population: keys.len(),
-        sampled: features.len(),
+        as_of: sample.as_of.to_rfc3339(),
+        population: sample.population,
+        sampled: sample.features.len(),
         tiers: sample.tiers.clone(),
         trigger: Some(TriggerRecord {
             reason: cause.reason.clone(),
-            replaces: active.snapshot.version(),
+            replaces,
             readings: cause
                 .readings
                 .iter()
@@ -231,7 +245,30 @@ fn run(
                 })
                 .collect(),
         }),
-    };
+    }
+}
+
+fn run(
+    store: &dyn StateStore,
+    registry: &Registry,
+    settings: &ReclusterSettings,
+    auto_activate: bool,
+    cause: &Cause,
+) -> anyhow::Result<(ReclusterOutcome, Timings)> {
+    let mut timings = Timings::default();
+    let step = Instant::now();
+    let active = registry.shared().load_full();
+    let params = *active.snapshot.state_params();
+
+    // 1. Sample by lifetime value, as discover does.
+    let sample = sample_live(store, settings, &params)?;
+    let as_of = sample.as_of;
+    timings.sample = step.elapsed().as_secs_f64();
+
+    // 2. Cluster.
+    let step = Instant::now();
+    let version = registry.next_version();
+    let source = recluster_source(&sample, active.snapshot.version(), cause);
     // The stored states were computed with the active snapshot's parameters: the candidate
     // records those, whatever the configuration says.
     let build = BuildSettings {
@@ -239,7 +276,14 @@ fn run(
         discover: &settings.discover,
         membership_exponent: settings.membership_exponent,
     };
-    let built = build_from_features(&features, &weights, source, Sources::ALL, build, version)?;
+    let built = build_from_features(
+        &sample.features,
+        &sample.weights,
+        source,
+        Sources::ALL,
+        build,
+        version,
+    )?;
     let mut document = built.snapshot;
     carry_ids(
         &active.snapshot,

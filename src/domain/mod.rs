@@ -8,6 +8,7 @@ pub mod event;
 pub mod features;
 pub mod membership;
 pub mod record;
+pub mod section;
 pub mod sketch;
 pub mod state;
 pub mod time;

@@ -62,6 +62,14 @@ impl Default for StateParams {
     }
 }
 
+impl crate::domain::section::Section for StateParams {
+    const KEY: &'static str = "features";
+
+    fn problems(&self) -> Result<(), String> {
+        self.validate().map_err(|e| e.to_string())
+    }
+}
+
 /// Why state parameters were refused.
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum StateParamsError {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::domain::section::Section;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -64,6 +65,33 @@ impl Default for KafkaConfig {
             snapshot_topic: String::new(),
             client: BTreeMap::new(),
         }
+    }
+}
+
+impl Section for KafkaConfig {
+    const KEY: &'static str = "kafka";
+
+    fn problems(&self) -> Result<(), String> {
+        if self.input_topics.is_empty() || self.input_topics.iter().any(|t| t.trim().is_empty()) {
+            return Err("input_topics must name at least one topic".into());
+        }
+        if self.output_topic.trim().is_empty() || self.dead_letter_topic.trim().is_empty() {
+            return Err("output_topic and dead_letter_topic must be set".into());
+        }
+        if self
+            .input_topics
+            .iter()
+            .any(|t| *t == self.output_topic || *t == self.dead_letter_topic)
+        {
+            return Err("an input topic cannot also be the output or dead-letter topic".into());
+        }
+        if self.max_batch == 0 || self.batch_timeout_ms == 0 {
+            return Err("max_batch and batch_timeout_ms must be at least 1".into());
+        }
+        if self.fetch_wait_max_ms > 300_000 {
+            return Err("fetch_wait_max_ms must be at most 300000 (librdkafka's limit)".into());
+        }
+        Ok(())
     }
 }
 

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::domain::section::Section;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -157,6 +158,20 @@ impl Default for StoreConfig {
             max_write_buffers: 3,
             sync_writes: false,
         }
+    }
+}
+
+impl Section for StoreConfig {
+    const KEY: &'static str = "store";
+
+    fn problems(&self) -> Result<(), String> {
+        if self.block_cache_bytes < (1 << 20) || self.write_buffer_bytes < (1 << 20) {
+            return Err("block_cache_bytes and write_buffer_bytes must be at least 1 MiB".into());
+        }
+        if self.max_write_buffers < 2 {
+            return Err("max_write_buffers must be at least 2".into());
+        }
+        Ok(())
     }
 }
 

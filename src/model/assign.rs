@@ -13,6 +13,7 @@ use crate::domain::features::FeatureVector;
 use crate::domain::membership::{fuzzy_memberships, squared_distance};
 
 use super::snapshot::ValidSnapshot;
+use crate::domain::section::Section;
 
 /// `segmentd assign` settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -31,9 +32,11 @@ impl Default for AssignConfig {
     }
 }
 
-impl AssignConfig {
-    /// A usable membership exponent.
-    pub fn check(&self) -> Result<(), String> {
+impl Section for AssignConfig {
+    const KEY: &'static str = "assign";
+
+    // A usable membership exponent.
+    fn problems(&self) -> Result<(), String> {
         crate::domain::membership::check_exponent(self.membership_exponent)
             .map(|_| ())
             .map_err(|e| e.to_string())

@@ -16,6 +16,7 @@ use super::snapshot::{
     SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_VERSION,
 };
 use crate::domain::features::{Axis, FeatureId, FeatureVector, Sources, FEATURE_SCHEMA_VERSION};
+use crate::domain::section::Section;
 use crate::domain::state::{CustomerState, StateParams};
 use crate::domain::time::EventTime;
 
@@ -41,9 +42,11 @@ impl Default for DiscoverConfig {
     }
 }
 
-impl DiscoverConfig {
-    /// Valid tiers and clustering settings, and a sample of at least one customer.
-    pub fn check(&self) -> Result<(), String> {
+impl Section for DiscoverConfig {
+    const KEY: &'static str = "discover";
+
+    // Valid tiers and clustering settings, and a sample of at least one customer.
+    fn problems(&self) -> Result<(), String> {
         check_tiers(&self.tiers).map_err(|e| format!("tiers: {e}"))?;
         self.clustering
             .check()

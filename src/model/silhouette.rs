@@ -91,36 +91,7 @@ pub fn mean_silhouettes_weighted(
         return Ok(Vec::new());
     }
 
-    // All labelings share one accumulator per row: labeling l's cluster c lives at offsets[l] + c.
-    let mut offsets = Vec::with_capacity(n_lab);
-    let mut sizes: Vec<usize> = Vec::new();
-    for (l, labels) in labelings.iter().enumerate() {
-        if labels.len() != n {
-            return Err(SilhouetteError::LengthMismatch {
-                labeling: l,
-                len: labels.len(),
-                n_points: n,
-            });
-        }
-        let max = labels.iter().copied().max().unwrap_or(0);
-        if max as usize >= n {
-            return Err(SilhouetteError::LabelOutOfRange {
-                labeling: l,
-                label: max,
-                n_points: n,
-            });
-        }
-        let offset = sizes.len();
-        offsets.push(offset);
-        sizes.resize(offset + max as usize + 1, 0);
-        for &c in labels.iter() {
-            sizes[offset + c as usize] += 1;
-        }
-        let found = sizes[offset..].iter().filter(|&&s| s > 0).count();
-        if found < 2 {
-            return Err(SilhouetteError::TooFewClusters { labeling: l, found });
-        }
-    }
+    let (offsets, sizes) = cluster_slots(labelings, n)?;
     let n_slots = sizes.len();
     let mut slot_of = vec![0u32; n * n_lab];
     for (l, labels) in labelings.iter().enumerate() {
@@ -171,6 +142,46 @@ pub fn mean_silhouettes_weighted(
     }
     means.iter_mut().for_each(|m| *m /= total);
     Ok(means)
+}
+
+/// The accumulator slots of every labeling: all labelings share one accumulator per row, and
+/// labeling l's cluster c lives at `offsets[l] + c`. Returns the offsets and each slot's
+/// cluster size, after checking each labeling's length, labels and number of clusters.
+fn cluster_slots(
+    labelings: &[&[u32]],
+    n: usize,
+) -> Result<(Vec<usize>, Vec<usize>), SilhouetteError> {
+    let n_lab = labelings.len();
+    let mut offsets = Vec::with_capacity(n_lab);
+    let mut sizes: Vec<usize> = Vec::new();
+    for (l, labels) in labelings.iter().enumerate() {
+        if labels.len() != n {
+            return Err(SilhouetteError::LengthMismatch {
+                labeling: l,
+                len: labels.len(),
+                n_points: n,
+            });
+        }
+        let max = labels.iter().copied().max().unwrap_or(0);
+        if max as usize >= n {
+            return Err(SilhouetteError::LabelOutOfRange {
+                labeling: l,
+                label: max,
+                n_points: n,
+            });
+        }
+        let offset = sizes.len();
+        offsets.push(offset);
+        sizes.resize(offset + max as usize + 1, 0);
+        for &c in labels.iter() {
+            sizes[offset + c as usize] += 1;
+        }
+        let found = sizes[offset..].iter().filter(|&&s| s > 0).count();
+        if found < 2 {
+            return Err(SilhouetteError::TooFewClusters { labeling: l, found });
+        }
+    }
+    Ok((offsets, sizes))
 }
 
 /// Mean silhouette of one labeling; see [`mean_silhouettes`] for the rules and errors.

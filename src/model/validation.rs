@@ -15,6 +15,7 @@ use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
 use super::matching::{min_cost_assignment, MatchingError};
+use crate::domain::section::Section;
 
 /// `segmentd validate` thresholds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,9 +41,11 @@ impl Default for ValidateConfig {
     }
 }
 
-impl ValidateConfig {
-    /// Every threshold a number >= 0, agreement at most 1.
-    pub fn check(&self) -> Result<(), String> {
+impl Section for ValidateConfig {
+    const KEY: &'static str = "validate";
+
+    // Every threshold a number >= 0, agreement at most 1.
+    fn problems(&self) -> Result<(), String> {
         for (name, value) in [
             ("max_kl", self.max_kl),
             ("max_mean_shift", self.max_mean_shift),

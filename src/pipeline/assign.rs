@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::event::CustomerId;
 use crate::domain::features::{Axis, FeatureVector};
 use crate::domain::record::{quantise, CustomerRecord, Published, PublishedAxis};
+use crate::domain::section::Section;
 use crate::domain::state::CustomerState;
 use crate::domain::time::EventTime;
 use crate::domain::update::{
@@ -37,6 +38,20 @@ impl Default for PublishPolicy {
             epsilon: 0.05,
             switch_margin: 0.1,
         }
+    }
+}
+
+impl Section for PublishPolicy {
+    const KEY: &'static str = "publish";
+
+    fn problems(&self) -> Result<(), String> {
+        if !(self.epsilon.is_finite() && (0.0..=1.0).contains(&self.epsilon)) {
+            return Err("epsilon must be in 0..=1".into());
+        }
+        if !(self.switch_margin.is_finite() && (0.0..=1.0).contains(&self.switch_margin)) {
+            return Err("switch_margin must be in 0..=1".into());
+        }
+        Ok(())
     }
 }
 
@@ -163,6 +178,52 @@ pub fn published_record(
     }
 }
 
+/// Whether any membership of an axis moved by more than `epsilon` (memberships are stored
+/// as 0..=65535).
+fn memberships_moved(before: &PublishedAxis, now: &PublishedAxis, epsilon: f64) -> bool {
+    before.memberships.len() != now.memberships.len()
+        || before
+            .memberships
+            .iter()
+            .zip(&now.memberships)
+            .any(|(old, new)| (f64::from(*old) - f64::from(*new)).abs() / 65_535.0 > epsilon)
+}
+
+/// Every axis of an update: its segment's id and name, and the memberships of every segment
+/// (by id, rounded to 4 decimals) when the customer has a segment.
+fn update_axes(
+    snapshot: &ValidSnapshot,
+    assigner: &Assigner,
+    assignment: &Assignment,
+) -> Vec<AxisMembership> {
+    snapshot
+        .axes()
+        .iter()
+        .enumerate()
+        .map(|(a, axis)| {
+            let segment = assignment.axes[a].segment;
+            AxisMembership {
+                axis: axis.model.axis,
+                segment: segment.map(|s| axis.model.segments[s].id),
+                name: segment.map(|s| axis.model.segments[s].name.clone()),
+                memberships: if segment.is_some() {
+                    let mut pairs: Vec<(u32, f64)> = axis
+                        .model
+                        .segments
+                        .iter()
+                        .zip(assignment.memberships(assigner, a))
+                        .map(|(s, m)| (s.id, (m * 1e4).round() / 1e4))
+                        .collect();
+                    pairs.sort_unstable_by_key(|(id, _)| *id);
+                    SegmentMemberships(pairs)
+                } else {
+                    SegmentMemberships::default()
+                },
+            }
+        })
+        .collect()
+}
+
 /// Compares the new assignment with what was last published and, if the policy says so,
 /// records and returns the update.
 #[allow(clippy::too_many_arguments)]
@@ -198,14 +259,9 @@ pub(crate) fn decide(
         })
         .collect();
     let moved = same_version
-        && now.iter().any(|x| {
-            before(x.axis).is_some_and(|b| {
-                b.memberships.len() != x.memberships.len()
-                    || b.memberships.iter().zip(&x.memberships).any(|(old, new)| {
-                        (f64::from(*old) - f64::from(*new)).abs() / 65_535.0 > policy.epsilon
-                    })
-            })
-        });
+        && now
+            .iter()
+            .any(|x| before(x.axis).is_some_and(|b| memberships_moved(b, x, policy.epsilon)));
     let publish = policy.every_event || !changed.is_empty() || moved;
     if !publish {
         if !same_version {
@@ -220,32 +276,7 @@ pub(crate) fn decide(
     }
     let seq = previous.map_or(1, |p| p.seq + 1);
     let previous_snapshot_version = previous.map(|p| p.snapshot_version);
-    let axes = snapshot
-        .axes()
-        .iter()
-        .enumerate()
-        .map(|(a, axis)| {
-            let segment = assignment.axes[a].segment;
-            AxisMembership {
-                axis: axis.model.axis,
-                segment: segment.map(|s| axis.model.segments[s].id),
-                name: segment.map(|s| axis.model.segments[s].name.clone()),
-                memberships: if segment.is_some() {
-                    let mut pairs: Vec<(u32, f64)> = axis
-                        .model
-                        .segments
-                        .iter()
-                        .zip(assignment.memberships(assigner, a))
-                        .map(|(s, m)| (s.id, (m * 1e4).round() / 1e4))
-                        .collect();
-                    pairs.sort_unstable_by_key(|(id, _)| *id);
-                    SegmentMemberships(pairs)
-                } else {
-                    SegmentMemberships::default()
-                },
-            }
-        })
-        .collect();
+    let axes = update_axes(snapshot, assigner, assignment);
     record.published = Some(Published {
         seq,
         snapshot_version: version,

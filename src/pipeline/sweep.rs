@@ -34,6 +34,7 @@ use super::error::ProcessError;
 use super::pending::Pending;
 use super::publish::{Outgoing, Prepared, SweepProgress};
 use super::update::BatchResult;
+use crate::domain::section::Section;
 
 /// The store's meta key of the sweep state.
 pub const META_KEY: &[u8] = b"sweep";
@@ -54,6 +55,17 @@ impl Default for SweepConfig {
             customers_per_second: 25_000,
             chunk: 1_000,
         }
+    }
+}
+
+impl Section for SweepConfig {
+    const KEY: &'static str = "sweep";
+
+    fn problems(&self) -> Result<(), String> {
+        if self.chunk == 0 {
+            return Err("chunk must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -264,19 +276,15 @@ pub fn reassign_batch(
     Ok(result)
 }
 
-/// Prepares the next chunk of the sweep: re-assigns the next keys through the overlay, and
-/// stores the advanced cursor with their records; returns the chunk and the sweep's state
-/// after it. Runs off the async runtime.
-pub(crate) fn prepare_sweep(
-    id: u64,
-    mut sweep: SweepState,
+/// Reads up to `chunk` customers after the sweep's cursor and re-assigns them, moving the
+/// cursor. Returns the result, how many were read, and whether the store ran out.
+fn reassign_chunk(
+    sweep: &mut SweepState,
     chunk: usize,
-    overlay: &Arc<dyn StateStore>,
-    pending: &Pending,
+    overlay: &dyn StateStore,
     loaded: &LoadedSnapshot,
     policy: &PublishPolicy,
-) -> Result<(Prepared, SweepState), ProcessError> {
-    let started = Instant::now();
+) -> Result<(BatchResult, usize, bool), ProcessError> {
     // The durable store's keys: every customer of the old version is durable by now (the
     // sweep starts only then), and customers created since are on the new version already.
     // One pass over the store reads keys and records together. The chunk is read in a few
@@ -328,6 +336,24 @@ pub(crate) fn prepare_sweep(
             None => Vec::new(),
         };
     }
+    Ok((result, swept, exhausted))
+}
+
+/// Prepares the next chunk of the sweep: re-assigns the next keys through the overlay, and
+/// stores the advanced cursor with their records; returns the chunk and the sweep's state
+/// after it. Runs off the async runtime.
+pub(crate) fn prepare_sweep(
+    id: u64,
+    mut sweep: SweepState,
+    chunk: usize,
+    overlay: &Arc<dyn StateStore>,
+    pending: &Pending,
+    loaded: &LoadedSnapshot,
+    policy: &PublishPolicy,
+) -> Result<(Prepared, SweepState), ProcessError> {
+    let started = Instant::now();
+    let (mut result, swept, exhausted) =
+        reassign_chunk(&mut sweep, chunk, overlay.as_ref(), loaded, policy)?;
     pending.insert(id, &result.store_batch.records);
     sweep.visited += swept as u64;
     sweep.done = exhausted || swept == 0;

@@ -66,55 +66,13 @@ pub fn process_batch(
 ) -> Result<BatchResult, ProcessError> {
     let mut result = BatchResult::default();
     let params = snapshot.state_params();
-
-    // Offsets advance for every input, applied or not: a skipped record is still consumed.
-    let mut fresh: Vec<&Input> = Vec::with_capacity(inputs.len());
-    for input in inputs {
-        let key = PartitionKey {
-            topic: input.source.topic.to_string(),
-            partition: input.source.partition,
-        };
-        if stored_offsets
-            .get(&key)
-            .is_some_and(|&next| input.source.offset < next)
-        {
-            result.replayed += 1;
-            result.outcomes.push((input.event.body.kind(), "replayed"));
-            continue;
-        }
-        let next = result.store_batch.offsets.entry(key).or_insert(0);
-        *next = (*next).max(input.source.offset + 1);
-        fresh.push(input);
-    }
-
-    // One multi-get for every customer of the batch.
-    let mut index: FxHashMap<&CustomerId, usize> = FxHashMap::default();
-    let mut customers: Vec<&CustomerId> = Vec::new();
-    for input in &fresh {
-        index.entry(&input.event.customer_id).or_insert_with(|| {
-            customers.push(&input.event.customer_id);
-            customers.len() - 1
-        });
-    }
-    let keys: Vec<&[u8]> = customers.iter().map(|c| c.as_str().as_bytes()).collect();
-    let mut records: Vec<CustomerRecord> = store
-        .get_many(&keys)?
-        .into_iter()
-        .zip(&customers)
-        .map(|(bytes, customer)| match bytes {
-            None => Ok(CustomerRecord::default()),
-            Some(bytes) => CustomerRecord::decode(&bytes).map_err(|source| ProcessError::Corrupt {
-                customer: customer.to_string(),
-                source,
-            }),
-        })
-        .collect::<Result<_, _>>()?;
-    let mut touched = vec![false; customers.len()];
+    let fresh = skip_replayed(inputs, stored_offsets, &mut result);
+    let mut customers = Customers::read(store, &fresh)?;
 
     let mut assignment = Assignment::default();
     for input in fresh {
-        let i = index[&input.event.customer_id];
-        let record = &mut records[i];
+        let i = customers.index[&input.event.customer_id];
+        let record = &mut customers.records[i];
         match record.state.apply(&input.event, params) {
             ApplyOutcome::Duplicate => {
                 result.duplicates += 1;
@@ -126,7 +84,7 @@ pub fn process_batch(
                 result.outcomes.push((input.event.body.kind(), "applied"));
             }
         }
-        touched[i] = true;
+        customers.touched[i] = true;
         let as_of = input.event.event_time.max(
             record
                 .state
@@ -160,16 +118,180 @@ pub fn process_batch(
             result.updates.push(update);
         }
     }
+    customers.encode_touched(&mut result.store_batch);
+    Ok(result)
+}
 
-    for (i, record) in records.iter().enumerate() {
-        if touched[i] {
-            result
-                .store_batch
-                .records
-                .push((keys[i].to_vec(), record.encode()));
+/// The inputs not yet in the store. Replays are counted; offsets advance for every input,
+/// applied or not: a skipped record is still consumed.
+fn skip_replayed<'a>(
+    inputs: &'a [Input],
+    stored_offsets: &BTreeMap<PartitionKey, i64>,
+    result: &mut BatchResult,
+) -> Vec<&'a Input> {
+    let mut fresh: Vec<&Input> = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let key = PartitionKey {
+            topic: input.source.topic.to_string(),
+            partition: input.source.partition,
+        };
+        if stored_offsets
+            .get(&key)
+            .is_some_and(|&next| input.source.offset < next)
+        {
+            result.replayed += 1;
+            result.outcomes.push((input.event.body.kind(), "replayed"));
+            continue;
+        }
+        let next = result.store_batch.offsets.entry(key).or_insert(0);
+        *next = (*next).max(input.source.offset + 1);
+        fresh.push(input);
+    }
+    fresh
+}
+
+/// The stored records of a batch's customers, read in one multi-get, and which of them the
+/// batch changed.
+struct Customers<'a> {
+    /// Customer → position in the vectors below.
+    index: FxHashMap<&'a CustomerId, usize>,
+    keys: Vec<&'a [u8]>,
+    records: Vec<CustomerRecord>,
+    touched: Vec<bool>,
+}
+
+impl<'a> Customers<'a> {
+    /// One multi-get for every customer of `inputs`; a customer not stored starts empty.
+    fn read(store: &dyn StateStore, inputs: &[&'a Input]) -> Result<Self, ProcessError> {
+        let mut index: FxHashMap<&CustomerId, usize> = FxHashMap::default();
+        let mut customers: Vec<&CustomerId> = Vec::new();
+        for input in inputs {
+            index.entry(&input.event.customer_id).or_insert_with(|| {
+                customers.push(&input.event.customer_id);
+                customers.len() - 1
+            });
+        }
+        let keys: Vec<&[u8]> = customers.iter().map(|c| c.as_str().as_bytes()).collect();
+        let records: Vec<CustomerRecord> = store
+            .get_many(&keys)?
+            .into_iter()
+            .zip(&customers)
+            .map(|(bytes, customer)| match bytes {
+                None => Ok(CustomerRecord::default()),
+                Some(bytes) => {
+                    CustomerRecord::decode(&bytes).map_err(|source| ProcessError::Corrupt {
+                        customer: customer.to_string(),
+                        source,
+                    })
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let touched = vec![false; customers.len()];
+        Ok(Self {
+            index,
+            keys,
+            records,
+            touched,
+        })
+    }
+
+    /// Adds every changed record to the store batch.
+    fn encode_touched(&self, store_batch: &mut StoreBatch) {
+        for (i, record) in self.records.iter().enumerate() {
+            if self.touched[i] {
+                store_batch
+                    .records
+                    .push((self.keys[i].to_vec(), record.encode()));
+            }
         }
     }
-    Ok(result)
+}
+
+/// A batch of Kafka records decoded: names borrowed from the records, to avoid an allocation
+/// per record.
+struct Decoded<'a> {
+    /// Next offset per partition (every record counts, applied, refused or replayed).
+    next: BTreeMap<(&'a str, i32), i64>,
+    /// Each decoded record's broker timestamp, by (topic index, partition, offset).
+    arrived: FxHashMap<(usize, i32, i64), i64>,
+    /// The batch's topics, borrowed and shared.
+    topics: Vec<(&'a str, Arc<str>)>,
+    /// Events to apply, in input order.
+    inputs: Vec<Input>,
+    /// Refused records, by position in the batch (ascending).
+    dead_at: Vec<(usize, DeadLetter)>,
+}
+
+impl<'a> Decoded<'a> {
+    /// Decodes every record not yet processed (below `processed`, it is a replay).
+    fn new(batch: &'a [OwnedMessage], processed: &BTreeMap<PartitionKey, i64>) -> Self {
+        let mut decoded = Decoded {
+            next: BTreeMap::new(),
+            arrived: FxHashMap::default(),
+            topics: Vec::new(),
+            inputs: Vec::with_capacity(batch.len()),
+            dead_at: Vec::new(),
+        };
+        for (i, m) in batch.iter().enumerate() {
+            let t = topic_index(&mut decoded.topics, m.topic());
+            let topic = decoded.topics[t].1.clone();
+            let already = processed
+                .iter()
+                .find(|(k, _)| k.partition == m.partition() && k.topic == m.topic())
+                .is_some_and(|(_, &n)| m.offset() < n);
+            if already {
+                continue;
+            }
+            let entry = decoded.next.entry((m.topic(), m.partition())).or_insert(0);
+            *entry = (*entry).max(m.offset() + 1);
+            match decode(m.key(), m.payload()) {
+                Ok(event) => {
+                    if let Some(ms) = m.timestamp().to_millis() {
+                        decoded.arrived.insert((t, m.partition(), m.offset()), ms);
+                    }
+                    decoded.inputs.push(Input {
+                        event,
+                        source: Source {
+                            topic,
+                            partition: m.partition(),
+                            offset: m.offset(),
+                        },
+                    });
+                }
+                Err(letter) => decoded.dead_at.push((i, letter)),
+            }
+        }
+        decoded
+    }
+
+    /// When the record that caused `update` reached the broker, if it said.
+    fn arrived_ms(&self, update: &MembershipUpdate) -> Option<i64> {
+        let t = self
+            .topics
+            .iter()
+            .position(|(name, _)| *name == update.cause.topic)
+            .unwrap_or(usize::MAX);
+        self.arrived
+            .get(&(t, update.cause.partition, update.cause.offset))
+            .copied()
+    }
+
+    /// The batch's offsets: dead letters and replays advance them too, so they cover every
+    /// record.
+    fn offsets(&self) -> BTreeMap<PartitionKey, i64> {
+        self.next
+            .iter()
+            .map(|(&(topic, partition), &n)| {
+                (
+                    PartitionKey {
+                        topic: topic.to_owned(),
+                        partition,
+                    },
+                    n,
+                )
+            })
+            .collect()
+    }
 }
 
 /// Decodes and processes a batch, records its state as pending, and serialises its updates.
@@ -185,46 +307,16 @@ pub(crate) fn prepare(
 ) -> Result<Prepared, ProcessError> {
     let started = Instant::now();
     let records = batch.len();
-    // Next offset per partition (every record counts, applied or not), and each record's
-    // broker timestamp; keyed by borrowed names to avoid an allocation per record.
-    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    let mut arrived: FxHashMap<(usize, i32, i64), i64> = FxHashMap::default();
-    let mut topics: Vec<(&str, Arc<str>)> = Vec::new();
-    let mut inputs = Vec::with_capacity(batch.len());
-    let mut dead_at: Vec<(usize, DeadLetter)> = Vec::new();
-    for (i, m) in batch.iter().enumerate() {
-        let t = topic_index(&mut topics, m.topic());
-        let topic = topics[t].1.clone();
-        let already = processed
-            .iter()
-            .find(|(k, _)| k.partition == m.partition() && k.topic == m.topic())
-            .is_some_and(|(_, &n)| m.offset() < n);
-        if already {
-            continue;
-        }
-        let entry = next.entry((m.topic(), m.partition())).or_insert(0);
-        *entry = (*entry).max(m.offset() + 1);
-        match decode(m.key(), m.payload()) {
-            Ok(event) => {
-                if let Some(ms) = m.timestamp().to_millis() {
-                    arrived.insert((t, m.partition(), m.offset()), ms);
-                }
-                inputs.push(Input {
-                    event,
-                    source: Source {
-                        topic,
-                        partition: m.partition(),
-                        offset: m.offset(),
-                    },
-                });
-            }
-            Err(letter) => dead_at.push((i, letter)),
-        }
-    }
-    let decoded = started.elapsed();
-    let newest_event_time = inputs.iter().map(|i| i.event.event_time.unix()).max();
+    let mut decoded = Decoded::new(&batch, processed);
+    let decode_ms = started.elapsed().as_secs_f64() * 1e3;
+    let newest_event_time = decoded
+        .inputs
+        .iter()
+        .map(|i| i.event.event_time.unix())
+        .max();
     // Customers are independent: split them over the cores. One customer's events stay in
     // one part, in input order, so each update is what a single pass would have made.
+    let inputs = std::mem::take(&mut decoded.inputs);
     let parts = split_by_customer(inputs, rayon::current_num_threads());
     let results: Vec<Result<(BatchResult, Vec<Outgoing>), ProcessError>> = parts
         .into_par_iter()
@@ -237,17 +329,13 @@ pub(crate) fn prepare(
                 &part,
                 processed,
             )?;
-            let mut outgoing = Vec::with_capacity(result.updates.len());
-            for update in std::mem::take(&mut result.updates) {
-                let t = topics
-                    .iter()
-                    .position(|(name, _)| *name == update.cause.topic)
-                    .unwrap_or(usize::MAX);
-                let arrived_ms = arrived
-                    .get(&(t, update.cause.partition, update.cause.offset))
-                    .copied();
-                outgoing.push(Outgoing::new(update, arrived_ms)?);
-            }
+            let outgoing = std::mem::take(&mut result.updates)
+                .into_iter()
+                .map(|update| {
+                    let arrived_ms = decoded.arrived_ms(&update);
+                    Outgoing::new(update, arrived_ms)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             Ok((result, outgoing))
         })
         .collect();
@@ -264,28 +352,10 @@ pub(crate) fn prepare(
     }
     pending.insert(id, &result.store_batch.records);
     let mut store_batch = result.store_batch;
-    // Dead letters and replays advance offsets too: the batch's offsets cover every record.
-    store_batch.offsets = next
-        .into_iter()
-        .map(|((topic, partition), n)| {
-            (
-                PartitionKey {
-                    topic: topic.to_owned(),
-                    partition,
-                },
-                n,
-            )
-        })
-        .collect();
-    let processed_at = started.elapsed();
-    let dead_index: Vec<usize> = dead_at.iter().map(|(i, _)| *i).collect();
-    let mut letters = dead_at.into_iter().map(|(_, l)| l);
-    let dead = batch
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| dead_index.binary_search(i).is_ok())
-        .filter_map(|(_, m)| letters.next().map(|l| (m, l)))
-        .collect();
+    store_batch.offsets = decoded.offsets();
+    let process_ms = started.elapsed().as_secs_f64() * 1e3 - decode_ms;
+    let dead_at = std::mem::take(&mut decoded.dead_at);
+    drop(decoded);
     Ok(Prepared {
         id,
         version: loaded.snapshot.version(),
@@ -293,7 +363,7 @@ pub(crate) fn prepare(
         swept: 0,
         records,
         updates,
-        dead,
+        dead: refused(batch, dead_at),
         store_batch,
         outcomes: result.outcomes,
         drift: result.drift,
@@ -301,9 +371,25 @@ pub(crate) fn prepare(
         duplicates: result.duplicates,
         newest_event_time,
         started,
-        decode_ms: decoded.as_secs_f64() * 1e3,
-        process_ms: (processed_at - decoded).as_secs_f64() * 1e3,
+        decode_ms,
+        process_ms,
     })
+}
+
+/// The refused records of `batch` paired with their dead letters; `dead_at` holds their
+/// positions in ascending order.
+fn refused(
+    batch: Vec<OwnedMessage>,
+    dead_at: Vec<(usize, DeadLetter)>,
+) -> Vec<(OwnedMessage, DeadLetter)> {
+    let dead_index: Vec<usize> = dead_at.iter().map(|(i, _)| *i).collect();
+    let mut letters = dead_at.into_iter().map(|(_, l)| l);
+    batch
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| dead_index.binary_search(i).is_ok())
+        .filter_map(|(_, m)| letters.next().map(|l| (m, l)))
+        .collect()
 }
 
 /// Splits inputs into `parts` groups by customer, keeping input order within each.

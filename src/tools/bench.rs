@@ -823,7 +823,7 @@ impl Running {
         config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         // Throughput, not re-clustering, is measured here.
         config.drift.recluster = false;
-        let daemon = crate::daemon::Daemon::start(config).await?;
+        let daemon = crate::daemon::Daemon::start(config.check()?).await?;
         let (store, metrics, registry) = (daemon.store(), daemon.metrics(), daemon.registry());
         let stop = CancellationToken::new();
         let task = tokio::spawn(daemon.run(stop.clone().cancelled_owned()));

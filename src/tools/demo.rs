@@ -106,7 +106,7 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("mock cluster at {brokers}");
     let shop = bootstrap(&args, &config).await?;
 
-    let daemon = Daemon::start(config.clone()).await?;
+    let daemon = Daemon::start(config.clone().check()?).await?;
     let (metrics, snapshot) = (daemon.metrics(), daemon.snapshot());
     let stop = CancellationToken::new();
     {
