@@ -238,6 +238,23 @@ fn tier_key(product: &str, visitor: &str) -> Vec<u8> {
     key
 }
 
+/// The tier published before, if this instance knows it: this batch's own change first;
+/// stored tiers of an older epoch of the partition may have been overtaken by another
+/// instance's.
+fn previous_tier(in_batch: Option<u8>, stored: Option<Vec<u8>>, epoch: u32) -> Option<u8> {
+    match (in_batch, stored) {
+        (Some(code), _) => Some(code),
+        (None, None) => Some(0),
+        (None, Some(v)) => {
+            let stored_epoch = v
+                .get(1..5)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u32::from_le_bytes);
+            (stored_epoch == epoch).then(|| v.first().copied().unwrap_or(0))
+        }
+    }
+}
+
 /// The thresholds in force, for the HTTP endpoint `/audiences`: replaced whole at each
 /// refresh.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -375,6 +392,34 @@ impl Worker {
         messages: Vec<OwnedMessage>,
     ) -> Result<BatchOutput, RunError> {
         let mut out = BatchOutput::default();
+        let scores = self.observe(messages, &mut out.dead);
+        out.accepted = scores.len() as u64;
+        let due = self.engine.revision() == 0
+            || self.engine.since_refresh() >= config.refresh_every_scores
+            || self.last_refresh.elapsed() >= Duration::from_millis(config.refresh_interval_ms);
+        if due && self.engine.since_refresh() > 0 {
+            self.refresh(config, metrics);
+            out.refreshed = true;
+        }
+        let placed = self.place(store, scores, &mut out.updates)?;
+        out.tiers = self.tier_values(placed);
+        out.partitions = self.partitions_bytes();
+        out.populations = self.populations_bytes();
+        if self.last_checkpoint.elapsed() >= Duration::from_millis(config.checkpoint_interval_ms) {
+            out.checkpoint = Some(self.engine.checkpoint_bytes());
+            self.last_checkpoint = Instant::now();
+        }
+        self.export_populations(metrics);
+        Ok(out)
+    }
+
+    /// Notes each record's partition progress, feeds the good scores to the engine and puts
+    /// the bad records in `dead`; returns the good scores with their partitions.
+    fn observe(
+        &mut self,
+        messages: Vec<OwnedMessage>,
+        dead: &mut Vec<(OwnedMessage, DeadLetter)>,
+    ) -> Vec<(Score, i32)> {
         let mut scores = Vec::with_capacity(messages.len());
         for m in messages {
             let state = self.partitions.entry(m.partition()).or_default();
@@ -386,35 +431,24 @@ impl Worker {
                         .expect("decode_score checked the score");
                     scores.push((score, m.partition()));
                 }
-                Err(letter) => out.dead.push((m, letter)),
+                Err(letter) => dead.push((m, letter)),
             }
         }
-        out.accepted = scores.len() as u64;
-        let due = self.engine.revision() == 0
-            || self.engine.since_refresh() >= config.refresh_every_scores
-            || self.last_refresh.elapsed() >= Duration::from_millis(config.refresh_interval_ms);
-        if due && self.engine.since_refresh() > 0 {
-            self.refresh(config, metrics);
-            out.refreshed = true;
-        }
-        // Place each score against the tier last published for its visitor and product
-        // (this batch's own changes first).
+        scores
+    }
+
+    /// Places each score against the tier last published for its visitor and product (this
+    /// batch's own changes first) and queues an update for every change; returns the tier
+    /// codes this batch placed, by tier key.
+    fn place(
+        &mut self,
+        store: &dyn StateStore,
+        scores: Vec<(Score, i32)>,
+        updates: &mut Vec<(String, Vec<u8>)>,
+    ) -> Result<HashMap<Vec<u8>, u8>, RunError> {
         let mut placed: HashMap<Vec<u8>, u8> = HashMap::new();
         let revision = self.engine.revision();
-        // Scores of products that place anyone (a product first seen since the last refresh
-        // has no thresholds yet), with the tiers stored for them, read in one lookup.
-        let placeable: Vec<(Score, i32, Vec<u8>)> = scores
-            .into_iter()
-            .filter(|(score, _)| {
-                self.engine
-                    .thresholds(&score.product_id)
-                    .is_some_and(|t| t.readiness == Readiness::Ready)
-            })
-            .map(|(score, partition)| {
-                let key = tier_key(&score.product_id, &score.visitor_id);
-                (score, partition, key)
-            })
-            .collect();
+        let placeable = self.placeable(scores);
         let keys: Vec<&[u8]> = placeable.iter().map(|(_, _, key)| key.as_slice()).collect();
         let stored = store.meta_many(&keys).map_err(ProcessError::from)?;
         for ((score, partition, key), stored) in placeable.into_iter().zip(stored) {
@@ -422,20 +456,7 @@ impl Worker {
                 continue;
             };
             let epoch = self.partitions.get(&partition).map_or(0, |p| p.epoch);
-            // The tier published before, if this instance knows it: this batch's own change
-            // first; stored tiers of an older epoch of the partition may have been overtaken
-            // by another instance's.
-            let before: Option<u8> = match (placed.get(&key), stored) {
-                (Some(code), _) => Some(*code),
-                (None, None) => Some(0),
-                (None, Some(v)) => {
-                    let stored_epoch = v
-                        .get(1..5)
-                        .and_then(|b| b.try_into().ok())
-                        .map_or(0, u32::from_le_bytes);
-                    (stored_epoch == epoch).then(|| v.first().copied().unwrap_or(0))
-                }
-            };
+            let before = previous_tier(placed.get(&key).copied(), stored, epoch);
             let tier = thresholds.tier(score.probability);
             let code = tier_code(tier);
             // Unknown before: publish where the visitor is placed (consumers keep the latest
@@ -445,16 +466,7 @@ impl Worker {
             }
             let before = before.unwrap_or(0);
             let cutoffs = thresholds.cutoffs;
-            let counts = self
-                .populations
-                .entry(Arc::from(score.product_id.as_str()))
-                .or_default();
-            if let Some(t) = tier_of(before) {
-                counts[t as usize] -= 1;
-            }
-            if let Some(t) = tier {
-                counts[t as usize] += 1;
-            }
+            self.move_population(&score.product_id, tier_of(before), tier);
             let update = AudienceUpdate {
                 product_id: score.product_id,
                 tier,
@@ -467,11 +479,46 @@ impl Worker {
                 visitor_id: score.visitor_id,
             };
             let payload = serde_json::to_vec(&update).map_err(|e| RunError::Task(e.to_string()))?;
-            out.updates.push((update.visitor_id, payload));
+            updates.push((update.visitor_id, payload));
             self.partition_of_key.insert(key.clone(), partition);
             placed.insert(key, code);
         }
-        out.tiers = placed
+        Ok(placed)
+    }
+
+    /// The scores of products that place anyone (a product first seen since the last refresh
+    /// has no thresholds yet), each with its partition and tier key, so the stored tiers are
+    /// read in one lookup.
+    fn placeable(&self, scores: Vec<(Score, i32)>) -> Vec<(Score, i32, Vec<u8>)> {
+        scores
+            .into_iter()
+            .filter(|(score, _)| {
+                self.engine
+                    .thresholds(&score.product_id)
+                    .is_some_and(|t| t.readiness == Readiness::Ready)
+            })
+            .map(|(score, partition)| {
+                let key = tier_key(&score.product_id, &score.visitor_id);
+                (score, partition, key)
+            })
+            .collect()
+    }
+
+    /// Moves one visitor of the product from one tier to another in the populations.
+    fn move_population(&mut self, product: &str, from: Option<Tier>, to: Option<Tier>) {
+        let counts = self.populations.entry(Arc::from(product)).or_default();
+        if let Some(t) = from {
+            counts[t as usize] -= 1;
+        }
+        if let Some(t) = to {
+            counts[t as usize] += 1;
+        }
+    }
+
+    /// The stored values of the batch's tiers: the code, then the epoch of the partition the
+    /// tier was placed from.
+    fn tier_values(&mut self, placed: HashMap<Vec<u8>, u8>) -> Vec<(Vec<u8>, Vec<u8>)> {
+        placed
             .into_iter()
             .map(|(k, c)| {
                 let epoch = self
@@ -483,22 +530,19 @@ impl Worker {
                 value.extend_from_slice(&epoch.to_le_bytes());
                 (k, value)
             })
-            .collect();
-        out.partitions = postcard::to_allocvec(
+            .collect()
+    }
+
+    /// The partition states, encoded for the store.
+    fn partitions_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(
             &self
                 .partitions
                 .iter()
                 .map(|(p, s)| (*p, *s))
                 .collect::<Vec<_>>(),
         )
-        .unwrap_or_default();
-        out.populations = self.populations_bytes();
-        if self.last_checkpoint.elapsed() >= Duration::from_millis(config.checkpoint_interval_ms) {
-            out.checkpoint = Some(self.engine.checkpoint_bytes());
-            self.last_checkpoint = Instant::now();
-        }
-        self.export_populations(metrics);
-        Ok(out)
+        .unwrap_or_default()
     }
 
     fn refresh(&mut self, config: &AudienceConfig, metrics: &Metrics) {
@@ -514,11 +558,25 @@ impl Worker {
     fn export_thresholds(&mut self, config: &AudienceConfig, metrics: &Metrics, seconds: f64) {
         let revision = self.engine.revision();
         metrics.audience_threshold_revision.set(revision as i64);
+        let by_readiness = self.export_readiness(metrics);
+        self.export_cutoffs(config, metrics);
+        self.publish_report(revision);
+        tracing::info!(
+            revision,
+            products = self.engine.product_count(),
+            ready = by_readiness.get("ready").copied().unwrap_or(0),
+            too_few_scores = by_readiness.get("too_few_scores").copied().unwrap_or(0),
+            constant = by_readiness.get("constant").copied().unwrap_or(0),
+            seconds,
+            "audience thresholds refreshed"
+        );
+    }
+
+    /// Sets the count of products per readiness, and returns it.
+    fn export_readiness(&self, metrics: &Metrics) -> BTreeMap<&'static str, i64> {
         let mut by_readiness: BTreeMap<&str, i64> = BTreeMap::new();
-        let mut ranked: Vec<(&Arc<str>, u64)> = Vec::new();
-        for (product, t) in self.engine.all_thresholds() {
+        for (_, t) in self.engine.all_thresholds() {
             *by_readiness.entry(t.readiness.as_str()).or_default() += 1;
-            ranked.push((product, t.count));
         }
         for r in [
             Readiness::Ready,
@@ -530,6 +588,18 @@ impl Worker {
                 .with_label_values(&[r.as_str()])
                 .set(by_readiness.get(r.as_str()).copied().unwrap_or(0));
         }
+        by_readiness
+    }
+
+    /// Sets the cut-offs of the most-scored products (at most `max_labelled_products`, to
+    /// bound the label count) and of the pooled distribution; drops the labels of products
+    /// that left the top.
+    fn export_cutoffs(&mut self, config: &AudienceConfig, metrics: &Metrics) {
+        let mut ranked: Vec<(&Arc<str>, u64)> = self
+            .engine
+            .all_thresholds()
+            .map(|(product, t)| (product, t.count))
+            .collect();
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         let labelled: HashSet<Arc<str>> = ranked
             .iter()
@@ -565,6 +635,10 @@ impl Worker {
             }
         }
         self.labelled = labelled;
+    }
+
+    /// Replaces the report behind `/audiences` with the thresholds in force.
+    fn publish_report(&self, revision: u64) {
         let mut products: Vec<ProductReport> = self
             .engine
             .all_thresholds()
@@ -584,15 +658,6 @@ impl Worker {
             pooled: self.engine.pooled().cloned(),
             products,
         }));
-        tracing::info!(
-            revision,
-            products = self.engine.product_count(),
-            ready = by_readiness.get("ready").copied().unwrap_or(0),
-            too_few_scores = by_readiness.get("too_few_scores").copied().unwrap_or(0),
-            constant = by_readiness.get("constant").copied().unwrap_or(0),
-            seconds,
-            "audience thresholds refreshed"
-        );
     }
 
     fn export_populations(&self, metrics: &Metrics) {
@@ -635,57 +700,121 @@ pub async fn run(
     report: SharedReport,
     shutdown: CancellationToken,
 ) -> Result<StreamStats, RunError> {
-    let consumer: Arc<StreamConsumer<QuietErrors>> = Arc::new(group_consumer(
-        &kafka,
-        &config.group_id,
-        QuietErrors::default(),
-    )?);
-    consumer.subscribe(&[config.scores_topic.as_str()])?;
-    let outbox = Outbox::new(
-        output_producer(&kafka)?,
-        &config.output_topic,
-        &kafka.dead_letter_topic,
-        max_message_bytes(&kafka.client),
-        metrics.clone(),
-    );
-    let mut worker = {
-        let (config, store) = (config.clone(), store.clone());
-        tokio::task::spawn_blocking(move || Worker::restore(&config, store.as_ref(), report))
-            .await
-            .map_err(|e| RunError::Task(e.to_string()))??
-    };
-    if worker.engine.revision() > 0 {
-        worker.export_thresholds(&config, &metrics, 0.0);
-        worker.export_populations(&metrics);
-    }
+    let (stream, mut worker) = Stream::start(&kafka, config, store, metrics, report).await?;
     tracing::info!(
-        topic = %config.scores_topic,
-        output = %config.output_topic,
-        group = %config.group_id,
+        topic = %stream.config.scores_topic,
+        output = %stream.config.output_topic,
+        group = %stream.config.group_id,
         "consuming conversion scores"
     );
     let mut stats = StreamStats::default();
     // Next offsets consumed since the last group commit.
     let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    loop {
-        // Collect a batch: wait for the first score (or shutdown), then up to BATCH_WAIT.
-        let mut messages = Vec::new();
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => None,
-            m = consumer.recv() => Some(m),
+    while let Some(messages) = stream.next_batch(&shutdown).await {
+        for m in &messages {
+            let next = offsets
+                .entry((m.topic().to_owned(), m.partition()))
+                .or_insert(0);
+            *next = (*next).max(m.offset() + 1);
+        }
+        stats.consumed += messages.len() as u64;
+        reconcile_assignment(&stream.consumer, &stream.config.scores_topic, &mut worker).await?;
+        let (back, output) = stream.process(worker, messages).await?;
+        worker = back;
+        let output = stream.publish(output?).await?;
+        stats.published += output.updates.len() as u64;
+        stats.dead_letters += output.dead.len() as u64;
+        stats.refreshes += u64::from(output.refreshed);
+        let checkpointed = output.checkpoint.is_some();
+        stream.persist(output).await?;
+        if checkpointed {
+            commit_offsets(&stream.consumer, &mut offsets, CommitMode::Async);
+        }
+    }
+    // A final checkpoint, so a clean restart replays nothing.
+    if !offsets.is_empty() {
+        stream.final_checkpoint(worker, offsets).await?;
+    }
+    tracing::info!(?stats, "score stream stopped");
+    Ok(stats)
+}
+
+/// The async half of the stream: the consumer, the outbox and the store, around a [`Worker`]
+/// that each batch moves off the runtime and back.
+struct Stream {
+    consumer: Arc<StreamConsumer<QuietErrors>>,
+    outbox: Outbox<QuietErrors>,
+    config: AudienceConfig,
+    store: Arc<dyn StateStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl Stream {
+    /// Subscribes, opens the outbox and restores the worker (showing its thresholds, when it
+    /// has any).
+    async fn start(
+        kafka: &KafkaConfig,
+        config: AudienceConfig,
+        store: Arc<dyn StateStore>,
+        metrics: Arc<Metrics>,
+        report: SharedReport,
+    ) -> Result<(Self, Worker), RunError> {
+        let consumer: Arc<StreamConsumer<QuietErrors>> = Arc::new(group_consumer(
+            kafka,
+            &config.group_id,
+            QuietErrors::default(),
+        )?);
+        consumer.subscribe(&[config.scores_topic.as_str()])?;
+        let outbox = Outbox::new(
+            output_producer(kafka)?,
+            &config.output_topic,
+            &kafka.dead_letter_topic,
+            max_message_bytes(&kafka.client),
+            metrics.clone(),
+        );
+        let mut worker = {
+            let (config, store) = (config.clone(), store.clone());
+            tokio::task::spawn_blocking(move || Worker::restore(&config, store.as_ref(), report))
+                .await
+                .map_err(|e| RunError::Task(e.to_string()))??
         };
-        let Some(first) = first else { break };
-        match first {
-            Ok(m) => messages.push(m.detach()),
-            Err(e) => {
-                tracing::debug!(error = %e, "score stream");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+        if worker.engine.revision() > 0 {
+            worker.export_thresholds(&config, &metrics, 0.0);
+            worker.export_populations(&metrics);
+        }
+        let stream = Self {
+            consumer,
+            outbox,
+            config,
+            store,
+            metrics,
+        };
+        Ok((stream, worker))
+    }
+
+    /// Waits for the first score (or shutdown: `None`), then collects up to [`BATCH`] scores
+    /// for at most [`BATCH_WAIT`].
+    async fn next_batch(&self, shutdown: &CancellationToken) -> Option<Vec<OwnedMessage>> {
+        let mut messages = Vec::new();
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => None,
+                m = self.consumer.recv() => Some(m),
+            };
+            match first? {
+                Ok(m) => {
+                    messages.push(m.detach());
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "score stream");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }
         let deadline = tokio::time::Instant::now() + BATCH_WAIT;
         while messages.len() < BATCH {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Ok(Ok(m)) => messages.push(m.detach()),
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "score stream");
@@ -694,47 +823,54 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        for m in &messages {
-            let next = offsets
-                .entry((m.topic().to_owned(), m.partition()))
-                .or_insert(0);
-            *next = (*next).max(m.offset() + 1);
-        }
-        stats.consumed += messages.len() as u64;
-        reconcile_assignment(&consumer, &config.scores_topic, &mut worker).await?;
-        let (back, output) = {
-            let (config, store, metrics) = (config.clone(), store.clone(), metrics.clone());
-            tokio::task::spawn_blocking(move || {
-                let output = worker.process(&config, store.as_ref(), &metrics, messages);
-                (worker, output)
-            })
-            .await
-            .map_err(|e| RunError::Task(e.to_string()))?
-        };
-        worker = back;
-        let output = output?;
-        // Publish, then make the tiers durable once every delivery is acknowledged.
+        Some(messages)
+    }
+
+    /// Runs the worker over a batch off the runtime; gives the worker back with the outcome.
+    async fn process(
+        &self,
+        mut worker: Worker,
+        messages: Vec<OwnedMessage>,
+    ) -> Result<(Worker, Result<BatchOutput, RunError>), RunError> {
+        let (config, store, metrics) = (
+            self.config.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let output = worker.process(&config, store.as_ref(), &metrics, messages);
+            (worker, output)
+        })
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))
+    }
+
+    /// Publishes the batch's updates and dead letters and waits until every one is
+    /// acknowledged, so the tiers are stored only after.
+    async fn publish(&self, output: BatchOutput) -> Result<BatchOutput, RunError> {
         let mut deliveries = Vec::with_capacity(output.updates.len() + output.dead.len());
         for (key, payload) in &output.updates {
-            deliveries.push((Output::Update, outbox.send_update(key, payload).await?));
+            deliveries.push((Output::Update, self.outbox.send_update(key, payload).await?));
         }
         for (i, (m, letter)) in output.dead.iter().enumerate() {
             deliveries.push((
                 Output::DeadLetter(i),
-                outbox.send_dead_letter(m, letter).await?,
+                self.outbox.send_dead_letter(m, letter).await?,
             ));
         }
         // Settling blocks (a failed delivery is sent again and waited for): off the runtime.
-        let output = {
-            let outbox = outbox.clone();
-            tokio::task::spawn_blocking(move || {
-                outbox.settle(deliveries, &output.dead).map(|()| output)
-            })
-            .await
-            .map_err(|e| RunError::Task(e.to_string()))??
-        };
-        stats.published += output.updates.len() as u64;
-        stats.dead_letters += output.dead.len() as u64;
+        let outbox = self.outbox.clone();
+        tokio::task::spawn_blocking(move || {
+            outbox.settle(deliveries, &output.dead).map(|()| output)
+        })
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))?
+        .map_err(RunError::from)
+    }
+
+    /// Writes the batch's tiers, populations, partition states and any checkpoint in one
+    /// store commit, then counts the batch.
+    async fn persist(&self, output: BatchOutput) -> Result<(), RunError> {
         let mut batch = StoreBatch {
             meta: output.tiers,
             ..StoreBatch::default()
@@ -745,19 +881,18 @@ pub async fn run(
         batch
             .meta
             .push((PARTITIONS_KEY.to_vec(), output.partitions));
-        stats.refreshes += u64::from(output.refreshed);
-        let checkpointed = output.checkpoint.is_some();
         if let Some(bytes) = output.checkpoint {
             batch.meta.push((ENGINE_KEY.to_vec(), bytes));
         }
         {
-            let store = store.clone();
+            let store = self.store.clone();
             tokio::task::spawn_blocking(move || store.commit(&batch))
                 .await
                 .map_err(|e| RunError::Task(e.to_string()))?
                 .map_err(ProcessError::from)?;
         }
         // Counted once the batch is durable, so the counters never run ahead of the output.
+        let metrics = &self.metrics;
         metrics.audience_updates.inc_by(output.updates.len() as u64);
         metrics
             .audience_scores
@@ -773,14 +908,17 @@ pub async fn run(
                 .with_label_values(&[letter.reason.as_str()])
                 .inc();
         }
-        if checkpointed {
-            commit_offsets(&consumer, &mut offsets, CommitMode::Async);
-        }
+        Ok(())
     }
-    // A final checkpoint, so a clean restart replays nothing.
-    if !offsets.is_empty() {
-        let store = store.clone();
-        let committer = consumer.clone();
+
+    /// Checkpoints the engine, then commits the offsets it covers.
+    async fn final_checkpoint(
+        &self,
+        mut worker: Worker,
+        mut offsets: BTreeMap<(String, i32), i64>,
+    ) -> Result<(), RunError> {
+        let store = self.store.clone();
+        let committer = self.consumer.clone();
         tokio::task::spawn_blocking(move || {
             let batch = StoreBatch {
                 meta: vec![(ENGINE_KEY.to_vec(), worker.engine.checkpoint_bytes())],
@@ -793,9 +931,8 @@ pub async fn run(
         .await
         .map_err(|e| RunError::Task(e.to_string()))?
         .map_err(ProcessError::from)?;
+        Ok(())
     }
-    tracing::info!(?stats, "score stream stopped");
-    Ok(stats)
 }
 
 /// Notes newly assigned partitions: one that another instance moved past this instance's own

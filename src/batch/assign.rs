@@ -23,7 +23,7 @@ use crate::io::snapshot_file;
 use crate::model::assign::{Assigner, Assignment};
 use crate::model::snapshot::ValidSnapshot;
 
-use super::ingest::{ingest, FileReport, IngestOptions, InputFile};
+use super::ingest::{ingest, FileReport, IngestOptions, InputFile, Population};
 
 /// Customers assigned and formatted per parallel step.
 pub const CHUNK: usize = 16_384;
@@ -116,19 +116,35 @@ pub fn run(job: &AssignJob) -> anyhow::Result<AssignOutcome> {
         .context("the input holds no valid events")?;
 
     let started = Instant::now();
-    let assigner = Assigner::new(&snapshot);
+    let tally = write_assignments(job, &snapshot, &population, as_of)?;
+    let axes = tally.summaries(&snapshot);
+    Ok(AssignOutcome {
+        version: snapshot.version(),
+        files,
+        customers: population.len(),
+        axes,
+        read_time,
+        assign_time: started.elapsed(),
+    })
+}
+
+/// Assigns every customer as of `as_of` and writes one row each, in input order, a chunk at a
+/// time; returns the segment counts.
+fn write_assignments(
+    job: &AssignJob,
+    snapshot: &ValidSnapshot,
+    population: &Population,
+    as_of: EventTime,
+) -> anyhow::Result<Tally> {
+    let params = snapshot.state_params();
+    let assigner = Assigner::new(snapshot);
     let file = File::create(&job.out).with_context(|| format!("creating {}", job.out.display()))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    let layout = Layout::new(&snapshot, job.with_features);
+    let layout = Layout::new(snapshot, job.with_features);
     if job.format == OutputFormat::Csv {
         out.write_all(layout.csv_header().as_bytes())?;
     }
-    let mut counts: Vec<Vec<usize>> = snapshot
-        .axes()
-        .iter()
-        .map(|a| vec![0; a.model.segments.len()])
-        .collect();
-    let mut missing = vec![0usize; snapshot.axes().len()];
+    let mut tally = Tally::new(snapshot);
     let bar = progress(population.len() as u64, job.ingest.progress);
     let ids = population.ids();
     let states = population.states();
@@ -137,7 +153,7 @@ pub fn run(job: &AssignJob) -> anyhow::Result<AssignOutcome> {
             .par_iter()
             .zip(chunk_states.par_iter())
             .map_init(Assignment::default, |buf, (id, state)| {
-                let segments = assign_one(&assigner, state, as_of, &params, buf);
+                let segments = assign_one(&assigner, state, as_of, params, buf);
                 let text = match job.format {
                     OutputFormat::Csv => layout.csv_row(id, &assigner, buf),
                     OutputFormat::Jsonl => layout.json_row(id, as_of, &assigner, buf),
@@ -147,43 +163,65 @@ pub fn run(job: &AssignJob) -> anyhow::Result<AssignOutcome> {
             .collect();
         for (text, segments) in rows {
             out.write_all(text.as_bytes())?;
-            for (a, seg) in segments.into_iter().enumerate() {
-                match seg {
-                    Some(s) => counts[a][s] += 1,
-                    None => missing[a] += 1,
-                }
-            }
+            tally.add(segments);
         }
         bar.inc(chunk_ids.len() as u64);
     }
     out.flush()?;
     bar.finish_and_clear();
-    let axes = snapshot
-        .axes()
-        .iter()
-        .zip(counts)
-        .zip(missing)
-        .map(|((axis, counts), missing)| AxisSummary {
-            axis: axis.model.axis.to_string(),
-            assigned: counts.iter().sum(),
-            missing,
-            segments: axis
-                .model
-                .segments
+    Ok(tally)
+}
+
+/// Customers per segment, and customers without a segment, per axis (snapshot order).
+struct Tally {
+    counts: Vec<Vec<usize>>,
+    missing: Vec<usize>,
+}
+
+impl Tally {
+    /// All zero, shaped like the snapshot's axes.
+    fn new(snapshot: &ValidSnapshot) -> Self {
+        Self {
+            counts: snapshot
+                .axes()
                 .iter()
-                .zip(counts)
-                .map(|(s, c)| (s.id, s.name.clone(), c))
+                .map(|a| vec![0; a.model.segments.len()])
                 .collect(),
-        })
-        .collect();
-    Ok(AssignOutcome {
-        version: snapshot.version(),
-        files,
-        customers: population.len(),
-        axes,
-        read_time,
-        assign_time: started.elapsed(),
-    })
+            missing: vec![0usize; snapshot.axes().len()],
+        }
+    }
+
+    /// Counts one customer's segment per axis.
+    fn add(&mut self, segments: Vec<Option<usize>>) {
+        for (a, seg) in segments.into_iter().enumerate() {
+            match seg {
+                Some(s) => self.counts[a][s] += 1,
+                None => self.missing[a] += 1,
+            }
+        }
+    }
+
+    /// The counts with the snapshot's axis and segment names.
+    fn summaries(self, snapshot: &ValidSnapshot) -> Vec<AxisSummary> {
+        snapshot
+            .axes()
+            .iter()
+            .zip(self.counts)
+            .zip(self.missing)
+            .map(|((axis, counts), missing)| AxisSummary {
+                axis: axis.model.axis.to_string(),
+                assigned: counts.iter().sum(),
+                missing,
+                segments: axis
+                    .model
+                    .segments
+                    .iter()
+                    .zip(counts)
+                    .map(|(s, c)| (s.id, s.name.clone(), c))
+                    .collect(),
+            })
+            .collect()
+    }
 }
 
 fn assign_one(

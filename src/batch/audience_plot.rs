@@ -8,9 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use rayon::prelude::*;
 
+use super::FileError;
 use crate::audience::engine::{Readiness, Thresholds, Tier};
 
 /// Image size in pixels.
@@ -64,14 +66,9 @@ pub struct PlotProduct<'a> {
 /// Why plots could not be drawn.
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
-    /// The directory could not be made.
-    #[error("{path}: {source}")]
-    Io {
-        /// The directory.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
-    },
+    /// A file could not be read or written.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// A plot could not be drawn.
     #[error("plot of product {product}: {reason}")]
     Draw {
@@ -89,9 +86,11 @@ pub fn draw_all<'a>(
     products: &[PlotProduct<'_>],
     scores: impl Fn(&str) -> &'a [f32] + Sync,
 ) -> Result<Vec<Option<PathBuf>>, PlotError> {
-    std::fs::create_dir_all(dir).map_err(|source| PlotError::Io {
-        path: dir.display().to_string(),
-        source,
+    std::fs::create_dir_all(dir).map_err(|source| {
+        PlotError::File(FileError::Io {
+            path: dir.display().to_string(),
+            source,
+        })
     })?;
     register_font().map_err(|reason| PlotError::Draw {
         product: "*".into(),
@@ -134,39 +133,68 @@ fn tier_colour(tier: Tier) -> RGBColor {
     }
 }
 
+/// The chart every plot draws on: probability across, score count up.
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A product's scores binned over the range the plot shows.
+struct Bins {
+    lo: f64,
+    hi: f64,
+    width: f64,
+    counts: [u64; BINS],
+    /// The y-axis top.
+    top: f64,
+}
+
+impl Bins {
+    /// Bins the scores over a range that also shows every finite cut-off.
+    fn new(t: &Thresholds, scores: &[f32]) -> Self {
+        let cutoffs: Vec<f64> = Tier::ALL
+            .iter()
+            .map(|&tier| t.cutoffs.get(tier))
+            .filter(|v| v.is_finite())
+            .collect();
+        let values = scores
+            .iter()
+            .map(|&s| f64::from(s))
+            .chain(cutoffs.iter().copied());
+        let (mut lo, mut hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+        if !lo.is_finite() {
+            (lo, hi) = (0.0, 1.0);
+        }
+        if hi - lo < 1e-6 {
+            lo = (lo - 0.005).max(0.0);
+            hi = (hi + 0.005).min(1.0).max(lo + 0.01);
+        }
+        let pad = (hi - lo) * 0.02;
+        let (lo, hi) = ((lo - pad).max(0.0), (hi + pad).min(1.0));
+        let width = (hi - lo) / BINS as f64;
+        let mut counts = [0u64; BINS];
+        for &s in scores {
+            let i = (((f64::from(s) - lo) / width) as usize).min(BINS - 1);
+            counts[i] += 1;
+        }
+        // Headroom above the highest bar for the legend.
+        let top = (*counts.iter().max().unwrap_or(&1)).max(1) as f64 * 1.3;
+        Self {
+            lo,
+            hi,
+            width,
+            counts,
+            top,
+        }
+    }
+}
+
 /// One product's histogram with its cut-offs.
 pub fn draw(path: &Path, product: &PlotProduct<'_>, scores: &[f32]) -> Result<(), String> {
     register_font()?;
     let t = product.thresholds;
-    let cutoffs: Vec<f64> = Tier::ALL
-        .iter()
-        .map(|&tier| t.cutoffs.get(tier))
-        .filter(|v| v.is_finite())
-        .collect();
-    let values = scores
-        .iter()
-        .map(|&s| f64::from(s))
-        .chain(cutoffs.iter().copied());
-    let (mut lo, mut hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-        (lo.min(v), hi.max(v))
-    });
-    if !lo.is_finite() {
-        (lo, hi) = (0.0, 1.0);
-    }
-    if hi - lo < 1e-6 {
-        lo = (lo - 0.005).max(0.0);
-        hi = (hi + 0.005).min(1.0).max(lo + 0.01);
-    }
-    let pad = (hi - lo) * 0.02;
-    let (lo, hi) = ((lo - pad).max(0.0), (hi + pad).min(1.0));
-    let width = (hi - lo) / BINS as f64;
-    let mut bins = [0u64; BINS];
-    for &s in scores {
-        let i = (((f64::from(s) - lo) / width) as usize).min(BINS - 1);
-        bins[i] += 1;
-    }
-    // Headroom above the highest bar for the legend.
-    let top = (*bins.iter().max().unwrap_or(&1)).max(1) as f64 * 1.3;
+    let bins = Bins::new(t, scores);
+    let (lo, hi, width) = (bins.lo, bins.hi, bins.width);
     // The legend goes on the side away from the cut-offs (where the tail is).
     let legend = if t.cutoffs.premium.is_finite() && t.cutoffs.premium > (lo + hi) / 2.0 {
         SeriesLabelPosition::UpperLeft
@@ -190,7 +218,7 @@ pub fn draw(path: &Path, product: &PlotProduct<'_>, scores: &[f32]) -> Result<()
         .margin(18)
         .x_label_area_size(55)
         .y_label_area_size(75)
-        .build_cartesian_2d(lo..hi, 0f64..top)
+        .build_cartesian_2d(lo..hi, 0f64..bins.top)
         .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
@@ -206,7 +234,7 @@ pub fn draw(path: &Path, product: &PlotProduct<'_>, scores: &[f32]) -> Result<()
         .draw()
         .map_err(|x| e(&x))?;
     chart
-        .draw_series(bins.iter().enumerate().map(|(i, &count)| {
+        .draw_series(bins.counts.iter().enumerate().map(|(i, &count)| {
             let x0 = lo + i as f64 * width;
             Rectangle::new(
                 [(x0, 0.0), (x0 + width, count as f64)],
@@ -214,30 +242,7 @@ pub fn draw(path: &Path, product: &PlotProduct<'_>, scores: &[f32]) -> Result<()
             )
         }))
         .map_err(|x| e(&x))?;
-    for (i, tier) in Tier::ALL.into_iter().enumerate() {
-        let value = t.cutoffs.get(tier);
-        if !value.is_finite() {
-            continue;
-        }
-        let colour = tier_colour(tier);
-        let label = format!(
-            "{} \u{2265} {:.4} (p{:.1}, {} visitors)",
-            tier.as_str(),
-            value,
-            t.percentiles.get(tier),
-            product.sizes[i]
-        );
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                vec![(value, 0.0), (value, top)],
-                colour.stroke_width(3),
-            )))
-            .map_err(|x| e(&x))?
-            .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
-            });
-    }
+    draw_cutoffs(&mut chart, product, bins.top)?;
     chart
         .configure_series_labels()
         .position(legend)
@@ -260,4 +265,38 @@ pub fn draw(path: &Path, product: &PlotProduct<'_>, scores: &[f32]) -> Result<()
         .map_err(|x| e(&x))?;
     }
     root.present().map_err(|x| e(&x))
+}
+
+/// A vertical line in the tier's colour at each finite cut-off, with its legend entry.
+fn draw_cutoffs(
+    chart: &mut Chart<'_, '_>,
+    product: &PlotProduct<'_>,
+    top: f64,
+) -> Result<(), String> {
+    let t = product.thresholds;
+    for (i, tier) in Tier::ALL.into_iter().enumerate() {
+        let value = t.cutoffs.get(tier);
+        if !value.is_finite() {
+            continue;
+        }
+        let colour = tier_colour(tier);
+        let label = format!(
+            "{} \u{2265} {:.4} (p{:.1}, {} visitors)",
+            tier.as_str(),
+            value,
+            t.percentiles.get(tier),
+            product.sizes[i]
+        );
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(value, 0.0), (value, top)],
+                colour.stroke_width(3),
+            )))
+            .map_err(|x| x.to_string())?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
+            });
+    }
+    Ok(())
 }

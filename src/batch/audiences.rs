@@ -32,6 +32,7 @@ use rustc_hash::FxHashMap;
 use thiserror::Error;
 
 use super::audience_plot::PlotProduct;
+use super::FileError;
 use crate::audience::engine::{
     check_probability, check_time, Engine, ThresholdConfig, Thresholds, Tier,
 };
@@ -85,21 +86,8 @@ pub struct AudiencesJob {
 #[derive(Debug, Error)]
 pub enum AudiencesError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The CSV layer failed.
-    #[error("{path}: {source}")]
-    Csv {
-        /// The file.
-        path: String,
-        /// The cause.
-        source: csv::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     /// The columns do not fit.
     #[error(transparent)]
     Mapping(#[from] MappingError),
@@ -191,63 +179,102 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
         }
         None => None,
     };
+    let mut scores = read_scores(job, conversions.as_ref(), &mut outcome)?;
+    outcome.timings[0] = started.elapsed();
 
-    // One pass: sketch every score, keep each pair's latest.
-    let path_text = job.scores.display().to_string();
-    let (mut reader, headers, len) = open_csv(&job.scores, 1 << 20)?;
-    let csv_err = |source| AudiencesError::Csv {
-        path: path_text.clone(),
-        source,
-    };
-    let cols = resolve_columns("scores", "", &SCORE_FIELDS, &headers, &job.score_columns)?;
-    let (visitor_col, product_col, p_col) = (cols[0].unwrap(), cols[1].unwrap(), cols[2].unwrap());
-    let (session_col, time_col) = (cols[3], cols[4]);
+    let started = Instant::now();
+    scores.engine.refresh();
+    outcome.timings[1] = started.elapsed();
 
-    let mut bad_sink = match &job.bad_rows {
-        Some(path) => {
-            let io = |source| AudiencesError::Io {
-                path: path.display().to_string(),
-                source,
-            };
-            let mut w = BufWriter::new(File::create(path).map_err(io)?);
-            writeln!(w, "file,line,reason").map_err(io)?;
-            Some(w)
-        }
-        None => None,
-    };
-    let bar = crate::batch::ingest::progress_bar(len, job.progress, &job.scores);
-    let mut engine = Engine::new(job.thresholds.clone());
-    let mut products: FxHashMap<Box<str>, u32> = FxHashMap::default();
-    let mut names: Vec<Arc<str>> = Vec::new();
+    let started = Instant::now();
+    let placement = Placement::new(&scores, conversions.is_some());
+    outcome.pairs = scores.latest.len() as u64;
+    outcome.placed = placement.placed.len() as u64;
+    write_audiences(
+        &job.out,
+        &scores.names,
+        &placement.thresholds,
+        &placement.placed,
+        scores.dated,
+        placement.with_conversions,
+    )?;
+    outcome.products = placement.summaries(scores.engine.pooled(), outcome.pairs);
+    write_summary(&job.summary, &outcome.products, placement.with_conversions)?;
+    outcome.timings[2] = started.elapsed();
+
+    if let Some(dir) = &job.plots {
+        let started = Instant::now();
+        draw_plots(dir, &scores, &mut outcome.products)?;
+        outcome.timings[3] = started.elapsed();
+    }
+    Ok(outcome)
+}
+
+/// The scores file's columns: visitor, product, probability, and the optional ones.
+#[derive(Debug, Clone, Copy)]
+struct ScoreColumns {
+    /// Visitor, product and probability, in the order [`parse_score`] takes them.
+    required: [usize; 3],
+    session: Option<usize>,
+    time: Option<usize>,
+}
+
+/// What the pass over the scores file leaves for placing and plotting.
+struct Scores {
+    engine: Engine,
+    /// Product ids, numbered in the order they first appear.
+    names: Vec<Arc<str>>,
+    /// Visitor ids, numbered in the order they first appear.
+    visitor_names: Vec<Box<str>>,
+    /// Keyed by product number (high half) and visitor number (low half).
+    latest: FxHashMap<u64, Latest>,
+    /// Every score per product, kept only when plots are drawn.
+    samples: Vec<Vec<f32>>,
+    /// Whether the file has an `event_time` column.
+    dated: bool,
+}
+
+/// The one pass over the scores file: the [`Scores`] it builds and the lookups it needs only
+/// while reading.
+struct ScorePass<'a> {
+    scores: Scores,
+    products: FxHashMap<Box<str>, u32>,
     // Visitors are numbered once; each (product, visitor) pair's latest score is keyed by
     // the two numbers, so the pair map holds no strings.
-    let mut visitor_ids: FxHashMap<Box<str>, u32> = FxHashMap::default();
-    let mut visitor_names: Vec<Box<str>> = Vec::new();
-    let mut latest: FxHashMap<u64, Latest> = FxHashMap::default();
-    let mut samples: Vec<Vec<f32>> = Vec::new();
-    let keep_samples = job.plots.is_some();
-    let mut record = csv::ByteRecord::new();
-    let now = EventTime::now();
-    loop {
-        match reader.read_byte_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => {
-                // A malformed line (bad quoting, invalid UTF-8 is handled per field below).
-                let line = e.position().map_or(outcome.rows + 2, |p| p.line());
-                outcome.rows += 1;
-                bad(&mut outcome, &mut bad_sink, job, line, "csv", e.to_string())?;
-                if !e.is_io_error() {
-                    continue;
-                }
-                return Err(csv_err(e));
-            }
+    visitor_ids: FxHashMap<Box<str>, u32>,
+    columns: ScoreColumns,
+    conversions: Option<&'a Conversions>,
+    keep_samples: bool,
+    now: EventTime,
+}
+
+impl<'a> ScorePass<'a> {
+    /// An empty pass over a file with these columns.
+    fn new(
+        job: &AudiencesJob,
+        columns: ScoreColumns,
+        conversions: Option<&'a Conversions>,
+    ) -> Self {
+        Self {
+            scores: Scores {
+                engine: Engine::new(job.thresholds.clone()),
+                names: Vec::new(),
+                visitor_names: Vec::new(),
+                latest: FxHashMap::default(),
+                samples: Vec::new(),
+                dated: columns.time.is_some(),
+            },
+            products: FxHashMap::default(),
+            visitor_ids: FxHashMap::default(),
+            columns,
+            conversions,
+            keep_samples: job.plots.is_some(),
+            now: EventTime::now(),
         }
-        outcome.rows += 1;
-        let line = record.position().map_or(outcome.rows + 1, |p| p.line());
-        if outcome.rows % 65_536 == 0 {
-            bar.set_position(record.position().map_or(0, |p| p.byte()));
-        }
+    }
+
+    /// Takes one row's score, or gives the bad row's category and reason.
+    fn accept(&mut self, record: &csv::ByteRecord) -> Result<(), (&'static str, String)> {
         let field = |i: usize| {
             record
                 .get(i)
@@ -256,48 +283,62 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
                 .unwrap_or("")
         };
         let (visitor, product, probability, time) =
-            match parse_score(&field, [visitor_col, product_col, p_col], time_col, now) {
-                Ok(row) => row,
-                Err((category, reason)) => {
-                    bad(&mut outcome, &mut bad_sink, job, line, category, reason)?;
-                    continue;
-                }
-            };
-        let index = match products.get(product) {
-            Some(&i) => i,
-            None => {
-                let i = names.len() as u32;
-                products.insert(product.into(), i);
-                names.push(Arc::from(product));
-                samples.push(Vec::new());
-                i
-            }
-        };
-        engine
-            .observe(&names[index as usize], probability, time)
+            parse_score(&field, self.columns.required, self.columns.time, self.now)?;
+        let index = self.product_index(product);
+        let scores = &mut self.scores;
+        scores
+            .engine
+            .observe(&scores.names[index as usize], probability, time)
             .expect("checked above");
-        outcome.scores += 1;
-        if keep_samples {
-            samples[index as usize].push(probability as f32);
+        if self.keep_samples {
+            scores.samples[index as usize].push(probability as f32);
         }
-        let converted = match (&conversions, session_col) {
+        let converted = match (self.conversions, self.columns.session) {
             (Some(c), Some(s)) => c
                 .get(field(s))
                 .is_some_and(|bought| bought.is_empty() || bought.iter().any(|p| &**p == product)),
             _ => false,
         };
-        let t = time.unix();
-        let visitor = match visitor_ids.get(visitor) {
-            Some(&v) => v,
-            None => {
-                let v = visitor_names.len() as u32;
-                visitor_ids.insert(visitor.into(), v);
-                visitor_names.push(visitor.into());
-                v
-            }
-        };
-        latest
-            .entry(u64::from(index) << 32 | u64::from(visitor))
+        let visitor = self.visitor_index(visitor);
+        self.keep_latest(index, visitor, probability, time.unix(), converted);
+        Ok(())
+    }
+
+    /// The product's number, given on first sight.
+    fn product_index(&mut self, product: &str) -> u32 {
+        if let Some(&i) = self.products.get(product) {
+            return i;
+        }
+        let i = self.scores.names.len() as u32;
+        self.products.insert(product.into(), i);
+        self.scores.names.push(Arc::from(product));
+        self.scores.samples.push(Vec::new());
+        i
+    }
+
+    /// The visitor's number, given on first sight.
+    fn visitor_index(&mut self, visitor: &str) -> u32 {
+        if let Some(&v) = self.visitor_ids.get(visitor) {
+            return v;
+        }
+        let v = self.scores.visitor_names.len() as u32;
+        self.visitor_ids.insert(visitor.into(), v);
+        self.scores.visitor_names.push(visitor.into());
+        v
+    }
+
+    /// Keeps the pair's score when it is the latest; a conversion of any score counts.
+    fn keep_latest(
+        &mut self,
+        product: u32,
+        visitor: u32,
+        probability: f64,
+        t: i64,
+        converted: bool,
+    ) {
+        self.scores
+            .latest
+            .entry(u64::from(product) << 32 | u64::from(visitor))
             .and_modify(|l| {
                 if t >= l.time {
                     l.time = t;
@@ -311,60 +352,201 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
                 converted,
             });
     }
-    drop(visitor_ids);
-    bar.finish_and_clear();
-    if let Some(mut w) = bad_sink {
-        if let Some(path) = &job.bad_rows {
-            w.flush().map_err(|source| AudiencesError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
+}
+
+/// One pass over the scores file: sketches every score, keeps each pair's latest, and counts
+/// the rows (good and bad) into `outcome`.
+fn read_scores(
+    job: &AudiencesJob,
+    conversions: Option<&Conversions>,
+    outcome: &mut AudiencesOutcome,
+) -> Result<Scores, AudiencesError> {
+    let path_text = job.scores.display().to_string();
+    let (mut reader, headers, len) = open_csv(&job.scores, 1 << 20)?;
+    let cols = resolve_columns("scores", "", &SCORE_FIELDS, &headers, &job.score_columns)?;
+    let columns = ScoreColumns {
+        required: [cols[0].unwrap(), cols[1].unwrap(), cols[2].unwrap()],
+        session: cols[3],
+        time: cols[4],
+    };
+    let mut bad_sink = open_bad_sink(job)?;
+    let bar = crate::batch::ingest::progress_bar(len, job.progress, &job.scores);
+    let mut pass = ScorePass::new(job, columns, conversions);
+    let mut record = csv::ByteRecord::new();
+    loop {
+        match reader.read_byte_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                // A malformed line (bad quoting, invalid UTF-8 is handled per field below).
+                let line = e.position().map_or(outcome.rows + 2, |p| p.line());
+                outcome.rows += 1;
+                bad(outcome, &mut bad_sink, job, line, "csv", e.to_string())?;
+                if !e.is_io_error() {
+                    continue;
+                }
+                return Err(AudiencesError::File(FileError::Csv {
+                    path: path_text,
+                    source: e,
+                }));
+            }
+        }
+        outcome.rows += 1;
+        let line = record.position().map_or(outcome.rows + 1, |p| p.line());
+        if outcome.rows.is_multiple_of(65_536) {
+            bar.set_position(record.position().map_or(0, |p| p.byte()));
+        }
+        match pass.accept(&record) {
+            Ok(()) => outcome.scores += 1,
+            Err((category, reason)) => bad(outcome, &mut bad_sink, job, line, category, reason)?,
         }
     }
+    bar.finish_and_clear();
+    flush_bad_sink(job, bad_sink)?;
     if outcome.scores == 0 {
         return Err(AudiencesError::Empty(path_text));
     }
-    outcome.timings[0] = started.elapsed();
+    Ok(pass.scores)
+}
 
-    // Thresholds.
-    let started = Instant::now();
-    engine.refresh();
-    outcome.timings[1] = started.elapsed();
+/// Creates the bad-rows file with its header, when one was asked for.
+fn open_bad_sink(job: &AudiencesJob) -> Result<Option<BufWriter<File>>, AudiencesError> {
+    let Some(path) = &job.bad_rows else {
+        return Ok(None);
+    };
+    let io = |source| {
+        AudiencesError::File(FileError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let mut w = BufWriter::new(File::create(path).map_err(io)?);
+    writeln!(w, "file,line,reason").map_err(io)?;
+    Ok(Some(w))
+}
 
-    // Place every pair.
-    let started = Instant::now();
-    let thresholds: Vec<&Thresholds> = names
-        .iter()
-        .map(|n| engine.thresholds(n).expect("every product was refreshed"))
-        .collect();
-    let with_conversions = conversions.is_some();
-    let mut stats: Vec<PlacedStats> = vec![PlacedStats::default(); names.len()];
-    let mut placed: Vec<(u32, Tier, f64, &str, i64, bool)> = Vec::new();
-    for (&key, l) in &latest {
-        let (product, visitor) = ((key >> 32) as usize, key as u32 as usize);
-        let s = &mut stats[product];
-        let tier = thresholds[product].tier(l.probability);
-        s.2 += 1;
-        let slot = match tier {
-            Some(t) => {
-                s.0[t as usize] += 1;
-                placed.push((
-                    product as u32,
-                    t,
-                    l.probability,
-                    &visitor_names[visitor],
-                    l.time,
-                    l.converted,
-                ));
-                t as usize
-            }
-            None => 3,
-        };
-        s.1[slot].1 += 1;
-        s.1[slot].0 += u64::from(l.converted);
+/// Flushes the bad-rows file, so a failed write is an error rather than a short file.
+fn flush_bad_sink(job: &AudiencesJob, sink: Option<BufWriter<File>>) -> Result<(), AudiencesError> {
+    if let (Some(mut w), Some(path)) = (sink, &job.bad_rows) {
+        w.flush().map_err(|source| {
+            AudiencesError::File(FileError::Io {
+                path: path.display().to_string(),
+                source,
+            })
+        })?;
     }
-    outcome.pairs = latest.len() as u64;
-    outcome.placed = placed.len() as u64;
+    Ok(())
+}
+
+/// A placed pair: product number, tier, probability, visitor, time, converted.
+type Placed<'a> = (u32, Tier, f64, &'a str, i64, bool);
+
+/// Every pair placed by its latest score under its product's thresholds.
+struct Placement<'a> {
+    names: &'a [Arc<str>],
+    /// Per product number.
+    thresholds: Vec<&'a Thresholds>,
+    /// Per product number.
+    stats: Vec<PlacedStats>,
+    /// By product id, tier, descending probability and visitor.
+    placed: Vec<Placed<'a>>,
+    /// Product numbers by product id.
+    order: Vec<u32>,
+    with_conversions: bool,
+}
+
+impl<'a> Placement<'a> {
+    /// Places every pair and sorts the placed ones for the audience file.
+    fn new(scores: &'a Scores, with_conversions: bool) -> Self {
+        let names = &scores.names;
+        let thresholds: Vec<&Thresholds> = names
+            .iter()
+            .map(|n| {
+                scores
+                    .engine
+                    .thresholds(n)
+                    .expect("every product was refreshed")
+            })
+            .collect();
+        let mut stats: Vec<PlacedStats> = vec![PlacedStats::default(); names.len()];
+        let mut placed: Vec<Placed<'a>> = Vec::new();
+        for (&key, l) in &scores.latest {
+            let (product, visitor) = ((key >> 32) as usize, key as u32 as usize);
+            let s = &mut stats[product];
+            let tier = thresholds[product].tier(l.probability);
+            s.2 += 1;
+            let slot = match tier {
+                Some(t) => {
+                    s.0[t as usize] += 1;
+                    placed.push((
+                        product as u32,
+                        t,
+                        l.probability,
+                        &scores.visitor_names[visitor],
+                        l.time,
+                        l.converted,
+                    ));
+                    t as usize
+                }
+                None => 3,
+            };
+            s.1[slot].1 += 1;
+            s.1[slot].0 += u64::from(l.converted);
+        }
+        let order = sort_placed(names, &mut placed);
+        Self {
+            names,
+            thresholds,
+            stats,
+            placed,
+            order,
+            with_conversions,
+        }
+    }
+
+    /// The summary lines: the pooled distribution (over `pairs` visitors) first, then each
+    /// product by id.
+    fn summaries(&self, pooled: Option<&Thresholds>, pairs: u64) -> Vec<ProductSummary> {
+        let mut products = Vec::with_capacity(self.order.len() + 1);
+        if let Some(pooled) = pooled {
+            let mut sizes = [0u64; 3];
+            let mut conv = [(0u64, 0u64); 4];
+            for s in &self.stats {
+                for (total, n) in sizes.iter_mut().zip(s.0) {
+                    *total += n;
+                }
+                for (total, (k, n)) in conv.iter_mut().zip(s.1) {
+                    total.0 += k;
+                    total.1 += n;
+                }
+            }
+            products.push(ProductSummary {
+                product: "*".into(),
+                thresholds: pooled.clone(),
+                visitors: pairs,
+                sizes,
+                conversions: self.with_conversions.then_some(conv),
+                plot: None,
+            });
+        }
+        for &i in &self.order {
+            let PlacedStats(sizes, conv, visitors) = self.stats[i as usize];
+            products.push(ProductSummary {
+                product: self.names[i as usize].to_string(),
+                thresholds: self.thresholds[i as usize].clone(),
+                visitors,
+                sizes,
+                conversions: self.with_conversions.then_some(conv),
+                plot: None,
+            });
+        }
+        products
+    }
+}
+
+/// Sorts placed pairs by product id, tier, descending probability and visitor; returns the
+/// product numbers in id order.
+fn sort_placed(names: &[Arc<str>], placed: &mut [Placed<'_>]) -> Vec<u32> {
     let mut order: Vec<u32> = (0..names.len() as u32).collect();
     order.sort_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
     let mut rank = vec![0u32; names.len()];
@@ -377,71 +559,37 @@ pub fn run(job: &AudiencesJob) -> Result<AudiencesOutcome, AudiencesError> {
             .then(b.2.total_cmp(&a.2))
             .then(a.3.cmp(b.3))
     });
-    write_audiences(
-        &job.out,
-        &names,
-        &thresholds,
-        &placed,
-        time_col.is_some(),
-        with_conversions,
-    )?;
+    order
+}
 
-    if let Some(pooled) = engine.pooled() {
-        let mut sizes = [0u64; 3];
-        let mut conv = [(0u64, 0u64); 4];
-        for s in &stats {
-            for (total, n) in sizes.iter_mut().zip(s.0) {
-                *total += n;
-            }
-            for (total, (k, n)) in conv.iter_mut().zip(s.1) {
-                total.0 += k;
-                total.1 += n;
-            }
-        }
-        outcome.products.push(ProductSummary {
-            product: "*".into(),
-            thresholds: pooled.clone(),
-            visitors: outcome.pairs,
-            sizes,
-            conversions: with_conversions.then_some(conv),
-            plot: None,
-        });
+/// Draws each product's histogram and notes its PNG in the summary (the pooled line, first,
+/// gets none).
+fn draw_plots(
+    dir: &Path,
+    scores: &Scores,
+    products: &mut [ProductSummary],
+) -> Result<(), AudiencesError> {
+    let by_name: FxHashMap<&str, usize> = scores
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (&**n, i))
+        .collect();
+    let plotted: Vec<PlotProduct<'_>> = products[1..]
+        .iter()
+        .map(|p| PlotProduct {
+            product: &p.product,
+            thresholds: &p.thresholds,
+            sizes: p.sizes,
+        })
+        .collect();
+    let paths = super::audience_plot::draw_all(dir, &plotted, |product| {
+        scores.samples[by_name[product]].as_slice()
+    })?;
+    for (summary, path) in products[1..].iter_mut().zip(paths) {
+        summary.plot = path;
     }
-    for &i in &order {
-        let PlacedStats(sizes, conv, visitors) = stats[i as usize];
-        outcome.products.push(ProductSummary {
-            product: names[i as usize].to_string(),
-            thresholds: thresholds[i as usize].clone(),
-            visitors,
-            sizes,
-            conversions: with_conversions.then_some(conv),
-            plot: None,
-        });
-    }
-    write_summary(&job.summary, &outcome.products, with_conversions)?;
-    outcome.timings[2] = started.elapsed();
-
-    if let Some(dir) = &job.plots {
-        let started = Instant::now();
-        let by_name: FxHashMap<&str, usize> =
-            names.iter().enumerate().map(|(i, n)| (&**n, i)).collect();
-        let plotted: Vec<PlotProduct<'_>> = outcome.products[1..]
-            .iter()
-            .map(|p| PlotProduct {
-                product: &p.product,
-                thresholds: &p.thresholds,
-                sizes: p.sizes,
-            })
-            .collect();
-        let paths = super::audience_plot::draw_all(dir, &plotted, |product| {
-            samples[by_name[product]].as_slice()
-        })?;
-        for (summary, path) in outcome.products[1..].iter_mut().zip(paths) {
-            summary.plot = path;
-        }
-        outcome.timings[3] = started.elapsed();
-    }
-    Ok(outcome)
+    Ok(())
 }
 
 /// One row's visitor, product, probability and time, or the bad row's category and reason.
@@ -507,9 +655,11 @@ fn bad(
         let mut row = csv::Writer::from_writer(Vec::new());
         let _ = row.write_record([path.as_str(), &line.to_string(), &reason]);
         let bytes = row.into_inner().unwrap_or_default();
-        w.write_all(&bytes).map_err(|source| AudiencesError::Io {
-            path: bad_path.display().to_string(),
-            source,
+        w.write_all(&bytes).map_err(|source| {
+            AudiencesError::File(FileError::Io {
+                path: bad_path.display().to_string(),
+                source,
+            })
         })?;
     }
     Ok(())
@@ -569,9 +719,11 @@ type CsvReader = csv::Reader<std::io::BufReader<File>>;
 /// Opens a CSV file: the reader, its header and the file's length.
 fn open_csv(path: &Path, buffer: usize) -> Result<(CsvReader, Vec<String>, u64), AudiencesError> {
     let text = || path.display().to_string();
-    let file = File::open(path).map_err(|source| AudiencesError::Io {
-        path: text(),
-        source,
+    let file = File::open(path).map_err(|source| {
+        AudiencesError::File(FileError::Io {
+            path: text(),
+            source,
+        })
     })?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut reader = csv::ReaderBuilder::new()
@@ -579,9 +731,11 @@ fn open_csv(path: &Path, buffer: usize) -> Result<(CsvReader, Vec<String>, u64),
         .from_reader(std::io::BufReader::with_capacity(buffer, file));
     let headers = reader
         .headers()
-        .map_err(|source| AudiencesError::Csv {
-            path: text(),
-            source,
+        .map_err(|source| {
+            AudiencesError::File(FileError::Csv {
+                path: text(),
+                source,
+            })
         })?
         .iter()
         .map(str::to_owned)
@@ -594,9 +748,11 @@ fn read_conversions(
     map: &BTreeMap<String, String>,
 ) -> Result<Conversions, AudiencesError> {
     let text = path.display().to_string();
-    let csv_err = |source| AudiencesError::Csv {
-        path: text.clone(),
-        source,
+    let csv_err = |source| {
+        AudiencesError::File(FileError::Csv {
+            path: text.clone(),
+            source,
+        })
     };
     let (mut reader, headers, _) = open_csv(path, 64 << 10)?;
     let cols = resolve_columns(
@@ -628,14 +784,16 @@ fn write_audiences(
     path: &Path,
     names: &[Arc<str>],
     thresholds: &[&Thresholds],
-    placed: &[(u32, Tier, f64, &str, i64, bool)],
+    placed: &[Placed<'_>],
     dated: bool,
     with_conversions: bool,
 ) -> Result<(), AudiencesError> {
     let text = path.display().to_string();
-    let io = |source| AudiencesError::Io {
-        path: text.clone(),
-        source,
+    let io = |source| {
+        AudiencesError::File(FileError::Io {
+            path: text.clone(),
+            source,
+        })
     };
     let mut w = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
     write!(
@@ -685,9 +843,11 @@ fn write_summary(
     with_conversions: bool,
 ) -> Result<(), AudiencesError> {
     let text = path.display().to_string();
-    let csv_err = |source| AudiencesError::Csv {
-        path: text.clone(),
-        source,
+    let csv_err = |source| {
+        AudiencesError::File(FileError::Csv {
+            path: text.clone(),
+            source,
+        })
     };
     let mut w = csv::Writer::from_path(path).map_err(csv_err)?;
     let mut header = vec![
@@ -755,7 +915,7 @@ fn write_summary(
         w.write_record(&row).map_err(csv_err)?;
     }
     w.flush()
-        .map_err(|source| AudiencesError::Io { path: text, source })
+        .map_err(|source| AudiencesError::File(FileError::Io { path: text, source }))
 }
 
 /// Quotes a CSV cell when it needs it.

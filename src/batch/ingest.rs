@@ -88,22 +88,9 @@ impl Default for IngestOptions {
 /// Why ingestion stopped.
 #[derive(Debug, Error)]
 pub enum IngestError {
-    /// A file could not be opened or read.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// The CSV structure is broken beyond one row (unreadable header, invalid UTF-8 header).
-    #[error("{path}: {source}")]
-    Csv {
-        /// The file.
-        path: String,
-        /// The error.
-        source: csv::Error,
-    },
+    /// A file could not be read or written.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// The header does not fit the mapping.
     #[error("{path}: {source}")]
     Mapping {
@@ -229,14 +216,18 @@ pub fn ingest(
     let mut population = Population::default();
     let mut bad_sink = match &options.bad_rows_path {
         Some(path) => {
-            let file = File::create(path).map_err(|source| IngestError::Io {
-                path: path.display().to_string(),
-                source,
+            let file = File::create(path).map_err(|source| {
+                IngestError::File(FileError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })
             })?;
             let mut w = BufWriter::new(file);
-            writeln!(w, "file,line,reason").map_err(|source| IngestError::Io {
-                path: path.display().to_string(),
-                source,
+            writeln!(w, "file,line,reason").map_err(|source| {
+                IngestError::File(FileError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })
             })?;
             Some((path.clone(), w))
         }
@@ -256,9 +247,11 @@ pub fn ingest(
         reports.push(report);
     }
     if let Some((path, mut w)) = bad_sink {
-        w.flush().map_err(|source| IngestError::Io {
-            path: path.display().to_string(),
-            source,
+        w.flush().map_err(|source| {
+            IngestError::File(FileError::Io {
+                path: path.display().to_string(),
+                source,
+            })
         })?;
     }
     Ok((population, reports))
@@ -286,6 +279,7 @@ impl From<&str> for RowError {
     }
 }
 
+use super::FileError;
 use crate::domain::time::FUTURE_SLACK_SECONDS;
 
 struct Reader<'a> {
@@ -362,103 +356,17 @@ fn read_file_swept(
 ) -> Result<FileReport, IngestError> {
     let started = Instant::now();
     let path_text = file.path.display().to_string();
-    let io = |source| IngestError::Io {
-        path: path_text.clone(),
-        source,
-    };
-    let handle = File::open(&file.path).map_err(io)?;
-    let len = handle.metadata().map(|m| m.len()).unwrap_or(0);
-    let bar = progress_bar(len, options.progress, &file.path);
-    let source: Box<dyn Read> = Box::new(bar.wrap_read(handle));
-    let mut csv = csv::ReaderBuilder::new()
-        .flexible(true)
-        .buffer_capacity(1 << 20)
-        .from_reader(source);
-    let headers: Vec<String> = csv
-        .headers()
-        .map_err(|source| IngestError::Csv {
-            path: path_text.clone(),
-            source,
-        })?
-        .iter()
-        .map(|h| h.trim_start_matches('\u{feff}').to_owned())
-        .collect();
+    let (mut csv, headers, bar) = open_input(&file.path, &path_text, options.progress)?;
     let cols =
         resolve(file.kind, &headers, &file.columns).map_err(|source| IngestError::Mapping {
             path: path_text.clone(),
             source,
         })?;
     if file.kind == FileKind::Orders {
-        for (field, source) in [
-            (Field::ProductId, Sources::PRODUCT),
-            (Field::Category, Sources::CATEGORY),
-            (Field::ListPrice, Sources::LIST_PRICE),
-            (Field::Discount, Sources::LIST_PRICE),
-            (Field::Channel, Sources::CHANNEL),
-            (Field::EventType, Sources::RETURNS),
-        ] {
-            if cols.has(field) {
-                population.sources.insert(source);
-            }
-        }
+        note_order_sources(&cols, population);
     }
-    let mut reader = Reader {
-        kind: file.kind,
-        cols,
-        path_text: path_text.clone(),
-        params,
-        strict: options.strict,
-        report: FileReport {
-            path: file.path.clone(),
-            kind: Some(file.kind),
-            ..FileReport::default()
-        },
-        open: FxHashMap::default(),
-        ready: Vec::new(),
-        closed: rustc_hash::FxHashSet::default(),
-        until: options.until.map(EventTime::unix),
-        now: EventTime::now().unix(),
-        watermark: i64::MIN,
-        row: 0,
-        last_sweep: 0,
-        window: options.order_window,
-    };
-    let mut record = csv::StringRecord::new();
-    loop {
-        let line = csv.position().line() + u64::from(csv.position().line() == 0);
-        match csv.read_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {
-                reader.report.rows += 1;
-                reader.row += 1;
-                let line = record.position().map_or(line, |p| p.line());
-                match reader.row(&record, line, population) {
-                    Ok(()) => {}
-                    Err(RowError::Bad(reason)) => reader.bad(line, reason, bad_sink)?,
-                    Err(RowError::AfterAsOf) => reader.report.after_as_of += 1,
-                }
-                for (id, group) in std::mem::take(&mut reader.ready) {
-                    reader.flush(id, group, population);
-                }
-                if reader.row - reader.last_sweep >= sweep_rows {
-                    reader.sweep(false, population);
-                }
-            }
-            Err(err) => {
-                // A malformed row (bad quoting, invalid UTF-8) is one bad row, not the end.
-                reader.report.rows += 1;
-                let line = err.position().map_or(line, |p| p.line());
-                if matches!(err.kind(), csv::ErrorKind::Io(_)) {
-                    return Err(IngestError::Csv {
-                        path: path_text,
-                        source: err,
-                    });
-                }
-                reader.bad(line, format!("unreadable row: {err}"), bad_sink)?;
-            }
-        }
-    }
-    reader.sweep(true, population);
+    let mut reader = Reader::new(file, cols, path_text, params, options);
+    reader.read_all(&mut csv, population, bad_sink, sweep_rows)?;
     bar.finish_and_clear();
     reader.report.elapsed = started.elapsed();
     tracing::debug!(
@@ -471,6 +379,141 @@ fn read_file_swept(
         "file read"
     );
     Ok(reader.report)
+}
+
+/// A CSV reader over the file.
+type InputCsv = csv::Reader<Box<dyn Read>>;
+
+/// Opens a file for reading behind a progress bar: the reader, its header (without a byte
+/// order mark) and the bar.
+fn open_input(
+    path: &Path,
+    path_text: &str,
+    progress: bool,
+) -> Result<(InputCsv, Vec<String>, ProgressBar), IngestError> {
+    let handle = File::open(path).map_err(|source| {
+        IngestError::File(FileError::Io {
+            path: path_text.to_owned(),
+            source,
+        })
+    })?;
+    let len = handle.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = progress_bar(len, progress, path);
+    let source: Box<dyn Read> = Box::new(bar.wrap_read(handle));
+    let mut csv = csv::ReaderBuilder::new()
+        .flexible(true)
+        .buffer_capacity(1 << 20)
+        .from_reader(source);
+    let headers: Vec<String> = csv
+        .headers()
+        .map_err(|source| {
+            IngestError::File(FileError::Csv {
+                path: path_text.to_owned(),
+                source,
+            })
+        })?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').to_owned())
+        .collect();
+    Ok((csv, headers, bar))
+}
+
+/// Notes the kinds of order data an orders file's columns carry, whether or not any row
+/// fills them: an empty category column still says categories were exported.
+fn note_order_sources(cols: &ResolvedColumns, population: &mut Population) {
+    for (field, source) in [
+        (Field::ProductId, Sources::PRODUCT),
+        (Field::Category, Sources::CATEGORY),
+        (Field::ListPrice, Sources::LIST_PRICE),
+        (Field::Discount, Sources::LIST_PRICE),
+        (Field::Channel, Sources::CHANNEL),
+        (Field::EventType, Sources::RETURNS),
+    ] {
+        if cols.has(field) {
+            population.sources.insert(source);
+        }
+    }
+}
+
+impl<'a> Reader<'a> {
+    /// A reader for one file, before its first row.
+    fn new(
+        file: &InputFile,
+        cols: ResolvedColumns,
+        path_text: String,
+        params: &'a StateParams,
+        options: &IngestOptions,
+    ) -> Self {
+        Self {
+            kind: file.kind,
+            cols,
+            path_text,
+            params,
+            strict: options.strict,
+            report: FileReport {
+                path: file.path.clone(),
+                kind: Some(file.kind),
+                ..FileReport::default()
+            },
+            open: FxHashMap::default(),
+            ready: Vec::new(),
+            closed: rustc_hash::FxHashSet::default(),
+            until: options.until.map(EventTime::unix),
+            now: EventTime::now().unix(),
+            watermark: i64::MIN,
+            row: 0,
+            last_sweep: 0,
+            window: options.order_window,
+        }
+    }
+
+    /// Reads every row, sweeping the open orders every `sweep_rows` rows and closing the rest
+    /// at the end.
+    fn read_all(
+        &mut self,
+        csv: &mut InputCsv,
+        population: &mut Population,
+        bad_sink: &mut BadSink,
+        sweep_rows: u64,
+    ) -> Result<(), IngestError> {
+        let mut record = csv::StringRecord::new();
+        loop {
+            let line = csv.position().line() + u64::from(csv.position().line() == 0);
+            match csv.read_record(&mut record) {
+                Ok(false) => break,
+                Ok(true) => {
+                    self.report.rows += 1;
+                    self.row += 1;
+                    let line = record.position().map_or(line, |p| p.line());
+                    match self.row(&record, line, population) {
+                        Ok(()) => {}
+                        Err(RowError::Bad(reason)) => self.bad(line, reason, bad_sink)?,
+                        Err(RowError::AfterAsOf) => self.report.after_as_of += 1,
+                    }
+                    for (id, group) in std::mem::take(&mut self.ready) {
+                        self.flush(id, group, population);
+                    }
+                    if self.row - self.last_sweep >= sweep_rows {
+                        self.sweep(false, population);
+                    }
+                }
+                Err(err) => {
+                    // A malformed row (bad quoting, invalid UTF-8) is one bad row, not the end.
+                    self.report.rows += 1;
+                    let line = err.position().map_or(line, |p| p.line());
+                    if matches!(err.kind(), csv::ErrorKind::Io(_)) {
+                        return Err(IngestError::File(FileError::Csv {
+                            path: self.path_text.clone(),
+                            source: err,
+                        }));
+                    }
+                    self.bad(line, format!("unreadable row: {err}"), bad_sink)?;
+                }
+            }
+        }
+        self.sweep(true, population);
+        Ok(())
+    }
 }
 
 impl Reader<'_> {
@@ -503,9 +546,11 @@ impl Reader<'_> {
                 .and_then(|_| csv_line.flush().map_err(csv::Error::from));
             let bytes = csv_line.into_inner().unwrap_or_default();
             if written.is_ok() {
-                w.write_all(&bytes).map_err(|source| IngestError::Io {
-                    path: path.display().to_string(),
-                    source,
+                w.write_all(&bytes).map_err(|source| {
+                    IngestError::File(FileError::Io {
+                        path: path.display().to_string(),
+                        source,
+                    })
                 })?;
             }
         }
@@ -691,19 +736,7 @@ impl Reader<'_> {
         population: &mut Population,
     ) -> Result<(), RowError> {
         let (customer_id, event_time, raw_time) = self.common(record)?;
-        let is_return = match self.text(record, Field::EventType) {
-            None => false,
-            Some(t) => match t.to_ascii_lowercase().as_str() {
-                "order" | "sale" | "purchase" | "sold" | "buy" => false,
-                "return" | "refund" | "returned" | "credit" => true,
-                other => {
-                    return Err(format!(
-                        "bad event_type: {other:?} is neither an order nor a return"
-                    )
-                    .into())
-                }
-            },
-        };
+        let is_return = self.is_return(record)?;
         let quantity = self.number(record, Field::Quantity)?.unwrap_or(1.0);
         let unit_price = self.number(record, Field::UnitPrice)?;
         let line_total = self.number(record, Field::LineTotal)?;
@@ -733,6 +766,51 @@ impl Reader<'_> {
             };
             return self.group(event, key, line, population, true);
         }
+        let order_line = self.order_line(record, quantity, unit_price, line_total)?;
+        let channel = match self.text(record, Field::Channel) {
+            None => None,
+            Some(raw) => Some(OrderChannel::parse(raw).map_err(|e| format!("bad channel: {e}"))?),
+        };
+        let order_id = self.text(record, Field::OrderId).map(str::to_owned);
+        let key = order_id.clone().unwrap_or_else(|| raw_time.clone());
+        let event = Event {
+            event_id: format!("order:{key}"),
+            customer_id,
+            event_time,
+            body: EventBody::Order(Order {
+                order_id,
+                channel,
+                lines: vec![order_line],
+            }),
+        };
+        self.group(event, key, line, population, false)?;
+        population.order_lines += 1;
+        Ok(())
+    }
+
+    /// Whether an orders row is a return, by its event type; without one it is an order.
+    fn is_return(&self, record: &csv::StringRecord) -> Result<bool, RowError> {
+        match self.text(record, Field::EventType) {
+            None => Ok(false),
+            Some(t) => match t.to_ascii_lowercase().as_str() {
+                "order" | "sale" | "purchase" | "sold" | "buy" => Ok(false),
+                "return" | "refund" | "returned" | "credit" => Ok(true),
+                other => Err(
+                    format!("bad event_type: {other:?} is neither an order nor a return").into(),
+                ),
+            },
+        }
+    }
+
+    /// The line of a row that is not a return, with the unit price taken from the line
+    /// total and the list price from the discount when the file lacks them.
+    fn order_line(
+        &self,
+        record: &csv::StringRecord,
+        quantity: f64,
+        unit_price: Option<f64>,
+        line_total: Option<f64>,
+    ) -> Result<OrderLine, RowError> {
         if quantity < 0.0 {
             return Err(
                 format!("negative quantity: {quantity} on a line that is not a return").into(),
@@ -763,25 +841,7 @@ impl Reader<'_> {
             list_price,
         };
         order_line.validate().map_err(|e| describe(&e))?;
-        let channel = match self.text(record, Field::Channel) {
-            None => None,
-            Some(raw) => Some(OrderChannel::parse(raw).map_err(|e| format!("bad channel: {e}"))?),
-        };
-        let order_id = self.text(record, Field::OrderId).map(str::to_owned);
-        let key = order_id.clone().unwrap_or_else(|| raw_time.clone());
-        let event = Event {
-            event_id: format!("order:{key}"),
-            customer_id,
-            event_time,
-            body: EventBody::Order(Order {
-                order_id,
-                channel,
-                lines: vec![order_line],
-            }),
-        };
-        self.group(event, key, line, population, false)?;
-        population.order_lines += 1;
-        Ok(())
+        Ok(order_line)
     }
 
     /// Adds a row's event to its open group, or opens one.

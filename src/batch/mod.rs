@@ -1,6 +1,6 @@
 //! The batch subcommands over order-history files: `discover`, `assign` and `validate`; and
-//! `audiences` over conversion-score files. They read CSV exports through [`ingest`] into the same per-customer state the
-//! daemon keeps, and use the same feature and model code.
+//! `audiences` over conversion-score files. They read CSV exports through [`ingest`] into the
+//! same per-customer state the daemon keeps, and use the same feature and model code.
 
 pub mod assign;
 pub mod audience_plot;
@@ -11,3 +11,26 @@ pub mod mapping;
 pub mod report;
 pub mod text;
 pub mod validate;
+
+use thiserror::Error;
+
+/// A file of a batch command that could not be read or written, named by its path.
+#[derive(Debug, Error)]
+pub enum FileError {
+    /// Opening, reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The CSV layer failed (an unreadable header, a broken record).
+    #[error("{path}: {source}")]
+    Csv {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: csv::Error,
+    },
+}

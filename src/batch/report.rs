@@ -201,86 +201,9 @@ pub fn print_audiences(
         secs(o.timings[1])
     );
     if let Some(pooled) = o.products.first().filter(|p| p.product == "*") {
-        let t = &pooled.thresholds;
-        println!(
-            "pooled: skewness {:.2}, variance {:.4}; premium ≥ {:.4} (p{:.1}), growth ≥ {:.4} \
-             (p{:.1}), volume ≥ {:.4} (p{:.1})",
-            t.skewness,
-            t.variance,
-            t.own.premium,
-            t.percentiles.premium,
-            t.own.growth,
-            t.percentiles.growth,
-            t.own.volume,
-            t.percentiles.volume
-        );
-        print!(
-            "placed {} of {} visitor–product pairs: premium {}, growth {}, volume {}",
-            count(o.placed),
-            count(o.pairs),
-            count(pooled.sizes[0]),
-            count(pooled.sizes[1]),
-            count(pooled.sizes[2])
-        );
-        match &pooled.conversions {
-            Some(c) => {
-                let rate = |(k, n): (u64, u64)| {
-                    if n == 0 {
-                        "-".to_owned()
-                    } else {
-                        format!("{:.1}%", 100.0 * k as f64 / n as f64)
-                    }
-                };
-                println!(
-                    "; conversion premium {}, growth {}, volume {}, unplaced {}",
-                    rate(c[0]),
-                    rate(c[1]),
-                    rate(c[2]),
-                    rate(c[3])
-                );
-            }
-            None => println!(),
-        }
+        print_pooled_audience(o, pooled);
     }
-    let mut largest: Vec<_> = products.iter().collect();
-    largest.sort_by_key(|p| std::cmp::Reverse(p.thresholds.count));
-    let shown = largest.len().min(10);
-    if shown > 0 {
-        println!(
-            "{:<20} {:>10} {:>7} {:>9} {:>5}  {:>22}  {:>22}  {:>22}",
-            "largest products", "scores", "skew", "variance", "conf", "premium", "growth", "volume"
-        );
-        for p in &largest[..shown] {
-            let t = &p.thresholds;
-            let cell = |i: usize, tier: crate::audience::Tier| {
-                format!(
-                    "{:.4} p{:.1} ({})",
-                    t.cutoffs.get(tier),
-                    t.percentiles.get(tier),
-                    count(p.sizes[i])
-                )
-            };
-            let mut name = p.product.clone();
-            if name.chars().count() > 20 {
-                name = name.chars().take(19).collect::<String>() + "…";
-            }
-            println!(
-                "{name:<20} {:>10} {:>7.2} {:>9.5} {:>5.2}  {:>22}  {:>22}  {:>22}{}",
-                count(t.count),
-                t.skewness,
-                t.variance,
-                t.confidence,
-                cell(0, crate::audience::Tier::Premium),
-                cell(1, crate::audience::Tier::Growth),
-                cell(2, crate::audience::Tier::Volume),
-                if t.readiness == Readiness::Ready {
-                    String::new()
-                } else {
-                    format!("  [{}]", t.readiness.as_str())
-                }
-            );
-        }
-    }
+    print_largest_products(products);
     println!(
         "wrote {} and {} ({})",
         job.out.display(),
@@ -294,6 +217,100 @@ pub fn print_audiences(
             count(drawn as u64),
             dir.display(),
             secs(o.timings[3])
+        );
+    }
+}
+
+/// The pooled cut-offs, how many pairs each tier placed and, with conversions, each tier's
+/// conversion rate.
+fn print_pooled_audience(
+    o: &super::audiences::AudiencesOutcome,
+    pooled: &super::audiences::ProductSummary,
+) {
+    let t = &pooled.thresholds;
+    println!(
+        "pooled: skewness {:.2}, variance {:.4}; premium ≥ {:.4} (p{:.1}), growth ≥ {:.4} \
+         (p{:.1}), volume ≥ {:.4} (p{:.1})",
+        t.skewness,
+        t.variance,
+        t.own.premium,
+        t.percentiles.premium,
+        t.own.growth,
+        t.percentiles.growth,
+        t.own.volume,
+        t.percentiles.volume
+    );
+    print!(
+        "placed {} of {} visitor–product pairs: premium {}, growth {}, volume {}",
+        count(o.placed),
+        count(o.pairs),
+        count(pooled.sizes[0]),
+        count(pooled.sizes[1]),
+        count(pooled.sizes[2])
+    );
+    match &pooled.conversions {
+        Some(c) => {
+            let rate = |(k, n): (u64, u64)| {
+                if n == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("{:.1}%", 100.0 * k as f64 / n as f64)
+                }
+            };
+            println!(
+                "; conversion premium {}, growth {}, volume {}, unplaced {}",
+                rate(c[0]),
+                rate(c[1]),
+                rate(c[2]),
+                rate(c[3])
+            );
+        }
+        None => println!(),
+    }
+}
+
+/// A table of the ten products with the most scores: shape, and each tier's cut-off,
+/// percentile and size.
+fn print_largest_products(products: &[super::audiences::ProductSummary]) {
+    use crate::audience::engine::Readiness;
+    let mut largest: Vec<_> = products.iter().collect();
+    largest.sort_by_key(|p| std::cmp::Reverse(p.thresholds.count));
+    let shown = largest.len().min(10);
+    if shown == 0 {
+        return;
+    }
+    println!(
+        "{:<20} {:>10} {:>7} {:>9} {:>5}  {:>22}  {:>22}  {:>22}",
+        "largest products", "scores", "skew", "variance", "conf", "premium", "growth", "volume"
+    );
+    for p in &largest[..shown] {
+        let t = &p.thresholds;
+        let cell = |i: usize, tier: crate::audience::Tier| {
+            format!(
+                "{:.4} p{:.1} ({})",
+                t.cutoffs.get(tier),
+                t.percentiles.get(tier),
+                count(p.sizes[i])
+            )
+        };
+        let mut name = p.product.clone();
+        if name.chars().count() > 20 {
+            name = name.chars().take(19).collect::<String>() + "…";
+        }
+        println!(
+            "{name:<20} {:>10} {:>7.2} {:>9.5} {:>5.2}  {:>22}  {:>22}  {:>22}{}",
+            count(t.count),
+            t.skewness,
+            t.variance,
+            t.confidence,
+            cell(0, crate::audience::Tier::Premium),
+            cell(1, crate::audience::Tier::Growth),
+            cell(2, crate::audience::Tier::Volume),
+            if t.readiness == Readiness::Ready {
+                String::new()
+            } else {
+                format!("  [{}]", t.readiness.as_str())
+            }
         );
     }
 }

@@ -24,6 +24,7 @@ use crate::domain::features::FeatureVector;
 use crate::domain::time::EventTime;
 use crate::model::assign::{Assigner, Assignment};
 use crate::model::kmeans::KMeansParams;
+use crate::model::snapshot::{AxisModel, ClusteringRecord};
 use crate::model::validation::{matched_agreement, AxisTally, ValidateConfig};
 
 use super::ingest::{ingest, FileReport, IngestOptions, InputFile};
@@ -118,57 +119,9 @@ pub fn run(job: &ValidateJob) -> anyhow::Result<ValidateOutcome> {
         .axes()
         .par_iter()
         .enumerate()
-        .map(|(i, axis)| -> anyhow::Result<AxisVerdict> {
-            let model = &axis.model;
-            let k = model.segments.len();
-            let d = model.features.len();
-            let mut labels = Vec::new();
-            let mut z = Vec::new();
-            for a in &assignments {
-                if let Some(s) = a.axes[i].segment {
-                    labels.push(s as u32);
-                    z.extend_from_slice(a.z(&assigner, i));
-                }
-            }
-            let n = labels.len();
-            let mut tally = AxisTally::new(k, d);
-            for (row, &l) in labels.iter().enumerate() {
-                tally.add(l as usize, &z[row * d..(row + 1) * d]);
-            }
-            let population_shares = tally.shares();
-            let kl = tally.kl(model);
-            let (max_shift, worst) = tally.max_mean_shift(model);
-            let agreement = if n > k {
-                let data = Array2::from_shape_vec((n, d), z)?;
-                let full = KMeansParams::new(k)
-                    .n_init(clustering.n_init)
-                    .max_iter(clustering.max_iter)
-                    .tol(clustering.tol)
-                    .seed(clustering.seed)
-                    .check()?
-                    .fit(data.view())?;
-                matched_agreement(&labels, &full.labels, k, k)?
-            } else {
-                f64::NAN
-            };
-            let t = &job.thresholds;
-            let pass =
-                kl < t.max_kl && max_shift <= t.max_mean_shift && agreement >= t.min_agreement;
-            Ok(AxisVerdict {
-                axis: model.axis.to_string(),
-                customers: n,
-                kl,
-                max_mean_shift: max_shift,
-                worst,
-                agreement,
-                shares: model
-                    .segments
-                    .iter()
-                    .zip(&population_shares)
-                    .map(|(s, p)| (s.id, s.share, *p))
-                    .collect(),
-                pass,
-            })
+        .map(|(i, axis)| {
+            let (labels, z) = axis_members(&assignments, &assigner, i);
+            axis_verdict(&axis.model, &labels, z, clustering, &job.thresholds)
         })
         .collect::<anyhow::Result<_>>()?;
     let pass = axes.iter().all(|a| a.pass);
@@ -180,4 +133,79 @@ pub fn run(job: &ValidateJob) -> anyhow::Result<ValidateOutcome> {
         pass,
         elapsed: started.elapsed(),
     })
+}
+
+/// The segment and the standardised features (row-major) of every customer assigned on axis
+/// `i`.
+fn axis_members(assignments: &[Assignment], assigner: &Assigner, i: usize) -> (Vec<u32>, Vec<f64>) {
+    let mut labels = Vec::new();
+    let mut z = Vec::new();
+    for a in assignments {
+        if let Some(s) = a.axes[i].segment {
+            labels.push(s as u32);
+            z.extend_from_slice(a.z(assigner, i));
+        }
+    }
+    (labels, z)
+}
+
+/// The three checks on one axis, given its members' segments and standardised features.
+fn axis_verdict(
+    model: &AxisModel,
+    labels: &[u32],
+    z: Vec<f64>,
+    clustering: &ClusteringRecord,
+    t: &ValidateConfig,
+) -> anyhow::Result<AxisVerdict> {
+    let k = model.segments.len();
+    let d = model.features.len();
+    let n = labels.len();
+    let mut tally = AxisTally::new(k, d);
+    for (row, &l) in labels.iter().enumerate() {
+        tally.add(l as usize, &z[row * d..(row + 1) * d]);
+    }
+    let population_shares = tally.shares();
+    let kl = tally.kl(model);
+    let (max_shift, worst) = tally.max_mean_shift(model);
+    let agreement = if n > k {
+        full_agreement(labels, z, d, k, clustering)?
+    } else {
+        f64::NAN
+    };
+    let pass = kl < t.max_kl && max_shift <= t.max_mean_shift && agreement >= t.min_agreement;
+    Ok(AxisVerdict {
+        axis: model.axis.to_string(),
+        customers: n,
+        kl,
+        max_mean_shift: max_shift,
+        worst,
+        agreement,
+        shares: model
+            .segments
+            .iter()
+            .zip(&population_shares)
+            .map(|(s, p)| (s.id, s.share, *p))
+            .collect(),
+        pass,
+    })
+}
+
+/// Clusters the members afresh with the snapshot's settings and gives the share on which
+/// both clusterings agree, labels matched optimally.
+fn full_agreement(
+    labels: &[u32],
+    z: Vec<f64>,
+    d: usize,
+    k: usize,
+    clustering: &ClusteringRecord,
+) -> anyhow::Result<f64> {
+    let data = Array2::from_shape_vec((labels.len(), d), z)?;
+    let full = KMeansParams::new(k)
+        .n_init(clustering.n_init)
+        .max_iter(clustering.max_iter)
+        .tol(clustering.tol)
+        .seed(clustering.seed)
+        .check()?
+        .fit(data.view())?;
+    Ok(matched_agreement(labels, &full.labels, k, k)?)
 }

@@ -235,52 +235,16 @@ pub fn cluster_axis(
             need: params.min_customers,
         });
     }
-    let (mean, std) = weighted_moments(sample.rows.view(), &sample.weights);
-    let mut dropped = sample.dropped.clone();
-    let keep: Vec<usize> = (0..std.len()).filter(|&j| std[j] > MIN_STD).collect();
-    for j in (0..std.len()).filter(|j| !keep.contains(j)) {
-        dropped.push(DroppedFeature {
-            feature: sample.features[j].def().name.to_owned(),
-            reason: "constant over the sample".into(),
-        });
-    }
-    if keep.is_empty() {
-        return Err(SkipReason::NoVariation);
-    }
-    if keep.len() < MIN_AXIS_FEATURES {
-        return Err(SkipReason::TooFewVaryingFeatures {
-            varying: keep.len(),
-        });
-    }
-    let features: Vec<FeatureId> = keep.iter().map(|&j| sample.features[j]).collect();
-    let scaler = Scaler {
-        mean: keep.iter().map(|&j| mean[j]).collect(),
-        std: keep.iter().map(|&j| std[j]).collect(),
-    };
-    let mut z = Array2::<f64>::zeros((n, keep.len()));
-    for (mut zrow, row) in z.outer_iter_mut().zip(sample.rows.outer_iter()) {
-        for (c, &j) in keep.iter().enumerate() {
-            zrow[c] = (row[j] - scaler.mean[c]) / scaler.std[c];
-        }
-    }
+    let Standardised {
+        features,
+        scaler,
+        z,
+        dropped,
+    } = standardise(&sample)?;
 
     let axis_seed = params.seed ^ (sample.axis as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let ks: Vec<usize> = (params.min_k..=params.max_k.min(n - 1)).collect();
-    let fits: Vec<KMeansFit> = ks
-        .par_iter()
-        .map(|&k| {
-            KMeansParams::new(k)
-                .n_init(params.n_init)
-                .max_iter(params.max_iter)
-                .tol(params.tol)
-                .seed(axis_seed.wrapping_add(k as u64))
-                .check()
-                .map_err(|e| SkipReason::Failed(e.to_string()))?
-                .fit_weighted(z.view(), Some(&sample.weights))
-                .map_err(|e| SkipReason::Failed(e.to_string()))
-        })
-        .collect::<Result<_, _>>()?;
-
+    let fits = fit_every_k(z.view(), &sample.weights, &ks, params, axis_seed)?;
     let silhouettes = silhouettes(
         z.view(),
         &sample.weights,
@@ -323,6 +287,80 @@ pub fn cluster_axis(
         customers: n,
         segments,
     })
+}
+
+/// A sample reduced to the features that vary over it, standardised.
+struct Standardised {
+    /// The features kept.
+    features: Vec<FeatureId>,
+    /// Their weighted means and deviations.
+    scaler: Scaler,
+    /// The rows in standard units, one column per kept feature.
+    z: Array2<f64>,
+    /// The sample's dropped features, and those constant over it.
+    dropped: Vec<DroppedFeature>,
+}
+
+/// Drops the features constant over the sample and standardises the rest by their weighted
+/// moments; too few left to describe the axis is a reason to skip it.
+fn standardise(sample: &AxisSample) -> Result<Standardised, SkipReason> {
+    let (mean, std) = weighted_moments(sample.rows.view(), &sample.weights);
+    let mut dropped = sample.dropped.clone();
+    let keep: Vec<usize> = (0..std.len()).filter(|&j| std[j] > MIN_STD).collect();
+    for j in (0..std.len()).filter(|j| !keep.contains(j)) {
+        dropped.push(DroppedFeature {
+            feature: sample.features[j].def().name.to_owned(),
+            reason: "constant over the sample".into(),
+        });
+    }
+    if keep.is_empty() {
+        return Err(SkipReason::NoVariation);
+    }
+    if keep.len() < MIN_AXIS_FEATURES {
+        return Err(SkipReason::TooFewVaryingFeatures {
+            varying: keep.len(),
+        });
+    }
+    let features: Vec<FeatureId> = keep.iter().map(|&j| sample.features[j]).collect();
+    let scaler = Scaler {
+        mean: keep.iter().map(|&j| mean[j]).collect(),
+        std: keep.iter().map(|&j| std[j]).collect(),
+    };
+    let mut z = Array2::<f64>::zeros((sample.rows.nrows(), keep.len()));
+    for (mut zrow, row) in z.outer_iter_mut().zip(sample.rows.outer_iter()) {
+        for (c, &j) in keep.iter().enumerate() {
+            zrow[c] = (row[j] - scaler.mean[c]) / scaler.std[c];
+        }
+    }
+    Ok(Standardised {
+        features,
+        scaler,
+        z,
+        dropped,
+    })
+}
+
+/// One weighted k-means fit per k in `ks`, in parallel, each seeded from `axis_seed` and k.
+fn fit_every_k(
+    z: ArrayView2<f64>,
+    weights: &[f64],
+    ks: &[usize],
+    params: &ClusteringParams,
+    axis_seed: u64,
+) -> Result<Vec<KMeansFit>, SkipReason> {
+    ks.par_iter()
+        .map(|&k| {
+            KMeansParams::new(k)
+                .n_init(params.n_init)
+                .max_iter(params.max_iter)
+                .tol(params.tol)
+                .seed(axis_seed.wrapping_add(k as u64))
+                .check()
+                .map_err(|e| SkipReason::Failed(e.to_string()))?
+                .fit_weighted(z, Some(weights))
+                .map_err(|e| SkipReason::Failed(e.to_string()))
+        })
+        .collect()
 }
 
 /// Mean silhouette of each fit, on a seeded subsample of at most `max_points` rows, computed in

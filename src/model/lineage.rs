@@ -13,7 +13,10 @@
 use ndarray::Array2;
 
 use super::matching::{min_cost_assignment, MatchingError};
-use super::snapshot::{AxisLineage, Lineage, SegmentLineage, Snapshot, ValidSnapshot};
+use super::snapshot::{
+    AxisLineage, AxisModel, Lineage, SegmentLineage, Snapshot, ValidAxis, ValidSnapshot,
+};
+use crate::domain::features::Axis;
 
 /// Relabels `candidate`'s segment ids so that segments within `max_distance` of a matched
 /// previous segment keep its id, and records the matching.
@@ -25,78 +28,15 @@ pub fn carry_ids(
     let earlier = previous.snapshot().lineage.as_ref();
     let mut axes = Vec::with_capacity(candidate.axes.len());
     for model in &mut candidate.axes {
-        // Above every id the axis used along the chain, so an id never names two segments.
         let same_axis = previous.axes().iter().find(|a| a.model.axis == model.axis);
-        let mut next_id = same_axis
-            .map(|a| a.model.segments.iter().map(|s| s.id + 1).max().unwrap_or(0))
-            .unwrap_or(0)
-            .max(
-                earlier
-                    .and_then(|l| l.axes.iter().find(|a| a.axis == model.axis))
-                    .map_or(0, |a| a.next_id),
-            );
+        let next_id = first_free_id(same_axis, earlier, model.axis);
         let before = same_axis
             .map(|a| &a.model)
             .filter(|p| p.features == model.features);
-        let Some(before) = before else {
+        axes.push(match before {
+            Some(before) => match_axis(before, model, next_id, max_distance)?,
             // A new axis, or its features changed: every segment is new.
-            let mut segments = Vec::with_capacity(model.segments.len());
-            for segment in &mut model.segments {
-                segment.id = next_id;
-                next_id += 1;
-                segments.push(SegmentLineage {
-                    id: segment.id,
-                    previous_id: None,
-                    distance: None,
-                });
-            }
-            axes.push(AxisLineage {
-                axis: model.axis,
-                segments,
-                next_id,
-            });
-            continue;
-        };
-        let std = &before.scaler.std;
-        let cost =
-            Array2::from_shape_fn((model.segments.len(), before.segments.len()), |(i, j)| {
-                model.segments[i]
-                    .centroid_features
-                    .iter()
-                    .zip(&before.segments[j].centroid_features)
-                    .zip(std)
-                    .map(|((a, b), s)| ((a - b) / s).powi(2))
-                    .sum::<f64>()
-                    .sqrt()
-            });
-        let matched = min_cost_assignment(cost.view())?;
-        let mut segments = Vec::with_capacity(model.segments.len());
-        for (i, segment) in model.segments.iter_mut().enumerate() {
-            let pair = matched[i].map(|j| (j, cost[[i, j]]));
-            match pair {
-                Some((j, distance)) if distance <= max_distance => {
-                    segment.id = before.segments[j].id;
-                    segments.push(SegmentLineage {
-                        id: segment.id,
-                        previous_id: Some(segment.id),
-                        distance: Some(distance),
-                    });
-                }
-                other => {
-                    segment.id = next_id;
-                    next_id += 1;
-                    segments.push(SegmentLineage {
-                        id: segment.id,
-                        previous_id: None,
-                        distance: other.map(|(_, d)| d),
-                    });
-                }
-            }
-        }
-        axes.push(AxisLineage {
-            axis: model.axis,
-            segments,
-            next_id,
+            None => renumber_axis(model, next_id),
         });
     }
     let mut chain = vec![previous.version()];
@@ -111,6 +51,89 @@ pub fn carry_ids(
         axes,
     });
     Ok(())
+}
+
+/// The first id the axis may give a new segment: above every id the axis used along the
+/// chain, so an id never names two segments.
+fn first_free_id(same_axis: Option<&ValidAxis>, earlier: Option<&Lineage>, axis: Axis) -> u32 {
+    same_axis
+        .map(|a| a.model.segments.iter().map(|s| s.id + 1).max().unwrap_or(0))
+        .unwrap_or(0)
+        .max(
+            earlier
+                .and_then(|l| l.axes.iter().find(|a| a.axis == axis))
+                .map_or(0, |a| a.next_id),
+        )
+}
+
+/// Gives every segment of the axis a fresh id, from `next_id` on.
+fn renumber_axis(model: &mut AxisModel, mut next_id: u32) -> AxisLineage {
+    let mut segments = Vec::with_capacity(model.segments.len());
+    for segment in &mut model.segments {
+        segment.id = next_id;
+        next_id += 1;
+        segments.push(SegmentLineage {
+            id: segment.id,
+            previous_id: None,
+            distance: None,
+        });
+    }
+    AxisLineage {
+        axis: model.axis,
+        segments,
+        next_id,
+    }
+}
+
+/// Matches the axis's segments to the previous model's by optimal assignment on centroid
+/// distance: a segment matched within `max_distance` keeps its id, the others get fresh ids
+/// from `next_id` on.
+fn match_axis(
+    before: &AxisModel,
+    model: &mut AxisModel,
+    mut next_id: u32,
+    max_distance: f64,
+) -> Result<AxisLineage, MatchingError> {
+    let std = &before.scaler.std;
+    let cost = Array2::from_shape_fn((model.segments.len(), before.segments.len()), |(i, j)| {
+        model.segments[i]
+            .centroid_features
+            .iter()
+            .zip(&before.segments[j].centroid_features)
+            .zip(std)
+            .map(|((a, b), s)| ((a - b) / s).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    });
+    let matched = min_cost_assignment(cost.view())?;
+    let mut segments = Vec::with_capacity(model.segments.len());
+    for (i, segment) in model.segments.iter_mut().enumerate() {
+        let pair = matched[i].map(|j| (j, cost[[i, j]]));
+        match pair {
+            Some((j, distance)) if distance <= max_distance => {
+                segment.id = before.segments[j].id;
+                segments.push(SegmentLineage {
+                    id: segment.id,
+                    previous_id: Some(segment.id),
+                    distance: Some(distance),
+                });
+            }
+            other => {
+                segment.id = next_id;
+                next_id += 1;
+                segments.push(SegmentLineage {
+                    id: segment.id,
+                    previous_id: None,
+                    distance: other.map(|(_, d)| d),
+                });
+            }
+        }
+    }
+    Ok(AxisLineage {
+        axis: model.axis,
+        segments,
+        next_id,
+    })
 }
 
 #[cfg(test)]

@@ -50,14 +50,6 @@ pub struct Scaler {
 }
 
 impl Scaler {
-    /// Standardises `raw` into `out`.
-    #[inline]
-    pub fn transform(&self, raw: &[f64], out: &mut [f64]) {
-        for (((o, x), m), s) in out.iter_mut().zip(raw).zip(&self.mean).zip(&self.std) {
-            *o = (x - m) / s;
-        }
-    }
-
     /// Maps standardised values back to feature units.
     pub fn inverse(&self, z: &[f64]) -> Vec<f64> {
         z.iter()
@@ -466,6 +458,18 @@ fn check_lineage(lineage: &Lineage, axes: &[AxisModel]) -> Result<(), SnapshotEr
 }
 
 fn validate_axis(model: &AxisModel) -> Result<ValidAxis, SnapshotError> {
+    let feature_ids = resolve_features(model)?;
+    check_scaler(model.axis, &model.scaler, model.features.len())?;
+    check_segments(model)?;
+    Ok(ValidAxis {
+        model: model.clone(),
+        feature_ids,
+    })
+}
+
+/// The catalogue ids of an axis's features: enough of them, each known, of this axis and
+/// listed once.
+fn resolve_features(model: &AxisModel) -> Result<Vec<FeatureId>, SnapshotError> {
     let axis = model.axis;
     let d = model.features.len();
     if d < MIN_AXIS_FEATURES {
@@ -489,7 +493,11 @@ fn validate_axis(model: &AxisModel) -> Result<ValidAxis, SnapshotError> {
         }
         feature_ids.push(id);
     }
-    let scaler = &model.scaler;
+    Ok(feature_ids)
+}
+
+/// A scaler must have one finite mean and one positive deviation per feature.
+fn check_scaler(axis: Axis, scaler: &Scaler, d: usize) -> Result<(), SnapshotError> {
     if scaler.mean.len() != d || scaler.std.len() != d {
         return Err(invalid(format!(
             "{axis}: scaler has {} means and {} deviations for {d} features",
@@ -504,6 +512,14 @@ fn validate_axis(model: &AxisModel) -> Result<ValidAxis, SnapshotError> {
             "{axis}: scaler values must be finite with positive deviations"
         )));
     }
+    Ok(())
+}
+
+/// An axis's segments: `k` of them, with unique ids and names, each well formed, and shares
+/// summing to 1.
+fn check_segments(model: &AxisModel) -> Result<(), SnapshotError> {
+    let axis = model.axis;
+    let d = model.features.len();
     let k = model.segments.len();
     if k == 0 || k > MAX_SEGMENTS_PER_AXIS || k != model.k {
         return Err(invalid(format!(
@@ -526,29 +542,7 @@ fn validate_axis(model: &AxisModel) -> Result<ValidAxis, SnapshotError> {
             )));
         }
         names.push(name);
-        if seg.centroid.len() != d || seg.centroid_features.len() != d {
-            return Err(invalid(format!(
-                "{axis}: segment {} centroid has {} values for {d} features",
-                seg.id,
-                seg.centroid.len()
-            )));
-        }
-        if seg.centroid.iter().any(|v| !v.is_finite())
-            || seg.centroid_features.iter().any(|v| !v.is_finite())
-        {
-            return Err(invalid(format!(
-                "{axis}: segment {} centroid is not finite",
-                seg.id
-            )));
-        }
-        let share_ok = seg.share.is_finite() && (0.0..=1.0).contains(&seg.share);
-        let distance_ok = seg.mean_distance.is_finite() && seg.mean_distance >= 0.0;
-        if !(share_ok && distance_ok) {
-            return Err(invalid(format!(
-                "{axis}: segment {} share or mean distance out of range",
-                seg.id
-            )));
-        }
+        check_segment(axis, seg, d)?;
     }
     let total: f64 = model.segments.iter().map(|s| s.share).sum();
     if (total - 1.0).abs() > 1e-6 {
@@ -556,10 +550,36 @@ fn validate_axis(model: &AxisModel) -> Result<ValidAxis, SnapshotError> {
             "{axis}: segment shares sum to {total}, not 1"
         )));
     }
-    Ok(ValidAxis {
-        model: model.clone(),
-        feature_ids,
-    })
+    Ok(())
+}
+
+/// One segment's figures: a finite centroid per feature, a share in [0, 1] and a
+/// non-negative mean distance.
+fn check_segment(axis: Axis, seg: &Segment, d: usize) -> Result<(), SnapshotError> {
+    if seg.centroid.len() != d || seg.centroid_features.len() != d {
+        return Err(invalid(format!(
+            "{axis}: segment {} centroid has {} values for {d} features",
+            seg.id,
+            seg.centroid.len()
+        )));
+    }
+    if seg.centroid.iter().any(|v| !v.is_finite())
+        || seg.centroid_features.iter().any(|v| !v.is_finite())
+    {
+        return Err(invalid(format!(
+            "{axis}: segment {} centroid is not finite",
+            seg.id
+        )));
+    }
+    let share_ok = seg.share.is_finite() && (0.0..=1.0).contains(&seg.share);
+    let distance_ok = seg.mean_distance.is_finite() && seg.mean_distance >= 0.0;
+    if !(share_ok && distance_ok) {
+        return Err(invalid(format!(
+            "{axis}: segment {} share or mean distance out of range",
+            seg.id
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

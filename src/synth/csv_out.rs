@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::behaviour::REASONS;
 use super::events::{Kind, ACTION_NAMES, MESSAGE_CHANNEL_NAMES, ORDER_CHANNEL_NAMES};
+use super::history::Rec;
 use super::persona::TOPICS;
 use super::{Shop, SynthError};
 
@@ -73,18 +74,12 @@ pub fn write_csv(shop: &Shop, dir: &Path) -> Result<CsvSummary, SynthError> {
         path: dir.to_path_buf(),
         source,
     })?;
-    let mut orders = Out::create(dir.join("orders.csv"), &ORDERS_HEADER)?;
-    let mut returns = Out::create(dir.join("returns.csv"), &RETURNS_HEADER)?;
-    let mut support = Out::create(dir.join("support.csv"), &SUPPORT_HEADER)?;
-    let mut engagement = Out::create(dir.join("engagement.csv"), &ENGAGEMENT_HEADER)?;
-
+    let mut files = CsvFiles::create(dir)?;
     let h = &shop.history;
-    let catalogue = &shop.catalogue;
     let start = shop.params.start.unix();
     let mut clock = Clock::default();
     let mut numbers = [0u32; 4];
-    let (mut id, mut other, mut a, mut b) =
-        (String::new(), String::new(), String::new(), String::new());
+    let mut id = String::new();
     for rec in &h.recs {
         let n = &mut numbers[rec.kind as usize];
         *n += 1;
@@ -92,75 +87,9 @@ pub fn write_csv(shop: &Shop, dir: &Path) -> Result<CsvSummary, SynthError> {
         let _ = write!(id, "{}-{:08}", rec.kind.prefix(), *n);
         let time = clock.format(start + i64::from(rec.t));
         let customer = shop.ids[rec.cust as usize].as_str().as_bytes();
-        match rec.kind {
-            Kind::Order => {
-                let order = h.orders[rec.idx as usize];
-                let from = order.first_line as usize;
-                let channel = ORDER_CHANNEL_NAMES[usize::from(rec.a) % 4].as_bytes();
-                for line in &h.lines[from..from + order.lines as usize] {
-                    let product = &catalogue.products[line.product as usize];
-                    let category = &catalogue.categories[usize::from(product.category)].name;
-                    other.clear();
-                    let _ = write!(other, "{}", line.quantity);
-                    money(&mut a, u64::from(line.unit_cents));
-                    money(&mut b, u64::from(product.list_cents));
-                    orders.row(&[
-                        id.as_bytes(),
-                        customer,
-                        time,
-                        product.id.as_bytes(),
-                        category.as_bytes(),
-                        other.as_bytes(),
-                        a.as_bytes(),
-                        b.as_bytes(),
-                        channel,
-                    ])?;
-                }
-            }
-            Kind::Return => {
-                let ret = h.returns[rec.idx as usize];
-                other.clear();
-                let _ = write!(other, "o-{:08}", h.order_number[ret.order as usize]);
-                money(&mut a, ret.amount_cents);
-                let reason = REASONS[usize::from(ret.reason) % REASONS.len()];
-                returns.row(&[
-                    id.as_bytes(),
-                    customer,
-                    time,
-                    other.as_bytes(),
-                    a.as_bytes(),
-                    reason.as_bytes(),
-                ])?;
-            }
-            Kind::Support => {
-                let topic = TOPICS[usize::from(rec.a) % TOPICS.len()];
-                other.clear();
-                let _ = write!(other, "{}", rec.b.clamp(1, 5));
-                support.row(&[
-                    id.as_bytes(),
-                    customer,
-                    time,
-                    topic.as_bytes(),
-                    other.as_bytes(),
-                ])?;
-            }
-            Kind::Engagement => {
-                engagement.row(&[
-                    id.as_bytes(),
-                    customer,
-                    time,
-                    MESSAGE_CHANNEL_NAMES[usize::from(rec.a) % 4].as_bytes(),
-                    ACTION_NAMES[usize::from(rec.b) % 4].as_bytes(),
-                ])?;
-            }
-        }
+        files.write(shop, rec, [id.as_bytes(), customer, time])?;
     }
-    let files = vec![
-        orders.finish()?,
-        returns.finish()?,
-        support.finish()?,
-        engagement.finish()?,
-    ];
+    let files = files.finish()?;
     Ok(CsvSummary {
         customers: shop.ids.len(),
         orders: h.orders.len(),
@@ -170,6 +99,113 @@ pub fn write_csv(shop: &Shop, dir: &Path) -> Result<CsvSummary, SynthError> {
         engagements: numbers[Kind::Engagement as usize] as usize,
         files,
     })
+}
+
+/// The four files, and scratch cells reused so that formatting a row allocates nothing.
+struct CsvFiles {
+    orders: Out,
+    returns: Out,
+    support: Out,
+    engagement: Out,
+    other: String,
+    a: String,
+    b: String,
+}
+
+impl CsvFiles {
+    /// Creates the four files in `dir`, each with its header.
+    fn create(dir: &Path) -> Result<Self, SynthError> {
+        Ok(Self {
+            orders: Out::create(dir.join("orders.csv"), &ORDERS_HEADER)?,
+            returns: Out::create(dir.join("returns.csv"), &RETURNS_HEADER)?,
+            support: Out::create(dir.join("support.csv"), &SUPPORT_HEADER)?,
+            engagement: Out::create(dir.join("engagement.csv"), &ENGAGEMENT_HEADER)?,
+            other: String::new(),
+            a: String::new(),
+            b: String::new(),
+        })
+    }
+
+    /// Writes one record's rows; `head` is its id, customer and time, the first three cells
+    /// of every file.
+    fn write(&mut self, shop: &Shop, rec: &Rec, head: [&[u8]; 3]) -> Result<(), SynthError> {
+        let h = &shop.history;
+        let [id, customer, time] = head;
+        match rec.kind {
+            Kind::Order => self.order_rows(shop, rec, head)?,
+            Kind::Return => {
+                let ret = h.returns[rec.idx as usize];
+                self.other.clear();
+                let _ = write!(self.other, "o-{:08}", h.order_number[ret.order as usize]);
+                money(&mut self.a, ret.amount_cents);
+                let reason = REASONS[usize::from(ret.reason) % REASONS.len()];
+                self.returns.row(&[
+                    id,
+                    customer,
+                    time,
+                    self.other.as_bytes(),
+                    self.a.as_bytes(),
+                    reason.as_bytes(),
+                ])?;
+            }
+            Kind::Support => {
+                let topic = TOPICS[usize::from(rec.a) % TOPICS.len()];
+                self.other.clear();
+                let _ = write!(self.other, "{}", rec.b.clamp(1, 5));
+                self.support
+                    .row(&[id, customer, time, topic.as_bytes(), self.other.as_bytes()])?;
+            }
+            Kind::Engagement => {
+                self.engagement.row(&[
+                    id,
+                    customer,
+                    time,
+                    MESSAGE_CHANNEL_NAMES[usize::from(rec.a) % 4].as_bytes(),
+                    ACTION_NAMES[usize::from(rec.b) % 4].as_bytes(),
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One row per line of an order.
+    fn order_rows(&mut self, shop: &Shop, rec: &Rec, head: [&[u8]; 3]) -> Result<(), SynthError> {
+        let (h, catalogue) = (&shop.history, &shop.catalogue);
+        let [id, customer, time] = head;
+        let order = h.orders[rec.idx as usize];
+        let from = order.first_line as usize;
+        let channel = ORDER_CHANNEL_NAMES[usize::from(rec.a) % 4].as_bytes();
+        for line in &h.lines[from..from + order.lines as usize] {
+            let product = &catalogue.products[line.product as usize];
+            let category = &catalogue.categories[usize::from(product.category)].name;
+            self.other.clear();
+            let _ = write!(self.other, "{}", line.quantity);
+            money(&mut self.a, u64::from(line.unit_cents));
+            money(&mut self.b, u64::from(product.list_cents));
+            self.orders.row(&[
+                id,
+                customer,
+                time,
+                product.id.as_bytes(),
+                category.as_bytes(),
+                self.other.as_bytes(),
+                self.a.as_bytes(),
+                self.b.as_bytes(),
+                channel,
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Flushes the files; returns their paths: orders, returns, support, engagement.
+    fn finish(self) -> Result<Vec<PathBuf>, SynthError> {
+        Ok(vec![
+            self.orders.finish()?,
+            self.returns.finish()?,
+            self.support.finish()?,
+            self.engagement.finish()?,
+        ])
+    }
 }
 
 /// One output file and its path, for error messages.

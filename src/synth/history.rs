@@ -14,11 +14,12 @@
 //! [`crate::domain::event::Event`]s are only built while iterating.
 
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 use rand_distr::Exp1;
 
 use super::behaviour::{
     self, draw_lines, draw_order_contact, draw_return, draw_topic, poisson, rng_for, Favourites,
-    LineRec, Stream, Traits, ENGAGEMENT_TAIL_DAYS, SUPPORT_TAIL_DAYS,
+    LineRec, ReturnDraw, Stream, Traits, ENGAGEMENT_TAIL_DAYS, SUPPORT_TAIL_DAYS,
 };
 use super::catalogue::Catalogue;
 use super::events::{Kind, CLICK, OPEN, SUBSCRIBE, UNSUBSCRIBE};
@@ -308,125 +309,182 @@ fn content(
     h: &mut History,
     counters: &mut Counters,
 ) {
-    let mut rng = rng_for(params.seed, Stream::Content, cust as u64);
-    let t = &h.traits[cust];
-    let horizon = params.days * DAY;
-    let c = cust as u32;
-    // Follow-ups of orders near the end fall after the history; they are kept for the live
-    // stream, which emits them first, so returns and contacts do not dip at the hand-over.
-    let mut support_at =
-        |time: u32, topic: u8, complexity: u8, recs: &mut Vec<Rec>, spill: &mut Vec<Spill>| {
-            if time < horizon {
-                counters.support += 1;
-                recs.push(Rec {
-                    t: time,
-                    cust: c,
-                    idx: counters.support,
-                    kind: Kind::Support,
-                    a: topic,
-                    b: complexity,
-                });
-            } else {
-                spill.push(Spill {
-                    t: time,
-                    cust: c,
-                    kind: Kind::Support,
-                    order: 0,
-                    amount_cents: 0,
-                    a: topic,
-                    b: complexity,
-                });
-            }
-        };
+    let History {
+        traits,
+        end,
+        orders,
+        lines,
+        returns,
+        recs,
+        spill,
+        ..
+    } = h;
+    let t = &traits[cust];
+    let mut draw = CustomerDraw {
+        t,
+        rng: rng_for(params.seed, Stream::Content, cust as u64),
+        cust: cust as u32,
+        horizon: params.days * DAY,
+        orders,
+        lines,
+        returns,
+        recs,
+        spill,
+        counters,
+    };
     let mut favourites = Favourites::default();
     for plan in plans {
-        let order = h.orders.len() as u32;
-        let first_line = h.lines.len();
+        draw.order(plan, catalogue, &mut favourites);
+    }
+    draw.loose_contacts(params.days);
+
+    let signup = plans.first().map_or(t.acquired * DAY, |p| p.t);
+    let subscribed = messaging(
+        params,
+        t,
+        draw.cust,
+        signup,
+        &mut draw.rng,
+        draw.recs,
+        draw.counters,
+    );
+    end.push(EndState {
+        favourites,
+        subscribed,
+    });
+}
+
+/// One customer's content being drawn: their traits and random stream, and the parts of the
+/// history their records go to.
+struct CustomerDraw<'a> {
+    t: &'a Traits,
+    rng: ChaCha8Rng,
+    cust: u32,
+    /// The history's end, in seconds since the shop's start.
+    horizon: u32,
+    orders: &'a mut Vec<OrderRec>,
+    lines: &'a mut Vec<LineRec>,
+    returns: &'a mut Vec<ReturnRec>,
+    recs: &'a mut Vec<Rec>,
+    spill: &'a mut Vec<Spill>,
+    counters: &'a mut Counters,
+}
+
+impl CustomerDraw<'_> {
+    /// Draws a planned order's lines, then its return and the support contacts that follow
+    /// it or its return.
+    fn order(&mut self, plan: &Plan, catalogue: &Catalogue, favourites: &mut Favourites) {
+        let t = self.t;
+        let order = self.orders.len() as u32;
+        let first_line = self.lines.len();
         draw_lines(
             plan.lines as usize,
             t,
-            &mut favourites,
+            favourites,
             catalogue,
-            &mut rng,
-            &mut h.lines,
+            &mut self.rng,
+            self.lines,
         );
-        h.orders.push(OrderRec {
+        self.orders.push(OrderRec {
             first_line: first_line as u32,
             lines: plan.lines,
         });
-        h.recs.push(Rec {
+        self.recs.push(Rec {
             t: plan.t,
-            cust: c,
+            cust: self.cust,
             idx: order,
             kind: Kind::Order,
             a: plan.channel,
             b: 0,
         });
         let day = plan.t / DAY;
-        if let Some(r) = draw_return(t, &h.lines[first_line..], &mut rng) {
+        if let Some(r) = draw_return(t, &self.lines[first_line..], &mut self.rng) {
             let return_day = day + r.after_days;
             let time = return_day.saturating_mul(DAY).saturating_add(r.time_of_day);
-            let contact = draw_order_contact(t, true, &mut rng);
-            if time < horizon {
-                h.returns.push(ReturnRec {
-                    order,
-                    amount_cents: r.amount_cents,
-                    reason: r.reason,
-                });
-                h.recs.push(Rec {
-                    t: time,
-                    cust: c,
-                    idx: h.returns.len() as u32 - 1,
-                    kind: Kind::Return,
-                    a: 0,
-                    b: 0,
-                });
-            } else {
-                h.spill.push(Spill {
-                    t: time,
-                    cust: c,
-                    kind: Kind::Return,
-                    order,
-                    amount_cents: r.amount_cents,
-                    a: r.reason,
-                    b: 0,
-                });
-            }
+            let contact = draw_order_contact(t, true, &mut self.rng);
+            self.return_at(time, order, &r);
             if let Some(s) = contact {
                 let at = (return_day + s.after_days) * DAY + s.time_of_day;
-                support_at(at, s.topic, s.complexity, &mut h.recs, &mut h.spill);
+                self.support_at(at, s.topic, s.complexity);
             }
         }
-        if let Some(s) = draw_order_contact(t, false, &mut rng) {
+        if let Some(s) = draw_order_contact(t, false, &mut self.rng) {
             let at = (day + s.after_days) * DAY + s.time_of_day;
-            support_at(at, s.topic, s.complexity, &mut h.recs, &mut h.spill);
+            self.support_at(at, s.topic, s.complexity);
         }
     }
 
-    // Contacts not tied to an order, over the reachable span, thinned by decay.
-    let support_end = reach_end(t, params.days, SUPPORT_TAIL_DAYS);
-    let span = support_end.saturating_sub(t.acquired);
-    for _ in 0..poisson(t.support_per_week / 7.0 * f64::from(span), &mut rng) {
-        let day = t.acquired + rng.random_range(0..span.max(1));
-        let (topic, complexity) = draw_topic(t, &mut rng);
-        let tod = season::time_of_day(&season::OFFICE_HOURS, &mut rng);
-        if rng.random::<f64>() < t.decay_at(f64::from(day)) {
-            support_at(
-                day * DAY + tod,
-                topic,
-                complexity,
-                &mut h.recs,
-                &mut h.spill,
-            );
+    /// Contacts not tied to an order, over the reachable span, thinned by decay.
+    fn loose_contacts(&mut self, days: u32) {
+        let t = self.t;
+        let support_end = reach_end(t, days, SUPPORT_TAIL_DAYS);
+        let span = support_end.saturating_sub(t.acquired);
+        for _ in 0..poisson(t.support_per_week / 7.0 * f64::from(span), &mut self.rng) {
+            let day = t.acquired + self.rng.random_range(0..span.max(1));
+            let (topic, complexity) = draw_topic(t, &mut self.rng);
+            let tod = season::time_of_day(&season::OFFICE_HOURS, &mut self.rng);
+            if self.rng.random::<f64>() < t.decay_at(f64::from(day)) {
+                self.support_at(day * DAY + tod, topic, complexity);
+            }
         }
     }
 
-    let signup = plans.first().map_or(t.acquired * DAY, |p| p.t);
-    let subscribed = messaging(params, t, c, signup, &mut rng, &mut h.recs, counters);
-    h.end.push(EndState {
-        favourites,
-        subscribed,
-    });
+    /// Records a return of `order` at `time`. Follow-ups of orders near the end fall after the
+    /// history; they are spilled for the live stream, which emits them first, so returns and
+    /// contacts do not dip at the hand-over.
+    fn return_at(&mut self, time: u32, order: u32, r: &ReturnDraw) {
+        if time < self.horizon {
+            self.returns.push(ReturnRec {
+                order,
+                amount_cents: r.amount_cents,
+                reason: r.reason,
+            });
+            self.recs.push(Rec {
+                t: time,
+                cust: self.cust,
+                idx: self.returns.len() as u32 - 1,
+                kind: Kind::Return,
+                a: 0,
+                b: 0,
+            });
+        } else {
+            self.spill.push(Spill {
+                t: time,
+                cust: self.cust,
+                kind: Kind::Return,
+                order,
+                amount_cents: r.amount_cents,
+                a: r.reason,
+                b: 0,
+            });
+        }
+    }
+
+    /// Records a support contact at `time`, or spills it past the history's end as
+    /// [`Self::return_at`] does.
+    fn support_at(&mut self, time: u32, topic: u8, complexity: u8) {
+        if time < self.horizon {
+            self.counters.support += 1;
+            self.recs.push(Rec {
+                t: time,
+                cust: self.cust,
+                idx: self.counters.support,
+                kind: Kind::Support,
+                a: topic,
+                b: complexity,
+            });
+        } else {
+            self.spill.push(Spill {
+                t: time,
+                cust: self.cust,
+                kind: Kind::Support,
+                order: 0,
+                amount_cents: 0,
+                a: topic,
+                b: complexity,
+            });
+        }
+    }
 }
 
 /// First day the customer can no longer act with the given tail after churn, within the period.
@@ -448,36 +506,66 @@ fn messaging(
     recs: &mut Vec<Rec>,
     counters: &mut Counters,
 ) -> u8 {
-    let horizon = params.days * DAY;
-    let end = reach_end(t, params.days, ENGAGEMENT_TAIL_DAYS) * DAY;
-    let mut emit = |time: u32, channel: u8, action: u8, recs: &mut Vec<Rec>| {
-        if time < horizon {
-            counters.engagement += 1;
-            recs.push(Rec {
+    let mut messages = Messaging {
+        t,
+        cust,
+        horizon: params.days * DAY,
+        end: reach_end(t, params.days, ENGAGEMENT_TAIL_DAYS) * DAY,
+        recs,
+        counters,
+    };
+    let mut still = 0u8;
+    for channel in 0..4u8 {
+        if messages.channel(channel, signup, rng) {
+            still |= 1 << channel;
+        }
+    }
+    still
+}
+
+/// One customer's messaging being drawn, and where its records go.
+struct Messaging<'a> {
+    t: &'a Traits,
+    cust: u32,
+    /// The history's end: engagement after it is not recorded.
+    horizon: u32,
+    /// The end of the customer's reach, in seconds since the shop's start.
+    end: u32,
+    recs: &'a mut Vec<Rec>,
+    counters: &'a mut Counters,
+}
+
+impl Messaging<'_> {
+    /// Records an engagement that falls inside the history.
+    fn emit(&mut self, time: u32, channel: u8, action: u8) {
+        if time < self.horizon {
+            self.counters.engagement += 1;
+            self.recs.push(Rec {
                 t: time,
-                cust,
-                idx: counters.engagement,
+                cust: self.cust,
+                idx: self.counters.engagement,
                 kind: Kind::Engagement,
                 a: channel,
                 b: action,
             });
         }
-    };
-    let mut still = 0u8;
-    for channel in 0..4u8 {
+    }
+
+    /// One channel's spells from sign-up on; returns whether it is subscribed at the end.
+    fn channel(&mut self, channel: u8, signup: u32, rng: &mut impl Rng) -> bool {
+        let (t, end) = (self.t, self.end);
         let in_app = channel == 3;
         let mut subscribed = t.subscribed & (1 << channel) != 0;
         let mut cursor = signup;
         if subscribed && !in_app {
             // Opt-in at checkout, minutes after the first order.
             cursor = signup + rng.random_range(30..1800);
-            emit(cursor, channel, SUBSCRIBE, recs);
+            self.emit(cursor, channel, SUBSCRIBE);
         } else if !subscribed && !in_app && rng.random::<f64>() < 0.08 && end > signup {
             cursor = rng.random_range(signup..end);
-            emit(cursor, channel, SUBSCRIBE, recs);
+            self.emit(cursor, channel, SUBSCRIBE);
             subscribed = true;
         }
-        let rate = t.opens_per_week[usize::from(channel)] / 7.0;
         while subscribed && cursor < end {
             let unsubscribe_at = if t.unsubscribe_per_week > 0.0 {
                 let days = rng.sample::<f64, _>(Exp1) * 7.0 / t.unsubscribe_per_week;
@@ -486,40 +574,44 @@ fn messaging(
                 f64::INFINITY
             };
             let spell_end = unsubscribe_at.min(f64::from(end)) as u32;
-            let first_day = cursor / DAY;
-            let spell_days = spell_end.div_ceil(DAY).saturating_sub(first_day).max(1);
-            for _ in 0..poisson(rate * f64::from(spell_end - cursor) / f64::from(DAY), rng) {
-                let day = first_day + rng.random_range(0..spell_days);
-                let at = day * DAY + season::time_of_day(&season::MESSAGE_HOURS, rng);
-                let keep = rng.random::<f64>() < t.decay_at(f64::from(day));
-                let click = rng.random::<f64>() < t.click;
-                let click_after = rng.random_range(5..1800);
-                // Opens drawn on the spell's partial first or last day can fall outside it.
-                if !keep || at < cursor || at >= spell_end {
-                    continue;
-                }
-                emit(at, channel, OPEN, recs);
-                if click {
-                    emit(at + click_after, channel, CLICK, recs);
-                }
-            }
+            self.opens(channel, cursor, spell_end, rng);
             if unsubscribe_at >= f64::from(end) {
                 break;
             }
-            emit(spell_end, channel, UNSUBSCRIBE, recs);
+            self.emit(spell_end, channel, UNSUBSCRIBE);
             subscribed = false;
             if !in_app && rng.random::<f64>() < 0.2 {
                 let back = spell_end + rng.random_range(20..120) * DAY;
                 if back < end {
-                    emit(back, channel, SUBSCRIBE, recs);
+                    self.emit(back, channel, SUBSCRIBE);
                     subscribed = true;
                     cursor = back;
                 }
             }
         }
-        if subscribed {
-            still |= 1 << channel;
+        subscribed
+    }
+
+    /// Opens (and their clicks) of one subscribed spell, from `cursor` to `spell_end`.
+    fn opens(&mut self, channel: u8, cursor: u32, spell_end: u32, rng: &mut impl Rng) {
+        let t = self.t;
+        let rate = t.opens_per_week[usize::from(channel)] / 7.0;
+        let first_day = cursor / DAY;
+        let spell_days = spell_end.div_ceil(DAY).saturating_sub(first_day).max(1);
+        for _ in 0..poisson(rate * f64::from(spell_end - cursor) / f64::from(DAY), rng) {
+            let day = first_day + rng.random_range(0..spell_days);
+            let at = day * DAY + season::time_of_day(&season::MESSAGE_HOURS, rng);
+            let keep = rng.random::<f64>() < t.decay_at(f64::from(day));
+            let click = rng.random::<f64>() < t.click;
+            let click_after = rng.random_range(5..1800);
+            // Opens drawn on the spell's partial first or last day can fall outside it.
+            if !keep || at < cursor || at >= spell_end {
+                continue;
+            }
+            self.emit(at, channel, OPEN);
+            if click {
+                self.emit(at + click_after, channel, CLICK);
+            }
         }
     }
-    still
 }

@@ -1,3 +1,5 @@
+//! Unit tests of the synthetic shop: seeded, checked against hand-worked values and the CSV round trip.
+
 use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
@@ -409,15 +411,10 @@ fn csv_files_match_the_history() {
         ["orders.csv", "returns.csv", "support.csv", "engagement.csv"]
     );
 
-    let read = |i: usize, header: &[&str]| -> Vec<csv::StringRecord> {
-        let mut reader = csv::Reader::from_path(&summary.files[i]).unwrap();
-        assert_eq!(reader.headers().unwrap(), header);
-        reader.records().map(Result::unwrap).collect()
-    };
-    let orders = read(0, &ORDERS_HEADER);
-    let returns = read(1, &RETURNS_HEADER);
-    let support = read(2, &SUPPORT_HEADER);
-    let engagement = read(3, &ENGAGEMENT_HEADER);
+    let orders = read_csv_rows(&summary.files[0], &ORDERS_HEADER);
+    let returns = read_csv_rows(&summary.files[1], &RETURNS_HEADER);
+    let support = read_csv_rows(&summary.files[2], &SUPPORT_HEADER);
+    let engagement = read_csv_rows(&summary.files[3], &ENGAGEMENT_HEADER);
     assert_eq!(summary.customers, 800);
     assert_eq!(orders.len(), 8_000);
     assert_eq!(summary.order_lines, 8_000);
@@ -425,77 +422,92 @@ fn csv_files_match_the_history() {
     assert_eq!(support.len(), summary.support_contacts);
     assert_eq!(engagement.len(), summary.engagements);
 
-    let mut rows = (
+    let mut rows = [
         orders.iter(),
         returns.iter(),
         support.iter(),
         engagement.iter(),
-    );
-    let time = |e: &Event| e.event_time.to_rfc3339().replace('T', " ").replace('Z', "");
-    let money = |x: f64| format!("{x:.2}");
+    ];
     let mut order_count = 0;
     for e in &events {
-        match &e.body {
-            EventBody::Order(o) => {
-                order_count += 1;
-                for l in &o.lines {
-                    let row = rows.0.next().unwrap();
-                    let channel = format!("{:?}", o.channel.unwrap()).to_lowercase();
-                    let expected = [
-                        e.event_id.clone(),
-                        e.customer_id.to_string(),
-                        time(e),
-                        l.product_id.clone().unwrap(),
-                        l.category.clone().unwrap(),
-                        format!("{}", l.quantity),
-                        money(l.unit_price),
-                        money(l.list_price.unwrap()),
-                        channel,
-                    ];
-                    assert_eq!(row, &expected[..]);
-                }
-            }
-            EventBody::Return(r) => {
-                let row = rows.1.next().unwrap();
-                let expected = [
-                    e.event_id.clone(),
-                    e.customer_id.to_string(),
-                    time(e),
-                    r.order_id.clone().unwrap(),
-                    money(r.amount),
-                    r.reason.clone().unwrap(),
-                ];
-                assert_eq!(row, &expected[..]);
-            }
-            EventBody::SupportContact(s) => {
-                let row = rows.2.next().unwrap();
-                let expected = [
-                    e.event_id.clone(),
-                    e.customer_id.to_string(),
-                    time(e),
-                    s.topic.clone(),
-                    format!("{}", s.complexity),
-                ];
-                assert_eq!(row, &expected[..]);
-            }
-            EventBody::Engagement(g) => {
-                let row = rows.3.next().unwrap();
-                let json = |v: String| v.trim_matches('"').to_owned();
-                let expected = [
-                    e.event_id.clone(),
-                    e.customer_id.to_string(),
-                    time(e),
-                    json(serde_json::to_string(&g.channel).unwrap()),
-                    json(serde_json::to_string(&g.action).unwrap()),
-                ];
-                assert_eq!(row, &expected[..]);
-            }
+        if matches!(e.body, EventBody::Order(_)) {
+            order_count += 1;
+        }
+        for (file, expected) in expected_csv_rows(e) {
+            let row = rows[file].next().unwrap();
+            assert_eq!(row, &expected[..]);
         }
     }
     assert_eq!(order_count, summary.orders);
-    assert!(rows.0.next().is_none() && rows.3.next().is_none());
+    assert!(rows[0].next().is_none() && rows[3].next().is_none());
     // Times written are the domain's own parseable format.
     assert!(EventTime::parse(&orders[0][2]).is_ok());
+}
+
+/// The data rows of a CSV file, after checking its header.
+fn read_csv_rows(path: &std::path::Path, header: &[&str]) -> Vec<csv::StringRecord> {
+    let mut reader = csv::Reader::from_path(path).unwrap();
+    assert_eq!(reader.headers().unwrap(), header);
+    reader.records().map(Result::unwrap).collect()
+}
+
+/// The rows `write_csv` should write for an event: (file, in `summary.files` order; cells).
+fn expected_csv_rows(e: &Event) -> Vec<(usize, Vec<String>)> {
+    let time = |e: &Event| e.event_time.to_rfc3339().replace('T', " ").replace('Z', "");
+    let money = |x: f64| format!("{x:.2}");
+    match &e.body {
+        EventBody::Order(o) => o
+            .lines
+            .iter()
+            .map(|l| {
+                let channel = format!("{:?}", o.channel.unwrap()).to_lowercase();
+                let expected = vec![
+                    e.event_id.clone(),
+                    e.customer_id.to_string(),
+                    time(e),
+                    l.product_id.clone().unwrap(),
+                    l.category.clone().unwrap(),
+                    format!("{}", l.quantity),
+                    money(l.unit_price),
+                    money(l.list_price.unwrap()),
+                    channel,
+                ];
+                (0, expected)
+            })
+            .collect(),
+        EventBody::Return(r) => {
+            let expected = vec![
+                e.event_id.clone(),
+                e.customer_id.to_string(),
+                time(e),
+                r.order_id.clone().unwrap(),
+                money(r.amount),
+                r.reason.clone().unwrap(),
+            ];
+            vec![(1, expected)]
+        }
+        EventBody::SupportContact(s) => {
+            let expected = vec![
+                e.event_id.clone(),
+                e.customer_id.to_string(),
+                time(e),
+                s.topic.clone(),
+                format!("{}", s.complexity),
+            ];
+            vec![(2, expected)]
+        }
+        EventBody::Engagement(g) => {
+            let json = |v: String| v.trim_matches('"').to_owned();
+            let expected = vec![
+                e.event_id.clone(),
+                e.customer_id.to_string(),
+                time(e),
+                json(serde_json::to_string(&g.channel).unwrap()),
+                json(serde_json::to_string(&g.action).unwrap()),
+            ];
+            vec![(3, expected)]
+        }
+    }
 }
 
 #[test]

@@ -30,6 +30,7 @@ use crate::io::kafka::KafkaConfig;
 use crate::io::snapshot_file;
 use crate::io::store::{RocksStore, StateStore, StoreConfig};
 use crate::model::assign::LoadedSnapshot;
+use crate::model::snapshot::ValidSnapshot;
 use crate::synth::fixtures::discover_history;
 use crate::synth::{Shop, ShopParams};
 use crate::telemetry::metrics::Metrics;
@@ -72,9 +73,104 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
 /// Pre-serialised events: (key, payload).
 type Payloads = Arc<Vec<(String, Vec<u8>)>>;
 
+/// What the daemon runs share: the mock cluster, the producer that feeds it, the prepared
+/// events, the work directory (with the snapshot in it) and the options.
+struct Rig<'a> {
+    cluster: &'a MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    brokers: &'a str,
+    producer: &'a FutureProducer,
+    payloads: &'a Payloads,
+    dir: &'a tempfile::TempDir,
+    args: &'a BenchArgs,
+}
+
 async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let cluster = MockCluster::new(1).context("starting the mock cluster")?;
     let brokers = cluster.bootstrap_servers();
+    let (payloads, snapshot, states) = prepare(&args).await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "200000")
+        .create()?;
+
+    // 1. passthrough ceiling
+    let input = "bench-passthrough-in";
+    let output = "bench-passthrough-out";
+    cluster.create_topic(input, args.partitions, 1)?;
+    cluster.create_topic(output, args.partitions, 1)?;
+    let ceiling = passthrough(&brokers, input, output, &producer, &payloads).await?;
+    println!(
+        "passthrough (consume, produce, await, commit): {:>9.0} events/s ({:.2} cores busy)",
+        ceiling.rate, ceiling.cores
+    );
+
+    let dir = tempfile::tempdir()?;
+    snapshot_file::save(snapshot.snapshot(), &dir.path().join("snapshot.json"))?;
+    let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
+    let rig = Rig {
+        cluster: &cluster,
+        brokers: &brokers,
+        producer: &producer,
+        payloads: &payloads,
+        dir: &dir,
+        args: &args,
+    };
+    flat_run(&rig, &ceiling).await?;
+    latency_run(&rig).await?;
+    println!(
+        "peak RSS: {} MiB (the whole bench process: mock cluster, feeder and three stores)",
+        peak_rss_mib().unwrap_or(0)
+    );
+
+    // 4. re-clustering from live state
+    let n = if args.state_customers > 0 {
+        args.state_customers
+    } else {
+        args.customers
+    };
+    let seconds = {
+        let (states, dir_path, snapshot) =
+            (states.clone(), dir.path().to_owned(), shared.load_full());
+        tokio::task::spawn_blocking(move || recluster_run(&states, &snapshot, &dir_path, n))
+            .await??
+    };
+    println!(
+        "re-clustering from live state ({n} customers in RocksDB, 5,000-customer sample, \
+         13 axes, k 2..=6, validated against everyone): {seconds:.2} s"
+    );
+
+    // 5. live traffic through a swap and the sweep it starts
+    {
+        let snapshot = shared.load_full();
+        swap_run(&rig, &snapshot, &states, n)
+            .await
+            .context("swap and sweep run")?;
+    }
+
+    // 6. a real daemon process over a large store
+    if args.state_customers > 0 {
+        let shop_customers = args.customers;
+        let snapshot = shared.load_full();
+        process_run(&rig, &snapshot, &states)
+            .await
+            .with_context(|| format!("daemon process over {shop_customers} customers"))?;
+    }
+    // Clients first: a client that outlives the cluster logs "all brokers down" on exit.
+    drop(producer);
+    drop(cluster);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Generates the shop (off the runtime), discovers a snapshot from its history and serialises
+/// its live events: the events, the snapshot and the customers' states.
+async fn prepare(
+    args: &BenchArgs,
+) -> anyhow::Result<(
+    Payloads,
+    ValidSnapshot,
+    Vec<crate::domain::state::CustomerState>,
+)> {
     let started = Instant::now();
     let (payloads, snapshot, states) = tokio::task::spawn_blocking({
         let args = args.clone();
@@ -105,38 +201,12 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
         snapshot.axes().len(),
         started.elapsed().as_secs_f64()
     );
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "200000")
-        .create()?;
+    Ok((payloads, snapshot, states))
+}
 
-    // 1. passthrough ceiling
-    let input = "bench-passthrough-in";
-    let output = "bench-passthrough-out";
-    cluster.create_topic(input, args.partitions, 1)?;
-    cluster.create_topic(output, args.partitions, 1)?;
-    let ceiling = passthrough(&brokers, input, output, &producer, &payloads).await?;
-    println!(
-        "passthrough (consume, produce, await, commit): {:>9.0} events/s ({:.2} cores busy)",
-        ceiling.rate, ceiling.cores
-    );
-
-    // 2. the daemon, flat out
-    let dir = tempfile::tempdir()?;
-    snapshot_file::save(snapshot.snapshot(), &dir.path().join("snapshot.json"))?;
-    let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
-    let (flat, metrics) = daemon_run(
-        &cluster,
-        &brokers,
-        &producer,
-        &payloads,
-        &dir,
-        "flat",
-        None,
-        args.partitions,
-    )
-    .await?;
+/// 2. The daemon flat out, against the passthrough ceiling.
+async fn flat_run(rig: &Rig<'_>, ceiling: &Throughput) -> anyhow::Result<()> {
+    let (flat, metrics) = daemon_run(rig, rig.payloads, "flat", None).await?;
     println!(
         "daemon (decode, state, assign, publish, commit): {:>9.0} events/s ({:.2} cores busy) \
          = {:.2} of the ceiling",
@@ -145,21 +215,15 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
         flat.rate / ceiling.rate
     );
     drop(metrics);
+    Ok(())
+}
 
-    // 3. latency at an offered rate
-    let n = (args.rate as usize * args.latency_seconds as usize).min(payloads.len());
-    let offered = Arc::new(payloads[..n].to_vec());
-    let (achieved, metrics) = daemon_run(
-        &cluster,
-        &brokers,
-        &producer,
-        &offered,
-        &dir,
-        "paced",
-        Some(args.rate),
-        args.partitions,
-    )
-    .await?;
+/// 3. Event-to-publish latency at the offered rate, for `latency_seconds` of events.
+async fn latency_run(rig: &Rig<'_>) -> anyhow::Result<()> {
+    let args = rig.args;
+    let n = (args.rate as usize * args.latency_seconds as usize).min(rig.payloads.len());
+    let offered = Arc::new(rig.payloads[..n].to_vec());
+    let (achieved, metrics) = daemon_run(rig, &offered, "paced", Some(args.rate)).await?;
     let buckets = histogram_buckets(&metrics.event_to_publish_seconds);
     let ms = |q: f64| {
         quantile(&buckets, q).map_or("-".to_owned(), |s| {
@@ -177,52 +241,7 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
         ms(0.5),
         ms(0.99)
     );
-    println!(
-        "peak RSS: {} MiB (the whole bench process: mock cluster, feeder and three stores)",
-        peak_rss_mib().unwrap_or(0)
-    );
-
-    // 4. re-clustering from live state
-    let n = if args.state_customers > 0 {
-        args.state_customers
-    } else {
-        args.customers
-    };
-    let seconds = {
-        let (states, dir_path, snapshot) =
-            (states.clone(), dir.path().to_owned(), shared.load_full());
-        tokio::task::spawn_blocking(move || recluster_run(&states, &snapshot, &dir_path, n))
-            .await??
-    };
-    println!(
-        "re-clustering from live state ({n} customers in RocksDB, 5,000-customer sample, \
-         13 axes, k 2..=6, validated against everyone): {seconds:.2} s"
-    );
-
-    // 5. live traffic through a swap and the sweep it starts
-    {
-        let snapshot = shared.load_full();
-        swap_run(
-            &cluster, &brokers, &producer, &payloads, &snapshot, &states, &dir, &args, n,
-        )
-        .await
-        .context("swap and sweep run")?;
-    }
-
-    // 6. a real daemon process over a large store
-    if args.state_customers > 0 {
-        let shop_customers = args.customers;
-        let snapshot = shared.load_full();
-        process_run(
-            &cluster, &brokers, &producer, &payloads, &snapshot, &states, &dir, &args,
-        )
-        .await
-        .with_context(|| format!("daemon process over {shop_customers} customers"))?;
-    }
-    // Clients first: a client that outlives the cluster logs "all brokers down" on exit.
-    drop(producer);
-    drop(cluster);
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// Most records produced but not yet consumed. The mock cluster keeps only about 5 MiB per
@@ -233,21 +252,19 @@ const FEED_WINDOW: u64 = 40_000;
 /// How long a run may go without progress before the bench gives up.
 const STALL: Duration = Duration::from_secs(30);
 
+/// The input topic of the daemon process run.
+const PROCESS_INPUT: &str = "bench-process-events";
+
 /// Runs `segmentd run` as a child process on a store seeded with `--state-customers`
 /// customers, feeds it the events re-keyed over those customers, and reports its throughput,
 /// CPU and peak RSS: the daemon's own figures, without the mock cluster or the feeder.
-#[allow(clippy::too_many_arguments)]
 async fn process_run(
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    brokers: &str,
-    producer: &FutureProducer,
-    payloads: &Payloads,
+    rig: &Rig<'_>,
     snapshot: &LoadedSnapshot,
     states: &[crate::domain::state::CustomerState],
-    dir: &tempfile::TempDir,
-    args: &BenchArgs,
 ) -> anyhow::Result<()> {
-    let n = args.state_customers;
+    let dir = rig.dir;
+    let n = rig.args.state_customers;
     let started = Instant::now();
     let db = dir.path().join("process");
     std::thread::scope(|scope| {
@@ -260,31 +277,8 @@ async fn process_run(
         "seeded {n} customers into a store in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let rekeyed = rekey(payloads, n, 0)?;
-    let snapshot_path = dir.path().join("snapshot.json");
-    snapshot_file::save(snapshot.snapshot.snapshot(), &snapshot_path)?;
-    let input = "bench-process-events";
-    for topic in [input, "bench-process-memberships"] {
-        cluster.create_topic(topic, args.partitions, 1)?;
-    }
-    cluster.create_topic("bench-process-dead", 1, 1)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let config = dir.path().join("process.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[daemon]\nsnapshot = {snap:?}\nsnapshot_dir = {snapshots:?}\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n\
-             [kafka]\nbrokers = {brokers:?}\ngroup_id = \"bench-process\"\n\
-             input_topics = [{input:?}]\noutput_topic = \"bench-process-memberships\"\n\
-             dead_letter_topic = \"bench-process-dead\"\nsession_timeout_ms = 6000\n\n\
-             [store]\npath = {db:?}\n",
-            snapshots = dir.path().join("process-snapshots").display().to_string(),
-            snap = snapshot_path.display().to_string(),
-            db = db.display().to_string(),
-        ),
-    )?;
+    let rekeyed = rekey(rig.payloads, n, 0)?;
+    let config = process_config(rig, snapshot, &db)?;
     let log = std::fs::File::create(dir.path().join("process.log"))?;
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args(["run", "--config"])
@@ -294,74 +288,7 @@ async fn process_run(
         .spawn()
         .context("starting segmentd run")?;
     let pid = child.id();
-    let result = async {
-        let group: rdkafka::consumer::BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", "bench-process")
-            .create()?;
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for p in 0..args.partitions {
-            tpl.add_partition(input, p);
-        }
-        let committed = move || -> u64 {
-            group
-                .committed_offsets(tpl.clone(), Duration::from_secs(2))
-                .map(|t| {
-                    t.elements()
-                        .iter()
-                        .filter_map(|e| e.offset().to_raw())
-                        .filter(|o| *o > 0)
-                        .sum::<i64>() as u64
-                })
-                .unwrap_or(0)
-        };
-        let progress = Arc::new(AtomicU64::new(0));
-        feed(producer, input, &rekeyed[..1], None, &progress).await?;
-        let joined = Instant::now();
-        while committed() < 1 {
-            anyhow::ensure!(
-                joined.elapsed() < STALL,
-                "the daemon never consumed a record"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let started = Instant::now();
-        let cpu = process_cpu_seconds(pid);
-        let rest: Payloads = Arc::new(rekeyed[1..].to_vec());
-        let feeder = {
-            let (producer, rest, progress) = (producer.clone(), rest.clone(), progress.clone());
-            tokio::spawn(async move { feed(&producer, input, &rest, None, &progress).await })
-        };
-        let total = rekeyed.len() as u64;
-        let mut last = (0, Instant::now());
-        loop {
-            let done = committed();
-            if done >= total {
-                break;
-            }
-            progress.store(done.saturating_sub(1), Ordering::Relaxed);
-            if done > last.0 {
-                last = (done, Instant::now());
-            } else if last.1.elapsed() > STALL {
-                return Err(stalled(done as usize, total as usize));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        let cores = (process_cpu_seconds(pid) - cpu) / elapsed;
-        feeder.await??;
-        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| vm_hwm_mib(&s))
-            .unwrap_or(0);
-        println!(
-            "daemon process, {n} customers in state: {:>9.0} events/s ({cores:.2} cores busy \
-             in the daemon), peak RSS {rss} MiB",
-            (total - 1) as f64 / elapsed
-        );
-        anyhow::Ok(())
-    }
-    .await;
+    let result = measure_process(rig, pid, &rekeyed).await;
     // SIGTERM: the daemon drains and exits.
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -381,6 +308,122 @@ async fn process_run(
     Ok(())
 }
 
+/// Saves the snapshot, creates the process run's topics and writes the daemon's config file
+/// (store at `db`, HTTP on a free port); returns the config's path.
+fn process_config(
+    rig: &Rig<'_>,
+    snapshot: &LoadedSnapshot,
+    db: &std::path::Path,
+) -> anyhow::Result<std::path::PathBuf> {
+    let (dir, brokers, input) = (rig.dir, rig.brokers, PROCESS_INPUT);
+    let snapshot_path = dir.path().join("snapshot.json");
+    snapshot_file::save(snapshot.snapshot.snapshot(), &snapshot_path)?;
+    for topic in [input, "bench-process-memberships"] {
+        rig.cluster.create_topic(topic, rig.args.partitions, 1)?;
+    }
+    rig.cluster.create_topic("bench-process-dead", 1, 1)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.path().join("process.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsnapshot = {snap:?}\nsnapshot_dir = {snapshots:?}\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [kafka]\nbrokers = {brokers:?}\ngroup_id = \"bench-process\"\n\
+             input_topics = [{input:?}]\noutput_topic = \"bench-process-memberships\"\n\
+             dead_letter_topic = \"bench-process-dead\"\nsession_timeout_ms = 6000\n\n\
+             [store]\npath = {db:?}\n",
+            snapshots = dir.path().join("process-snapshots").display().to_string(),
+            snap = snapshot_path.display().to_string(),
+            db = db.display().to_string(),
+        ),
+    )?;
+    Ok(config)
+}
+
+/// Feeds the daemon process `rekeyed` and prints its throughput, CPU and peak RSS, timed
+/// from its first committed record to its last.
+async fn measure_process(
+    rig: &Rig<'_>,
+    pid: u32,
+    rekeyed: &[(String, Vec<u8>)],
+) -> anyhow::Result<()> {
+    let (producer, input) = (rig.producer, PROCESS_INPUT);
+    let committed = committed_counter(rig)?;
+    let progress = Arc::new(AtomicU64::new(0));
+    feed(producer, input, &rekeyed[..1], None, &progress).await?;
+    let joined = Instant::now();
+    while committed() < 1 {
+        anyhow::ensure!(
+            joined.elapsed() < STALL,
+            "the daemon never consumed a record"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    let cpu = process_cpu_seconds(pid);
+    let rest: Payloads = Arc::new(rekeyed[1..].to_vec());
+    let feeder = {
+        let (producer, rest, progress) = (producer.clone(), rest.clone(), progress.clone());
+        tokio::spawn(async move { feed(&producer, input, &rest, None, &progress).await })
+    };
+    let total = rekeyed.len() as u64;
+    let mut last = (0, Instant::now());
+    loop {
+        let done = committed();
+        if done >= total {
+            break;
+        }
+        progress.store(done.saturating_sub(1), Ordering::Relaxed);
+        if done > last.0 {
+            last = (done, Instant::now());
+        } else if last.1.elapsed() > STALL {
+            return Err(stalled(done as usize, total as usize));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cores = (process_cpu_seconds(pid) - cpu) / elapsed;
+    feeder.await??;
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| vm_hwm_mib(&s))
+        .unwrap_or(0);
+    println!(
+        "daemon process, {} customers in state: {:>9.0} events/s ({cores:.2} cores busy \
+         in the daemon), peak RSS {rss} MiB",
+        rig.args.state_customers,
+        (total - 1) as f64 / elapsed
+    );
+    Ok(())
+}
+
+/// Records the daemon process has committed, summed over the input's partitions (0 when the
+/// group cannot be asked).
+fn committed_counter(rig: &Rig<'_>) -> anyhow::Result<impl Fn() -> u64> {
+    let group: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", rig.brokers)
+        .set("group.id", "bench-process")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..rig.args.partitions {
+        tpl.add_partition(PROCESS_INPUT, p);
+    }
+    Ok(move || -> u64 {
+        group
+            .committed_offsets(tpl.clone(), Duration::from_secs(2))
+            .map(|t| {
+                t.elements()
+                    .iter()
+                    .filter_map(|e| e.offset().to_raw())
+                    .filter(|o| *o > 0)
+                    .sum::<i64>() as u64
+            })
+            .unwrap_or(0)
+    })
+}
+
 /// User plus system CPU time of process `pid`, in seconds.
 fn process_cpu_seconds(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -390,19 +433,21 @@ fn process_cpu_seconds(pid: u32) -> f64 {
 
 /// Live traffic over `n` customers in state through a snapshot swap (ids carried) and the
 /// sweep it starts, at the default sweep settings; then the sweep alone, unthrottled.
-#[allow(clippy::too_many_arguments)]
 async fn swap_run(
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    brokers: &str,
-    producer: &FutureProducer,
-    payloads: &Payloads,
+    rig: &Rig<'_>,
     snapshot: &LoadedSnapshot,
     states: &[crate::domain::state::CustomerState],
-    dir: &tempfile::TempDir,
-    args: &BenchArgs,
     n: usize,
 ) -> anyhow::Result<()> {
     use crate::pipeline::sweep::SweepConfig;
+    let Rig {
+        cluster,
+        brokers,
+        producer,
+        payloads,
+        dir,
+        args,
+    } = *rig;
     let path = dir.path().join("swap");
     seed_store(&path, states, snapshot, n)?;
     let mut next = snapshot.snapshot.snapshot().clone();
@@ -860,17 +905,20 @@ impl Running {
 
 /// Feeds `payloads` to a fresh daemon (paced at `rate`, or flat out) and times it from the
 /// first durable record to the last.
-#[allow(clippy::too_many_arguments)]
 async fn daemon_run(
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    brokers: &str,
-    producer: &FutureProducer,
+    rig: &Rig<'_>,
     payloads: &Payloads,
-    dir: &tempfile::TempDir,
     name: &str,
     rate: Option<u32>,
-    partitions: i32,
 ) -> anyhow::Result<(Throughput, Arc<Metrics>)> {
+    let Rig {
+        cluster,
+        brokers,
+        producer,
+        dir,
+        ..
+    } = *rig;
+    let partitions = rig.args.partitions;
     let store = dir.path().join(name);
     let sweep = Default::default();
     let running = Running::start(cluster, brokers, dir, name, store, partitions, sweep).await?;

@@ -145,49 +145,9 @@ impl Verdict {
 fn run(args: &ChaosArgs, work: &Path, binary: &Path) -> anyhow::Result<Verdict> {
     let started = Instant::now();
     anyhow::ensure!(args.rate > 0, "--rate must be positive");
-    let shop = Shop::new(ShopParams {
-        customers: args.customers,
-        order_lines: args.order_lines,
-        seed: args.seed,
-        ..ShopParams::default()
-    })?;
-    let sample = args.customers.clamp(50, 2_000);
-    let (_, snapshot) = crate::synth::fixtures::discover_history(&shop, sample)?;
-    let snapshot_path = work.join("snapshot.json");
-    snapshot_file::save(snapshot.snapshot(), &snapshot_path)?;
-    let events: Vec<(String, Vec<u8>)> = shop
-        .history()
-        .map(|e| Ok((e.customer_id.to_string(), serde_json::to_vec(&e)?)))
-        .collect::<anyhow::Result<_>>()?;
-    println!(
-        "shop: {} customers, {} events, streamed at {}/s (about {:.0} s); snapshot version {}",
-        args.customers,
-        events.len(),
-        args.rate,
-        events.len() as f64 / args.rate as f64,
-        snapshot.version()
-    );
-
-    let mut broker = Process::spawn(
-        "broker",
-        Command::new(binary)
-            .args(["broker", "--listen", "127.0.0.1:0"])
-            .args(["--rtt-ms", &args.rtt_ms.to_string()])
-            // Below the daemons' 2 s session timeout, or a lone member never gets partitions.
-            .args(["--initial-rebalance-delay-ms", "200"])
-            .args(["--topic", &format!("{INPUT}:{PARTITIONS}")])
-            .args(["--topic", &format!("chaos-memberships:{PARTITIONS}")])
-            .args(["--topic", &format!("clean-memberships:{PARTITIONS}")]),
-        work,
-        Stdio::piped(),
-    )?;
-    let brokers = broker.first_stdout_line(Duration::from_secs(30))?;
-    let mut broker_commands = broker
-        .child
-        .stdin
-        .take()
-        .context("no stdin to the broker")?;
-    println!("broker: {brokers} (round trip {} ms)", args.rtt_ms);
+    let harness = Harness { args, work, binary };
+    let (events, snapshot_path) = harness.prepare()?;
+    let (mut broker, brokers, mut broker_commands) = harness.start_broker()?;
 
     let clean_config = write_config(work, "clean", &brokers, args, &snapshot_path)?;
     let chaos_config = write_config(work, "chaos", &brokers, args, &snapshot_path)?;
@@ -201,26 +161,8 @@ fn run(args: &ChaosArgs, work: &Path, binary: &Path) -> anyhow::Result<Verdict> 
     let mut clean = Daemon::start(binary, &clean_config, work, "clean")?;
     clean.wait_assigned(Duration::from_secs(60))?;
 
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
     let admin = reader(&brokers, "chaos-admin")?;
-    // Per kill, the chaos output's end offsets once the killed process is gone: its updates
-    // are the ones below them.
-    let mut boundaries: Vec<Vec<i64>> = Vec::with_capacity(args.kills);
-    for kill in 1..=args.kills {
-        let mut daemon = Daemon::start(binary, &chaos_config, work, &format!("chaos-{kill}"))?;
-        daemon.wait_assigned(Duration::from_secs(60))?;
-        let uptime = rng.random_range(args.max_uptime_ms / 10..=args.max_uptime_ms.max(1));
-        std::thread::sleep(Duration::from_millis(uptime));
-        daemon.kill()?;
-        // What the process had sent reaches the broker within a round trip.
-        std::thread::sleep(Duration::from_millis(args.rtt_ms * 2 + 200));
-        boundaries.push(end_offsets(&admin, "chaos-memberships")?);
-        println!(
-            "kill {kill}/{}: SIGKILL after {uptime} ms; {} chaos updates so far",
-            args.kills,
-            boundaries.last().map_or(0, |b| b.iter().sum::<i64>())
-        );
-    }
+    let boundaries = harness.kill_repeatedly(&chaos_config, &admin)?;
     let fed = feeder
         .join()
         .map_err(|_| anyhow::anyhow!("the feeder panicked"))??;
@@ -229,19 +171,7 @@ fn run(args: &ChaosArgs, work: &Path, binary: &Path) -> anyhow::Result<Verdict> 
     writeln!(broker_commands, "rtt 0").context("telling the broker")?;
     let mut last = Daemon::start(binary, &chaos_config, work, "chaos-final")?;
     last.wait_assigned(Duration::from_secs(60))?;
-    let input_end = end_offsets(&admin, INPUT)?;
-    anyhow::ensure!(
-        input_end.iter().sum::<i64>() == fed as i64,
-        "the broker holds {} input records, {fed} were produced (its retention dropped some: \
-         use a smaller shop)",
-        input_end.iter().sum::<i64>()
-    );
-    println!("input streamed ({fed} events); waiting for both daemons to catch up");
-    let catch_up = Duration::from_secs(120);
-    for group in ["clean", "chaos"] {
-        wait_committed(&brokers, group, &input_end, catch_up)
-            .with_context(|| format!("waiting for the {group} daemon to catch up"))?;
-    }
+    catch_up(&brokers, &admin, fed)?;
     let clean_code = clean.terminate(Duration::from_secs(30))?;
     let last_code = last.terminate(Duration::from_secs(30))?;
     anyhow::ensure!(
@@ -265,6 +195,124 @@ fn run(args: &ChaosArgs, work: &Path, binary: &Path) -> anyhow::Result<Verdict> 
     let replays = replays(&chaos_out, &boundaries)?;
     report(args, &verdict, &replays, started.elapsed());
     Ok(verdict)
+}
+
+/// A history to stream: (record key, JSON event) per event.
+type Events = Vec<(String, Vec<u8>)>;
+
+/// What every step of a chaos run needs: the options, the work directory and the binary.
+struct Harness<'a> {
+    args: &'a ChaosArgs,
+    work: &'a Path,
+    binary: &'a Path,
+}
+
+impl Harness<'_> {
+    /// Generates the shop and discovers its snapshot (saved in the work directory); returns
+    /// the history as (key, JSON) events and the snapshot's path.
+    fn prepare(&self) -> anyhow::Result<(Events, PathBuf)> {
+        let args = self.args;
+        let shop = Shop::new(ShopParams {
+            customers: args.customers,
+            order_lines: args.order_lines,
+            seed: args.seed,
+            ..ShopParams::default()
+        })?;
+        let sample = args.customers.clamp(50, 2_000);
+        let (_, snapshot) = crate::synth::fixtures::discover_history(&shop, sample)?;
+        let snapshot_path = self.work.join("snapshot.json");
+        snapshot_file::save(snapshot.snapshot(), &snapshot_path)?;
+        let events: Events = shop
+            .history()
+            .map(|e| Ok((e.customer_id.to_string(), serde_json::to_vec(&e)?)))
+            .collect::<anyhow::Result<_>>()?;
+        println!(
+            "shop: {} customers, {} events, streamed at {}/s (about {:.0} s); snapshot version {}",
+            args.customers,
+            events.len(),
+            args.rate,
+            events.len() as f64 / args.rate as f64,
+            snapshot.version()
+        );
+        Ok((events, snapshot_path))
+    }
+
+    /// Starts the broker process with the run's topics; returns it, its address and its
+    /// command input.
+    fn start_broker(&self) -> anyhow::Result<(Process, String, std::process::ChildStdin)> {
+        let args = self.args;
+        let mut broker = Process::spawn(
+            "broker",
+            Command::new(self.binary)
+                .args(["broker", "--listen", "127.0.0.1:0"])
+                .args(["--rtt-ms", &args.rtt_ms.to_string()])
+                // Below the daemons' 2 s session timeout, or a lone member never gets
+                // partitions.
+                .args(["--initial-rebalance-delay-ms", "200"])
+                .args(["--topic", &format!("{INPUT}:{PARTITIONS}")])
+                .args(["--topic", &format!("chaos-memberships:{PARTITIONS}")])
+                .args(["--topic", &format!("clean-memberships:{PARTITIONS}")]),
+            self.work,
+            Stdio::piped(),
+        )?;
+        let brokers = broker.first_stdout_line(Duration::from_secs(30))?;
+        let commands = broker
+            .child
+            .stdin
+            .take()
+            .context("no stdin to the broker")?;
+        println!("broker: {brokers} (round trip {} ms)", args.rtt_ms);
+        Ok((broker, brokers, commands))
+    }
+
+    /// Starts the daemon under test `--kills` times and SIGKILLs each at a random moment
+    /// after it gets its partitions. Returns, per kill, the chaos output's end offsets once
+    /// the killed process is gone: its updates are the ones below them.
+    fn kill_repeatedly(
+        &self,
+        config: &Path,
+        admin: &BaseConsumer,
+    ) -> anyhow::Result<Vec<Vec<i64>>> {
+        let args = self.args;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
+        let mut boundaries: Vec<Vec<i64>> = Vec::with_capacity(args.kills);
+        for kill in 1..=args.kills {
+            let mut daemon =
+                Daemon::start(self.binary, config, self.work, &format!("chaos-{kill}"))?;
+            daemon.wait_assigned(Duration::from_secs(60))?;
+            let uptime = rng.random_range(args.max_uptime_ms / 10..=args.max_uptime_ms.max(1));
+            std::thread::sleep(Duration::from_millis(uptime));
+            daemon.kill()?;
+            // What the process had sent reaches the broker within a round trip.
+            std::thread::sleep(Duration::from_millis(args.rtt_ms * 2 + 200));
+            boundaries.push(end_offsets(admin, "chaos-memberships")?);
+            println!(
+                "kill {kill}/{}: SIGKILL after {uptime} ms; {} chaos updates so far",
+                args.kills,
+                boundaries.last().map_or(0, |b| b.iter().sum::<i64>())
+            );
+        }
+        Ok(boundaries)
+    }
+}
+
+/// Checks that the broker holds every one of the `fed` input records, then waits for both
+/// daemons' groups to commit up to its end.
+fn catch_up(brokers: &str, admin: &BaseConsumer, fed: usize) -> anyhow::Result<()> {
+    let input_end = end_offsets(admin, INPUT)?;
+    anyhow::ensure!(
+        input_end.iter().sum::<i64>() == fed as i64,
+        "the broker holds {} input records, {fed} were produced (its retention dropped some: \
+         use a smaller shop)",
+        input_end.iter().sum::<i64>()
+    );
+    println!("input streamed ({fed} events); waiting for both daemons to catch up");
+    let catch_up = Duration::from_secs(120);
+    for group in ["clean", "chaos"] {
+        wait_committed(brokers, group, &input_end, catch_up)
+            .with_context(|| format!("waiting for the {group} daemon to catch up"))?;
+    }
+    Ok(())
 }
 
 /// One daemon's config file.

@@ -411,7 +411,9 @@ impl LiveView {
     }
 
     fn line(&mut self, snapshot: &crate::model::assign::SharedSnapshot) -> String {
-        let m = &self.metrics;
+        // A handle of its own, so the helpers below may update `self` meanwhile.
+        let metrics = Arc::clone(&self.metrics);
+        let m: &Metrics = &metrics;
         let events: u64 = ["applied", "duplicate"]
             .iter()
             .flat_map(|r| {
@@ -427,9 +429,30 @@ impl LiveView {
         self.last = Instant::now();
         self.last_events = events;
         self.last_updates = updates;
+        let p99 = self.interval_p99();
+        let loaded = snapshot.load();
+        let tops = top_segments(m, &loaded.snapshot);
+        let (psi_axis, psi) = max_psi(m, &loaded.snapshot);
+        let sweep = m.sweep_progress.get();
+        let sweep = if sweep < 1.0 {
+            format!("  sweep {:>3.0}%", sweep * 100.0)
+        } else {
+            String::new()
+        };
+        let audiences = self.audiences(secs);
+        format!(
+            "v{} {eps:>6.0} ev/s {ups:>6.0} upd/s  p99 {p99:>6}  lag {:>5}  max PSI {psi:.3} ({psi_axis}){sweep}{audiences} | {}",
+            loaded.snapshot.version(),
+            m.consumer_lag_messages.get(),
+            tops.join(" | ")
+        )
+    }
+
+    /// The event-to-publish p99 since the last look.
+    fn interval_p99(&mut self) -> String {
         // p99 of this interval only: the cumulative histogram would be dominated for minutes
         // by the backlog that built up while the consumer group formed.
-        let buckets = histogram_buckets(&m.event_to_publish_seconds);
+        let buckets = histogram_buckets(&self.metrics.event_to_publish_seconds);
         let window: Vec<(f64, u64)> = buckets
             .iter()
             .map(|(bound, count)| {
@@ -442,69 +465,68 @@ impl LiveView {
             })
             .collect();
         self.last_buckets = buckets;
-        let p99 = quantile(&window, 0.99).map_or("-".to_owned(), |s| {
+        quantile(&window, 0.99).map_or("-".to_owned(), |s| {
             if s.is_finite() {
                 format!("<={:.0} ms", s * 1000.0)
             } else {
                 ">5 s".to_owned()
             }
-        });
-        let loaded = snapshot.load();
-        let tops: Vec<String> = loaded
-            .snapshot
-            .axes()
-            .iter()
-            .take(4)
-            .filter_map(|axis| {
-                let name = axis.model.axis.as_str();
-                axis.model
-                    .segments
-                    .iter()
-                    .map(|s| {
-                        let n = m
-                            .segment_customers
-                            .with_label_values(&[name, &s.id.to_string()])
-                            .get();
-                        (n, &s.name)
-                    })
-                    .max_by_key(|(n, _)| *n)
-                    .filter(|(n, _)| *n > 0)
-                    .map(|(n, seg)| format!("{name}: {seg} {n}"))
-            })
-            .collect();
-        let (psi_axis, psi) = loaded
-            .snapshot
-            .axes()
-            .iter()
-            .map(|a| {
-                let name = a.model.axis.as_str();
-                (name, m.drift_psi.with_label_values(&[name]).get())
-            })
-            .filter(|(_, v)| v.is_finite())
-            .fold(("-", 0.0f64), |best, x| if x.1 > best.1 { x } else { best });
-        let sweep = m.sweep_progress.get();
-        let sweep = if sweep < 1.0 {
-            format!("  sweep {:>3.0}%", sweep * 100.0)
-        } else {
-            String::new()
-        };
+        })
+    }
+
+    /// The audience part of the line: threshold revision, ready products and tier changes
+    /// per second over the `secs` since the last look; empty before the first refresh.
+    fn audiences(&mut self, secs: f64) -> String {
+        let m = &self.metrics;
         let audience_updates = m.audience_updates.get();
         let tps = (audience_updates - self.last_audience_updates) as f64 / secs;
         self.last_audience_updates = audience_updates;
-        let audiences = match m.audience_threshold_revision.get() {
+        match m.audience_threshold_revision.get() {
             0 => String::new(),
             revision => format!(
                 "  audiences r{revision} {} ready {tps:.0} tier/s",
                 m.audience_products.with_label_values(&["ready"]).get()
             ),
-        };
-        format!(
-            "v{} {eps:>6.0} ev/s {ups:>6.0} upd/s  p99 {p99:>6}  lag {:>5}  max PSI {psi:.3} ({psi_axis}){sweep}{audiences} | {}",
-            loaded.snapshot.version(),
-            m.consumer_lag_messages.get(),
-            tops.join(" | ")
-        )
+        }
     }
+}
+
+/// The largest segment of each of the first four axes, with its customers.
+fn top_segments(m: &Metrics, snapshot: &crate::model::snapshot::ValidSnapshot) -> Vec<String> {
+    snapshot
+        .axes()
+        .iter()
+        .take(4)
+        .filter_map(|axis| {
+            let name = axis.model.axis.as_str();
+            axis.model
+                .segments
+                .iter()
+                .map(|s| {
+                    let n = m
+                        .segment_customers
+                        .with_label_values(&[name, &s.id.to_string()])
+                        .get();
+                    (n, &s.name)
+                })
+                .max_by_key(|(n, _)| *n)
+                .filter(|(n, _)| *n > 0)
+                .map(|(n, seg)| format!("{name}: {seg} {n}"))
+        })
+        .collect()
+}
+
+/// The axis with the highest drift PSI, and that PSI (`-` and 0 when none is known).
+fn max_psi<'a>(m: &Metrics, snapshot: &'a crate::model::snapshot::ValidSnapshot) -> (&'a str, f64) {
+    snapshot
+        .axes()
+        .iter()
+        .map(|a| {
+            let name = a.model.axis.as_str();
+            (name, m.drift_psi.with_label_values(&[name]).get())
+        })
+        .filter(|(_, v)| v.is_finite())
+        .fold(("-", 0.0f64), |best, x| if x.1 > best.1 { x } else { best })
 }
 
 #[cfg(test)]
