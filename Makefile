@@ -4,12 +4,16 @@ CARGO ?= cargo
 BIN := $(or $(CARGO_TARGET_DIR),target)/release/segmentd
 EXAMPLE := out/example
 
-# ccache makes rebuilds of the bundled C/C++ libraries come from cache.
+# ccache serves rebuilds of the bundled C/C++ libraries (RocksDB, librdkafka) from cache.
+# - CC and CXX are expanded when a recipe runs, not when make reads this file: on a fresh
+#   machine `deps` installs ccache first, and every build after it must see the same
+#   compiler, or cargo rebuilds the C/C++ libraries when CC changes.
+# - CCACHE_BASEDIR=/ makes paths relative, so the copies built for the dev profile (make
+#   test) and the release profile (make demo), in different OUT_DIRs, share cache entries.
 export CCACHE_DIR ?= $(HOME)/.cache/segmentd-ccache
-ifneq ($(shell command -v ccache 2>/dev/null),)
-export CC := ccache gcc
-export CXX := ccache g++
-endif
+export CCACHE_BASEDIR ?= /
+export CC = $(if $(shell command -v ccache 2>/dev/null),ccache gcc,gcc)
+export CXX = $(if $(shell command -v ccache 2>/dev/null),ccache g++,g++)
 
 .PHONY: deps build demo batch-demo test chaos lint bench bench-batch bench-stream bench-audiences clean
 
