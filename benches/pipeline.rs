@@ -160,6 +160,8 @@ fn benches(c: &mut Criterion) {
             let record = CustomerRecord {
                 state: state.clone(),
                 published: None,
+                as_of: None,
+                home: None,
             };
             (id.as_str().as_bytes().to_vec(), record.encode())
         })
@@ -178,6 +180,8 @@ fn benches(c: &mut Criterion) {
         .take(5_000)
         .enumerate()
         .map(|(i, event)| Input {
+            clock: event.event_time,
+            aging: Vec::new(),
             event,
             source: Source {
                 topic: topic.clone(),

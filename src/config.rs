@@ -29,7 +29,9 @@ use crate::io::store::StoreConfig;
 use crate::model::assign::AssignConfig;
 use crate::model::build::DiscoverConfig;
 use crate::model::validation::ValidateConfig;
+use crate::pipeline::aging::AgingConfig;
 use crate::pipeline::assign::PublishPolicy;
+use crate::pipeline::clock::ClockConfig;
 use crate::pipeline::sweep::SweepConfig;
 
 /// Prefix of environment overrides.
@@ -84,6 +86,10 @@ pub struct Config {
     pub drift: DriftConfig,
     /// `segmentd run`: the re-assignment sweep after a snapshot swap.
     pub sweep: SweepConfig,
+    /// `segmentd run`: the stream clock every assignment is made at.
+    pub clock: ClockConfig,
+    /// `segmentd run`: re-assignment as the clock moves on.
+    pub aging: AgingConfig,
     /// `segmentd audiences` and `segmentd run`: per-product audience buckets.
     pub audiences: AudienceConfig,
     /// Whether the file or the environment set anything under `[features]` (as opposed to
@@ -287,7 +293,7 @@ impl Section for Config {
     const KEY: &'static str = "config";
 
     fn problems(&self) -> Result<(), String> {
-        let sections: [(&str, Result<(), String>); 14] = [
+        let sections: [(&str, Result<(), String>); 16] = [
             (StateParams::KEY, self.features.problems()),
             (InputConfig::KEY, self.input.problems()),
             (DiscoverConfig::KEY, self.discover.problems()),
@@ -301,6 +307,8 @@ impl Section for Config {
             (AdminConfig::KEY, self.admin.problems()),
             (DriftConfig::KEY, self.drift.problems()),
             (SweepConfig::KEY, self.sweep.problems()),
+            (ClockConfig::KEY, self.clock.problems()),
+            (AgingConfig::KEY, self.aging.problems()),
             (AudienceConfig::KEY, self.audiences.problems()),
         ];
         for (section, result) in sections {

@@ -39,6 +39,7 @@ use crate::domain::section::Checked;
 use crate::io::snapshot_file;
 use crate::io::store::{RocksStore, StateStore};
 use crate::model::assign::SharedSnapshot;
+use crate::pipeline::clock::StreamClock;
 use crate::pipeline::consume::{run as run_loop, Hooks};
 use crate::shutdown::EXIT_DRAIN_TIMEOUT;
 use crate::telemetry::metrics::Metrics;
@@ -225,6 +226,7 @@ impl Daemon {
             });
         }
         let ready = Arc::new(AtomicBool::new(false));
+        let clock = StreamClock::new(&config.clock);
         let report: crate::audience::stream::SharedReport = Default::default();
         let state = Arc::new(AppState {
             metrics: metrics.clone(),
@@ -232,6 +234,7 @@ impl Daemon {
             snapshot: registry.shared(),
             ready: ready.clone(),
             audiences: config.audiences.enabled.then(|| report.clone()),
+            clock: clock.clone(),
         });
         let token_http = token.clone();
         tasks.spawn("http endpoints", async move {
@@ -260,11 +263,13 @@ impl Daemon {
             metrics,
             ready,
             drift: monitoring.live,
+            clock,
         };
-        let (kafka, policy, sweep) = (config.kafka.clone(), config.publish, config.sweep.clone());
+        let (kafka, policy) = (config.kafka.clone(), config.publish);
+        let (sweep, aging) = (config.sweep.clone(), config.aging.clone());
         let (shared, token) = (registry.shared(), token.clone());
         tasks.spawn("consumer loop", async move {
-            run_loop(&kafka, policy, sweep, store, shared, token, hooks).await?;
+            run_loop(&kafka, policy, sweep, aging, store, shared, token, hooks).await?;
             Ok(())
         });
         (tasks, monitoring.reclusterer)

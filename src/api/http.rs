@@ -28,6 +28,7 @@ use crate::io::store::StateStore;
 use crate::model::assign::SharedSnapshot;
 
 use crate::domain::section::Section;
+use crate::pipeline::clock::StreamClock;
 use crate::telemetry::metrics::Metrics;
 
 /// HTTP settings.
@@ -67,6 +68,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// The score stream's thresholds, when it runs.
     pub audiences: Option<crate::audience::stream::SharedReport>,
+    /// The stream clock of every partition consumed.
+    pub clock: StreamClock,
 }
 
 /// The router, for the server and for tests.
@@ -152,10 +155,20 @@ async fn audience(State(state): State<Arc<AppState>>, Path(product): Path<String
 }
 
 #[derive(Serialize)]
+struct PartitionClock {
+    topic: String,
+    partition: i32,
+    clock: EventTime,
+}
+
+#[derive(Serialize)]
 struct CustomerView {
     customer_id: String,
     snapshot_version: u64,
+    /// When the customer was last assigned; the features and segments shown are as of then.
     as_of: EventTime,
+    /// The stream clock of every partition now.
+    clock: Vec<PartitionClock>,
     features: serde_json::Map<String, serde_json::Value>,
     segments: serde_json::Map<String, serde_json::Value>,
     last_published: Option<crate::domain::record::Published>,
@@ -181,7 +194,11 @@ async fn customer(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     };
     let loaded = state.snapshot.load_full();
-    let as_of = EventTime::now();
+    // As of the customer's last assignment, never wall time: what is shown is what the
+    // daemon computed (or would, against the snapshot now in use).
+    let Some(as_of) = record.assigned_at() else {
+        return (StatusCode::NOT_FOUND, "customer has no event yet\n").into_response();
+    };
     let vector = FeatureVector::compute(&record.state, as_of, loaded.snapshot.state_params());
     let features = FEATURES
         .iter()
@@ -212,6 +229,16 @@ async fn customer(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
         customer_id: id.to_string(),
         snapshot_version: loaded.snapshot.version(),
         as_of,
+        clock: state
+            .clock
+            .now()
+            .into_iter()
+            .map(|(p, clock)| PartitionClock {
+                topic: p.topic,
+                partition: p.partition,
+                clock,
+            })
+            .collect(),
         features,
         segments,
         last_published: record.published,
@@ -255,6 +282,8 @@ mod tests {
         let record = CustomerRecord {
             state,
             published: None,
+            as_of: None,
+            home: None,
         };
         store
             .commit(&StoreBatch {
@@ -271,6 +300,7 @@ mod tests {
             ))),
             ready: Arc::new(AtomicBool::new(false)),
             audiences: None,
+            clock: StreamClock::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -337,6 +367,7 @@ mod tests {
             ))),
             ready: Arc::new(AtomicBool::new(true)),
             audiences: Some(report),
+            clock: StreamClock::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -203,10 +203,10 @@ fn sample_live(
     {
         // A customer deleted since the scan is simply not in the sample.
         if let Some(record) = bytes.and_then(|b| CustomerRecord::decode(&b).ok()) {
-            // Read as of the customer's latest event, as the daemon assigns them, so the baseline
-            // describes the population the monitor compares it with; reading everyone at one
-            // global time would age quiet customers and show drift where there is none.
-            let own = record.state.last_event_time().unwrap_or(as_of);
+            // Read as of the customer's last assignment (the stream clock then), as the daemon
+            // published them, so the baseline describes the population the monitor compares
+            // it with.
+            let own = record.assigned_at().unwrap_or(as_of);
             features.push(FeatureVector::compute(&record.state, own, params));
             weights.push(w);
         }
@@ -340,7 +340,7 @@ fn validate_live(
                     let Ok(record) = CustomerRecord::decode(bytes) else {
                         continue;
                     };
-                    let own = record.state.last_event_time().unwrap_or(as_of);
+                    let own = record.assigned_at().unwrap_or(as_of);
                     let fv = FeatureVector::compute(&record.state, own, &params);
                     assigner.assign_into(&fv, &mut assignment);
                     for (a, tally) in local.iter_mut().enumerate() {
@@ -450,6 +450,8 @@ mod tests {
                 let record = CustomerRecord {
                     state,
                     published: None,
+                    as_of: None,
+                    home: None,
                 };
                 (id.as_str().as_bytes().to_vec(), record.encode())
             })

@@ -6,9 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use super::features::Axis;
 use super::state::{CustomerState, StateCodecError};
+use super::time::EventTime;
 
-/// Version byte of an encoded [`CustomerRecord`].
-pub const RECORD_CODEC_VERSION: u8 = 1;
+/// Version byte of an encoded [`CustomerRecord`]. Version 1 had no `as_of`; it is still read.
+pub const RECORD_CODEC_VERSION: u8 = 2;
 
 /// What was last published for a customer, kept in its record so the next decision (and
 /// `seq`) survives restarts.
@@ -41,9 +42,29 @@ pub struct CustomerRecord {
     pub state: CustomerState,
     /// The last update published, if any.
     pub published: Option<Published>,
+    /// When the customer was last assigned (Unix seconds): the stream clock of that moment.
+    /// `None` for a record written before the clock existed.
+    pub as_of: Option<i64>,
+    /// The input partition of the customer's newest event: whose clock ages them.
+    pub home: Option<i32>,
+}
+
+/// The record as version 1 encoded it.
+#[derive(Deserialize)]
+struct RecordV1 {
+    state: CustomerState,
+    published: Option<Published>,
 }
 
 impl CustomerRecord {
+    /// When the customer was last assigned: the stream clock then, or, for a record from
+    /// before the clock, their own newest event.
+    pub fn assigned_at(&self) -> Option<EventTime> {
+        self.as_of
+            .and_then(|t| EventTime::from_unix(t).ok())
+            .or_else(|| self.state.last_event_time())
+    }
+
     /// A version byte, then postcard.
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_extend(self, vec![RECORD_CODEC_VERSION]).unwrap_or_default()
@@ -52,10 +73,19 @@ impl CustomerRecord {
     /// Reads [`CustomerRecord::encode`]'s output.
     pub fn decode(bytes: &[u8]) -> Result<Self, StateCodecError> {
         let (&version, body) = bytes.split_first().ok_or(StateCodecError::Empty)?;
-        if version != RECORD_CODEC_VERSION {
-            return Err(StateCodecError::Version(version));
+        match version {
+            RECORD_CODEC_VERSION => Ok(postcard::from_bytes(body)?),
+            1 => {
+                let old: RecordV1 = postcard::from_bytes(body)?;
+                Ok(Self {
+                    state: old.state,
+                    published: old.published,
+                    as_of: None,
+                    home: None,
+                })
+            }
+            _ => Err(StateCodecError::Version(version)),
         }
-        Ok(postcard::from_bytes(body)?)
     }
 }
 

@@ -106,3 +106,7 @@ pub struct MembershipUpdate {
 /// The `cause.topic` of updates made by a re-assignment sweep (partition and offset -1, and
 /// `event_id` `sweep-v<version>`).
 pub const SWEEP_TOPIC: &str = "segmentd.sweep";
+
+/// The `cause.topic` of updates made because the stream clock moved on (aging): `partition` is
+/// the customer's input partition, `offset` -1, and `event_id` `clock-<boundary, RFC 3339>`.
+pub const CLOCK_TOPIC: &str = "segmentd.clock";

@@ -56,7 +56,8 @@ pub struct PartitionKey {
 }
 
 impl PartitionKey {
-    fn encode(&self) -> Vec<u8> {
+    /// Topic, a zero byte, the partition big-endian: the key of its entries in the store.
+    pub fn encode(&self) -> Vec<u8> {
         let mut key = Vec::with_capacity(self.topic.len() + 5);
         key.extend_from_slice(self.topic.as_bytes());
         key.push(0);

@@ -175,6 +175,8 @@ pub fn published_record(
             snapshot_version: snapshot.version(),
             axes,
         }),
+        as_of: Some(as_of.unix()),
+        home: None,
     }
 }
 

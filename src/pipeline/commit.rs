@@ -122,8 +122,20 @@ impl Committer {
         self.shared
             .durable_version
             .store(prepared.version, Ordering::SeqCst);
+        self.shared
+            .durable_batch
+            .store(prepared.id, Ordering::SeqCst);
         self.shared.in_flight.leave();
         self.record_metrics(&prepared);
+        self.metrics.aging_customers.inc_by(prepared.aged as u64);
+        if let Some(open) = prepared.aging_open {
+            self.metrics
+                .aging_open_boundaries
+                .set(i64::try_from(open).unwrap_or(i64::MAX));
+        }
+        self.metrics
+            .clock_updates
+            .inc_by(prepared.clock_updates as u64);
         if let Some(sweep) = &prepared.sweep {
             self.metrics.sweep_customers.inc_by(prepared.swept as u64);
             let progress = if sweep.done {

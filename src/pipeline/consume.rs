@@ -42,7 +42,9 @@ use crate::model::assign::SharedSnapshot;
 use crate::model::drift::Live;
 use crate::telemetry::metrics::Metrics;
 
+use super::aging::{prepare_aging, Aging, AgingConfig, AgingSchedule};
 use super::assign::PublishPolicy;
+use super::clock::{self, StreamClock};
 use super::commit::{Committer, RunStats};
 use super::error::{ProcessError, RunError};
 use super::partitions::{lock, retain_assigned, Gate, LoopShared, Resume};
@@ -61,6 +63,8 @@ pub struct Hooks {
     pub ready: Arc<AtomicBool>,
     /// Where durable batches' assignments go for the drift monitor.
     pub drift: Live,
+    /// The stream clock, advanced as batches are processed and read by the HTTP endpoints.
+    pub clock: StreamClock,
 }
 
 /// Batches processed but not yet durable, at most. Two keep both halves of the pipeline
@@ -83,12 +87,14 @@ pub async fn run(
     config: &KafkaConfig,
     policy: PublishPolicy,
     sweep: SweepConfig,
+    aging: AgingConfig,
     store: Arc<dyn StateStore>,
     snapshot: SharedSnapshot,
     shutdown: CancellationToken,
     hooks: Hooks,
 ) -> Result<RunStats, RunError> {
-    let (mut stage, committer) = Loop::start(config, policy, sweep, store, snapshot, &hooks)?;
+    let (mut stage, committer) =
+        Loop::start(config, policy, (sweep, aging), store, snapshot, &hooks)?;
     let outcome = stage.drive(&shutdown).await;
     let consumed = stage.consumed;
     // The committer ends once its channel closes and it has made every batch in hand durable.
@@ -113,6 +119,8 @@ enum Step {
     Stop,
     /// Run the sweep's next chunk.
     Sweep,
+    /// Run the aging pass's next chunk.
+    Age,
     /// Process a batch that starts with this record.
     Records(OwnedMessage),
     /// Nothing: look again (a swap may have started a sweep).
@@ -132,8 +140,11 @@ struct Loop {
     shared: Arc<LoopShared>,
     snapshot: SharedSnapshot,
     metrics: Arc<Metrics>,
+    /// The stream clock, as the state the next batch reads reflects it.
+    clock: StreamClock,
     to_committer: mpsc::Sender<InFlight>,
     sweep: SweepSchedule,
+    aging: AgingSchedule,
     batch_id: u64,
     consumed: u64,
     errors: ErrorLog,
@@ -147,7 +158,7 @@ impl Loop {
     fn start(
         config: &KafkaConfig,
         policy: PublishPolicy,
-        sweep: SweepConfig,
+        (sweep, aging): (SweepConfig, AgingConfig),
         store: Arc<dyn StateStore>,
         snapshot: SharedSnapshot,
         hooks: &Hooks,
@@ -157,13 +168,18 @@ impl Loop {
         metrics
             .snapshot_version
             .set(i64::try_from(active).unwrap_or(i64::MAX));
+        let processed = store.offsets().map_err(ProcessError::from)?;
+        hooks
+            .clock
+            .reset(clock::load(store.as_ref(), processed.keys()).map_err(ProcessError::from)?);
         let shared = Arc::new(LoopShared {
-            processed: Mutex::new(store.offsets().map_err(ProcessError::from)?),
+            processed: Mutex::new(processed),
             assigned: Mutex::default(),
             in_flight: Gate::new(metrics.batches_in_flight.clone()),
             drain_timeout: Duration::from_millis(config.session_timeout_ms / 2),
             ready: hooks.ready.clone(),
             durable_version: AtomicU64::new(0),
+            durable_batch: AtomicU64::new(0),
         });
         let context = Resume {
             shared: shared.clone(),
@@ -189,6 +205,10 @@ impl Loop {
             .map_err(ProcessError::from)?;
         population::export(&counts, &metrics);
         let sweep = SweepSchedule::load(store.as_ref(), sweep).map_err(ProcessError::from)?;
+        let aging = AgingSchedule::load(store.as_ref(), aging).map_err(ProcessError::from)?;
+        metrics
+            .aging_open_boundaries
+            .set(i64::try_from(aging.state.open_count()).unwrap_or(i64::MAX));
         metrics
             .sweep_progress
             .set(if sweep.state.done { 1.0 } else { 0.0 });
@@ -219,8 +239,10 @@ impl Loop {
             shared,
             snapshot,
             metrics,
+            clock: hooks.clock.clone(),
             to_committer,
             sweep,
+            aging,
             batch_id: 0,
             consumed: 0,
             errors: ErrorLog::default(),
@@ -235,6 +257,7 @@ impl Loop {
                 Step::Stop => return Ok(()),
                 Step::Idle => continue,
                 Step::Sweep => self.sweep_chunk().await?,
+                Step::Age => self.aging_chunk().await?,
                 Step::Records(first) => {
                     self.sweep.records_ran();
                     let batch = self.collect(first).await;
@@ -265,6 +288,9 @@ impl Loop {
             self.metrics.sweep_progress.set(0.0);
         }
         let (sweeping, waiting) = (self.sweep.sweeping(), self.sweep.waiting());
+        // The sweep goes first: aging assesses against the snapshot the sweep moves to.
+        let durable_batch = self.shared.durable_batch.load(Ordering::SeqCst);
+        let aging = self.aging.due(durable_batch) && !sweeping && !waiting;
         tokio::select! {
             // Shutdown first, then a failed committer, then the sweep's turn, then records.
             biased;
@@ -273,6 +299,7 @@ impl Loop {
             // which may never come.
             _ = self.to_committer.closed() => Step::Stop,
             _ = tokio::time::sleep_until(self.sweep.due()), if sweeping => Step::Sweep,
+            _ = tokio::time::sleep_until(self.aging.next()), if aging => Step::Age,
             _ = tokio::time::sleep(Duration::from_millis(50)), if waiting => Step::Idle,
             // While no record comes, look at the snapshot now and then: a swap starts a sweep.
             _ = tokio::time::sleep(Duration::from_millis(250)), if !sweeping => Step::Idle,
@@ -320,11 +347,29 @@ impl Loop {
         // One snapshot for the whole batch: a swap takes effect at the next batch.
         let loaded = self.snapshot.load_full();
         let (overlay, pending, policy) = (self.overlay.clone(), self.pending.clone(), self.policy);
-        let prepared = tokio::task::spawn_blocking(move || {
-            prepare(id, batch, &processed, &overlay, &pending, &loaded, &policy)
+        let clock = self.clock.clone();
+        let aging = Aging {
+            state: self.aging.state.clone(),
+            period: self.aging.period(),
+        };
+        let (prepared, opened) = tokio::task::spawn_blocking(move || {
+            prepare(
+                id, batch, &processed, &overlay, &pending, &loaded, &policy, &clock, &aging,
+            )
         })
         .await
         .map_err(|e| RunError::Task(e.to_string()))??;
+        if let Some(state) = opened {
+            self.aging.opened(state, id);
+        }
+        // The clock moves with the offsets: both describe the state the next batch reads.
+        self.clock.advance(&prepared.watermarks);
+        for (partition, watermark) in &prepared.watermarks {
+            self.metrics
+                .clock_seconds
+                .with_label_values(&[&partition.topic, &partition.partition.to_string()])
+                .set(self.clock.at(*watermark).unix() as f64);
+        }
         lock(&self.shared.processed).extend(
             prepared
                 .store_batch
@@ -348,6 +393,22 @@ impl Loop {
         .await
         .map_err(|e| RunError::Task(e.to_string()))??;
         self.sweep.ran(state, prepared.swept);
+        self.hand_over(prepared).await
+    }
+
+    /// Runs the aging pass's next chunk off the runtime, then hands it over.
+    async fn aging_chunk(&mut self) -> Result<bool, RunError> {
+        self.batch_id += 1;
+        let id = self.batch_id;
+        let loaded = self.snapshot.load_full();
+        let (overlay, pending, policy) = (self.overlay.clone(), self.pending.clone(), self.policy);
+        let (state, chunk) = (self.aging.state.clone(), self.aging.chunk());
+        let (prepared, state, visited) = tokio::task::spawn_blocking(move || {
+            prepare_aging(id, state, chunk, &overlay, &pending, &loaded, &policy)
+        })
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))??;
+        self.aging.ran(state, visited);
         self.hand_over(prepared).await
     }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::domain::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::domain::event::{Event, EventError};
+use crate::domain::time::EventTime;
 
 mod wire;
 
@@ -33,6 +34,13 @@ pub struct Input {
     pub event: Event,
     /// Its record's coordinates.
     pub source: Source,
+    /// The stream clock of its partition once it is consumed: what it is assigned at (see
+    /// [`super::clock`]).
+    pub clock: EventTime,
+    /// The open aging boundaries of its partition that the clock had reached before it,
+    /// ascending: its customer is assessed at those they have not reached before the event
+    /// is applied (see [`super::aging`]).
+    pub aging: Vec<i64>,
 }
 
 const KINDS: [&str; 4] = ["order", "return", "support_contact", "engagement"];

@@ -8,11 +8,16 @@
 //!              letters)   applied)   publish?)   letters)
 //! ```
 //!
-//! Beside them: [`partitions`] (rebalance, resume from the stored offsets), [`pending`] (the
+//! Beside them: [`clock`] (the stream clock every assignment is made at: each partition's
+//! newest event time), [`aging`] (re-assignment as the clock moves on, event or not), [`partitions`] (rebalance, resume from the stored offsets), [`pending`] (the
 //! state of batches published but not yet durable), [`population`] (segment counts stored
 //! with the records), [`sweep`] (re-assignment after a snapshot swap), [`error`].
 
+pub mod aging;
+#[cfg(test)]
+mod aging_tests;
 pub mod assign;
+pub mod clock;
 pub mod commit;
 pub mod consume;
 pub mod decode;

@@ -41,6 +41,8 @@ pub(crate) struct LoopShared {
     pub(crate) ready: Arc<AtomicBool>,
     /// Snapshot version of the last batch made durable.
     pub(crate) durable_version: AtomicU64,
+    /// Id of the last batch made durable.
+    pub(crate) durable_batch: AtomicU64,
 }
 
 /// A counter of in-flight batches that can be waited on from any thread (the rebalance

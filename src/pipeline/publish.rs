@@ -69,6 +69,14 @@ pub(crate) struct Prepared {
     pub(crate) started: Instant,
     pub(crate) decode_ms: f64,
     pub(crate) process_ms: f64,
+    /// The watermarks of the partitions an event batch advanced (empty for a sweep chunk).
+    pub(crate) watermarks: Vec<(crate::io::store::PartitionKey, i64)>,
+    /// For an aging chunk: customers visited.
+    pub(crate) aged: usize,
+    /// Updates caused by the clock (aging), not by an event.
+    pub(crate) clock_updates: usize,
+    /// Open aging boundaries once this batch is durable, if it changed aging.
+    pub(crate) aging_open: Option<usize>,
 }
 
 /// A batch whose outputs are enqueued, on its way to the committer.

@@ -229,7 +229,9 @@ pub fn reassign_batch(
         {
             continue;
         }
-        let Some(as_of) = record.state.last_event_time() else {
+        // Only the snapshot changed: the customer is re-assigned at the clock of their last
+        // assignment.
+        let Some(as_of) = record.assigned_at() else {
             continue;
         };
         let Ok(id) = CustomerId::parse(&customer) else {
@@ -387,6 +389,10 @@ pub(crate) fn prepare_sweep(
         started,
         decode_ms: 0.0,
         process_ms: started.elapsed().as_secs_f64() * 1e3,
+        watermarks: Vec::new(),
+        aged: 0,
+        clock_updates: 0,
+        aging_open: None,
     };
     Ok((prepared, sweep))
 }

@@ -23,13 +23,16 @@ use crate::domain::dead_letter::DeadLetter;
 use crate::domain::event::{CustomerId, EventKind};
 use crate::domain::record::CustomerRecord;
 use crate::domain::state::ApplyOutcome;
-use crate::domain::update::{Cause, MembershipUpdate};
+use crate::domain::time::EventTime;
+use crate::domain::update::{Cause, MembershipUpdate, CLOCK_TOPIC};
 use crate::io::store::{PartitionKey, StateStore, StoreBatch};
 use crate::model::assign::{Assigner, Assignment, LoadedSnapshot};
 use crate::model::drift::DriftSums;
 use crate::model::snapshot::ValidSnapshot;
 
+use super::aging::{age_customer, boundary, Aging, AgingState};
 use super::assign::{assign_customer, decide, PublishPolicy};
+use super::clock::{meta_entries, BatchClock, StreamClock};
 use super::decode::{decode, Input, Source};
 use super::error::ProcessError;
 use super::pending::Pending;
@@ -73,6 +76,24 @@ pub fn process_batch(
     for input in fresh {
         let i = customers.index[&input.event.customer_id];
         let record = &mut customers.records[i];
+        // Boundaries the clock crossed since the customer's last assignment come first: they
+        // are assessed with the state they had then (see `aging`).
+        if !input.aging.is_empty()
+            && age_customer(
+                snapshot,
+                assigner,
+                policy,
+                record,
+                &input.event.customer_id,
+                input.source.partition,
+                &input.aging,
+                &mut assignment,
+                &mut result.drift,
+                &mut result.updates,
+            )
+        {
+            customers.touched[i] = true;
+        }
         match record.state.apply(&input.event, params) {
             ApplyOutcome::Duplicate => {
                 result.duplicates += 1;
@@ -85,12 +106,20 @@ pub fn process_batch(
             }
         }
         customers.touched[i] = true;
-        let as_of = input.event.event_time.max(
-            record
-                .state
-                .last_event_time()
-                .unwrap_or(input.event.event_time),
-        );
+        // At the stream clock, or the customer's own newest event if a lateness holds the
+        // clock behind it, and never before their last assignment (an input topic whose
+        // clock lags the others must not take a customer back in time).
+        let as_of = input
+            .clock
+            .max(record.state.last_event_time().unwrap_or(input.clock))
+            .max(
+                record
+                    .as_of
+                    .and_then(|t| EventTime::from_unix(t).ok())
+                    .unwrap_or(input.clock),
+            );
+        record.as_of = Some(as_of.unix());
+        record.home = Some(input.source.partition);
         assign_customer(
             snapshot,
             assigner,
@@ -220,18 +249,33 @@ struct Decoded<'a> {
     inputs: Vec<Input>,
     /// Refused records, by position in the batch (ascending).
     dead_at: Vec<(usize, DeadLetter)>,
+    /// The watermarks of the partitions the batch advanced.
+    watermarks: Vec<(PartitionKey, i64)>,
+    /// Aging after the batch, if its records opened a boundary.
+    aging: Option<AgingState>,
 }
 
 impl<'a> Decoded<'a> {
     /// Decodes every record not yet processed (below `processed`, it is a replay).
-    fn new(batch: &'a [OwnedMessage], processed: &BTreeMap<PartitionKey, i64>) -> Self {
+    /// Each event ticks its partition's clock, in input order, and carries the clock after it.
+    fn new(
+        batch: &'a [OwnedMessage],
+        processed: &BTreeMap<PartitionKey, i64>,
+        clock: &StreamClock,
+        aging: &Aging,
+    ) -> Self {
         let mut decoded = Decoded {
             next: BTreeMap::new(),
             arrived: FxHashMap::default(),
             topics: Vec::new(),
             inputs: Vec::with_capacity(batch.len()),
             dead_at: Vec::new(),
+            watermarks: Vec::new(),
+            aging: None,
         };
+        let mut batch_clock = BatchClock::new(clock);
+        let mut opened = false;
+        let mut state = aging.state.clone();
         for (i, m) in batch.iter().enumerate() {
             let t = topic_index(&mut decoded.topics, m.topic());
             let topic = decoded.topics[t].1.clone();
@@ -249,6 +293,18 @@ impl<'a> Decoded<'a> {
                     if let Some(ms) = m.timestamp().to_millis() {
                         decoded.arrived.insert((t, m.partition(), m.offset()), ms);
                     }
+                    let (before, clock) =
+                        batch_clock.tick(m.topic(), m.partition(), event.event_time.unix());
+                    let due = before.map_or_else(Vec::new, |before| {
+                        state.open_upto(m.partition(), before.unix())
+                    });
+                    if let Some(before) = before {
+                        let reached = boundary(clock.unix(), aging.period);
+                        if reached > boundary(before.unix(), aging.period) {
+                            state.reach(m.partition(), reached);
+                            opened = true;
+                        }
+                    }
                     decoded.inputs.push(Input {
                         event,
                         source: Source {
@@ -256,11 +312,15 @@ impl<'a> Decoded<'a> {
                             partition: m.partition(),
                             offset: m.offset(),
                         },
+                        clock,
+                        aging: due,
                     });
                 }
                 Err(letter) => decoded.dead_at.push((i, letter)),
             }
         }
+        decoded.watermarks = batch_clock.finish();
+        decoded.aging = opened.then_some(state);
         decoded
     }
 
@@ -294,8 +354,13 @@ impl<'a> Decoded<'a> {
     }
 }
 
+/// One part of a batch processed: its result, its serialised updates, and how many of
+/// them the clock caused.
+type PreparedPart = (BatchResult, Vec<Outgoing>, usize);
+
 /// Decodes and processes a batch, records its state as pending, and serialises its updates.
 /// Runs off the async runtime.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn prepare(
     id: u64,
     batch: Vec<OwnedMessage>,
@@ -304,10 +369,12 @@ pub(crate) fn prepare(
     pending: &Pending,
     loaded: &LoadedSnapshot,
     policy: &PublishPolicy,
-) -> Result<Prepared, ProcessError> {
+    clock: &StreamClock,
+    aging: &Aging,
+) -> Result<(Prepared, Option<AgingState>), ProcessError> {
     let started = Instant::now();
     let records = batch.len();
-    let mut decoded = Decoded::new(&batch, processed);
+    let mut decoded = Decoded::new(&batch, processed, clock, aging);
     let decode_ms = started.elapsed().as_secs_f64() * 1e3;
     let newest_event_time = decoded
         .inputs
@@ -318,7 +385,7 @@ pub(crate) fn prepare(
     // one part, in input order, so each update is what a single pass would have made.
     let inputs = std::mem::take(&mut decoded.inputs);
     let parts = split_by_customer(inputs, rayon::current_num_threads());
-    let results: Vec<Result<(BatchResult, Vec<Outgoing>), ProcessError>> = parts
+    let results: Vec<Result<PreparedPart, ProcessError>> = parts
         .into_par_iter()
         .map(|part| {
             let mut result = process_batch(
@@ -329,6 +396,11 @@ pub(crate) fn prepare(
                 &part,
                 processed,
             )?;
+            let clock_updates = result
+                .updates
+                .iter()
+                .filter(|u| u.cause.topic == CLOCK_TOPIC)
+                .count();
             let outgoing = std::mem::take(&mut result.updates)
                 .into_iter()
                 .map(|update| {
@@ -336,13 +408,15 @@ pub(crate) fn prepare(
                     Outgoing::new(update, arrived_ms)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok((result, outgoing))
+            Ok((result, outgoing, clock_updates))
         })
         .collect();
     let mut result = BatchResult::default();
     let mut updates = Vec::new();
+    let mut clock_updates = 0;
     for part in results {
-        let (part, outgoing) = part?;
+        let (part, outgoing, from_clock) = part?;
+        clock_updates += from_clock;
         result.store_batch.records.extend(part.store_batch.records);
         result.outcomes.extend(part.outcomes);
         result.applied += part.applied;
@@ -353,10 +427,19 @@ pub(crate) fn prepare(
     pending.insert(id, &result.store_batch.records);
     let mut store_batch = result.store_batch;
     store_batch.offsets = decoded.offsets();
+    // The watermarks are durable with the state and offsets they account for.
+    let watermarks = std::mem::take(&mut decoded.watermarks);
+    store_batch.meta.extend(meta_entries(&watermarks));
+    let aging = decoded.aging.take();
+    if let Some(state) = &aging {
+        store_batch
+            .meta
+            .push((crate::pipeline::aging::META_KEY.to_vec(), state.encode()));
+    }
     let process_ms = started.elapsed().as_secs_f64() * 1e3 - decode_ms;
     let dead_at = std::mem::take(&mut decoded.dead_at);
     drop(decoded);
-    Ok(Prepared {
+    let prepared = Prepared {
         id,
         version: loaded.snapshot.version(),
         sweep: None,
@@ -373,7 +456,12 @@ pub(crate) fn prepare(
         started,
         decode_ms,
         process_ms,
-    })
+        watermarks,
+        aged: 0,
+        clock_updates,
+        aging_open: aging.as_ref().map(AgingState::open_count),
+    };
+    Ok((prepared, aging))
 }
 
 /// The refused records of `batch` paired with their dead letters; `dead_at` holds their
@@ -437,8 +525,10 @@ pub(crate) mod tests {
         crate::domain::event::test_order(customer, id, time)
     }
 
-    /// `event` as the record at `offset` of partition 0 of `orders`.
+    /// `event` as the record at `offset` of partition 0 of `orders`, with the clock at its own
+    /// time (the newest event of the partition so far).
     pub(crate) fn input(event: Event, offset: i64) -> Input {
+        let clock = event.event_time;
         Input {
             event,
             source: Source {
@@ -446,6 +536,8 @@ pub(crate) mod tests {
                 partition: 0,
                 offset,
             },
+            clock,
+            aging: Vec::new(),
         }
     }
 
@@ -706,8 +798,15 @@ pub(crate) mod tests {
                     memberships: vec![40_000, 25_535],
                 }],
             }),
+            as_of: Some(1_700_000_000),
+            home: Some(3),
         };
         assert_eq!(CustomerRecord::decode(&record.encode()).unwrap(), record);
         assert!(CustomerRecord::decode(&[9, 1, 2]).is_err());
+        // A version-1 record (no as_of) is still read.
+        let mut v1 = vec![1u8];
+        v1.extend(postcard::to_allocvec(&(&record.state, &record.published)).unwrap());
+        let old = CustomerRecord::decode(&v1).unwrap();
+        assert_eq!((old.as_of, old.published), (None, record.published));
     }
 }

@@ -121,6 +121,9 @@ metric_table! {
     /// From the record's broker timestamp to the acknowledged publication of its update.
     event_to_publish_seconds: Histogram = "segmentd_event_to_publish_seconds",
         "From the input record's broker timestamp to the acknowledged update.", buckets LATENCY_BUCKETS;
+    /// The stream clock of each input partition (see `pipeline::clock`).
+    clock_seconds: GaugeVec = "segmentd_clock_seconds",
+        "The stream clock per input partition: its newest event time minus the allowed lateness, in Unix seconds.", labels ["topic", "partition"];
     /// Wall clock minus the event time of the newest event in the last batch.
     event_time_lag_seconds: Gauge = "segmentd_event_time_lag_seconds",
         "Wall clock minus the newest event time of the last batch (end-to-end lag).";
@@ -164,6 +167,15 @@ metric_table! {
     /// Customers visited by re-assignment sweeps.
     sweep_customers: IntCounter = "segmentd_sweep_customers_total",
         "Customers visited by re-assignment sweeps after snapshot swaps.";
+    /// Customers visited by aging passes.
+    aging_customers: IntCounter = "segmentd_aging_customers_total",
+        "Customers visited by aging passes (re-assignment as the stream clock moves on).";
+    /// Aging boundaries reached and not yet passed over everyone, as durable.
+    aging_open_boundaries: IntGauge = "segmentd_aging_open_boundaries",
+        "Aging boundaries the clock has reached that a pass has not yet closed (durable state); 0 when aging has caught up.";
+    /// Updates caused by the clock, not by an event.
+    clock_updates: IntCounter = "segmentd_clock_updates_total",
+        "Membership updates published because the stream clock moved on (cause segmentd.clock).";
     /// Progress of the current sweep, 0 to 1 (1 when none is running).
     sweep_progress: Gauge = "segmentd_sweep_progress",
         "Progress of the current re-assignment sweep, 0 to 1 (1: none running).";

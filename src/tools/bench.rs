@@ -146,6 +146,9 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
         swap_run(&rig, &snapshot, &states, n)
             .await
             .context("swap and sweep run")?;
+        aging_run(&rig, &snapshot, &states, n)
+            .await
+            .context("aging run")?;
     }
 
     // 6. a real daemon process over a large store
@@ -269,7 +272,7 @@ async fn process_run(
     let db = dir.path().join("process");
     std::thread::scope(|scope| {
         scope
-            .spawn(|| seed_store(&db, states, snapshot, n))
+            .spawn(|| seed_store(&db, states, snapshot, n, rig.args.partitions))
             .join()
             .map_err(|_| anyhow::anyhow!("seeding panicked"))?
     })?;
@@ -449,7 +452,7 @@ async fn swap_run(
         args,
     } = *rig;
     let path = dir.path().join("swap");
-    seed_store(&path, states, snapshot, n)?;
+    seed_store(&path, states, snapshot, n, args.partitions)?;
     let mut next = snapshot.snapshot.snapshot().clone();
     next.version += 1;
     crate::model::lineage::carry_ids(&snapshot.snapshot, &mut next, 0.5)?;
@@ -462,7 +465,7 @@ async fn swap_run(
         "swap",
         path.clone(),
         args.partitions,
-        SweepConfig::default(),
+        (SweepConfig::default(), Default::default()),
     )
     .await?;
     // The first sweep (to v1 over a store seeded without one) runs first; wait it out.
@@ -493,7 +496,7 @@ async fn swap_run(
         "sweep",
         path,
         args.partitions,
-        unthrottled,
+        (unthrottled, Default::default()),
     )
     .await?;
     let swapped = Instant::now();
@@ -508,6 +511,91 @@ async fn swap_run(
     println!(
         "sweep alone, unthrottled: {n} customers in {seconds:.2} s = {:.0} customers/s",
         n as f64 / seconds
+    );
+    Ok(())
+}
+
+/// One aging pass over `n` seeded customers, unthrottled and without traffic: two records per
+/// partition move its clock a day past everyone's last assignment, and the pass re-assigns
+/// every customer at that boundary.
+async fn aging_run(
+    rig: &Rig<'_>,
+    snapshot: &LoadedSnapshot,
+    states: &[crate::domain::state::CustomerState],
+    n: usize,
+) -> anyhow::Result<()> {
+    use crate::pipeline::aging::AgingConfig;
+    use crate::pipeline::sweep::SweepConfig;
+    let partitions = rig.args.partitions;
+    let path = rig.dir.path().join("aging");
+    seed_store(&path, states, snapshot, n, partitions)?;
+    let newest = states
+        .iter()
+        .filter_map(|s| s.last_event_time())
+        .map(|t| t.unix())
+        .max()
+        .context("no seeded customer has an event")?;
+    let unthrottled = (
+        SweepConfig {
+            customers_per_second: 0,
+            chunk: 5_000,
+        },
+        AgingConfig {
+            customers_per_second: 0,
+            chunk: 5_000,
+            ..AgingConfig::default()
+        },
+    );
+    let running = Running::start(
+        rig.cluster,
+        rig.brokers,
+        rig.dir,
+        "aging",
+        path,
+        partitions,
+        unthrottled,
+    )
+    .await?;
+    // The first sweep (to v1 over a store seeded without one) runs first; wait it out.
+    sweep_done(&running.store, snapshot.snapshot.version(), || Ok(())).await?;
+    let started = Instant::now();
+    for day in [1, 2] {
+        let at = crate::domain::time::EventTime::from_unix(newest + day * 86_400)?.to_rfc3339();
+        for p in 0..partitions {
+            let customer = seeded_id(p as usize);
+            let payload = format!(
+                r#"{{"event_id":"aging-{day}-{p}","customer_id":"{customer}","event_time":"{at}","kind":"engagement","channel":"email","action":"open"}}"#
+            );
+            rig.producer
+                .send(
+                    FutureRecord::to("bench-aging-events")
+                        .key(customer.as_str())
+                        .partition(p)
+                        .payload(&payload),
+                    Duration::from_secs(5),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+        }
+    }
+    let m = &running.metrics;
+    loop {
+        if m.aging_customers.get() >= n as u64 && m.aging_open_boundaries.get() == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "the aging pass did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let (visited, published) = (m.aging_customers.get(), m.clock_updates.get());
+    running.stop().await?;
+    println!(
+        "aging pass alone, unthrottled: {visited} customers in {seconds:.2} s = {:.0} \
+         customers/s ({published} updates caused by the clock)",
+        visited as f64 / seconds
     );
     Ok(())
 }
@@ -625,7 +713,7 @@ fn recluster_run(
 ) -> anyhow::Result<f64> {
     use crate::control::recluster::{recluster, Cause, ReclusterOutcome};
     let path = dir.join("recluster");
-    seed_store(&path, states, snapshot, n)?;
+    seed_store(&path, states, snapshot, n, 1)?;
     let store = RocksStore::open(&StoreConfig {
         path,
         ..StoreConfig::default()
@@ -667,6 +755,7 @@ fn seed_store(
     states: &[crate::domain::state::CustomerState],
     snapshot: &LoadedSnapshot,
     n: usize,
+    partitions: i32,
 ) -> anyhow::Result<()> {
     use crate::domain::time::EventTime;
     use crate::io::store::StoreBatch;
@@ -676,25 +765,32 @@ fn seed_store(
         path: path.to_owned(),
         ..StoreConfig::default()
     })?;
-    let records: Vec<Vec<u8>> = states
+    // Each customer's home partition is their index modulo the partitions, so that aging
+    // finds every one of them; one encoding per (state, partition).
+    let records: Vec<Vec<Vec<u8>>> = states
         .iter()
         .map(|state| {
             let as_of = state
                 .last_event_time()
                 .unwrap_or_else(|| EventTime::from_unix(0).expect("epoch"));
-            published_record(
+            let mut record = published_record(
                 state.clone(),
                 &snapshot.snapshot,
                 &snapshot.assigner,
                 as_of,
                 1,
-            )
-            .encode()
+            );
+            (0..partitions)
+                .map(|p| {
+                    record.home = Some(p);
+                    record.encode()
+                })
+                .collect()
         })
         .collect();
     let mut batch = StoreBatch::default();
     for i in 0..n {
-        let record = &records[i % records.len()];
+        let record = &records[i % records.len()][i % partitions as usize];
         batch
             .records
             .push((seeded_id(i).as_str().as_bytes().to_vec(), record.clone()));
@@ -843,7 +939,10 @@ impl Running {
         name: &str,
         store: std::path::PathBuf,
         partitions: i32,
-        sweep: crate::pipeline::sweep::SweepConfig,
+        (sweep, aging): (
+            crate::pipeline::sweep::SweepConfig,
+            crate::pipeline::aging::AgingConfig,
+        ),
     ) -> anyhow::Result<Self> {
         let mut config = crate::config::Config {
             kafka: KafkaConfig {
@@ -856,6 +955,7 @@ impl Running {
                 ..KafkaConfig::default()
             },
             sweep,
+            aging,
             ..crate::config::Config::default()
         };
         for topic in [&config.kafka.input_topics[0], &config.kafka.output_topic] {
@@ -920,8 +1020,8 @@ async fn daemon_run(
     } = *rig;
     let partitions = rig.args.partitions;
     let store = dir.path().join(name);
-    let sweep = Default::default();
-    let running = Running::start(cluster, brokers, dir, name, store, partitions, sweep).await?;
+    let passes = Default::default();
+    let running = Running::start(cluster, brokers, dir, name, store, partitions, passes).await?;
     let input = format!("bench-{name}-events");
     // Warm-up record: wait until it is durable, then time the rest.
     let progress = Arc::new(AtomicU64::new(0));

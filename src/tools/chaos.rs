@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -172,6 +172,10 @@ fn run(args: &ChaosArgs, work: &Path, binary: &Path) -> anyhow::Result<Verdict> 
     let mut last = Daemon::start(binary, &chaos_config, work, "chaos-final")?;
     last.wait_assigned(Duration::from_secs(60))?;
     catch_up(&brokers, &admin, fed)?;
+    // Aging goes on after the input ends: compare once both have passed over everyone.
+    for daemon in [&clean, &last] {
+        daemon.wait_aged(Duration::from_secs(120))?;
+    }
     let clean_code = clean.terminate(Duration::from_secs(30))?;
     let last_code = last.terminate(Duration::from_secs(30))?;
     anyhow::ensure!(
@@ -468,6 +472,8 @@ pub(crate) fn signal(child: &Child, name: &str) -> anyhow::Result<()> {
 struct Daemon {
     process: Process,
     assigned: mpsc::Receiver<()>,
+    /// Where its HTTP endpoints listen, once it says.
+    http: Arc<Mutex<Option<String>>>,
 }
 
 impl Daemon {
@@ -485,12 +491,21 @@ impl Daemon {
         let stderr = child.stderr.take().context("no stderr")?;
         let (tx, assigned) = mpsc::channel();
         let mut file = std::fs::File::create(&log)?;
+        let http = Arc::new(Mutex::new(None));
+        let address = http.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let _ = writeln!(file, "{line}");
                 if line.contains("partitions assigned") {
                     let _ = tx.send(());
+                }
+                if line.contains("http endpoints up") {
+                    let listen = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("listen="))
+                        .map(str::to_owned);
+                    *address.lock().unwrap_or_else(|e| e.into_inner()) = listen;
                 }
             }
         });
@@ -501,7 +516,32 @@ impl Daemon {
                 log,
             },
             assigned,
+            http,
         })
+    }
+
+    /// Waits until the daemon's durable aging state has no open boundary
+    /// (`segmentd_aging_open_boundaries 0` on its metrics endpoint).
+    fn wait_aged(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let address = self.http.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(address) = address {
+                if let Ok(metrics) = http_get(&address, "/metrics") {
+                    let open = metrics
+                        .lines()
+                        .find_map(|l| l.strip_prefix("segmentd_aging_open_boundaries "))
+                        .and_then(|v| v.trim().parse::<f64>().ok());
+                    if open == Some(0.0) {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(self.process.failure("aging did not catch up"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn wait_assigned(&mut self, timeout: Duration) -> anyhow::Result<()> {
@@ -890,6 +930,23 @@ fn report(args: &ChaosArgs, verdict: &Verdict, replays: &Replays, took: Duration
             "DIFFERENT"
         }
     );
+}
+
+/// A plain HTTP/1.1 GET of `path` on `address`; the response body.
+fn http_get(address: &str, path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
 }
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
         &config.audiences.output_topic,
     ]) {
         cluster
-            .create_topic(name, 4, 1)
+            .create_topic(name, DEMO_PARTITIONS, 1)
             .with_context(|| format!("creating topic {name}"))?;
     }
     println!("mock cluster at {brokers}");
@@ -170,7 +170,20 @@ fn demo_config(args: &DemoArgs, brokers: &str, dir: &Path) -> Config {
     };
     config.audiences.enabled = args.scores_rate > 0;
     config.audiences.refresh_interval_ms = 3_000;
+    // The live stream runs simulated days in seconds: age every simulated week, as fast as
+    // the loop can, so quiet customers move as the clock runs.
+    config.aging.period_seconds = 7 * 86_400;
+    config.aging.customers_per_second = 0;
     config
+}
+
+/// Partitions of each demo topic.
+const DEMO_PARTITIONS: i32 = 4;
+
+/// The partition librdkafka's default partitioner (`consistent_random`: CRC-32 of the key)
+/// sends a keyed record to: where a seeded customer's live events will come from.
+fn partition_of(key: &[u8], partitions: i32) -> i32 {
+    (crc32fast::hash(key) % partitions.max(1) as u32) as i32
 }
 
 /// Generates the shop, discovers a snapshot from its history (written where the daemon
@@ -203,13 +216,18 @@ async fn bootstrap(args: &DemoArgs, config: &Config) -> anyhow::Result<Shop> {
     let store = RocksStore::open(&config.store)?;
     let mut counts = SegmentCounts::new(snapshot.version());
     let assigner = crate::model::assign::Assigner::new(&snapshot);
+    // Everyone as of the history's end, as discover read them: the stream clock starts there.
+    let Some(end) = states.iter().filter_map(|(_, s)| s.last_event_time()).max() else {
+        anyhow::bail!("the generated history has no event");
+    };
     for chunk in states.chunks(10_000) {
         let mut records = Vec::with_capacity(chunk.len());
         for (id, state) in chunk {
-            let Some(as_of) = state.last_event_time() else {
+            if state.last_event_time().is_none() {
                 continue;
-            };
-            let record = published_record(state.clone(), &snapshot, &assigner, as_of, 1);
+            }
+            let mut record = published_record(state.clone(), &snapshot, &assigner, end, 1);
+            record.home = Some(partition_of(id.as_str().as_bytes(), DEMO_PARTITIONS));
             if let Some(published) = &record.published {
                 let changes: Vec<AxisChange> = published
                     .axes
@@ -394,6 +412,7 @@ struct LiveView {
     last: Instant,
     last_events: u64,
     last_updates: u64,
+    last_clock_updates: u64,
     last_audience_updates: u64,
     last_buckets: Vec<(f64, u64)>,
 }
@@ -405,6 +424,7 @@ impl LiveView {
             last: Instant::now(),
             last_events: 0,
             last_updates: 0,
+            last_clock_updates: 0,
             last_audience_updates: 0,
             last_buckets: Vec::new(),
         }
@@ -426,9 +446,13 @@ impl LiveView {
         let secs = self.last.elapsed().as_secs_f64().max(1e-9);
         let eps = (events - self.last_events) as f64 / secs;
         let ups = (updates - self.last_updates) as f64 / secs;
+        let clock_updates = m.clock_updates.get();
+        let cps = (clock_updates - self.last_clock_updates) as f64 / secs;
         self.last = Instant::now();
         self.last_events = events;
         self.last_updates = updates;
+        self.last_clock_updates = clock_updates;
+        let clock = newest_clock(m).map_or("-".to_owned(), |t| t.to_rfc3339()[..10].to_owned());
         let p99 = self.interval_p99();
         let loaded = snapshot.load();
         let tops = top_segments(m, &loaded.snapshot);
@@ -441,7 +465,7 @@ impl LiveView {
         };
         let audiences = self.audiences(secs);
         format!(
-            "v{} {eps:>6.0} ev/s {ups:>6.0} upd/s  p99 {p99:>6}  lag {:>5}  max PSI {psi:.3} ({psi_axis}){sweep}{audiences} | {}",
+            "v{} {clock} {eps:>6.0} ev/s {ups:>6.0} upd/s ({cps:>4.0} by the clock)  p99 {p99:>6}  lag {:>5}  max PSI {psi:.3} ({psi_axis}){sweep}{audiences} | {}",
             loaded.snapshot.version(),
             m.consumer_lag_messages.get(),
             tops.join(" | ")
@@ -489,6 +513,18 @@ impl LiveView {
             ),
         }
     }
+}
+
+/// The newest partition clock: the simulated date the live stream has reached.
+fn newest_clock(m: &Metrics) -> Option<crate::domain::time::EventTime> {
+    use prometheus::core::Collector;
+    let newest = m
+        .clock_seconds
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric().iter().map(|x| x.get_gauge().get_value()))
+        .fold(f64::NAN, f64::max);
+    crate::domain::time::EventTime::from_unix(newest as i64).ok()
 }
 
 /// The largest segment of each of the first four axes, with its customers.

@@ -23,6 +23,7 @@ use segmentd::domain::update::MembershipUpdate;
 use segmentd::io::kafka::KafkaConfig;
 use segmentd::io::store::{RocksStore, StateStore, StoreConfig};
 use segmentd::model::assign::LoadedSnapshot;
+use segmentd::pipeline::aging::AgingConfig;
 use segmentd::pipeline::assign::PublishPolicy;
 use segmentd::pipeline::commit::RunStats;
 use segmentd::pipeline::consume::{run, Hooks};
@@ -99,6 +100,12 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
                 &config,
                 policy,
                 SweepConfig::default(),
+                // Known events, known updates: no aging boundary inside the story (aging has
+                // tests of its own).
+                AgingConfig {
+                    period_seconds: 3_650 * 86_400,
+                    ..AgingConfig::default()
+                },
                 store,
                 shared,
                 shutdown,
@@ -250,6 +257,7 @@ async fn a_snapshot_swap_mid_stream_switches_each_customer_once_in_order() {
         metrics: metrics.clone(),
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         drift: Default::default(),
+        clock: Default::default(),
     };
     let task = {
         let (store, shared, shutdown) = (store.clone(), registry.shared(), shutdown.clone());
@@ -258,6 +266,7 @@ async fn a_snapshot_swap_mid_stream_switches_each_customer_once_in_order() {
                 &config,
                 PublishPolicy::default(),
                 SweepConfig::default(),
+                AgingConfig::default(),
                 store,
                 shared,
                 shutdown,
@@ -437,6 +446,7 @@ async fn after_a_swap_the_sweep_republishes_quiet_customers_and_resumes_after_a_
                 &config,
                 PublishPolicy::default(),
                 sweep,
+                AgingConfig::default(),
                 store,
                 shared,
                 shutdown,

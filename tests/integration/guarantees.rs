@@ -27,6 +27,7 @@ use segmentd::io::store::{
     PartitionKey, Records, RocksStore, StateStore, StoreBatch, StoreConfig, StoreError, StoreStats,
 };
 use segmentd::model::assign::LoadedSnapshot;
+use segmentd::pipeline::aging::AgingConfig;
 use segmentd::pipeline::assign::PublishPolicy;
 use segmentd::pipeline::commit::RunStats;
 use segmentd::pipeline::consume::run;
@@ -157,6 +158,7 @@ fn spawn_loop(
             &config,
             PublishPolicy::default(),
             SweepConfig::default(),
+            AgingConfig::default(),
             store,
             shared,
             shutdown,

@@ -4,5 +4,6 @@ mod architecture;
 mod cli;
 mod daemon;
 mod guarantees;
+mod parity;
 mod processes;
 mod support;

@@ -99,6 +99,7 @@ pub fn hooks() -> Hooks {
         metrics: Arc::new(Metrics::new().unwrap()),
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         drift: Default::default(),
+        clock: Default::default(),
     }
 }
 

@@ -1,0 +1,484 @@
+//! Aging: every customer is re-assigned at the stream clock at least once per
+//! `aging.period_seconds` of clock time, event or not, so that a customer who goes quiet
+//! drifts into the lapsing segments as time passes (recency, overdue, dormancy, tenure and
+//! every decayed rate depend on the clock, not only on events).
+//!
+//! **Boundaries.** When a record moves its partition's clock into a new period, the period's
+//! start (a multiple of the period) becomes an *open boundary* of the partition. Every
+//! customer of the partition must be assessed at each open boundary newer than their last
+//! assignment, in order, before any later event of theirs:
+//! - a *pass* scans the store in key order between event batches (like the sweep: the same
+//!   overlay, the same committer, a stored cursor, rate-limited) and assesses each customer at
+//!   the open boundaries of their partition they have not reached; when a pass has visited
+//!   everyone, the boundaries that were open when it began are closed;
+//! - an event for a customer the pass has not reached yet first assesses them at those
+//!   boundaries (*touch*), then applies the event.
+//!
+//! Either way a customer is assessed at a boundary with the state they had when the clock
+//! crossed it, so the updates they get are the same whichever comes first, the pass or their
+//! next event: the output is a function of the input, and a replay after a crash publishes the
+//! same bytes. An assessment publishes only when a segment changes or a membership moves by
+//! more than `publish.epsilon`; its cause is [`CLOCK_TOPIC`].
+//!
+//! A clock that jumps several periods at once (a partition idle for months) opens one
+//! boundary, at the newest period start, not one per period skipped.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::event::CustomerId;
+use crate::domain::record::CustomerRecord;
+use crate::domain::section::Section;
+use crate::domain::time::EventTime;
+use crate::domain::update::{Cause, MembershipUpdate, CLOCK_TOPIC};
+use crate::io::store::{StateStore, StoreBatch, StoreError};
+use crate::model::assign::{Assigner, Assignment, LoadedSnapshot};
+use crate::model::drift::DriftSums;
+use crate::model::snapshot::ValidSnapshot;
+
+use super::assign::{assign_customer, decide, PublishPolicy};
+use super::error::ProcessError;
+use super::pending::Pending;
+use super::publish::{Outgoing, Prepared};
+
+/// The store's meta key of the aging state.
+pub const META_KEY: &[u8] = b"aging";
+
+/// `[aging]`: time-driven re-assignment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgingConfig {
+    /// Every customer is re-assigned at least once per this much clock time, in seconds.
+    pub period_seconds: u64,
+    /// Customers a pass visits per second at most (0: as fast as the loop can). Each chunk
+    /// delays the event batches queued behind it, as the sweep's do.
+    pub customers_per_second: u64,
+    /// Customers per pass chunk.
+    pub chunk: usize,
+}
+
+impl Default for AgingConfig {
+    fn default() -> Self {
+        Self {
+            period_seconds: 86_400,
+            customers_per_second: 25_000,
+            chunk: 1_000,
+        }
+    }
+}
+
+impl Section for AgingConfig {
+    const KEY: &'static str = "aging";
+
+    fn problems(&self) -> Result<(), String> {
+        if self.period_seconds < 60 {
+            return Err("period_seconds must be at least 60".into());
+        }
+        if self.chunk == 0 {
+            return Err("chunk must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The start of the period `clock` falls in.
+pub fn boundary(clock: i64, period: i64) -> i64 {
+    clock.div_euclid(period) * period
+}
+
+/// A pass over every customer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pass {
+    /// Per partition, the newest boundary open when the pass began: closed when it ends.
+    pub closes: BTreeMap<i32, i64>,
+    /// The last key visited (`None`: not started).
+    pub cursor: Option<Vec<u8>>,
+    /// Customers visited so far.
+    pub visited: u64,
+}
+
+/// Where aging stands, stored with every batch that changes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgingState {
+    /// Per input partition, the boundaries reached and not yet closed, ascending.
+    pub open: BTreeMap<i32, Vec<i64>>,
+    /// The pass in progress.
+    pub pass: Option<Pass>,
+}
+
+impl AgingState {
+    /// The stored state, or a fresh one.
+    pub fn load(store: &dyn StateStore) -> Result<Self, StoreError> {
+        Ok(store
+            .meta(META_KEY)?
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default())
+    }
+
+    /// The stored form.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Records that `partition`'s clock reached `boundary` (a no-op if it already had).
+    pub fn reach(&mut self, partition: i32, boundary: i64) {
+        let open = self.open.entry(partition).or_default();
+        if open.last().is_none_or(|&last| last < boundary) {
+            open.push(boundary);
+        }
+    }
+
+    /// How many boundaries are open, over every partition.
+    pub fn open_count(&self) -> usize {
+        self.open.values().map(Vec::len).sum()
+    }
+
+    /// Whether a pass has work: a boundary is open.
+    pub fn due(&self) -> bool {
+        self.open.values().any(|b| !b.is_empty())
+    }
+
+    /// The open boundaries of `partition` up to `upto`.
+    pub fn open_upto(&self, partition: i32, upto: i64) -> Vec<i64> {
+        self.open
+            .get(&partition)
+            .map(|b| b.iter().copied().take_while(|&b| b <= upto).collect())
+            .unwrap_or_default()
+    }
+
+    /// The pass in progress, or a new one over what is open now.
+    fn pass(&mut self) -> &mut Pass {
+        let open = &self.open;
+        self.pass.get_or_insert_with(|| Pass {
+            closes: open
+                .iter()
+                .filter_map(|(&p, b)| b.last().map(|&last| (p, last)))
+                .collect(),
+            ..Pass::default()
+        })
+    }
+
+    /// The pass visited everyone: the boundaries open when it began are closed.
+    fn close_pass(&mut self) {
+        if let Some(pass) = self.pass.take() {
+            for (partition, closes) in pass.closes {
+                if let Some(open) = self.open.get_mut(&partition) {
+                    open.retain(|&b| b > closes);
+                }
+            }
+            self.open.retain(|_, b| !b.is_empty());
+        }
+    }
+}
+
+/// Assesses a customer at each of `boundaries` (ascending) newer than their last assignment:
+/// assigns them at the boundary and returns the updates the policy calls for (never for
+/// every assessment: `every_event` does not apply to the clock). Returns whether the record
+/// changed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn age_customer(
+    snapshot: &ValidSnapshot,
+    assigner: &Assigner,
+    policy: &PublishPolicy,
+    record: &mut CustomerRecord,
+    customer: &CustomerId,
+    partition: i32,
+    boundaries: &[i64],
+    assignment: &mut Assignment,
+    drift: &mut DriftSums,
+    updates: &mut Vec<MembershipUpdate>,
+) -> bool {
+    let policy = PublishPolicy {
+        every_event: false,
+        ..*policy
+    };
+    let mut changed = false;
+    for &b in boundaries {
+        let Some(last) = record.assigned_at() else {
+            return changed;
+        };
+        let Ok(at) = EventTime::from_unix(b) else {
+            continue;
+        };
+        if last >= at {
+            continue;
+        }
+        assign_customer(snapshot, assigner, &policy, record, at, assignment, drift);
+        record.as_of = Some(b);
+        changed = true;
+        if let Some(update) = decide(
+            snapshot,
+            assigner,
+            assignment,
+            record,
+            &policy,
+            customer,
+            || Cause {
+                event_id: format!("clock-{}", at.to_rfc3339()),
+                topic: CLOCK_TOPIC.into(),
+                partition,
+                offset: -1,
+            },
+            at,
+        ) {
+            updates.push(update);
+        }
+    }
+    changed
+}
+
+/// What aging some customers did.
+#[derive(Debug, Default)]
+pub(crate) struct Aged {
+    /// Records that changed (key, encoded record).
+    pub(crate) records: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Updates to publish, in key order.
+    pub(crate) updates: Vec<MembershipUpdate>,
+    /// The assessments, summed for the drift monitor.
+    pub(crate) drift: DriftSums,
+}
+
+/// Ages stored customers (key, encoded record) at their partition's open boundaries.
+pub(crate) fn age_batch(
+    snapshot: &ValidSnapshot,
+    assigner: &Assigner,
+    policy: &PublishPolicy,
+    state: &AgingState,
+    records: &[(Vec<u8>, Vec<u8>)],
+) -> Result<Aged, ProcessError> {
+    let mut result = Aged::default();
+    let mut assignment = Assignment::default();
+    for (key, bytes) in records {
+        let customer = String::from_utf8_lossy(key);
+        let mut record = CustomerRecord::decode(bytes).map_err(|source| ProcessError::Corrupt {
+            customer: customer.to_string(),
+            source,
+        })?;
+        let (Some(home), Some(last)) = (record.home, record.assigned_at()) else {
+            continue;
+        };
+        let due: Vec<i64> = state
+            .open
+            .get(&home)
+            .map(|b| b.iter().copied().filter(|&b| b > last.unix()).collect())
+            .unwrap_or_default();
+        if due.is_empty() {
+            continue;
+        }
+        let Ok(id) = CustomerId::parse(&customer) else {
+            continue;
+        };
+        if age_customer(
+            snapshot,
+            assigner,
+            policy,
+            &mut record,
+            &id,
+            home,
+            &due,
+            &mut assignment,
+            &mut result.drift,
+            &mut result.updates,
+        ) {
+            result.records.push((key.to_vec(), record.encode()));
+        }
+    }
+    Ok(result)
+}
+
+/// Runs the pass's next chunk of up to `chunk` customers; returns the prepared batch (with
+/// the new aging state in its store writes), the new state, and the customers visited.
+pub(crate) fn prepare_aging(
+    id: u64,
+    mut state: AgingState,
+    chunk: usize,
+    overlay: &Arc<dyn StateStore>,
+    pending: &Pending,
+    loaded: &LoadedSnapshot,
+    policy: &PublishPolicy,
+) -> Result<(Prepared, AgingState, usize), ProcessError> {
+    let started = Instant::now();
+    let cursor = state.pass().cursor.clone();
+    let records = overlay.records_after(cursor.as_deref(), chunk)?;
+    let visited = records.len();
+    let piece = visited.div_ceil(8).max(64);
+    let parts = records
+        .par_chunks(piece)
+        .map(|part| age_batch(&loaded.snapshot, &loaded.assigner, policy, &state, part))
+        .collect::<Result<Vec<Aged>, _>>()?;
+    let mut result = Aged::default();
+    for part in parts {
+        result.records.extend(part.records);
+        result.updates.extend(part.updates);
+        result.drift.merge(&part.drift);
+    }
+    let pass = state.pass();
+    pass.visited += visited as u64;
+    if let Some((last, _)) = records.last() {
+        pass.cursor = Some(last.clone());
+    }
+    if visited < chunk {
+        state.close_pass();
+    }
+    pending.insert(id, &result.records);
+    let store_batch = StoreBatch {
+        records: result.records,
+        meta: vec![(META_KEY.to_vec(), state.encode())],
+        ..StoreBatch::default()
+    };
+    let updates: Vec<Outgoing> = std::mem::take(&mut result.updates)
+        .into_iter()
+        .map(|u| Outgoing::new(u, None))
+        .collect::<Result<_, _>>()?;
+    let clock_updates = updates.len();
+    let prepared = Prepared {
+        id,
+        version: loaded.snapshot.version(),
+        sweep: None,
+        swept: 0,
+        records: 0,
+        updates,
+        dead: Vec::new(),
+        store_batch,
+        outcomes: Vec::new(),
+        drift: result.drift,
+        applied: 0,
+        duplicates: 0,
+        newest_event_time: None,
+        started,
+        decode_ms: 0.0,
+        process_ms: started.elapsed().as_secs_f64() * 1e3,
+        watermarks: Vec::new(),
+        aged: visited,
+        clock_updates,
+        aging_open: Some(state.open_count()),
+    };
+    Ok((prepared, state, visited))
+}
+
+/// What an event batch needs of aging: where it stands, and the period.
+#[derive(Debug, Clone)]
+pub(crate) struct Aging {
+    /// Where aging stands before the batch.
+    pub(crate) state: AgingState,
+    /// The period, in seconds.
+    pub(crate) period: i64,
+}
+
+/// When the next pass chunk may run (rate-limited by `[aging] customers_per_second`).
+#[derive(Debug)]
+pub(crate) struct AgingSchedule {
+    /// Where aging stands, as the state the next batch reads reflects it.
+    pub(crate) state: AgingState,
+    config: AgingConfig,
+    next: tokio::time::Instant,
+    /// The batch that opened the newest boundary: a pass may only begin once it is durable.
+    opened_by: u64,
+}
+
+impl AgingSchedule {
+    /// The stored state.
+    pub(crate) fn load(store: &dyn StateStore, config: AgingConfig) -> Result<Self, StoreError> {
+        Ok(Self {
+            state: AgingState::load(store)?,
+            config,
+            next: tokio::time::Instant::now(),
+            opened_by: 0,
+        })
+    }
+
+    /// The period, in seconds.
+    pub(crate) fn period(&self) -> i64 {
+        i64::try_from(self.config.period_seconds)
+            .unwrap_or(i64::MAX)
+            .max(1)
+    }
+
+    /// Whether a pass chunk may run, batch `durable_batch` being the last one durable.
+    ///
+    /// A pass scans the durable store (with pending values laid over it), so it sees a
+    /// customer only once the batch that created them is durable. A pass therefore begins
+    /// only once the batch that opened its boundaries is durable: every customer who existed
+    /// when a boundary opened is then in the scan, and those created since were assigned at
+    /// a clock past it and need no assessment there.
+    pub(crate) fn due(&self, durable_batch: u64) -> bool {
+        self.state.due() && (self.state.pass.is_some() || durable_batch >= self.opened_by)
+    }
+
+    /// Batch `batch` opened a boundary and left aging at `state`.
+    pub(crate) fn opened(&mut self, state: AgingState, batch: u64) {
+        self.state = state;
+        self.opened_by = batch;
+    }
+
+    /// When the next chunk may run.
+    pub(crate) fn next(&self) -> tokio::time::Instant {
+        self.next
+    }
+
+    /// Customers per chunk.
+    pub(crate) fn chunk(&self) -> usize {
+        self.config.chunk.max(1)
+    }
+
+    /// A chunk visited `visited` customers and left aging at `state`.
+    pub(crate) fn ran(&mut self, state: AgingState, visited: usize) {
+        self.state = state;
+        let now = tokio::time::Instant::now();
+        self.next = match self.config.customers_per_second {
+            0 => now,
+            rate => {
+                self.next.max(now)
+                    + std::time::Duration::from_secs_f64(visited as f64 / rate as f64)
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400;
+
+    #[test]
+    fn boundaries_are_period_starts() {
+        assert_eq!(boundary(DAY * 10 + 5, DAY), DAY * 10);
+        assert_eq!(boundary(DAY * 10, DAY), DAY * 10);
+        assert_eq!(boundary(-1, DAY), -DAY);
+    }
+
+    #[test]
+    fn a_pass_closes_what_was_open_when_it_began() {
+        let mut state = AgingState::default();
+        state.reach(0, 10 * DAY);
+        state.reach(0, 10 * DAY);
+        state.reach(1, 9 * DAY);
+        assert_eq!(state.open[&0], [10 * DAY]);
+        state.pass();
+        // Reached during the pass: open after it.
+        state.reach(0, 11 * DAY);
+        state.close_pass();
+        assert_eq!(state.open, BTreeMap::from([(0, vec![11 * DAY])]));
+        assert!(state.due());
+        state.pass();
+        state.close_pass();
+        assert!(!state.due());
+        assert_eq!(state.open_upto(0, 20 * DAY), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn the_state_round_trips_through_its_stored_form() {
+        let mut state = AgingState::default();
+        state.reach(3, 7 * DAY);
+        state.pass().cursor = Some(b"C1".to_vec());
+        let back: AgingState = serde_json::from_slice(&state.encode()).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(state.open_upto(3, 7 * DAY), [7 * DAY]);
+        assert!(state.open_upto(3, 7 * DAY - 1).is_empty());
+    }
+}
