@@ -170,10 +170,10 @@ fn demo_config(args: &DemoArgs, brokers: &str, dir: &Path) -> Config {
     };
     config.audiences.enabled = args.scores_rate > 0;
     config.audiences.refresh_interval_ms = 3_000;
-    // The live stream runs simulated days in seconds: age every simulated week, as fast as
-    // the loop can, so quiet customers move as the clock runs.
+    // The live stream runs simulated days in seconds: age every simulated week (a pass over
+    // the shop takes about a second at the default rate), so quiet customers move as the
+    // clock runs.
     config.aging.period_seconds = 7 * 86_400;
-    config.aging.customers_per_second = 0;
     config
 }
 
