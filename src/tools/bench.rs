@@ -252,6 +252,20 @@ async fn latency_run(rig: &Rig<'_>) -> anyhow::Result<()> {
 /// lose input; this stays well below that on every partition count the bench uses.
 const FEED_WINDOW: u64 = 40_000;
 
+/// The aging period of the runs that measure live traffic. Their synthetic stream moves the
+/// stream clock by simulated days every second, so a one-day period would keep aging passes
+/// over the whole store running without pause, which no real clock does (one boundary a day).
+/// Aging is measured in a run of its own, with one boundary crossed under traffic.
+const TRAFFIC_AGING_PERIOD: u64 = 365 * 86_400;
+
+/// The aging settings of the traffic runs.
+fn traffic_aging() -> crate::pipeline::aging::AgingConfig {
+    crate::pipeline::aging::AgingConfig {
+        period_seconds: TRAFFIC_AGING_PERIOD,
+        ..Default::default()
+    }
+}
+
 /// How long a run may go without progress before the bench gives up.
 const STALL: Duration = Duration::from_secs(30);
 
@@ -336,7 +350,8 @@ fn process_config(
              [kafka]\nbrokers = {brokers:?}\ngroup_id = \"bench-process\"\n\
              input_topics = [{input:?}]\noutput_topic = \"bench-process-memberships\"\n\
              dead_letter_topic = \"bench-process-dead\"\nsession_timeout_ms = 6000\n\n\
-             [store]\npath = {db:?}\n",
+             [store]\npath = {db:?}\n\n[aging]\nperiod_seconds = {period}\n",
+            period = TRAFFIC_AGING_PERIOD,
             snapshots = dir.path().join("process-snapshots").display().to_string(),
             snap = snapshot_path.display().to_string(),
             db = db.display().to_string(),
@@ -465,7 +480,7 @@ async fn swap_run(
         "swap",
         path.clone(),
         args.partitions,
-        (SweepConfig::default(), Default::default()),
+        (SweepConfig::default(), traffic_aging()),
     )
     .await?;
     // The first sweep (to v1 over a store seeded without one) runs first; wait it out.
@@ -496,7 +511,7 @@ async fn swap_run(
         "sweep",
         path,
         args.partitions,
-        (unthrottled, Default::default()),
+        (unthrottled, traffic_aging()),
     )
     .await?;
     let swapped = Instant::now();
@@ -597,7 +612,129 @@ async fn aging_run(
          customers/s ({published} updates caused by the clock)",
         visited as f64 / seconds
     );
+    let figures = aging_with_traffic(rig, snapshot, states, n, newest).await?;
+    println!(
+        "aging at {} events/s offered over {n} customers in state, default aging settings: \
+         {figures}",
+        rig.args.rate
+    );
     Ok(())
+}
+
+/// One aging pass at the default rate over `n` seeded customers while events arrive at the
+/// bench rate. The events stay inside one day of the clock, so the only boundary is the one
+/// this run crosses. Returns the p99 of event-to-publish before the pass and during it.
+async fn aging_with_traffic(
+    rig: &Rig<'_>,
+    snapshot: &LoadedSnapshot,
+    states: &[crate::domain::state::CustomerState],
+    n: usize,
+    newest: i64,
+) -> anyhow::Result<String> {
+    use crate::pipeline::sweep::SweepConfig;
+    const DAY: i64 = 86_400;
+    let partitions = rig.args.partitions;
+    let path = rig.dir.path().join("aging-traffic");
+    seed_store(&path, states, snapshot, n, partitions)?;
+    let day = (newest / DAY + 2) * DAY;
+    // The events four times over (the pass outlasts one round at the bench rate), each moved
+    // to a seeded customer and into hours 1 to 11 of `day`.
+    let once = rekey(rig.payloads, n, 0xa9e)?;
+    let mut events = Vec::with_capacity(once.len() * 4);
+    for (i, (key, payload)) in once.iter().cycle().take(once.len() * 4).enumerate() {
+        let mut event: crate::domain::event::Event = serde_json::from_slice(payload)?;
+        event.event_time =
+            crate::domain::time::EventTime::from_unix(day + 3_600 + (i as i64 % 36_000))?;
+        event.event_id = format!("{}-{i}", event.event_id);
+        events.push((key.clone(), serde_json::to_vec(&event)?));
+    }
+    let running = Running::start(
+        rig.cluster,
+        rig.brokers,
+        rig.dir,
+        "aging-traffic",
+        path,
+        partitions,
+        (SweepConfig::default(), Default::default()),
+    )
+    .await?;
+    sweep_done(&running.store, snapshot.snapshot.version(), || Ok(())).await?;
+    let input = "bench-aging-traffic-events";
+    let progress = Arc::new(AtomicU64::new(0));
+    feed(rig.producer, input, &events[..1], None, &progress).await?;
+    while running.consumed()? < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let m = running.metrics.clone();
+    let buckets = || histogram_buckets(&m.event_to_publish_seconds);
+    let start = buckets();
+    let rest: Payloads = Arc::new(events[1..].to_vec());
+    let feeder = {
+        let (producer, rest, progress) = (rig.producer.clone(), rest.clone(), progress.clone());
+        let rate = rig.args.rate;
+        tokio::spawn(async move { feed(&producer, input, &rest, Some(rate), &progress).await })
+    };
+    let track = || -> anyhow::Result<()> {
+        let done = running.consumed()?;
+        progress.store((done - 1).max(0) as u64, Ordering::Relaxed);
+        Ok(())
+    };
+    let steady_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < steady_until {
+        track()?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let before = buckets();
+    // One record per partition a day on: each partition's clock crosses into the next day.
+    let at = crate::domain::time::EventTime::from_unix(day + DAY + 3_600)?.to_rfc3339();
+    for p in 0..partitions {
+        let customer = seeded_id(p as usize);
+        let payload = format!(
+            r#"{{"event_id":"aging-cross-{p}","customer_id":"{customer}","event_time":"{at}","kind":"engagement","channel":"email","action":"open"}}"#
+        );
+        rig.producer
+            .send(
+                FutureRecord::to(input)
+                    .key(customer.as_str())
+                    .partition(p)
+                    .payload(&payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let crossed = Instant::now();
+    let visited_before = m.aging_customers.get();
+    loop {
+        track()?;
+        let visited = m.aging_customers.get() - visited_before;
+        if visited >= n as u64 && m.aging_open_boundaries.get() == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            crossed.elapsed() < Duration::from_secs(600),
+            "the aging pass under traffic did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pass_seconds = crossed.elapsed().as_secs_f64();
+    let during = buckets();
+    let applied_during = running.applied();
+    follow(
+        &running,
+        events.len() as i64 + i64::from(partitions),
+        &progress,
+        || Ok(()),
+    )
+    .await?;
+    feeder.await??;
+    running.stop().await?;
+    Ok(format!(
+        "steady {}, during the pass ({pass_seconds:.1} s over {n} customers) {}; {applied_during} \
+         events applied by the pass's end",
+        p99_between(&start, &before),
+        p99_between(&before, &during),
+    ))
 }
 
 /// Feeds `events` at `rate`; swaps to `next` after 5 s of steady traffic and follows the
@@ -1020,7 +1157,7 @@ async fn daemon_run(
     } = *rig;
     let partitions = rig.args.partitions;
     let store = dir.path().join(name);
-    let passes = Default::default();
+    let passes = (Default::default(), traffic_aging());
     let running = Running::start(cluster, brokers, dir, name, store, partitions, passes).await?;
     let input = format!("bench-{name}-events");
     // Warm-up record: wait until it is durable, then time the rest.
