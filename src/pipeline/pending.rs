@@ -119,8 +119,14 @@ impl StateStore for Overlay {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<crate::io::store::Records, StoreError> {
+        // The pending records are taken before the scan. A batch that becomes durable during
+        // the scan leaves the pending map once it is in the store, and the scan may have read
+        // its customer from before that commit: looking in the map after the scan would then
+        // find nothing and keep the stale record, which a pass writing it back would make
+        // durable over the newer one. No batch is added to the map meanwhile (the loop
+        // prepares one batch at a time), so what is pending now is the newest there is.
+        let map = self.pending.lock().clone();
         let mut records = self.store.records_after(after, limit)?;
-        let map = self.pending.lock();
         if !map.is_empty() {
             for (key, value) in &mut records {
                 if let Some((_, pending)) = map.get(key.as_slice()) {
@@ -201,5 +207,73 @@ mod tests {
         pending.remove(2, &batch2);
         assert!(pending.is_empty());
         assert_eq!(read(&["a"]), want(&[Some("a2")]));
+    }
+
+    /// A store whose scan returns what it held when the scan began, while the committer
+    /// makes a pending batch durable (and forgets it) before the scan returns.
+    struct CommitDuringScan {
+        inner: Arc<dyn StateStore>,
+        pending: Arc<Pending>,
+        batch: (u64, Vec<(Vec<u8>, Vec<u8>)>),
+    }
+
+    impl StateStore for CommitDuringScan {
+        fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+            self.inner.get_many(keys)
+        }
+        fn commit(&self, batch: &StoreBatch) -> Result<(), StoreError> {
+            self.inner.commit(batch)
+        }
+        fn offsets(&self) -> Result<BTreeMap<PartitionKey, i64>, StoreError> {
+            self.inner.offsets()
+        }
+        fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.meta(key)
+        }
+        fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
+            self.inner.for_each(visit)
+        }
+        fn records_after(
+            &self,
+            after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<crate::io::store::Records, StoreError> {
+            let before = self.inner.records_after(after, limit)?;
+            let (id, records) = &self.batch;
+            self.inner.commit(&StoreBatch {
+                records: records.clone(),
+                ..StoreBatch::default()
+            })?;
+            self.pending.remove(*id, records);
+            Ok(before)
+        }
+        fn stats(&self) -> StoreStats {
+            self.inner.stats()
+        }
+    }
+
+    #[test]
+    fn a_scan_never_returns_a_record_older_than_a_batch_committed_during_it() {
+        let inner: Arc<dyn StateStore> = Arc::new(MemStore::default());
+        inner
+            .commit(&StoreBatch {
+                records: vec![rec("a", "a0")],
+                ..StoreBatch::default()
+            })
+            .unwrap();
+        let pending = Arc::new(Pending::default());
+        let batch = vec![rec("a", "a1")];
+        pending.insert(7, &batch);
+        let overlay = Overlay {
+            store: Arc::new(CommitDuringScan {
+                inner: inner.clone(),
+                pending: pending.clone(),
+                batch: (7, batch),
+            }),
+            pending: pending.clone(),
+        };
+        let scanned = overlay.records_after(None, 10).unwrap();
+        assert_eq!(scanned, vec![rec("a", "a1")]);
+        assert!(pending.is_empty());
     }
 }
