@@ -214,7 +214,8 @@ mod tests {
     struct CommitDuringScan {
         inner: Arc<dyn StateStore>,
         pending: Arc<Pending>,
-        batch: (u64, Vec<(Vec<u8>, Vec<u8>)>),
+        /// The batch committed during the scan: its id and records.
+        batch: (u64, StoreBatch),
     }
 
     impl StateStore for CommitDuringScan {
@@ -239,12 +240,9 @@ mod tests {
             limit: usize,
         ) -> Result<crate::io::store::Records, StoreError> {
             let before = self.inner.records_after(after, limit)?;
-            let (id, records) = &self.batch;
-            self.inner.commit(&StoreBatch {
-                records: records.clone(),
-                ..StoreBatch::default()
-            })?;
-            self.pending.remove(*id, records);
+            let (id, batch) = &self.batch;
+            self.inner.commit(batch)?;
+            self.pending.remove(*id, &batch.records);
             Ok(before)
         }
         fn stats(&self) -> StoreStats {
@@ -268,7 +266,13 @@ mod tests {
             store: Arc::new(CommitDuringScan {
                 inner: inner.clone(),
                 pending: pending.clone(),
-                batch: (7, batch),
+                batch: (
+                    7,
+                    StoreBatch {
+                        records: batch,
+                        ..StoreBatch::default()
+                    },
+                ),
             }),
             pending: pending.clone(),
         };
