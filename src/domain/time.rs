@@ -46,6 +46,8 @@ impl EventTime {
 
     /// 1990-01-01T00:00:00Z: the first accepted second.
     const MIN_UNIX: i64 = 631_152_000;
+    /// The earliest time accepted.
+    pub const EARLIEST: EventTime = EventTime(Self::MIN_UNIX);
     /// 2100-01-01T00:00:00Z: the first refused second.
     const MAX_UNIX: i64 = 4_102_444_800;
 

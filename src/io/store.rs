@@ -46,6 +46,18 @@ pub enum StoreError {
     CorruptOffset(String),
 }
 
+/// A value stored as JSON under `key` in the meta column family, or its default when there is
+/// none (or it no longer parses: the state it describes starts over).
+pub fn json_meta<T: serde::de::DeserializeOwned + Default>(
+    store: &dyn StateStore,
+    key: &[u8],
+) -> Result<T, StoreError> {
+    Ok(store
+        .meta(key)?
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default())
+}
+
 /// Where a partition's next unread offset is recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PartitionKey {

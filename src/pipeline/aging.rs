@@ -35,7 +35,7 @@ use crate::domain::record::CustomerRecord;
 use crate::domain::section::Section;
 use crate::domain::time::EventTime;
 use crate::domain::update::{Cause, MembershipUpdate, CLOCK_TOPIC};
-use crate::io::store::{StateStore, StoreBatch, StoreError};
+use crate::io::store::{json_meta, StateStore, StoreBatch, StoreError};
 use crate::model::assign::{Assigner, Assignment, LoadedSnapshot};
 use crate::model::drift::DriftSums;
 use crate::model::snapshot::ValidSnapshot;
@@ -44,6 +44,7 @@ use super::assign::{assign_customer, decide, PublishPolicy};
 use super::error::ProcessError;
 use super::pending::Pending;
 use super::publish::{Outgoing, Prepared};
+use super::sweep::paced;
 
 /// The store's meta key of the aging state.
 pub const META_KEY: &[u8] = b"aging";
@@ -113,10 +114,7 @@ pub struct AgingState {
 impl AgingState {
     /// The stored state, or a fresh one.
     pub fn load(store: &dyn StateStore) -> Result<Self, StoreError> {
-        Ok(store
-            .meta(META_KEY)?
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default())
+        json_meta(store, META_KEY)
     }
 
     /// The stored form.
@@ -428,14 +426,7 @@ impl AgingSchedule {
     /// A chunk visited `visited` customers and left aging at `state`.
     pub(crate) fn ran(&mut self, state: AgingState, visited: usize) {
         self.state = state;
-        let now = tokio::time::Instant::now();
-        self.next = match self.config.customers_per_second {
-            0 => now,
-            rate => {
-                self.next.max(now)
-                    + std::time::Duration::from_secs_f64(visited as f64 / rate as f64)
-            }
-        };
+        self.next = paced(self.next, visited, self.config.customers_per_second);
     }
 }
 

@@ -97,12 +97,12 @@ impl StreamClock {
         }
     }
 
-    /// The clock of a partition whose watermark is `watermark`. A clock that would fall
-    /// before the earliest representable time stays at the watermark.
+    /// The clock of a partition whose watermark is `watermark` (an event time, so valid).
+    /// A clock that would fall before the earliest accepted time stays there.
     pub fn at(&self, watermark: i64) -> EventTime {
         EventTime::from_unix(watermark.saturating_sub(self.lateness))
             .or_else(|_| EventTime::from_unix(watermark))
-            .unwrap_or_else(|_| EventTime::now())
+            .unwrap_or(EventTime::EARLIEST)
     }
 
     /// Every partition's watermark.

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::event::CustomerId;
 use crate::domain::record::CustomerRecord;
 use crate::domain::update::{Cause, SWEEP_TOPIC};
-use crate::io::store::{StateStore, StoreError};
+use crate::io::store::{json_meta, StateStore, StoreError};
 use crate::model::assign::{Assigner, Assignment, LoadedSnapshot};
 use crate::model::snapshot::ValidSnapshot;
 
@@ -85,10 +85,7 @@ pub struct SweepState {
 impl SweepState {
     /// The stored state, or a fresh one.
     pub fn load(store: &dyn StateStore) -> Result<Self, StoreError> {
-        Ok(store
-            .meta(META_KEY)?
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default())
+        json_meta(store, META_KEY)
     }
 
     /// The stored form.
@@ -104,6 +101,16 @@ impl SweepState {
         }
     }
 }
+/// When a pass that visited `visited` customers lets the next chunk run, at `rate` customers
+/// per second (0: at once), counting from `next`, the time the chunk was due.
+pub(crate) fn paced(next: tokio::time::Instant, visited: usize, rate: u64) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    match rate {
+        0 => now,
+        rate => next.max(now) + std::time::Duration::from_secs_f64(visited as f64 / rate as f64),
+    }
+}
+
 /// When the sweep runs, from the consumer loop's point of view: which sweep, whether it may
 /// go, and when its next chunk is due (rate-limited by `[sweep] customers_per_second`).
 #[derive(Debug)]
@@ -187,13 +194,7 @@ impl SweepSchedule {
     pub(crate) fn ran(&mut self, state: SweepState, swept: usize) {
         self.state = state;
         self.last_was_sweep = true;
-        let now = tokio::time::Instant::now();
-        self.next = match self.config.customers_per_second {
-            0 => now,
-            rate => {
-                self.next.max(now) + std::time::Duration::from_secs_f64(swept as f64 / rate as f64)
-            }
-        };
+        self.next = paced(self.next, swept, self.config.customers_per_second);
     }
 
     /// A batch of records ran: the next chunk no longer yields to them.

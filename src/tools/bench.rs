@@ -575,23 +575,7 @@ async fn aging_run(
     sweep_done(&running.store, snapshot.snapshot.version(), || Ok(())).await?;
     let started = Instant::now();
     for day in [1, 2] {
-        let at = crate::domain::time::EventTime::from_unix(newest + day * 86_400)?.to_rfc3339();
-        for p in 0..partitions {
-            let customer = seeded_id(p as usize);
-            let payload = format!(
-                r#"{{"event_id":"aging-{day}-{p}","customer_id":"{customer}","event_time":"{at}","kind":"engagement","channel":"email","action":"open"}}"#
-            );
-            rig.producer
-                .send(
-                    FutureRecord::to("bench-aging-events")
-                        .key(customer.as_str())
-                        .partition(p)
-                        .payload(&payload),
-                    Duration::from_secs(5),
-                )
-                .await
-                .map_err(|(e, _)| e)?;
-        }
+        tick_partitions(rig, "bench-aging-events", newest + day * 86_400).await?;
     }
     let m = &running.metrics;
     loop {
@@ -618,6 +602,29 @@ async fn aging_run(
          {figures}",
         rig.args.rate
     );
+    Ok(())
+}
+
+/// Produces one engagement record at `at` (Unix seconds) to every partition of `topic`, from
+/// seeded customer `p` on partition `p`: it moves each partition's clock to `at`.
+async fn tick_partitions(rig: &Rig<'_>, topic: &str, at: i64) -> anyhow::Result<()> {
+    let time = crate::domain::time::EventTime::from_unix(at)?.to_rfc3339();
+    for p in 0..rig.args.partitions {
+        let customer = seeded_id(p as usize);
+        let payload = format!(
+            r#"{{"event_id":"tick-{at}-{p}","customer_id":"{customer}","event_time":"{time}","kind":"engagement","channel":"email","action":"open"}}"#
+        );
+        rig.producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(customer.as_str())
+                    .partition(p)
+                    .payload(&payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
     Ok(())
 }
 
@@ -686,23 +693,7 @@ async fn aging_with_traffic(
     }
     let before = buckets();
     // One record per partition a day on: each partition's clock crosses into the next day.
-    let at = crate::domain::time::EventTime::from_unix(day + DAY + 3_600)?.to_rfc3339();
-    for p in 0..partitions {
-        let customer = seeded_id(p as usize);
-        let payload = format!(
-            r#"{{"event_id":"aging-cross-{p}","customer_id":"{customer}","event_time":"{at}","kind":"engagement","channel":"email","action":"open"}}"#
-        );
-        rig.producer
-            .send(
-                FutureRecord::to(input)
-                    .key(customer.as_str())
-                    .partition(p)
-                    .payload(&payload),
-                Duration::from_secs(5),
-            )
-            .await
-            .map_err(|(e, _)| e)?;
-    }
+    tick_partitions(rig, input, day + DAY + 3_600).await?;
     let crossed = Instant::now();
     let visited_before = m.aging_customers.get();
     loop {
