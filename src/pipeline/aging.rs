@@ -44,7 +44,6 @@ use super::assign::{assign_customer, decide, PublishPolicy};
 use super::error::ProcessError;
 use super::pending::Pending;
 use super::publish::{Outgoing, Prepared};
-use super::sweep::paced;
 
 /// The store's meta key of the aging state.
 pub const META_KEY: &[u8] = b"aging";
@@ -365,6 +364,16 @@ pub(crate) struct Aging {
     pub(crate) state: AgingState,
     /// The period, in seconds.
     pub(crate) period: i64,
+}
+
+/// When a pass that visited `visited` customers lets the next chunk run, at `rate` customers
+/// per second (0: at once), counting from `next`, the time the chunk was due.
+pub(crate) fn paced(next: tokio::time::Instant, visited: usize, rate: u64) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    match rate {
+        0 => now,
+        rate => next.max(now) + std::time::Duration::from_secs_f64(visited as f64 / rate as f64),
+    }
 }
 
 /// When the next pass chunk may run (rate-limited by `[aging] customers_per_second`).

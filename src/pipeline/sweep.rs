@@ -26,6 +26,8 @@ use crate::domain::event::CustomerId;
 use crate::domain::record::CustomerRecord;
 use crate::domain::update::{Cause, SWEEP_TOPIC};
 use crate::io::store::{json_meta, StateStore, StoreError};
+
+use super::aging::paced;
 use crate::model::assign::{Assigner, Assignment, LoadedSnapshot};
 use crate::model::snapshot::ValidSnapshot;
 
@@ -101,16 +103,6 @@ impl SweepState {
         }
     }
 }
-/// When a pass that visited `visited` customers lets the next chunk run, at `rate` customers
-/// per second (0: at once), counting from `next`, the time the chunk was due.
-pub(crate) fn paced(next: tokio::time::Instant, visited: usize, rate: u64) -> tokio::time::Instant {
-    let now = tokio::time::Instant::now();
-    match rate {
-        0 => now,
-        rate => next.max(now) + std::time::Duration::from_secs_f64(visited as f64 / rate as f64),
-    }
-}
-
 /// When the sweep runs, from the consumer loop's point of view: which sweep, whether it may
 /// go, and when its next chunk is due (rate-limited by `[sweep] customers_per_second`).
 #[derive(Debug)]
