@@ -21,6 +21,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
 use segmentd::config::Config;
+use segmentd::domain::aging::AgingState;
 use segmentd::domain::event::Event;
 use segmentd::domain::features::{FeatureVector, Sources};
 use segmentd::domain::record::CustomerRecord;
@@ -227,10 +228,16 @@ fn benches(c: &mut Criterion) {
     g.bench_function("sweep_reassign", |b| {
         b.iter(|| {
             black_box(
-                reassign_batch(&f.snapshot, &f.assigner, &policy, &chunk)
-                    .expect("sweep")
-                    .updates
-                    .len(),
+                reassign_batch(
+                    &f.snapshot,
+                    &f.assigner,
+                    &policy,
+                    &AgingState::default(),
+                    &chunk,
+                )
+                .expect("sweep")
+                .updates
+                .len(),
             )
         });
     });
@@ -256,11 +263,17 @@ fn benches(c: &mut Criterion) {
     g.bench_function("sweep_reassign_unchanged", |b| {
         b.iter(|| {
             black_box(
-                reassign_batch(&next, &next_assigner, &policy, &published)
-                    .expect("sweep")
-                    .store_batch
-                    .records
-                    .len(),
+                reassign_batch(
+                    &next,
+                    &next_assigner,
+                    &policy,
+                    &AgingState::default(),
+                    &published,
+                )
+                .expect("sweep")
+                .store_batch
+                .records
+                .len(),
             )
         });
     });

@@ -20,11 +20,12 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::aging::{AgingState, META_KEY as AGING_KEY};
 use crate::domain::event::CustomerId;
 use crate::domain::features::{FeatureVector, FEATURES};
 use crate::domain::record::CustomerRecord;
 use crate::domain::time::EventTime;
-use crate::io::store::StateStore;
+use crate::io::store::{json_meta, StateStore};
 use crate::model::assign::SharedSnapshot;
 
 use crate::domain::section::Section;
@@ -180,9 +181,13 @@ async fn customer(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
     };
     let store = state.store.clone();
     let key = id.as_str().as_bytes().to_vec();
-    let read = tokio::task::spawn_blocking(move || store.get_many(&[&key])).await;
-    let bytes = match read {
-        Ok(Ok(mut values)) => values.pop().flatten(),
+    let read = tokio::task::spawn_blocking(move || {
+        let aging: AgingState = json_meta(store.as_ref(), AGING_KEY)?;
+        Ok::<_, crate::io::store::StoreError>((store.get_many(&[&key])?, aging))
+    })
+    .await;
+    let (bytes, aging) = match read {
+        Ok(Ok((mut values, aging))) => (values.pop().flatten(), aging),
         Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     };
@@ -194,9 +199,9 @@ async fn customer(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     };
     let loaded = state.snapshot.load_full();
-    // As of the customer's last assignment, never wall time: what is shown is what the
-    // daemon computed (or would, against the snapshot now in use).
-    let Some(as_of) = record.assigned_at() else {
+    // As of the customer's last assessment (by an event or by aging), never wall time: what
+    // is shown is what the daemon computed (or would, against the snapshot now in use).
+    let Some(as_of) = aging.assessed_at(id.as_str().as_bytes(), &record) else {
         return (StatusCode::NOT_FOUND, "customer has no event yet\n").into_response();
     };
     let vector = FeatureVector::compute(&record.state, as_of, loaded.snapshot.state_params());

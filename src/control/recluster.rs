@@ -26,10 +26,11 @@ use anyhow::Context;
 use rayon::prelude::*;
 
 use super::registry::{Activation, Origin, Outcome, Registry};
+use crate::domain::aging::{AgingState, META_KEY as AGING_KEY};
 use crate::domain::features::{FeatureVector, Sources};
 use crate::domain::record::CustomerRecord;
 use crate::domain::time::EventTime;
-use crate::io::store::StateStore;
+use crate::io::store::{json_meta, StateStore};
 use crate::model::assign::{Assigner, Assignment};
 use crate::model::build::DiscoverConfig;
 use crate::model::build::{build_from_features, BuildSettings};
@@ -196,17 +197,19 @@ fn sample_live(
     let sampled_keys: Vec<&[u8]> = drawn.indices.iter().map(|&i| &*keys[i]).collect();
     let mut features = Vec::with_capacity(sampled_keys.len());
     let mut weights = Vec::with_capacity(sampled_keys.len());
-    for (bytes, &w) in store
+    let aging: AgingState = json_meta(store, AGING_KEY)?;
+    for ((bytes, &w), key) in store
         .get_many(&sampled_keys)?
         .into_iter()
         .zip(&drawn.weights)
+        .zip(&sampled_keys)
     {
         // A customer deleted since the scan is simply not in the sample.
         if let Some(record) = bytes.and_then(|b| CustomerRecord::decode(&b).ok()) {
-            // Read as of the customer's last assignment (the stream clock then), as the daemon
-            // published them, so the baseline describes the population the monitor compares
-            // it with.
-            let own = record.assigned_at().unwrap_or(as_of);
+            // Read as of the customer's last assessment (the stream clock then), as the
+            // daemon published them, so the baseline describes the population the monitor
+            // compares it with.
+            let own = aging.assessed_at(key, &record).unwrap_or(as_of);
             features.push(FeatureVector::compute(&record.state, own, params));
             weights.push(w);
         }
@@ -328,19 +331,20 @@ fn validate_live(
         .iter()
         .map(|a| AxisTally::new(a.model.segments.len(), a.model.features.len()))
         .collect();
+    let aging: AgingState = json_meta(store, AGING_KEY)?;
     // Assign in chunks on every core while the scan goes on.
-    let mut chunk: Vec<Vec<u8>> = Vec::with_capacity(4096);
-    let flush = |chunk: &mut Vec<Vec<u8>>, tallies: &mut Vec<AxisTally>| {
+    let mut chunk: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(4096);
+    let flush = |chunk: &mut Vec<(Vec<u8>, Vec<u8>)>, tallies: &mut Vec<AxisTally>| {
         let parts: Vec<Vec<AxisTally>> = chunk
             .par_chunks(512)
             .map(|part| {
                 let mut local: Vec<AxisTally> = tallies.iter().map(AxisTally::empty_like).collect();
                 let mut assignment = Assignment::default();
-                for bytes in part {
+                for (key, bytes) in part {
                     let Ok(record) = CustomerRecord::decode(bytes) else {
                         continue;
                     };
-                    let own = record.assigned_at().unwrap_or(as_of);
+                    let own = aging.assessed_at(key, &record).unwrap_or(as_of);
                     let fv = FeatureVector::compute(&record.state, own, &params);
                     assigner.assign_into(&fv, &mut assignment);
                     for (a, tally) in local.iter_mut().enumerate() {
@@ -359,8 +363,8 @@ fn validate_live(
         }
         chunk.clear();
     };
-    store.for_each(&mut |_, value| {
-        chunk.push(value.to_vec());
+    store.for_each(&mut |key, value| {
+        chunk.push((key.to_vec(), value.to_vec()));
         if chunk.len() == 4096 {
             flush(&mut chunk, &mut tallies);
         }

@@ -3,6 +3,7 @@
 //! it, and the dead letter of a refused record. Everything else (files, Kafka, RocksDB) sits
 //! around this module, and nothing here imports the rest of the crate.
 
+pub mod aging;
 pub mod dead_letter;
 pub mod event;
 pub mod features;

@@ -23,19 +23,23 @@
 //! A clock that jumps several periods at once (a partition idle for months) opens one
 //! boundary, at the newest period start, not one per period skipped.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+pub use crate::domain::aging::{boundary, AgingState, Pass, META_KEY};
 use crate::domain::event::CustomerId;
 use crate::domain::record::CustomerRecord;
 use crate::domain::section::Section;
 use crate::domain::time::EventTime;
 use crate::domain::update::{Cause, MembershipUpdate, CLOCK_TOPIC};
 use crate::io::store::{json_meta, StateStore, StoreBatch, StoreError};
+
+/// The stored aging state, or a fresh one.
+pub fn load_state(store: &dyn StateStore) -> Result<AgingState, StoreError> {
+    json_meta(store, META_KEY)
+}
 use crate::model::assign::{Assigner, Assignment, LoadedSnapshot};
 use crate::model::drift::DriftSums;
 use crate::model::snapshot::ValidSnapshot;
@@ -44,9 +48,7 @@ use super::assign::{assign_customer, decide, PublishPolicy};
 use super::error::ProcessError;
 use super::pending::Pending;
 use super::publish::{Outgoing, Prepared};
-
-/// The store's meta key of the aging state.
-pub const META_KEY: &[u8] = b"aging";
+use super::scan::scan_chunk;
 
 /// `[aging]`: time-driven re-assignment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,97 +87,12 @@ impl Section for AgingConfig {
     }
 }
 
-/// The start of the period `clock` falls in.
-pub fn boundary(clock: i64, period: i64) -> i64 {
-    clock.div_euclid(period) * period
-}
-
-/// A pass over every customer.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Pass {
-    /// Per partition, the newest boundary open when the pass began: closed when it ends.
-    pub closes: BTreeMap<i32, i64>,
-    /// The last key visited (`None`: not started).
-    pub cursor: Option<Vec<u8>>,
-    /// Customers visited so far.
-    pub visited: u64,
-}
-
-/// Where aging stands, stored with every batch that changes it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct AgingState {
-    /// Per input partition, the boundaries reached and not yet closed, ascending.
-    pub open: BTreeMap<i32, Vec<i64>>,
-    /// The pass in progress.
-    pub pass: Option<Pass>,
-}
-
-impl AgingState {
-    /// The stored state, or a fresh one.
-    pub fn load(store: &dyn StateStore) -> Result<Self, StoreError> {
-        json_meta(store, META_KEY)
-    }
-
-    /// The stored form.
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
-    }
-
-    /// Records that `partition`'s clock reached `boundary` (a no-op if it already had).
-    pub fn reach(&mut self, partition: i32, boundary: i64) {
-        let open = self.open.entry(partition).or_default();
-        if open.last().is_none_or(|&last| last < boundary) {
-            open.push(boundary);
-        }
-    }
-
-    /// How many boundaries are open, over every partition.
-    pub fn open_count(&self) -> usize {
-        self.open.values().map(Vec::len).sum()
-    }
-
-    /// Whether a pass has work: a boundary is open.
-    pub fn due(&self) -> bool {
-        self.open.values().any(|b| !b.is_empty())
-    }
-
-    /// The open boundaries of `partition` up to `upto`.
-    pub fn open_upto(&self, partition: i32, upto: i64) -> Vec<i64> {
-        self.open
-            .get(&partition)
-            .map(|b| b.iter().copied().take_while(|&b| b <= upto).collect())
-            .unwrap_or_default()
-    }
-
-    /// The pass in progress, or a new one over what is open now.
-    fn pass(&mut self) -> &mut Pass {
-        let open = &self.open;
-        self.pass.get_or_insert_with(|| Pass {
-            closes: open
-                .iter()
-                .filter_map(|(&p, b)| b.last().map(|&last| (p, last)))
-                .collect(),
-            ..Pass::default()
-        })
-    }
-
-    /// The pass visited everyone: the boundaries open when it began are closed.
-    fn close_pass(&mut self) {
-        if let Some(pass) = self.pass.take() {
-            for (partition, closes) in pass.closes {
-                if let Some(open) = self.open.get_mut(&partition) {
-                    open.retain(|&b| b > closes);
-                }
-            }
-            self.open.retain(|_, b| !b.is_empty());
-        }
-    }
-}
-
 /// Assesses a customer at each of `boundaries` (ascending) newer than their last assignment:
 /// assigns them at the boundary and returns the updates the policy calls for (never for
 /// every assessment: `every_event` does not apply to the clock). Returns whether the record
-/// changed.
+/// must be written back: if an update was published, or the published memberships moved to
+/// a new snapshot version without one (carried ids). Otherwise only `as_of` moved, and that
+/// is derived from the aging state instead (see [`AgingState::assessed_at`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn age_customer(
     snapshot: &ValidSnapshot,
@@ -194,19 +111,19 @@ pub(crate) fn age_customer(
         ..*policy
     };
     let mut changed = false;
+    let Some(mut last) = record.assigned_at() else {
+        return changed;
+    };
     for &b in boundaries {
-        let Some(last) = record.assigned_at() else {
-            return changed;
-        };
         let Ok(at) = EventTime::from_unix(b) else {
             continue;
         };
         if last >= at {
             continue;
         }
+        last = at;
         assign_customer(snapshot, assigner, &policy, record, at, assignment, drift);
-        record.as_of = Some(b);
-        changed = true;
+        let version = record.published.as_ref().map(|p| p.snapshot_version);
         if let Some(update) = decide(
             snapshot,
             assigner,
@@ -223,7 +140,17 @@ pub(crate) fn age_customer(
             at,
         ) {
             updates.push(update);
+            changed = true;
+        } else if record.published.as_ref().map(|p| p.snapshot_version) != version {
+            changed = true;
+        } else {
+            continue;
         }
+        // The stored time is that of the last assessment that changed the record, whichever
+        // way the boundaries were batched into passes: a later one that changed nothing is
+        // derived (`AgingState::assessed_at`), so the stored bytes are a function of the
+        // input alone.
+        record.as_of = Some(b);
     }
     changed
 }
@@ -255,7 +182,7 @@ pub(crate) fn age_batch(
             customer: customer.to_string(),
             source,
         })?;
-        let (Some(home), Some(last)) = (record.home, record.assigned_at()) else {
+        let (Some(home), Some(last)) = (record.home, state.assessed_at(key, &record)) else {
             continue;
         };
         let due: Vec<i64> = state
@@ -300,25 +227,22 @@ pub(crate) fn prepare_aging(
 ) -> Result<(Prepared, AgingState, usize), ProcessError> {
     let started = Instant::now();
     let cursor = state.pass().cursor.clone();
-    let records = overlay.records_after(cursor.as_deref(), chunk)?;
-    let visited = records.len();
-    let piece = visited.div_ceil(8).max(64);
-    let parts = records
-        .par_chunks(piece)
-        .map(|part| age_batch(&loaded.snapshot, &loaded.assigner, policy, &state, part))
-        .collect::<Result<Vec<Aged>, _>>()?;
+    let scanned = scan_chunk(overlay.as_ref(), cursor.as_deref(), chunk, |part| {
+        age_batch(&loaded.snapshot, &loaded.assigner, policy, &state, part)
+    })?;
+    let visited = scanned.visited;
     let mut result = Aged::default();
-    for part in parts {
+    for part in scanned.parts {
         result.records.extend(part.records);
         result.updates.extend(part.updates);
         result.drift.merge(&part.drift);
     }
     let pass = state.pass();
     pass.visited += visited as u64;
-    if let Some((last, _)) = records.last() {
-        pass.cursor = Some(last.clone());
+    if scanned.last.is_some() {
+        pass.cursor = scanned.last;
     }
-    if visited < chunk {
+    if scanned.exhausted {
         state.close_pass();
     }
     pending.insert(id, &result.records);
@@ -391,7 +315,7 @@ impl AgingSchedule {
     /// The stored state.
     pub(crate) fn load(store: &dyn StateStore, config: AgingConfig) -> Result<Self, StoreError> {
         Ok(Self {
-            state: AgingState::load(store)?,
+            state: load_state(store)?,
             config,
             next: tokio::time::Instant::now(),
             opened_by: 0,
@@ -436,49 +360,5 @@ impl AgingSchedule {
     pub(crate) fn ran(&mut self, state: AgingState, visited: usize) {
         self.state = state;
         self.next = paced(self.next, visited, self.config.customers_per_second);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const DAY: i64 = 86_400;
-
-    #[test]
-    fn boundaries_are_period_starts() {
-        assert_eq!(boundary(DAY * 10 + 5, DAY), DAY * 10);
-        assert_eq!(boundary(DAY * 10, DAY), DAY * 10);
-        assert_eq!(boundary(-1, DAY), -DAY);
-    }
-
-    #[test]
-    fn a_pass_closes_what_was_open_when_it_began() {
-        let mut state = AgingState::default();
-        state.reach(0, 10 * DAY);
-        state.reach(0, 10 * DAY);
-        state.reach(1, 9 * DAY);
-        assert_eq!(state.open[&0], [10 * DAY]);
-        state.pass();
-        // Reached during the pass: open after it.
-        state.reach(0, 11 * DAY);
-        state.close_pass();
-        assert_eq!(state.open, BTreeMap::from([(0, vec![11 * DAY])]));
-        assert!(state.due());
-        state.pass();
-        state.close_pass();
-        assert!(!state.due());
-        assert_eq!(state.open_upto(0, 20 * DAY), Vec::<i64>::new());
-    }
-
-    #[test]
-    fn the_state_round_trips_through_its_stored_form() {
-        let mut state = AgingState::default();
-        state.reach(3, 7 * DAY);
-        state.pass().cursor = Some(b"C1".to_vec());
-        let back: AgingState = serde_json::from_slice(&state.encode()).unwrap();
-        assert_eq!(back, state);
-        assert_eq!(state.open_upto(3, 7 * DAY), [7 * DAY]);
-        assert!(state.open_upto(3, 7 * DAY - 1).is_empty());
     }
 }

@@ -387,8 +387,16 @@ impl Loop {
         let loaded = self.snapshot.load_full();
         let (overlay, pending, policy) = (self.overlay.clone(), self.pending.clone(), self.policy);
         let (state, chunk) = (self.sweep.state.clone(), self.sweep.chunk());
+        let aging = self.aging.state.clone();
         let (prepared, state) = tokio::task::spawn_blocking(move || {
-            prepare_sweep(id, state, chunk, &overlay, &pending, &loaded, &policy)
+            prepare_sweep(
+                id,
+                state,
+                chunk,
+                &overlay,
+                &pending,
+                (&loaded, &policy, &aging),
+            )
         })
         .await
         .map_err(|e| RunError::Task(e.to_string()))??;

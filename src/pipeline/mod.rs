@@ -11,7 +11,8 @@
 //! Beside them: [`clock`] (the stream clock every assignment is made at: each partition's
 //! newest event time), [`aging`] (re-assignment as the clock moves on, event or not), [`partitions`] (rebalance, resume from the stored offsets), [`pending`] (the
 //! state of batches published but not yet durable), [`population`] (segment counts stored
-//! with the records), [`sweep`] (re-assignment after a snapshot swap), [`error`].
+//! with the records), [`sweep`] (re-assignment after a snapshot swap), `scan` (the engine of
+//! both passes over the store), [`error`].
 
 pub mod aging;
 #[cfg(test)]
@@ -26,5 +27,6 @@ pub mod partitions;
 pub mod pending;
 pub mod population;
 pub mod publish;
+mod scan;
 pub mod sweep;
 pub mod update;

@@ -19,9 +19,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::aging::AgingState;
 use crate::domain::event::CustomerId;
 use crate::domain::record::CustomerRecord;
 use crate::domain::update::{Cause, SWEEP_TOPIC};
@@ -35,6 +35,7 @@ use super::assign::{assign_customer, decide, PublishPolicy};
 use super::error::ProcessError;
 use super::pending::Pending;
 use super::publish::{Outgoing, Prepared, SweepProgress};
+use super::scan::scan_chunk;
 use super::update::BatchResult;
 use crate::domain::section::Section;
 
@@ -204,6 +205,7 @@ pub fn reassign_batch(
     snapshot: &ValidSnapshot,
     assigner: &Assigner,
     policy: &PublishPolicy,
+    aging: &AgingState,
     records: &[(Vec<u8>, Vec<u8>)],
 ) -> Result<BatchResult, ProcessError> {
     let mut result = BatchResult::default();
@@ -223,8 +225,8 @@ pub fn reassign_batch(
             continue;
         }
         // Only the snapshot changed: the customer is re-assigned at the clock of their last
-        // assignment.
-        let Some(as_of) = record.assigned_at() else {
+        // assessment (by an event, or by aging).
+        let Some(as_of) = aging.assessed_at(key, &record) else {
             continue;
         };
         let Ok(id) = CustomerId::parse(&customer) else {
@@ -259,6 +261,7 @@ pub fn reassign_batch(
             as_of,
         ) {
             result.updates.push(update);
+            record.as_of = Some(as_of.unix());
             result
                 .store_batch
                 .records
@@ -271,67 +274,31 @@ pub fn reassign_batch(
     Ok(result)
 }
 
-/// Reads up to `chunk` customers after the sweep's cursor and re-assigns them, moving the
-/// cursor. Returns the result, how many were read, and whether the store ran out.
+/// Reads up to `chunk` customers after the sweep's cursor and re-assigns them (see
+/// [`scan_chunk`]), moving the cursor. Returns the result, how many were read, and whether
+/// the store ran out. The keys are the durable store's: every customer of the old version is
+/// durable by now (the sweep starts only then), and customers created since are on the new
+/// version already.
 fn reassign_chunk(
     sweep: &mut SweepState,
     chunk: usize,
     overlay: &dyn StateStore,
-    loaded: &LoadedSnapshot,
-    policy: &PublishPolicy,
+    (loaded, policy, aging): (&LoadedSnapshot, &PublishPolicy, &AgingState),
 ) -> Result<(BatchResult, usize, bool), ProcessError> {
-    // The durable store's keys: every customer of the old version is durable by now (the
-    // sweep starts only then), and customers created since are on the new version already.
-    // One pass over the store reads keys and records together. The chunk is read in a few
-    // slices, and each slice is read while the previous one is re-assigned, so the scan (one
-    // core) and the assignment (the other, and the first once the scan is done) overlap.
-    // Everything stays inside this call, so no event batch runs between the read of a
-    // customer and its re-assignment.
-    let slice = chunk.div_ceil(4).max(1);
+    let scanned = scan_chunk(overlay, sweep.cursor.as_deref(), chunk, |part| {
+        reassign_batch(&loaded.snapshot, &loaded.assigner, policy, aging, part)
+    })?;
     let mut result = BatchResult::default();
-    let mut swept = 0usize;
-    let mut exhausted = false;
-    let mut current = overlay.records_after(sweep.cursor.as_deref(), slice.min(chunk))?;
-    if current.len() < slice.min(chunk) {
-        exhausted = true;
+    // Customers are independent: the parts are concatenated in key order.
+    for part in scanned.parts {
+        result.store_batch.records.extend(part.store_batch.records);
+        result.updates.extend(part.updates);
+        result.drift.merge(&part.drift);
     }
-    while !current.is_empty() {
-        swept += current.len();
-        let last = current.last().map(|(key, _)| key.clone());
-        let want = slice.min(chunk - swept);
-        let fetch = !exhausted && want > 0;
-        let piece = current.len().div_ceil(8).max(64);
-        let (next, parts) = rayon::join(
-            || {
-                fetch
-                    .then(|| overlay.records_after(last.as_deref(), want))
-                    .transpose()
-            },
-            || {
-                current
-                    .par_chunks(piece)
-                    .map(|part| reassign_batch(&loaded.snapshot, &loaded.assigner, policy, part))
-                    .collect::<Result<Vec<BatchResult>, _>>()
-            },
-        );
-        // Customers are independent: the parts are concatenated in key order.
-        for part in parts? {
-            result.store_batch.records.extend(part.store_batch.records);
-            result.updates.extend(part.updates);
-            result.drift.merge(&part.drift);
-        }
-        if last.is_some() {
-            sweep.cursor = last;
-        }
-        current = match next? {
-            Some(next) => {
-                exhausted = next.len() < want;
-                next
-            }
-            None => Vec::new(),
-        };
+    if scanned.last.is_some() {
+        sweep.cursor = scanned.last;
     }
-    Ok((result, swept, exhausted))
+    Ok((result, scanned.visited, scanned.exhausted))
 }
 
 /// Prepares the next chunk of the sweep: re-assigns the next keys through the overlay, and
@@ -343,12 +310,11 @@ pub(crate) fn prepare_sweep(
     chunk: usize,
     overlay: &Arc<dyn StateStore>,
     pending: &Pending,
-    loaded: &LoadedSnapshot,
-    policy: &PublishPolicy,
+    (loaded, policy, aging): (&LoadedSnapshot, &PublishPolicy, &AgingState),
 ) -> Result<(Prepared, SweepState), ProcessError> {
     let started = Instant::now();
     let (mut result, swept, exhausted) =
-        reassign_chunk(&mut sweep, chunk, overlay.as_ref(), loaded, policy)?;
+        reassign_chunk(&mut sweep, chunk, overlay.as_ref(), (loaded, policy, aging))?;
     pending.insert(id, &result.store_batch.records);
     sweep.visited += swept as u64;
     sweep.done = exhausted || swept == 0;
@@ -421,12 +387,13 @@ mod tests {
         crate::model::lineage::carry_ids(&v1, &mut carried, 0.5).unwrap();
         let v2 = carried.validate().unwrap();
         let records = store.records_after(None, 10).unwrap();
-        let swept = reassign_batch(&v2, &Assigner::new(&v2), &policy, &records).unwrap();
+        let aging = AgingState::default();
+        let swept = reassign_batch(&v2, &Assigner::new(&v2), &policy, &aging, &records).unwrap();
         assert!(swept.updates.is_empty() && swept.store_batch.records.is_empty());
         let mut fresh = sample_snapshot();
         fresh.version = 3;
         let v3 = fresh.validate().unwrap();
-        let swept = reassign_batch(&v3, &Assigner::new(&v3), &policy, &records).unwrap();
+        let swept = reassign_batch(&v3, &Assigner::new(&v3), &policy, &aging, &records).unwrap();
         assert_eq!(swept.updates.len(), 1);
         assert_eq!(swept.updates[0].seq, 2);
         assert_eq!(swept.updates[0].cause.topic, SWEEP_TOPIC);
