@@ -170,10 +170,19 @@ impl LiveStream {
     /// persona redrawn from it (with fresh traits; ids, favourites and subscriptions kept).
     /// Events of the day already generated keep their old personas.
     pub fn set_mix(&mut self, mix: PersonaMix) {
+        self.shift_mix(mix, Self::REDRAW_SHARE, 1.0);
+    }
+
+    /// [`LiveStream::set_mix`], with `redraw` (0 to 1) of the active customers redrawn and
+    /// new customers arriving `arrivals` times as often from now on (an acquisition campaign
+    /// that brings the new mix in): a shift as strong as a demonstration needs to show within
+    /// minutes.
+    pub fn shift_mix(&mut self, mix: PersonaMix, redraw: f64, arrivals: f64) {
+        self.arrivals_per_day *= arrivals.max(0.0);
         self.mix = mix;
         let day = self.day;
         for c in &mut self.customers {
-            if !c.traits.active_on(day) || self.rng.random::<f64>() >= Self::REDRAW_SHARE {
+            if !c.traits.active_on(day) || self.rng.random::<f64>() >= redraw {
                 continue;
             }
             let persona = self.mix.sample(&mut self.rng);

@@ -278,8 +278,11 @@ async fn send_events(
         tick.tick().await;
         if drift_at.is_some_and(|at| started.elapsed() >= at) {
             drift_at = None;
+            // Every active customer takes a persona from the shifted mix, and a campaign brings
+            // in ten times as many new customers, from it: a shift the monitor can tell from
+            // a steady population within a two-minute demo.
             let shifted = live.mix().shifted();
-            live.set_mix(shifted);
+            live.shift_mix(shifted, 1.0, 10.0);
             println!(
                 "--- persona mix shifted: deal-seekers, returners and lapsing customers gain share ---"
             );
@@ -464,8 +467,10 @@ impl LiveView {
             String::new()
         };
         let audiences = self.audiences(secs);
+        let lapsing = lapsing(m, &loaded.snapshot)
+            .map_or(String::new(), |(segment, n)| format!(" | lapsing ({segment}) {n}"));
         format!(
-            "v{} {clock} {eps:>6.0} ev/s {ups:>6.0} upd/s ({cps:>4.0} by the clock)  p99 {p99:>6}  lag {:>5}  max PSI {psi:.3} ({psi_axis}){sweep}{audiences} | {}",
+            "v{} {clock} {eps:>6.0} ev/s {ups:>6.0} upd/s ({cps:>4.0} by the clock)  p99 {p99:>6}  lag {:>5}  max PSI {psi:.3} ({psi_axis}){sweep}{audiences}{lapsing} | {}",
             loaded.snapshot.version(),
             m.consumer_lag_messages.get(),
             tops.join(" | ")
@@ -525,6 +530,25 @@ fn newest_clock(m: &Metrics) -> Option<crate::domain::time::EventTime> {
         .flat_map(|f| f.get_metric().iter().map(|x| x.get_gauge().get_value()))
         .fold(f64::NAN, f64::max);
     crate::domain::time::EventTime::from_unix(newest as i64).ok()
+}
+
+/// The segment of the longest recency (the axis holding `recency_days_log`, the segment whose
+/// centroid has the most of it) and its customers: quiet customers move into it as the clock
+/// runs, without an event of their own.
+fn lapsing(m: &Metrics, snapshot: &crate::model::snapshot::ValidSnapshot) -> Option<(String, i64)> {
+    snapshot.axes().iter().find_map(|axis| {
+        let model = &axis.model;
+        let f = model.features.iter().position(|f| f == "recency_days_log")?;
+        let segment = model.segments.iter().max_by(|a, b| {
+            let (a, b) = (a.centroid_features.get(f), b.centroid_features.get(f));
+            a.partial_cmp(&b).unwrap_or(std::cmp::Ordering::Equal)
+        })?;
+        let n = m
+            .segment_customers
+            .with_label_values(&[model.axis.as_str(), &segment.id.to_string()])
+            .get();
+        Some((segment.name.clone(), n))
+    })
 }
 
 /// The largest segment of each of the first four axes, with its customers.
