@@ -467,8 +467,9 @@ impl LiveView {
             String::new()
         };
         let audiences = self.audiences(secs);
-        let lapsing = lapsing(m, &loaded.snapshot)
-            .map_or(String::new(), |(segment, n)| format!(" | lapsing ({segment}) {n}"));
+        let lapsing = lapsing(m, &loaded.snapshot).map_or(String::new(), |(segment, n)| {
+            format!(" | lapsing ({segment}) {n}")
+        });
         format!(
             "v{} {clock} {eps:>6.0} ev/s {ups:>6.0} upd/s ({cps:>4.0} by the clock)  p99 {p99:>6}  lag {:>5}  max PSI {psi:.3} ({psi_axis}){sweep}{audiences}{lapsing} | {}",
             loaded.snapshot.version(),
@@ -538,7 +539,10 @@ fn newest_clock(m: &Metrics) -> Option<crate::domain::time::EventTime> {
 fn lapsing(m: &Metrics, snapshot: &crate::model::snapshot::ValidSnapshot) -> Option<(String, i64)> {
     snapshot.axes().iter().find_map(|axis| {
         let model = &axis.model;
-        let f = model.features.iter().position(|f| f == "recency_days_log")?;
+        let f = model
+            .features
+            .iter()
+            .position(|f| f == "recency_days_log")?;
         let segment = model.segments.iter().max_by(|a, b| {
             let (a, b) = (a.centroid_features.get(f), b.centroid_features.get(f));
             a.partial_cmp(&b).unwrap_or(std::cmp::Ordering::Equal)
