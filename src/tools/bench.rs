@@ -669,21 +669,28 @@ async fn aging_run(
 /// seeded customer `p` on partition `p`: it moves each partition's clock to `at`.
 async fn tick_partitions(rig: &Rig<'_>, topic: &str, at: i64) -> anyhow::Result<()> {
     let time = crate::domain::time::EventTime::from_unix(at)?.to_rfc3339();
-    for p in 0..rig.args.partitions {
+    // All at once, so that the partitions' clocks most likely cross in one batch: a boundary
+    // a partition reaches after a pass began waits for the next pass.
+    let sends = (0..rig.args.partitions).map(|p| {
         let customer = seeded_id(p as usize);
         let payload = format!(
             r#"{{"event_id":"tick-{at}-{p}","customer_id":"{customer}","event_time":"{time}","kind":"engagement","channel":"email","action":"open"}}"#
         );
-        rig.producer
-            .send(
-                FutureRecord::to(topic)
-                    .key(customer.as_str())
-                    .partition(p)
-                    .payload(&payload),
-                Duration::from_secs(5),
-            )
-            .await
-            .map_err(|(e, _)| e)?;
+        async move {
+            rig.producer
+                .send(
+                    FutureRecord::to(topic)
+                        .key(customer.as_str())
+                        .partition(p)
+                        .payload(&payload),
+                    Duration::from_secs(5),
+                )
+                .await
+                .map_err(|(e, _)| e)
+        }
+    });
+    for sent in futures::future::join_all(sends).await {
+        sent?;
     }
     Ok(())
 }
