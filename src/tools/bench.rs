@@ -634,18 +634,7 @@ async fn aging_run(
         let (visited_before, published_before) = (m.aging_customers.get(), m.clock_updates.get());
         let started = Instant::now();
         tick_partitions(rig, "bench-aging-events", newest + day * 86_400).await?;
-        // The pass begins once the tick records are in: wait for it to open, then to close.
-        loop {
-            let visited = m.aging_customers.get() - visited_before;
-            if visited >= n as u64 && m.aging_open_boundaries.get() == 0 {
-                break;
-            }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(600),
-                "the aging pass did not finish"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        pass_done(m, (visited_before, n), what, || Ok(true)).await?;
         let seconds = started.elapsed().as_secs_f64();
         let visited = m.aging_customers.get() - visited_before;
         let published = m.clock_updates.get() - published_before;
@@ -663,6 +652,29 @@ async fn aging_run(
         rig.args.rate
     );
     Ok(())
+}
+
+/// Waits until aging passes have visited `n` more customers than `visited_before` (read before
+/// the ticks that open the boundary) and no boundary is open, `ready` (called every few
+/// milliseconds) holding too; `what` names the pass in the error if it takes over ten minutes.
+async fn pass_done(
+    m: &Metrics,
+    (visited_before, n): (u64, usize),
+    what: &str,
+    mut ready: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let visited = m.aging_customers.get() - visited_before;
+        if ready()? && visited >= n as u64 && m.aging_open_boundaries.get() == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "{what} did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Produces one engagement record at `at` (Unix seconds) to every partition of `topic`, from
@@ -740,23 +752,13 @@ async fn aging_with_traffic(
     // under traffic is a daily one, as a running shop has every day. The first tick starts
     // the partitions' clocks, the second crosses a day.
     let ticks = i64::from(partitions);
+    let visited_before = m.aging_customers.get();
     tick_partitions(rig, input, day + 3_600).await?;
     tick_partitions(rig, input, day + DAY + 3_600).await?;
-    let caught_up = Instant::now();
-    loop {
-        let visited = m.aging_customers.get();
-        if running.consumed()? >= 2 * ticks
-            && visited >= n as u64
-            && m.aging_open_boundaries.get() == 0
-        {
-            break;
-        }
-        anyhow::ensure!(
-            caught_up.elapsed() < Duration::from_secs(600),
-            "the catch-up pass did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    pass_done(&m, (visited_before, n), "the catch-up pass", || {
+        Ok(running.consumed()? >= 2 * ticks)
+    })
+    .await?;
     let progress = Arc::new(AtomicU64::new(0));
     feed(rig.producer, input, &events[..1], None, &progress).await?;
     while running.consumed()? < 2 * ticks + 1 {
@@ -789,21 +791,16 @@ async fn aging_with_traffic(
     }
     let before = buckets();
     // One record per partition a day on: each partition's clock crosses into the next day.
+    let visited_before = m.aging_customers.get();
     tick_partitions(rig, input, day + 2 * DAY + 3_600).await?;
     let crossed = Instant::now();
-    let visited_before = m.aging_customers.get();
-    loop {
-        track()?;
-        let visited = m.aging_customers.get() - visited_before;
-        if visited >= n as u64 && m.aging_open_boundaries.get() == 0 {
-            break;
-        }
-        anyhow::ensure!(
-            crossed.elapsed() < Duration::from_secs(600),
-            "the aging pass under traffic did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    pass_done(
+        &m,
+        (visited_before, n),
+        "the daily pass under traffic",
+        || track().map(|()| true),
+    )
+    .await?;
     let pass_seconds = crossed.elapsed().as_secs_f64();
     let during = buckets();
     let applied_during = running.applied();
