@@ -10,7 +10,8 @@
 //!    single pass cannot know in advance. The scan holds a key and a number per customer
 //!    (about 30 bytes).
 //! 2. **Cluster** every axis with [`build_from_features`], off the async runtime. Each
-//!    customer's features are read as of their latest event, as the daemon assigns them.
+//!    customer's features are read as of their last assessment (the stream clock then, by an
+//!    event or by aging: `AgingState::assessed_at`), as the daemon published them.
 //! 3. **Validate** against the live population, streamed through a second scan: per axis, KL
 //!    divergence of segment shares (sample against population) below `validate.max_kl` and
 //!    every segment's feature means within `validate.max_mean_shift`.

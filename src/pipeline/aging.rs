@@ -22,6 +22,9 @@
 //!
 //! A clock that jumps several periods at once (a partition idle for months) opens one
 //! boundary, at the newest period start, not one per period skipped.
+//!
+//! An assessment that publishes nothing writes nothing: when it was made is derived from the
+//! aging state (`domain::aging`), so a daily pass costs a scan, not a rewrite of the store.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,11 +38,6 @@ use crate::domain::section::Section;
 use crate::domain::time::EventTime;
 use crate::domain::update::{Cause, MembershipUpdate, CLOCK_TOPIC};
 use crate::io::store::{json_meta, StateStore, StoreBatch, StoreError};
-
-/// The stored aging state, or a fresh one.
-pub fn load_state(store: &dyn StateStore) -> Result<AgingState, StoreError> {
-    json_meta(store, META_KEY)
-}
 use crate::model::assign::{Assigner, Assignment, LoadedSnapshot};
 use crate::model::drift::DriftSums;
 use crate::model::snapshot::ValidSnapshot;
@@ -49,6 +47,11 @@ use super::error::ProcessError;
 use super::pending::Pending;
 use super::publish::{Outgoing, Prepared};
 use super::scan::scan_chunk;
+
+/// The stored aging state, or a fresh one.
+pub fn load_state(store: &dyn StateStore) -> Result<AgingState, StoreError> {
+    json_meta(store, META_KEY)
+}
 
 /// `[aging]`: time-driven re-assignment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -198,7 +198,8 @@ impl SweepSchedule {
 
 /// Re-assigns stored customers against `snapshot` without an event: the sweep after a swap.
 /// Customers whose record is already on this version are left alone; the others are
-/// assigned at the time of their latest event and published per `policy` (with lineage, only
+/// assigned at the time of their last assessment (`aging`'s `assessed_at`: by an event, or by
+/// an aging pass) and published per `policy` (with lineage, only
 /// if a segment changed). Only published customers' records are written back. `records` are
 /// (key, encoded record) pairs as the store (through the overlay, in the daemon) holds them.
 pub fn reassign_batch(
