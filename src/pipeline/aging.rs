@@ -45,8 +45,8 @@ use crate::model::snapshot::ValidSnapshot;
 use super::assign::{assign_customer, decide, PublishPolicy};
 use super::error::ProcessError;
 use super::pending::Pending;
-use super::publish::{Outgoing, Prepared};
-use super::scan::scan_chunk;
+use super::publish::Prepared;
+use super::scan::{decode_stored, scan_chunk};
 
 /// The stored aging state, or a fresh one.
 pub fn load_state(store: &dyn StateStore) -> Result<AgingState, StoreError> {
@@ -181,10 +181,7 @@ pub(crate) fn age_batch(
     let mut assignment = Assignment::default();
     for (key, bytes) in records {
         let customer = String::from_utf8_lossy(key);
-        let mut record = CustomerRecord::decode(bytes).map_err(|source| ProcessError::Corrupt {
-            customer: customer.to_string(),
-            source,
-        })?;
+        let mut record = decode_stored(key, bytes)?;
         let (Some(home), Some(last)) = (record.home, state.assessed_at(key, &record)) else {
             continue;
         };
@@ -254,32 +251,18 @@ pub(crate) fn prepare_aging(
         meta: vec![(META_KEY.to_vec(), state.encode())],
         ..StoreBatch::default()
     };
-    let updates: Vec<Outgoing> = std::mem::take(&mut result.updates)
-        .into_iter()
-        .map(|u| Outgoing::new(u, None))
-        .collect::<Result<_, _>>()?;
-    let clock_updates = updates.len();
+    let clock_updates = result.updates.len();
     let prepared = Prepared {
-        id,
-        version: loaded.snapshot.version(),
-        sweep: None,
-        swept: 0,
-        records: 0,
-        updates,
-        dead: Vec::new(),
-        store_batch,
-        outcomes: Vec::new(),
-        drift: result.drift,
-        applied: 0,
-        duplicates: 0,
-        newest_event_time: None,
-        started,
-        decode_ms: 0.0,
-        process_ms: started.elapsed().as_secs_f64() * 1e3,
-        watermarks: Vec::new(),
         aged: visited,
         clock_updates,
         aging_open: Some(state.open_count()),
+        ..Prepared::pass_chunk(
+            id,
+            loaded.snapshot.version(),
+            started,
+            result.updates,
+            (store_batch, result.drift),
+        )?
     };
     Ok((prepared, state, visited))
 }

@@ -79,6 +79,47 @@ pub(crate) struct Prepared {
     pub(crate) aging_open: Option<usize>,
 }
 
+impl Prepared {
+    /// A chunk of a pass over the store (the sweep, aging): its updates (each caused by the
+    /// pass, no input record behind it), its store writes and its assessments; no event
+    /// figures. The caller sets what is its own (`sweep` and `swept`, or `aged` and
+    /// `aging_open`).
+    pub(crate) fn pass_chunk(
+        id: u64,
+        version: u64,
+        started: Instant,
+        updates: Vec<crate::domain::update::MembershipUpdate>,
+        (store_batch, drift): (StoreBatch, DriftSums),
+    ) -> Result<Self, ProcessError> {
+        let updates: Vec<Outgoing> = updates
+            .into_iter()
+            .map(|u| Outgoing::new(u, None))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            id,
+            version,
+            sweep: None,
+            swept: 0,
+            records: 0,
+            updates,
+            dead: Vec::new(),
+            store_batch,
+            outcomes: Vec::new(),
+            drift,
+            applied: 0,
+            duplicates: 0,
+            newest_event_time: None,
+            started,
+            decode_ms: 0.0,
+            process_ms: started.elapsed().as_secs_f64() * 1e3,
+            watermarks: Vec::new(),
+            aged: 0,
+            clock_updates: 0,
+            aging_open: None,
+        })
+    }
+}
+
 /// A batch whose outputs are enqueued, on its way to the committer.
 pub(crate) struct InFlight {
     pub(crate) prepared: Prepared,

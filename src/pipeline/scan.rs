@@ -6,6 +6,7 @@
 //! Everything happens inside one call, which the loop makes between event batches, so no
 //! event batch runs between the read of a customer and the work on them.
 
+use crate::domain::record::CustomerRecord;
 use crate::io::store::{Records, StateStore};
 
 use super::error::ProcessError;
@@ -80,6 +81,15 @@ where
         };
     }
     Ok(scanned)
+}
+
+/// A stored customer's record, as a pass reads it: a record that does not decode stops the
+/// pass with the customer's id (the store is corrupt; skipping would lose them silently).
+pub(crate) fn decode_stored(key: &[u8], bytes: &[u8]) -> Result<CustomerRecord, ProcessError> {
+    CustomerRecord::decode(bytes).map_err(|source| ProcessError::Corrupt {
+        customer: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

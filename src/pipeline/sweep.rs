@@ -23,7 +23,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::aging::AgingState;
 use crate::domain::event::CustomerId;
-use crate::domain::record::CustomerRecord;
 use crate::domain::update::{Cause, SWEEP_TOPIC};
 use crate::io::store::{json_meta, StateStore, StoreError};
 
@@ -34,8 +33,8 @@ use crate::model::snapshot::ValidSnapshot;
 use super::assign::{assign_customer, decide, PublishPolicy};
 use super::error::ProcessError;
 use super::pending::Pending;
-use super::publish::{Outgoing, Prepared, SweepProgress};
-use super::scan::scan_chunk;
+use super::publish::{Prepared, SweepProgress};
+use super::scan::{decode_stored, scan_chunk};
 use super::update::BatchResult;
 use crate::domain::section::Section;
 
@@ -199,8 +198,8 @@ impl SweepSchedule {
 /// Re-assigns stored customers against `snapshot` without an event: the sweep after a swap.
 /// Customers whose record is already on this version are left alone; the others are
 /// assigned at the time of their last assessment (`aging`'s `assessed_at`: by an event, or by
-/// an aging pass) and published per `policy` (with lineage, only
-/// if a segment changed). Only published customers' records are written back. `records` are
+/// an aging pass) and published per `policy` (with lineage, only if a segment changed). Only
+/// published customers' records are written back. `records` are
 /// (key, encoded record) pairs as the store (through the overlay, in the daemon) holds them.
 pub fn reassign_batch(
     snapshot: &ValidSnapshot,
@@ -214,10 +213,7 @@ pub fn reassign_batch(
     let mut assignment = Assignment::default();
     for (key, bytes) in records {
         let customer = String::from_utf8_lossy(key);
-        let mut record = CustomerRecord::decode(bytes).map_err(|source| ProcessError::Corrupt {
-            customer: customer.to_string(),
-            source,
-        })?;
+        let mut record = decode_stored(key, bytes)?;
         if record
             .published
             .as_ref()
@@ -323,36 +319,21 @@ pub(crate) fn prepare_sweep(
         .store_batch
         .meta
         .push((META_KEY.to_vec(), sweep.encode()));
-    let updates = std::mem::take(&mut result.updates)
-        .into_iter()
-        .map(|u| Outgoing::new(u, None))
-        .collect::<Result<_, _>>()?;
     let progress = SweepProgress {
         version: sweep.version,
         visited: sweep.visited,
         done: sweep.done,
     };
     let prepared = Prepared {
-        id,
-        version: loaded.snapshot.version(),
         sweep: Some(progress),
         swept,
-        records: 0,
-        updates,
-        dead: Vec::new(),
-        store_batch: result.store_batch,
-        outcomes: Vec::new(),
-        drift: result.drift,
-        applied: 0,
-        duplicates: 0,
-        newest_event_time: None,
-        started,
-        decode_ms: 0.0,
-        process_ms: started.elapsed().as_secs_f64() * 1e3,
-        watermarks: Vec::new(),
-        aged: 0,
-        clock_updates: 0,
-        aging_open: None,
+        ..Prepared::pass_chunk(
+            id,
+            loaded.snapshot.version(),
+            started,
+            result.updates,
+            (result.store_batch, result.drift),
+        )?
     };
     Ok((prepared, sweep))
 }
