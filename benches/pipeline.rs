@@ -162,9 +162,13 @@ fn benches(c: &mut Criterion) {
                 state: state.clone(),
                 published: None,
                 as_of: None,
-                home: None,
+                home: Some(0),
+                applied: Vec::new(),
             };
-            (id.as_str().as_bytes().to_vec(), record.encode())
+            (
+                segmentd::io::store::customer_key(0, id.as_str().as_bytes()),
+                record.encode(),
+            )
         })
         .collect();
     store

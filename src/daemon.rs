@@ -226,6 +226,8 @@ impl Daemon {
             });
         }
         let ready = Arc::new(AtomicBool::new(false));
+        let restoring: Arc<std::sync::Mutex<std::collections::BTreeSet<i32>>> = Arc::default();
+        let leader = Arc::new(AtomicBool::new(false));
         let clock = StreamClock::new(&config.clock);
         let report: crate::audience::stream::SharedReport = Default::default();
         let state = Arc::new(AppState {
@@ -233,6 +235,7 @@ impl Daemon {
             store: store.clone(),
             snapshot: registry.shared(),
             ready: ready.clone(),
+            restoring: restoring.clone(),
             audiences: config.audiences.enabled.then(|| report.clone()),
             clock: clock.clone(),
         });
@@ -264,6 +267,8 @@ impl Daemon {
             ready,
             drift: monitoring.live,
             clock,
+            restoring: restoring.clone(),
+            leader: leader.clone(),
         };
         let (kafka, policy) = (config.kafka.clone(), config.publish);
         let (sweep, aging) = (config.sweep.clone(), config.aging.clone());

@@ -67,6 +67,8 @@ pub struct AppState {
     pub snapshot: SharedSnapshot,
     /// Set while the consumer loop runs.
     pub ready: Arc<AtomicBool>,
+    /// Partitions assigned whose state is being restored.
+    pub restoring: Arc<std::sync::Mutex<std::collections::BTreeSet<i32>>>,
     /// The score stream's thresholds, when it runs.
     pub audiences: Option<crate::audience::stream::SharedReport>,
     /// The stream clock of every partition consumed.
@@ -114,10 +116,24 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
+    let restoring: Vec<String> = state
+        .restoring
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(i32::to_string)
+        .collect();
+    if !state.ready.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    } else if !restoring.is_empty() {
+        // Serving (other partitions flow), with some partitions' state still on its way.
+        (
+            StatusCode::OK,
+            format!("ready; restoring partitions {}\n", restoring.join(",")),
+        )
+            .into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
     }
 }
 
@@ -180,18 +196,36 @@ async fn customer(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
         return (StatusCode::BAD_REQUEST, "bad customer id\n").into_response();
     };
     let store = state.store.clone();
-    let key = id.as_str().as_bytes().to_vec();
+    // Stored under their input partition: look in every partition this instance has a
+    // clock for (the partitions it owns).
+    let mut partitions: Vec<i32> = state
+        .clock
+        .watermarks()
+        .keys()
+        .map(|k| k.partition)
+        .collect();
+    partitions.dedup();
+    let keys: Vec<Vec<u8>> = partitions
+        .iter()
+        .map(|&p| crate::io::store::customer_key(p, id.as_str().as_bytes()))
+        .collect();
     let read = tokio::task::spawn_blocking(move || {
         let aging: AgingState = json_meta(store.as_ref(), AGING_KEY)?;
-        Ok::<_, crate::io::store::StoreError>((store.get_many(&[&key])?, aging))
+        let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let found = store
+            .get_many(&refs)?
+            .into_iter()
+            .zip(keys.iter())
+            .find_map(|(value, key)| value.map(|v| (key.clone(), v)));
+        Ok::<_, crate::io::store::StoreError>((found, aging))
     })
     .await;
-    let (bytes, aging) = match read {
-        Ok(Ok((mut values, aging))) => (values.pop().flatten(), aging),
+    let (found, aging) = match read {
+        Ok(Ok(read)) => read,
         Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     };
-    let Some(bytes) = bytes else {
+    let Some((key, bytes)) = found else {
         return (StatusCode::NOT_FOUND, "unknown customer\n").into_response();
     };
     let record = match CustomerRecord::decode(&bytes) {
@@ -201,7 +235,7 @@ async fn customer(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
     let loaded = state.snapshot.load_full();
     // As of the customer's last assessment (by an event or by aging), never wall time: what
     // is shown is what the daemon computed (or would, against the snapshot now in use).
-    let Some(as_of) = aging.assessed_at(id.as_str().as_bytes(), &record) else {
+    let Some(as_of) = aging.assessed_at(&key, &record) else {
         return (StatusCode::NOT_FOUND, "customer has no event yet\n").into_response();
     };
     let vector = FeatureVector::compute(&record.state, as_of, loaded.snapshot.state_params());
@@ -288,11 +322,12 @@ mod tests {
             state,
             published: None,
             as_of: None,
-            home: None,
+            home: Some(2),
+            applied: Vec::new(),
         };
         store
             .commit(&StoreBatch {
-                records: vec![(b"C1".to_vec(), record.encode())],
+                records: vec![(crate::io::store::customer_key(2, b"C1"), record.encode())],
                 offsets: Default::default(),
                 meta: Vec::new(),
             })
@@ -304,8 +339,18 @@ mod tests {
                 snapshot,
             ))),
             ready: Arc::new(AtomicBool::new(false)),
+            restoring: Arc::default(),
             audiences: None,
-            clock: StreamClock::default(),
+            clock: {
+                // The customer's partition is one the instance has a clock for.
+                let clock = StreamClock::default();
+                let partition = crate::io::store::PartitionKey {
+                    topic: "orders".into(),
+                    partition: 2,
+                };
+                clock.advance(&[(partition, 1_709_251_200)]);
+                clock
+            },
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -371,6 +416,7 @@ mod tests {
                 sample_snapshot().validate().unwrap(),
             ))),
             ready: Arc::new(AtomicBool::new(true)),
+            restoring: Arc::default(),
             audiences: Some(report),
             clock: StreamClock::default(),
         });

@@ -456,9 +456,13 @@ mod tests {
                     state,
                     published: None,
                     as_of: None,
-                    home: None,
+                    home: Some(0),
+                    applied: Vec::new(),
                 };
-                (id.as_str().as_bytes().to_vec(), record.encode())
+                (
+                    crate::io::store::customer_key(0, id.as_str().as_bytes()),
+                    record.encode(),
+                )
             })
             .collect();
         store

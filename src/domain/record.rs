@@ -8,8 +8,9 @@ use super::features::Axis;
 use super::state::{CustomerState, StateCodecError};
 use super::time::EventTime;
 
-/// Version byte of an encoded [`CustomerRecord`]. Version 1 had no `as_of`; it is still read.
-pub const RECORD_CODEC_VERSION: u8 = 2;
+/// Version byte of an encoded [`CustomerRecord`]. Version 1 had no `as_of`, version 2 no
+/// `applied`; both are still read.
+pub const RECORD_CODEC_VERSION: u8 = 3;
 
 /// What was last published for a customer, kept in its record so the next decision (and
 /// `seq`) survives restarts.
@@ -47,6 +48,26 @@ pub struct CustomerRecord {
     pub as_of: Option<i64>,
     /// The input partition of the customer's newest event: whose clock ages them.
     pub home: Option<i32>,
+    /// Per input topic (by [`topic_tag`]), the offset of the newest event applied to the
+    /// customer. A record restored from the changelog may be ahead of the partition's
+    /// offsets (a batch whose changelog records were written and whose state was not); its
+    /// events are then recognised here and never applied twice, whichever instance replays
+    /// them.
+    pub applied: Vec<(u32, i64)>,
+}
+
+/// A short, stable tag of an input topic's name, as [`CustomerRecord::applied`] keys it.
+pub fn topic_tag(topic: &str) -> u32 {
+    xxhash_rust::xxh3::xxh3_64(topic.as_bytes()) as u32
+}
+
+/// The record as version 2 encoded it.
+#[derive(Deserialize)]
+struct RecordV2 {
+    state: CustomerState,
+    published: Option<Published>,
+    as_of: Option<i64>,
+    home: Option<i32>,
 }
 
 /// The record as version 1 encoded it.
@@ -65,6 +86,21 @@ impl CustomerRecord {
             .or_else(|| self.state.last_event_time())
     }
 
+    /// Whether the event at `offset` of the topic tagged `topic` is already in the record.
+    pub fn has_applied(&self, topic: u32, offset: i64) -> bool {
+        self.applied
+            .iter()
+            .any(|&(t, newest)| t == topic && offset <= newest)
+    }
+
+    /// Records the event at `offset` of the topic tagged `topic` as applied.
+    pub fn mark_applied(&mut self, topic: u32, offset: i64) {
+        match self.applied.iter_mut().find(|(t, _)| *t == topic) {
+            Some((_, newest)) => *newest = (*newest).max(offset),
+            None => self.applied.push((topic, offset)),
+        }
+    }
+
     /// A version byte, then postcard.
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_extend(self, vec![RECORD_CODEC_VERSION]).unwrap_or_default()
@@ -75,6 +111,16 @@ impl CustomerRecord {
         let (&version, body) = bytes.split_first().ok_or(StateCodecError::Empty)?;
         match version {
             RECORD_CODEC_VERSION => Ok(postcard::from_bytes(body)?),
+            2 => {
+                let old: RecordV2 = postcard::from_bytes(body)?;
+                Ok(Self {
+                    state: old.state,
+                    published: old.published,
+                    as_of: old.as_of,
+                    home: old.home,
+                    applied: Vec::new(),
+                })
+            }
             1 => {
                 let old: RecordV1 = postcard::from_bytes(body)?;
                 Ok(Self {
@@ -82,6 +128,7 @@ impl CustomerRecord {
                     published: old.published,
                     as_of: None,
                     home: None,
+                    applied: Vec::new(),
                 })
             }
             _ => Err(StateCodecError::Version(version)),

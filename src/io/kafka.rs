@@ -41,6 +41,21 @@ pub struct KafkaConfig {
     pub fetch_wait_max_ms: u64,
     /// A compacted topic of snapshot documents that every instance follows (empty: none).
     pub snapshot_topic: String,
+    /// Write every durable state change to a compacted changelog topic, co-partitioned with
+    /// the input, and restore a partition from it when this instance is assigned one whose
+    /// local state is behind or absent. Off, an instance can only resume from its own disk.
+    pub changelog: bool,
+    /// The changelog topic (empty: `<group_id>-changelog`). Created at start, compacted, with
+    /// the input's partition count, if missing.
+    pub changelog_topic: String,
+    /// Static group membership: a stable id per instance (e.g. the pod name, through
+    /// `SEGMENTD__KAFKA__GROUP_INSTANCE_ID`). A restart within the session timeout then keeps
+    /// its partitions and moves nothing. Empty: dynamic membership.
+    pub group_instance_id: String,
+    /// What happens to a revoked partition's local state: `drop` (delete it; a later
+    /// assignment restores from the changelog) or `keep` (keep it on disk; a later assignment
+    /// restores only what changed since).
+    pub revoked_state: RevokedState,
     /// Extra librdkafka properties for both clients (e.g. security settings).
     pub client: BTreeMap<String, String>,
 }
@@ -63,9 +78,35 @@ impl Default for KafkaConfig {
             session_timeout_ms: 10_000,
             fetch_wait_max_ms: 10,
             snapshot_topic: String::new(),
+            changelog: true,
+            changelog_topic: String::new(),
+            group_instance_id: String::new(),
+            revoked_state: RevokedState::Drop,
             client: BTreeMap::new(),
         }
     }
+}
+
+impl KafkaConfig {
+    /// The changelog topic's name: `changelog_topic`, or `<group_id>-changelog` when that is
+    /// empty.
+    pub fn changelog_topic_name(&self) -> String {
+        if self.changelog_topic.trim().is_empty() {
+            format!("{}-changelog", self.group_id)
+        } else {
+            self.changelog_topic.clone()
+        }
+    }
+}
+
+/// What happens to a revoked partition's local state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokedState {
+    /// Delete it: the disk holds only partitions the instance owns.
+    Drop,
+    /// Keep it: a partition that comes back restores only the changelog records since.
+    Keep,
 }
 
 impl Section for KafkaConfig {
@@ -87,6 +128,19 @@ impl Section for KafkaConfig {
         }
         if self.max_batch == 0 || self.batch_timeout_ms == 0 {
             return Err("max_batch and batch_timeout_ms must be at least 1".into());
+        }
+        let changelog = self.changelog_topic_name();
+        if self.changelog
+            && [
+                &self.output_topic,
+                &self.dead_letter_topic,
+                &self.snapshot_topic,
+            ]
+            .into_iter()
+            .chain(&self.input_topics)
+            .any(|t| *t == changelog)
+        {
+            return Err("changelog_topic must be a topic of its own".into());
         }
         if self.fetch_wait_max_ms > 300_000 {
             return Err("fetch_wait_max_ms must be at most 300000 (librdkafka's limit)".into());
@@ -173,8 +227,15 @@ pub fn group_consumer<C: ConsumerContext + 'static>(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", config.session_timeout_ms.to_string())
         .set("statistics.interval.ms", "5000")
-        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
-        .create_with_context(context)
+        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string());
+    if !config.client.contains_key("partition.assignment.strategy") {
+        // Incremental rebalances: a partition moving between instances pauses only itself.
+        client.set("partition.assignment.strategy", "cooperative-sticky");
+    }
+    if !config.group_instance_id.trim().is_empty() {
+        client.set("group.instance.id", config.group_instance_id.trim());
+    }
+    client.create_with_context(context)
 }
 
 /// The producer of updates and dead letters.

@@ -44,6 +44,13 @@ pub enum StoreError {
     /// A stored offset is not 8 bytes.
     #[error("state store: corrupt offset entry for {0}")]
     CorruptOffset(String),
+    /// The directory holds records in a key layout this version does not read.
+    #[error(
+        "state store {0}: written by an older segmentd whose keys did not carry the input \
+         partition; start with an empty store directory (state is restored from the \
+         changelog topic, or rebuilt from the input topics)"
+    )]
+    OldLayout(String),
 }
 
 /// A value stored as JSON under `key` in the meta column family, or its default when there is
@@ -57,6 +64,44 @@ pub fn json_meta<T: serde::de::DeserializeOwned + Default>(
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default())
 }
+
+/// The store key of a customer: their input partition, big-endian, then their id. A
+/// partition's customers are one contiguous key range, so a partition can be restored, scanned
+/// or dropped alone; and since a customer's events all come from one partition (inputs are
+/// keyed by customer and co-partitioned), the partition is known wherever the key is built.
+pub fn customer_key(partition: i32, id: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(4 + id.len());
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.extend_from_slice(id);
+    key
+}
+
+/// The partition and the customer id of a [`customer_key`].
+pub fn split_key(key: &[u8]) -> Option<(i32, &[u8])> {
+    let (partition, id) = key.split_first_chunk::<4>()?;
+    Some((i32::from_be_bytes(*partition), id))
+}
+
+/// The partition of a [`customer_key`] (`None`: not such a key).
+pub fn key_partition(key: &[u8]) -> Option<i32> {
+    split_key(key).map(|(p, _)| p)
+}
+
+/// The key range `[start, end)` of a partition's customers.
+fn partition_range(partition: i32) -> (Vec<u8>, Vec<u8>) {
+    let start = partition.to_be_bytes().to_vec();
+    let end = match partition.checked_add(1) {
+        Some(next) => next.to_be_bytes().to_vec(),
+        None => vec![0xff; 5],
+    };
+    (start, end)
+}
+
+/// The meta key that records the store's key layout; a store without it (and with records)
+/// was written before keys carried the partition.
+const LAYOUT_KEY: &[u8] = b"layout";
+/// The current key layout: [`customer_key`].
+const LAYOUT: &[u8] = b"partition-prefixed";
 
 /// Where a partition's next unread offset is recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -77,7 +122,8 @@ impl PartitionKey {
         key
     }
 
-    fn decode(bytes: &[u8]) -> Option<Self> {
+    /// Reads [`PartitionKey::encode`]'s output.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
         let split = bytes.len().checked_sub(5)?;
         let (topic, rest) = bytes.split_at(split);
         if rest[0] != 0 {
@@ -100,6 +146,15 @@ pub struct StoreBatch {
     pub offsets: BTreeMap<PartitionKey, i64>,
     /// Named values written with the records, e.g. aggregates derived from them.
     pub meta: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What dropping a partition's local state removes besides its customer records.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PartitionDrop {
+    /// The partition.
+    pub partition: i32,
+    /// Named values that describe only this partition (e.g. its clock).
+    pub meta: Vec<Vec<u8>>,
 }
 
 impl StoreBatch {
@@ -138,6 +193,15 @@ pub trait StateStore: Send + Sync {
     /// Visits every customer record (key, encoded record) in key order, on a consistent
     /// view of the store; writes go on meanwhile.
     fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>;
+    /// Visits one partition's customer records in key order (see [`customer_key`]).
+    fn for_each_in(
+        &self,
+        partition: i32,
+        visit: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), StoreError>;
+    /// Removes a partition's customer records, every offset recorded for it (of any topic)
+    /// and the named values listed, in one atomic write.
+    fn drop_partition(&self, drop: &PartitionDrop) -> Result<(), StoreError>;
     /// Up to `limit` customer records (key, encoded record) after key `after` (from the first
     /// when `None`), in key order.
     fn records_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Records, StoreError>;
@@ -243,11 +307,38 @@ impl RocksStore {
         .map_err(rocks)?;
         let mut write_options = rocksdb::WriteOptions::default();
         write_options.set_sync(config.sync_writes);
-        Ok(Self {
+        let store = Self {
             db,
             path,
             write_options,
-        })
+        };
+        store.check_layout()?;
+        Ok(store)
+    }
+
+    /// Refuses a store of the old key layout; marks a new or empty one with the current.
+    fn check_layout(&self) -> Result<(), StoreError> {
+        let meta = self.cf(CF_META)?;
+        match self
+            .db
+            .get_cf(meta, LAYOUT_KEY)
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(layout) if layout == LAYOUT => Ok(()),
+            Some(_) => Err(StoreError::OldLayout(self.path.clone())),
+            None => {
+                let customers = self.cf(CF_CUSTOMERS)?;
+                let mut iter = self.db.raw_iterator_cf(customers);
+                iter.seek_to_first();
+                if iter.valid() {
+                    return Err(StoreError::OldLayout(self.path.clone()));
+                }
+                iter.status().map_err(|e| self.rocks(e))?;
+                self.db
+                    .put_cf(meta, LAYOUT_KEY, LAYOUT)
+                    .map_err(|e| self.rocks(e))
+            }
+        }
     }
 
     fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StoreError> {
@@ -390,6 +481,47 @@ impl StateStore for RocksStore {
         iter.status().map_err(|e| self.rocks(e))
     }
 
+    fn for_each_in(
+        &self,
+        partition: i32,
+        visit: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), StoreError> {
+        let cf = self.cf(CF_CUSTOMERS)?;
+        let (start, end) = partition_range(partition);
+        let mut options = scan_options(true);
+        options.set_iterate_upper_bound(end);
+        let snapshot = self.db.snapshot();
+        let mut iter = snapshot.raw_iterator_cf_opt(cf, options);
+        iter.seek(&start);
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            visit(key, value);
+            iter.next();
+        }
+        iter.status().map_err(|e| self.rocks(e))
+    }
+
+    fn drop_partition(&self, drop: &PartitionDrop) -> Result<(), StoreError> {
+        let (customers, offsets, meta) = (
+            self.cf(CF_CUSTOMERS)?,
+            self.cf(CF_OFFSETS)?,
+            self.cf(CF_META)?,
+        );
+        let mut write = rocksdb::WriteBatch::default();
+        let (start, end) = partition_range(drop.partition);
+        write.delete_range_cf(customers, start, end);
+        for key in self.offsets()?.keys() {
+            if key.partition == drop.partition {
+                write.delete_cf(offsets, key.encode());
+            }
+        }
+        for key in &drop.meta {
+            write.delete_cf(meta, key);
+        }
+        self.db
+            .write_opt(write, &self.write_options)
+            .map_err(|e| self.rocks(e))
+    }
+
     fn stats(&self) -> StoreStats {
         let Ok(cf) = self.cf(CF_CUSTOMERS) else {
             return StoreStats::default();
@@ -490,6 +622,42 @@ impl StateStore for MemStore {
         let records = self.lock().records.clone();
         for (key, value) in &records {
             visit(key, value);
+        }
+        Ok(())
+    }
+
+    fn for_each_in(
+        &self,
+        partition: i32,
+        visit: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), StoreError> {
+        let (start, end) = partition_range(partition);
+        let records: Vec<_> = self
+            .lock()
+            .records
+            .range(start..end)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (key, value) in &records {
+            visit(key, value);
+        }
+        Ok(())
+    }
+
+    fn drop_partition(&self, drop: &PartitionDrop) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let (start, end) = partition_range(drop.partition);
+        let keys: Vec<Vec<u8>> = inner
+            .records
+            .range(start..end)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            inner.records.remove(&key);
+        }
+        inner.offsets.retain(|k, _| k.partition != drop.partition);
+        for key in &drop.meta {
+            inner.meta.remove(key);
         }
         Ok(())
     }

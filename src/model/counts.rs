@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::snapshot::ValidSnapshot;
+use crate::domain::record::Published;
 use crate::domain::update::AxisChange;
 
 /// Customers per axis and segment id, for one snapshot version.
@@ -68,6 +69,26 @@ impl SegmentCounts {
             counts,
             carried: lineage.chain.clone(),
         };
+    }
+
+    /// Counts a customer's published segments in (`sign` 1) or out (-1), when they belong to
+    /// this version or one it carries: how a partition's customers join or leave the counts
+    /// when the partition moves between instances.
+    pub fn add_published(&mut self, published: &Published, sign: i64) {
+        let version = published.snapshot_version;
+        if version != self.snapshot_version && !self.carried.contains(&version) {
+            return;
+        }
+        for axis in &published.axes {
+            if let Some(segment) = axis.segment {
+                *self
+                    .counts
+                    .entry(axis.axis.as_str().to_owned())
+                    .or_default()
+                    .entry(segment)
+                    .or_insert(0) += sign;
+            }
+        }
     }
 
     /// The counts to continue from: `stored` (the store's meta value) when they are of

@@ -46,7 +46,7 @@ use super::assign::{assign_customer, decide, PublishPolicy};
 use super::error::ProcessError;
 use super::pending::Pending;
 use super::publish::Prepared;
-use super::scan::{decode_stored, scan_chunk};
+use super::scan::{decode_stored, scan_chunk, stored_id, Owned};
 
 /// The stored aging state, or a fresh one.
 pub fn load_state(store: &dyn StateStore) -> Result<AgingState, StoreError> {
@@ -180,7 +180,7 @@ pub(crate) fn age_batch(
     let mut result = Aged::default();
     let mut assignment = Assignment::default();
     for (key, bytes) in records {
-        let customer = String::from_utf8_lossy(key);
+        let customer = stored_id(key);
         let mut record = decode_stored(key, bytes)?;
         let (Some(home), Some(last)) = (record.home, state.assessed_at(key, &record)) else {
             continue;
@@ -219,7 +219,7 @@ pub(crate) fn age_batch(
 pub(crate) fn prepare_aging(
     id: u64,
     mut state: AgingState,
-    chunk: usize,
+    (chunk, owned): (usize, &Owned),
     overlay: &Arc<dyn StateStore>,
     pending: &Pending,
     loaded: &LoadedSnapshot,
@@ -227,9 +227,12 @@ pub(crate) fn prepare_aging(
 ) -> Result<(Prepared, AgingState, usize), ProcessError> {
     let started = Instant::now();
     let cursor = state.pass().cursor.clone();
-    let scanned = scan_chunk(overlay.as_ref(), cursor.as_deref(), chunk, |part| {
-        age_batch(&loaded.snapshot, &loaded.assigner, policy, &state, part)
-    })?;
+    let scanned = scan_chunk(
+        overlay.as_ref(),
+        (cursor.as_deref(), owned),
+        chunk,
+        |part| age_batch(&loaded.snapshot, &loaded.assigner, policy, &state, part),
+    )?;
     let visited = scanned.visited;
     let mut result = Aged::default();
     for part in scanned.parts {

@@ -119,7 +119,7 @@ impl Rig {
             let (prepared, state, _) = prepare_aging(
                 self.batch,
                 self.aging.clone(),
-                chunk,
+                (chunk, &super::scan::Owned::All),
                 &self.store,
                 &self.pending,
                 &self.loaded,
@@ -319,6 +319,7 @@ fn an_assessment_that_publishes_nothing_writes_nothing_yet_counts() {
     let mut rig = Rig::new(loaded());
     weekly_then_quiet(&mut rig);
     let boundary = T0 + 29 * DAY;
+    let q_key = crate::io::store::customer_key(0, b"Q");
     let before: BTreeMap<Vec<u8>, Vec<u8>> = {
         let mut all = BTreeMap::new();
         rig.store
@@ -340,16 +341,16 @@ fn an_assessment_that_publishes_nothing_writes_nothing_yet_counts() {
     );
     let q = rig
         .store
-        .get_many(&[b"Q"])
+        .get_many(&[&q_key])
         .unwrap()
         .pop()
         .flatten()
         .unwrap();
-    assert_eq!(q, before[b"Q".as_slice()], "Q's record was rewritten");
+    assert_eq!(q, before[q_key.as_slice()], "Q's record was rewritten");
     let record = crate::domain::record::CustomerRecord::decode(&q).unwrap();
     assert!(record.as_of < Some(boundary));
     assert_eq!(
-        rig.aging.assessed_at(b"Q", &record).map(|t| t.unix()),
+        rig.aging.assessed_at(&q_key, &record).map(|t| t.unix()),
         Some(boundary)
     );
     // A snapshot swap's sweep re-assigns Q at that boundary, not at their stored time.
@@ -362,7 +363,7 @@ fn an_assessment_that_publishes_nothing_writes_nothing_yet_counts() {
         &crate::model::assign::Assigner::new(&next),
         &PublishPolicy::default(),
         &rig.aging,
-        &[(b"Q".to_vec(), q)],
+        &[(q_key.clone(), q)],
     )
     .unwrap();
     let update: serde_json::Value = serde_json::from_slice(

@@ -177,6 +177,7 @@ pub fn published_record(
         }),
         as_of: Some(as_of.unix()),
         home: None,
+        applied: Vec::new(),
     }
 }
 

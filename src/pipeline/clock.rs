@@ -61,6 +61,11 @@ pub(crate) fn meta_key(partition: &PartitionKey) -> Vec<u8> {
     key
 }
 
+/// The partition whose watermark the meta entry `key` holds (`None`: not a clock entry).
+pub(crate) fn meta_partition(key: &[u8]) -> Option<PartitionKey> {
+    PartitionKey::decode(key.strip_prefix(META_PREFIX)?)
+}
+
 /// The watermarks stored for `partitions` (those with none are left out).
 pub(crate) fn load<'a>(
     store: &dyn StateStore,
@@ -130,6 +135,11 @@ impl StreamClock {
             let entry = watermarks.entry(partition.clone()).or_insert(*w);
             *entry = (*entry).max(*w);
         }
+    }
+
+    /// Forgets a partition's watermarks (of every topic): another instance owns it now.
+    pub(crate) fn forget(&self, partition: i32) {
+        self.lock().retain(|k, _| k.partition != partition);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Watermarks> {

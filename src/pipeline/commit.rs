@@ -1,7 +1,20 @@
-//! Commit: the second stage of the loop. One thread takes published batches in input order,
-//! awaits every delivery, writes the batch's records, offsets and segment counts to the store
-//! in one atomic write, then commits the offsets to the consumer group (best effort: the
-//! store is the source of truth).
+//! Commit: the second stage of the loop. One thread takes published batches in input order
+//! and, for each:
+//! 1. awaits every delivery of its updates and dead letters;
+//! 2. with the changelog on, sends its changed records and each touched partition's progress
+//!    to the changelog, and awaits those acknowledgements;
+//! 3. writes the records, offsets (input and changelog positions) and segment counts to the
+//!    store in one atomic write;
+//! 4. commits the input offsets to the consumer group (best effort: the state is the source
+//!    of truth).
+//!
+//! Why this order. *No state, local or in the changelog, reflects an event whose update is
+//! not acknowledged*: the changelog is written only after step 1, the store only after
+//! step 2. A crash after 1 republishes identical updates (their `seq` comes from the state,
+//! which does not have them yet). A crash after 2 leaves the changelog ahead of the store: a
+//! restore reads it back, and the records' own newest offsets keep their events from being
+//! applied twice (see `restore`). A crash after 3 leaves the group behind; the state's
+//! offsets win.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -10,9 +23,10 @@ use std::sync::Arc;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::io::changelog::ChangelogWriter;
 use crate::io::kafka::QuietErrors;
 use crate::io::outbox::Outbox;
-use crate::io::store::{PartitionKey, StateStore};
+use crate::io::store::{key_partition, split_key, PartitionKey, StateStore, StoreBatch};
 use crate::model::assign::SharedSnapshot;
 use crate::model::drift::Live;
 use crate::telemetry::metrics::Metrics;
@@ -21,7 +35,8 @@ use super::error::{ProcessError, RunError};
 use super::partitions::{LoopShared, Resume};
 use super::pending::Pending;
 use super::population::{self, META_KEY};
-use super::publish::{InFlight, Prepared};
+use super::publish::{InFlight, PartitionOp, Prepared};
+use super::restore::{count_partition, position_key, Ledger, META_RECORD_KEY};
 use crate::model::counts::SegmentCounts;
 
 /// Counters of a run.
@@ -53,6 +68,8 @@ pub(crate) struct Committer {
     pub(crate) consumer: Arc<StreamConsumer<Resume>>,
     pub(crate) shared: Arc<LoopShared>,
     pub(crate) metrics: Arc<Metrics>,
+    /// With the changelog on: where durable state goes first, and each partition's progress.
+    pub(crate) changelog: Option<(ChangelogWriter, Ledger)>,
 }
 
 impl Committer {
@@ -84,6 +101,10 @@ impl Committer {
         // Every output must be acknowledged before the state that produced it is committed.
         self.outbox.settle(deliveries, &prepared.dead)?;
         let delivered_ms = prepared.started.elapsed().as_secs_f64() * 1e3;
+        self.fence(&mut prepared.store_batch);
+        if let Some(op) = prepared.partition_op.take() {
+            self.partition_op(op, &mut prepared.store_batch)?;
+        }
         // The populations move with the records that changed them, in the same write.
         for update in &prepared.updates {
             if update.snapshot_version != self.counts.snapshot_version {
@@ -109,6 +130,7 @@ impl Committer {
                 .meta
                 .push((META_KEY.to_vec(), self.counts.encode()));
         }
+        self.write_changelog(&mut prepared.store_batch)?;
         self.store
             .commit(&prepared.store_batch)
             .map_err(ProcessError::from)?;
@@ -168,6 +190,93 @@ impl Committer {
             committed_ms = prepared.started.elapsed().as_secs_f64() * 1e3,
             "batch"
         );
+        Ok(())
+    }
+
+    /// Removes what belongs to lost partitions: their new owner's state must not be
+    /// overwritten by this instance's late batches (their updates, already delivered, are
+    /// repeats the new owner makes again, identically).
+    fn fence(&self, batch: &mut StoreBatch) {
+        let fenced = super::partitions::lock(&self.shared.fenced).clone();
+        if fenced.is_empty() {
+            return;
+        }
+        let gone = |p: Option<i32>| p.is_some_and(|p| fenced.contains(&p));
+        batch.records.retain(|(key, _)| !gone(key_partition(key)));
+        batch
+            .offsets
+            .retain(|key, _| !fenced.contains(&key.partition));
+        batch
+            .meta
+            .retain(|(key, _)| !gone(super::clock::meta_partition(key).map(|k| k.partition)));
+    }
+
+    /// Step 2: the batch's records and its partitions' progress to the changelog, awaited;
+    /// the positions reached go into the store write.
+    fn write_changelog(&mut self, batch: &mut StoreBatch) -> Result<(), RunError> {
+        let Some((writer, ledger)) = &mut self.changelog else {
+            return Ok(());
+        };
+        let touched = ledger.absorb(batch);
+        if touched.is_empty() {
+            return Ok(());
+        }
+        let metas: Vec<(i32, Vec<u8>)> = touched
+            .iter()
+            .map(|&p| (p, ledger.meta(p).encode()))
+            .collect();
+        let records = batch
+            .records
+            .iter()
+            .filter_map(|(key, value)| split_key(key).map(|(p, id)| (p, id, value.as_slice())))
+            .chain(
+                metas
+                    .iter()
+                    .map(|(p, meta)| (*p, META_RECORD_KEY, meta.as_slice())),
+            );
+        let written = batch.records.len() + metas.len();
+        let positions = writer
+            .write(records)
+            .map_err(|e| RunError::Task(format!("changelog {}: {e}", writer.topic())))?;
+        self.metrics.changelog_records.inc_by(written as u64);
+        for (partition, next) in positions {
+            batch
+                .meta
+                .push((position_key(partition), next.to_be_bytes().to_vec()));
+        }
+        Ok(())
+    }
+
+    /// A partition joins or leaves: its customers join or leave the segment counts, its
+    /// progress the ledger, and (if dropped) its records the store.
+    fn partition_op(&mut self, op: PartitionOp, batch: &mut StoreBatch) -> Result<(), RunError> {
+        let (partition, sign) = match &op {
+            PartitionOp::Restored { partition, .. } => (*partition, 1),
+            PartitionOp::Revoked { partition, .. } => (*partition, -1),
+        };
+        count_partition(self.store.as_ref(), partition, &mut self.counts, sign)
+            .map_err(ProcessError::from)?;
+        match op {
+            PartitionOp::Restored { meta, .. } => {
+                if let (Some((_, ledger)), Some(meta)) = (&mut self.changelog, meta) {
+                    ledger.restored(partition, &meta);
+                }
+            }
+            PartitionOp::Revoked { drop, .. } => {
+                if let Some((_, ledger)) = &mut self.changelog {
+                    ledger.forget(partition);
+                }
+                if let Some(drop) = drop {
+                    self.store
+                        .drop_partition(&drop)
+                        .map_err(ProcessError::from)?;
+                    tracing::info!(partition, "dropped a revoked partition's local state");
+                }
+            }
+        }
+        batch.meta.push((META_KEY.to_vec(), self.counts.encode()));
+        self.metrics.segment_customers.reset();
+        population::export(&self.counts, &self.metrics);
         Ok(())
     }
 

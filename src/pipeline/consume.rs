@@ -25,6 +25,7 @@
 //! when it is full the loop waits for room before producing more, and at most
 //! `MAX_IN_FLIGHT` (two) batches wait for the committer, so nothing grows without bound.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,9 +36,10 @@ use rdkafka::message::OwnedMessage;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::io::kafka::{group_consumer, output_producer, KafkaConfig, QuietErrors};
+use crate::io::changelog::{ensure_topic, topic_name, ChangelogReader, ChangelogWriter};
+use crate::io::kafka::{group_consumer, output_producer, KafkaConfig, QuietErrors, RevokedState};
 use crate::io::outbox::{max_message_bytes, Outbox};
-use crate::io::store::StateStore;
+use crate::io::store::{PartitionDrop, PartitionKey, StateStore, StoreBatch};
 use crate::model::assign::SharedSnapshot;
 use crate::model::drift::Live;
 use crate::telemetry::metrics::Metrics;
@@ -50,7 +52,11 @@ use super::error::{ProcessError, RunError};
 use super::partitions::{lock, retain_assigned, Gate, LoopShared, Resume};
 use super::pending::{Overlay, Pending};
 use super::population;
-use super::publish::{publish, InFlight, Prepared};
+use super::publish::{publish, InFlight, PartitionOp, Prepared};
+use super::restore::{
+    forget_aging, position_key, restore_partition, Ledger, RestoreError, Restored,
+};
+use super::scan::Owned;
 use super::sweep::{prepare_sweep, SweepConfig, SweepSchedule};
 use super::update::prepare;
 
@@ -65,6 +71,11 @@ pub struct Hooks {
     pub drift: Live,
     /// The stream clock, advanced as batches are processed and read by the HTTP endpoints.
     pub clock: StreamClock,
+    /// Partitions assigned and waiting for their state (readiness reports them).
+    pub restoring: Arc<Mutex<BTreeSet<i32>>>,
+    /// Set while this instance owns input partition 0: the fleet's leader, the only instance
+    /// that re-clusters.
+    pub leader: Arc<AtomicBool>,
 }
 
 /// Batches processed but not yet durable, at most. Two keep both halves of the pipeline
@@ -93,8 +104,22 @@ pub async fn run(
     shutdown: CancellationToken,
     hooks: Hooks,
 ) -> Result<RunStats, RunError> {
-    let (mut stage, committer) =
-        Loop::start(config, policy, (sweep, aging), store, snapshot, &hooks)?;
+    let changelog = if config.changelog {
+        let topic = topic_name(config);
+        let partitions = ensure_topic(config, &topic).await?;
+        tracing::info!(topic = %topic, partitions, "state changelog");
+        Some(topic)
+    } else {
+        None
+    };
+    let (mut stage, committer) = Loop::start(
+        config,
+        policy,
+        (sweep, aging),
+        (store, changelog),
+        snapshot,
+        &hooks,
+    )?;
     let outcome = stage.drive(&shutdown).await;
     let consumed = stage.consumed;
     // The committer ends once its channel closes and it has made every batch in hand durable.
@@ -123,8 +148,20 @@ enum Step {
     Age,
     /// Process a batch that starts with this record.
     Records(OwnedMessage),
+    /// Let go of revoked partitions, start the next restore.
+    Partitions,
+    /// A restore finished.
+    Restored(Result<Restored, RestoreError>),
     /// Nothing: look again (a swap may have started a sweep).
     Idle,
+}
+
+/// A partition's restore, running beside the event batches.
+struct Restoring {
+    partition: i32,
+    /// The input topic partitions waiting on it (paused).
+    keys: Vec<PartitionKey>,
+    task: tokio::task::JoinHandle<Result<Restored, RestoreError>>,
 }
 
 /// The first stage, between batches.
@@ -148,6 +185,18 @@ struct Loop {
     batch_id: u64,
     consumed: u64,
     errors: ErrorLog,
+    /// The durable store (restores write to it directly: their partition has no batch).
+    store: Arc<dyn StateStore>,
+    kafka: KafkaConfig,
+    /// The changelog topic and its reader, when on.
+    changelog: Option<(String, Arc<ChangelogReader>)>,
+    /// The restore running, if any (one at a time: each partition resumes as soon as its own
+    /// is done).
+    restoring: Option<Restoring>,
+    /// Per partition, the step that let go of it: a new restore of it waits until that step
+    /// is durable.
+    released: BTreeMap<i32, u64>,
+    leader: Arc<AtomicBool>,
 }
 
 /// The committer thread, returning the run's counters.
@@ -159,7 +208,7 @@ impl Loop {
         config: &KafkaConfig,
         policy: PublishPolicy,
         (sweep, aging): (SweepConfig, AgingConfig),
-        store: Arc<dyn StateStore>,
+        (store, changelog): (Arc<dyn StateStore>, Option<String>),
         snapshot: SharedSnapshot,
         hooks: &Hooks,
     ) -> Result<(Self, CommitterThread), RunError> {
@@ -178,6 +227,11 @@ impl Loop {
             in_flight: Gate::new(metrics.batches_in_flight.clone()),
             drain_timeout: Duration::from_millis(config.session_timeout_ms / 2),
             ready: hooks.ready.clone(),
+            to_restore: Mutex::default(),
+            restoring: hooks.restoring.clone(),
+            revoked: Mutex::default(),
+            fenced: Mutex::default(),
+            restores: changelog.is_some(),
             durable_version: AtomicU64::new(0),
             durable_batch: AtomicU64::new(0),
         });
@@ -201,8 +255,12 @@ impl Loop {
             store: store.clone(),
             pending: pending.clone(),
         });
-        let counts = population::load(store.as_ref(), &snapshot.load().snapshot)
+        let mut counts = population::load(store.as_ref(), &snapshot.load().snapshot)
             .map_err(ProcessError::from)?;
+        if changelog.is_some() {
+            // Each partition's customers join the counts as it is restored (assigned).
+            counts.counts.clear();
+        }
         population::export(&counts, &metrics);
         let sweep = SweepSchedule::load(store.as_ref(), sweep).map_err(ProcessError::from)?;
         let aging = AgingSchedule::load(store.as_ref(), aging).map_err(ProcessError::from)?;
@@ -212,17 +270,25 @@ impl Loop {
         metrics
             .sweep_progress
             .set(if sweep.state.done { 1.0 } else { 0.0 });
+        let ledger = match &changelog {
+            Some(_) => Some(Ledger::load(store.as_ref()).map_err(ProcessError::from)?),
+            None => None,
+        };
         let (to_committer, from_loop) = mpsc::channel::<InFlight>(MAX_IN_FLIGHT);
         let committer = Committer {
             outbox: outbox.clone(),
             counts,
             snapshot: snapshot.clone(),
             drift: hooks.drift.clone(),
-            store,
+            store: store.clone(),
             pending: pending.clone(),
             consumer: consumer.clone(),
             shared: shared.clone(),
             metrics: metrics.clone(),
+            changelog: match (&changelog, ledger) {
+                (Some(topic), Some(ledger)) => Some((ChangelogWriter::new(config, topic)?, ledger)),
+                _ => None,
+            },
         };
         let committer = std::thread::Builder::new()
             .name("segmentd-commit".into())
@@ -246,6 +312,18 @@ impl Loop {
             batch_id: 0,
             consumed: 0,
             errors: ErrorLog::default(),
+            store,
+            kafka: config.clone(),
+            changelog: match changelog {
+                Some(topic) => Some((
+                    topic.clone(),
+                    Arc::new(ChangelogReader::new(config, &topic)?),
+                )),
+                None => None,
+            },
+            restoring: None,
+            released: BTreeMap::new(),
+            leader: hooks.leader.clone(),
         };
         Ok((stage, committer))
     }
@@ -258,6 +336,8 @@ impl Loop {
                 Step::Idle => continue,
                 Step::Sweep => self.sweep_chunk().await?,
                 Step::Age => self.aging_chunk().await?,
+                Step::Partitions => self.partitions().await?,
+                Step::Restored(done) => self.restored(done?).await?,
                 Step::Records(first) => {
                     self.sweep.records_ran();
                     let batch = self.collect(first).await;
@@ -278,6 +358,7 @@ impl Loop {
     /// shutdown is observed, so a batch in hand is always finished and committed before the
     /// loop ends.
     async fn next(&mut self, shutdown: &CancellationToken) -> Step {
+        self.update_ownership();
         let active = self.snapshot.load().snapshot.version();
         let durable = self.shared.durable_version.load(Ordering::SeqCst);
         if self
@@ -287,17 +368,35 @@ impl Loop {
         {
             self.metrics.sweep_progress.set(0.0);
         }
-        let (sweeping, waiting) = (self.sweep.sweeping(), self.sweep.waiting());
+        // Passes over the store run only once every assigned partition is restored: a pass
+        // skips partitions it does not own, and its cursor does not come back for them.
+        let settled = self.settled();
+        let (sweeping, waiting) = (
+            self.sweep.sweeping() && settled,
+            self.sweep.waiting() || (self.sweep.sweeping() && !settled),
+        );
         // The sweep goes first: aging assesses against the snapshot the sweep moves to.
         let durable_batch = self.shared.durable_batch.load(Ordering::SeqCst);
-        let aging = self.aging.due(durable_batch) && !sweeping && !waiting;
+        let aging = self.aging.due(durable_batch) && !sweeping && !waiting && settled;
+        let partitions = self.partitions_due(durable_batch);
+        let restoring = self.restoring.is_some();
         tokio::select! {
-            // Shutdown first, then a failed committer, then the sweep's turn, then records.
+            // Shutdown first, then a failed committer, then partitions coming and going, then
+            // the sweep's turn, then records.
             biased;
             _ = shutdown.cancelled() => Step::Stop,
             // The committer stopped on an error: stop now rather than at the next record,
             // which may never come.
             _ = self.to_committer.closed() => Step::Stop,
+            done = async {
+                match &mut self.restoring {
+                    Some(r) => (&mut r.task).await,
+                    None => std::future::pending().await,
+                }
+            }, if restoring => Step::Restored(
+                done.unwrap_or_else(|e| Err(RestoreError::Task(e.to_string())))
+            ),
+            _ = std::future::ready(()), if partitions => Step::Partitions,
             _ = tokio::time::sleep_until(self.sweep.due()), if sweeping => Step::Sweep,
             _ = tokio::time::sleep_until(self.aging.next()), if aging => Step::Age,
             _ = tokio::time::sleep(Duration::from_millis(50)), if waiting => Step::Idle,
@@ -388,11 +487,12 @@ impl Loop {
         let (overlay, pending, policy) = (self.overlay.clone(), self.pending.clone(), self.policy);
         let (state, chunk) = (self.sweep.state.clone(), self.sweep.chunk());
         let aging = self.aging.state.clone();
+        let owned = self.scan_scope();
         let (prepared, state) = tokio::task::spawn_blocking(move || {
             prepare_sweep(
                 id,
                 state,
-                chunk,
+                (chunk, &owned),
                 &overlay,
                 &pending,
                 (&loaded, &policy, &aging),
@@ -411,13 +511,280 @@ impl Loop {
         let loaded = self.snapshot.load_full();
         let (overlay, pending, policy) = (self.overlay.clone(), self.pending.clone(), self.policy);
         let (state, chunk) = (self.aging.state.clone(), self.aging.chunk());
+        let owned = self.scan_scope();
         let (prepared, state, visited) = tokio::task::spawn_blocking(move || {
-            prepare_aging(id, state, chunk, &overlay, &pending, &loaded, &policy)
+            prepare_aging(
+                id,
+                state,
+                (chunk, &owned),
+                &overlay,
+                &pending,
+                &loaded,
+                &policy,
+            )
         })
         .await
         .map_err(|e| RunError::Task(e.to_string()))??;
         self.aging.ran(state, visited);
         self.hand_over(prepared).await
+    }
+
+    /// Whether partitions wait to be let go of, or to be restored (and may be: a partition
+    /// let go of is restored only once that step is durable, so a late drop cannot remove
+    /// what the restore wrote).
+    fn partitions_due(&self, durable_batch: u64) -> bool {
+        if !lock(&self.shared.revoked).is_empty() {
+            return true;
+        }
+        if self.restoring.is_some() {
+            return false;
+        }
+        lock(&self.shared.to_restore).first().is_some_and(|k| {
+            self.released
+                .get(&k.partition)
+                .is_none_or(|&step| durable_batch >= step)
+        })
+    }
+
+    /// The customers a pass over the store works on: with the changelog, those of the
+    /// partitions this instance owns (the store may hold others, kept or being restored);
+    /// without it, every customer in the store.
+    fn scan_scope(&self) -> Owned {
+        match self.changelog {
+            Some(_) => Owned::Only(self.owned()),
+            None => Owned::All,
+        }
+    }
+
+    /// Whether passes over the store may run: without the changelog always; with it, once
+    /// this instance owns partitions and none is waiting for its state.
+    fn settled(&self) -> bool {
+        self.changelog.is_none()
+            || (self.restoring.is_none()
+                && lock(&self.shared.restoring).is_empty()
+                && !lock(&self.shared.assigned).is_empty())
+    }
+
+    /// The partition numbers this instance processes: assigned and restored.
+    fn owned(&self) -> BTreeSet<i32> {
+        lock(&self.shared.assigned)
+            .iter()
+            .map(|k| k.partition)
+            .collect()
+    }
+
+    /// Lets go of revoked partitions (their customers leave the counts, their aging and
+    /// clock are forgotten, their local state is dropped if so configured), then starts the
+    /// next restore.
+    async fn partitions(&mut self) -> Result<bool, RunError> {
+        let revoked: Vec<(i32, bool)> = {
+            let restoring = self.restoring.as_ref().map(|r| r.partition);
+            let mut queue = lock(&self.shared.revoked);
+            // A partition whose restore is running is let go of once the restore is done.
+            let (later, now): (Vec<_>, Vec<_>) =
+                queue.drain(..).partition(|(p, _)| Some(*p) == restoring);
+            *queue = later;
+            now
+        };
+        let owned = self.owned();
+        for (partition, lost) in revoked {
+            if owned.contains(&partition) || self.changelog.is_none() {
+                // Assigned again meanwhile (another topic's partition of the same number), or
+                // no changelog: the local state stays as it is.
+                continue;
+            }
+            lock(&self.shared.restoring).remove(&partition);
+            lock(&self.shared.processed).retain(|k, _| k.partition != partition);
+            self.clock.forget(partition);
+            forget_aging(partition, &mut self.aging.state);
+            let drop =
+                (lost || self.kafka.revoked_state == RevokedState::Drop).then(|| PartitionDrop {
+                    partition,
+                    meta: self
+                        .kafka
+                        .input_topics
+                        .iter()
+                        .map(|topic| {
+                            clock::meta_key(&PartitionKey {
+                                topic: topic.clone(),
+                                partition,
+                            })
+                        })
+                        .chain([position_key(partition)])
+                        .collect(),
+                });
+            let mut batch = StoreBatch::default();
+            batch.meta.push((
+                crate::domain::aging::META_KEY.to_vec(),
+                self.aging.state.encode(),
+            ));
+            self.batch_id += 1;
+            self.released.insert(partition, self.batch_id);
+            let step = Prepared::partition_step(
+                self.batch_id,
+                self.snapshot.load().snapshot.version(),
+                PartitionOp::Revoked { partition, drop },
+                batch,
+            );
+            if !self.hand_over(step).await? {
+                return Ok(false);
+            }
+        }
+        self.update_ownership();
+        self.start_restore();
+        Ok(true)
+    }
+
+    /// Starts restoring the first partition waiting, with every input topic's partition of
+    /// that number.
+    fn start_restore(&mut self) {
+        let (Some((_, reader)), None) = (self.changelog.clone(), &self.restoring) else {
+            return;
+        };
+        let durable = self.shared.durable_batch.load(Ordering::SeqCst);
+        let keys: Vec<PartitionKey> = {
+            let mut queue = lock(&self.shared.to_restore);
+            let Some(first) = queue.first() else {
+                return;
+            };
+            let partition = first.partition;
+            if self.released.get(&partition).is_some_and(|&s| durable < s) {
+                return;
+            }
+            let (keys, rest): (Vec<_>, Vec<_>) =
+                queue.drain(..).partition(|k| k.partition == partition);
+            *queue = rest;
+            keys
+        };
+        let partition = keys[0].partition;
+        let (store, metrics) = (self.store.clone(), self.metrics.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            restore_partition(&reader, store.as_ref(), partition, &metrics)
+        });
+        self.metrics
+            .partitions_restoring
+            .set(lock(&self.shared.restoring).len() as i64);
+        self.restoring = Some(Restoring {
+            partition,
+            keys,
+            task,
+        });
+    }
+
+    /// A restore is done: the partition resumes at the restored offsets, its clock and aging
+    /// continue from the changelog's, and its customers join the counts.
+    async fn restored(&mut self, restored: Restored) -> Result<bool, RunError> {
+        let Some(Restoring {
+            partition, keys, ..
+        }) = self.restoring.take()
+        else {
+            return Ok(true);
+        };
+        let offsets = self.store.offsets().map_err(ProcessError::from)?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        {
+            let mut processed = lock(&self.shared.processed);
+            for key in &keys {
+                match offsets.get(key) {
+                    Some(&next) => {
+                        processed.insert(key.clone(), next);
+                        tpl.add_partition_offset(
+                            &key.topic,
+                            key.partition,
+                            rdkafka::Offset::Offset(next),
+                        )?;
+                    }
+                    None => {
+                        processed.remove(key);
+                    }
+                }
+            }
+        }
+        if tpl.count() > 0 {
+            self.consumer
+                .seek_partitions(tpl, Duration::from_secs(10))
+                .map_err(RunError::from)?;
+        }
+        if let Some(meta) = &restored.meta {
+            let watermarks: Vec<(PartitionKey, i64)> = meta
+                .watermarks
+                .iter()
+                .map(|(topic, w)| {
+                    (
+                        PartitionKey {
+                            topic: topic.clone(),
+                            partition,
+                        },
+                        *w,
+                    )
+                })
+                .collect();
+            self.clock.advance(&watermarks);
+            meta.merge_aging(partition, &mut self.aging.state);
+        }
+        let mut batch = StoreBatch::default();
+        batch.meta.push((
+            crate::domain::aging::META_KEY.to_vec(),
+            self.aging.state.encode(),
+        ));
+        self.batch_id += 1;
+        let step = Prepared::partition_step(
+            self.batch_id,
+            self.snapshot.load().snapshot.version(),
+            PartitionOp::Restored {
+                partition,
+                meta: restored.meta,
+            },
+            batch,
+        );
+        if !self.hand_over(step).await? {
+            return Ok(false);
+        }
+        lock(&self.shared.restoring).remove(&partition);
+        // Revoked while it was restored: the revocation (queued) lets go of it next.
+        let revoked = lock(&self.shared.revoked)
+            .iter()
+            .any(|(p, _)| *p == partition);
+        if !revoked {
+            let mut resume = rdkafka::TopicPartitionList::new();
+            for key in &keys {
+                resume.add_partition(&key.topic, key.partition);
+            }
+            lock(&self.shared.assigned).extend(keys);
+            self.consumer.resume(&resume)?;
+        }
+        self.metrics
+            .restore_lag
+            .with_label_values(&[&partition.to_string()])
+            .set(0);
+        self.update_ownership();
+        tracing::info!(
+            partition,
+            records = restored.records,
+            from = restored.from,
+            to = restored.to,
+            seconds = restored.seconds,
+            "partition resumed"
+        );
+        self.start_restore();
+        Ok(true)
+    }
+
+    /// Ownership metrics and leadership after partitions came or went.
+    fn update_ownership(&self) {
+        let owned = self.owned();
+        self.metrics.partitions_owned.set(owned.len() as i64);
+        self.metrics
+            .partitions_restoring
+            .set(lock(&self.shared.restoring).len() as i64);
+        let leads = owned.contains(&0);
+        if self.leader.swap(leads, Ordering::SeqCst) != leads {
+            tracing::info!(
+                leader = leads,
+                "fleet leadership (owner of input partition 0)"
+            );
+        }
+        self.metrics.fleet_leader.set(i64::from(leads));
     }
 
     /// Publishes a prepared batch and hands it to the committer; false when the committer

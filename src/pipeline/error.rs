@@ -25,6 +25,12 @@ pub enum RunError {
     /// A blocking task panicked.
     #[error("processing task failed: {0}")]
     Task(String),
+    /// The changelog topic cannot be used.
+    #[error(transparent)]
+    Changelog(#[from] crate::io::changelog::ChangelogError),
+    /// A partition's state could not be restored.
+    #[error("restore: {0}")]
+    Restore(#[from] super::restore::RestoreError),
 }
 
 /// Why a batch failed. Both are fatal: carrying on would let offsets pass unapplied events.

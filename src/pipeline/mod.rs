@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Beside them: [`clock`] (the stream clock every assignment is made at: each partition's
-//! newest event time), [`aging`] (re-assignment as the clock moves on, event or not), [`partitions`] (rebalance, resume from the stored offsets), [`pending`] (the
+//! newest event time), [`aging`] (re-assignment as the clock moves on, event or not), [`partitions`] (rebalance, resume from the stored offsets), [`restore`] (a
+//! partition's state from the changelog topic when it moves here), [`pending`] (the
 //! state of batches published but not yet durable), [`population`] (segment counts stored
 //! with the records), [`sweep`] (re-assignment after a snapshot swap), `scan` (the engine of
 //! both passes over the store), [`error`].
@@ -27,6 +28,7 @@ pub mod partitions;
 pub mod pending;
 pub mod population;
 pub mod publish;
+pub mod restore;
 mod scan;
 pub mod sweep;
 pub mod update;

@@ -2,13 +2,20 @@
 //! from the offset the state has processed (whatever the group committed), waits on revoke
 //! until the batches in flight are durable, and keeps the set of partitions whose records may
 //! be applied.
+//!
+//! Rebalances are incremental (cooperative-sticky): an assignment adds partitions and a
+//! revocation removes some, and the others keep flowing. With the changelog on, a newly
+//! assigned partition is paused and queued for restore; the callback does nothing slow. The
+//! loop restores it beside the event batches (see `consume`), then seeks it to the restored
+//! offsets and resumes it. A revoked partition's batches in flight are made durable first;
+//! a *lost* one (the group moved on without us) is fenced: nothing more of it is committed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::types::RDKafkaRespErr;
@@ -39,6 +46,17 @@ pub(crate) struct LoopShared {
     pub(crate) drain_timeout: Duration,
     /// Readiness: set on the first assignment, cleared when the loop stops.
     pub(crate) ready: Arc<AtomicBool>,
+    /// With the changelog on: partitions assigned and paused, waiting for their state.
+    pub(crate) to_restore: Mutex<Vec<PartitionKey>>,
+    /// Partition numbers assigned and not yet restored (for readiness and metrics).
+    pub(crate) restoring: Arc<Mutex<BTreeSet<i32>>>,
+    /// Revoked partition numbers whose local state the loop has yet to let go of, and
+    /// whether they were lost.
+    pub(crate) revoked: Mutex<Vec<(i32, bool)>>,
+    /// Lost partitions: the committer writes nothing more of theirs.
+    pub(crate) fenced: Mutex<BTreeSet<i32>>,
+    /// Whether newly assigned partitions wait for a restore (the changelog is on).
+    pub(crate) restores: bool,
     /// Snapshot version of the last batch made durable.
     pub(crate) durable_version: AtomicU64,
     /// Id of the last batch made durable.
@@ -131,9 +149,13 @@ impl ConsumerContext for Resume {
     /// (partitions never seen start from the group's offset, or the earliest) and marks the
     /// instance ready.
     ///
+    /// With the changelog on, the partitions are paused and queued for restore instead of
+    /// being processed at once.
+    ///
     /// On revocation, waits (up to the drain timeout) until every batch handed to the
     /// committer is durable and its offsets committed to the group, then unassigns: the next
-    /// owner of a partition starts where this instance's state ends. A batch still being
+    /// owner of a partition starts where this instance's state ends. A lost assignment waits
+    /// for nothing and fences the partitions instead. A batch still being
     /// collected when the callback runs is not lost: its records of revoked partitions are
     /// dropped before processing (see `retain_assigned`), and whoever owns them next reads
     /// them again.
@@ -151,6 +173,10 @@ impl ConsumerContext for Resume {
                 partition: elem.partition(),
             })
             .collect();
+        let cooperative = matches!(
+            base_consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let processed = lock(&self.shared.processed).clone();
@@ -164,22 +190,48 @@ impl ConsumerContext for Resume {
                         );
                     }
                 }
-                tracing::info!(partitions = tpl.count(), "partitions assigned");
-                lock(&self.shared.assigned).extend(keys);
-                if let Err(e) = base_consumer.assign(tpl) {
+                tracing::info!(partitions = tpl.count(), cooperative, "partitions assigned");
+                let assigned = if cooperative {
+                    base_consumer.incremental_assign(tpl)
+                } else {
+                    base_consumer.assign(tpl)
+                };
+                if let Err(e) = assigned {
                     tracing::error!(error = %e, "assign failed");
+                }
+                lock(&self.shared.fenced).retain(|p| !keys.iter().any(|k| k.partition == *p));
+                if self.shared.restores {
+                    // Paused until restored: the restore runs in the loop, not here.
+                    if let Err(e) = base_consumer.pause(tpl) {
+                        tracing::error!(error = %e, "pausing partitions to restore failed");
+                    }
+                    lock(&self.shared.restoring).extend(keys.iter().map(|k| k.partition));
+                    lock(&self.shared.to_restore).extend(keys);
+                } else {
+                    lock(&self.shared.assigned).extend(keys);
                 }
                 self.shared.ready.store(true, Ordering::SeqCst);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let lost = base_consumer.assignment_lost();
                 {
                     let mut assigned = lock(&self.shared.assigned);
                     for key in &keys {
                         assigned.remove(key);
                     }
+                    lock(&self.shared.to_restore).retain(|k| !keys.contains(k));
                 }
-                let drained = self.shared.in_flight.wait_empty(self.shared.drain_timeout);
-                if drained {
+                let partitions: BTreeSet<i32> = keys.iter().map(|k| k.partition).collect();
+                if lost {
+                    // The group has moved on: whatever is in flight must not reach the
+                    // changelog or the store, where it could overwrite the new owner's.
+                    lock(&self.shared.fenced).extend(partitions.iter().copied());
+                    tracing::warn!(
+                        partitions = tpl.count(),
+                        "partitions lost (session timed out?): their batches in flight are \
+                         not committed"
+                    );
+                } else if self.shared.in_flight.wait_empty(self.shared.drain_timeout) {
                     tracing::info!(partitions = tpl.count(), "partitions revoked");
                 } else {
                     tracing::warn!(
@@ -189,9 +241,15 @@ impl ConsumerContext for Resume {
                          their next owner may re-read records this instance applied"
                     );
                 }
-                if let Err(e) = base_consumer.unassign() {
+                let unassigned = if cooperative {
+                    base_consumer.incremental_unassign(tpl)
+                } else {
+                    base_consumer.unassign()
+                };
+                if let Err(e) = unassigned {
                     tracing::error!(error = %e, "unassign failed");
                 }
+                lock(&self.shared.revoked).extend(partitions.into_iter().map(|p| (p, lost)));
             }
             other => {
                 let code: RDKafkaErrorCode = other.into();

@@ -113,6 +113,18 @@ impl StateStore for Overlay {
         self.store.for_each(visit)
     }
 
+    fn for_each_in(
+        &self,
+        partition: i32,
+        visit: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), StoreError> {
+        self.store.for_each_in(partition, visit)
+    }
+
+    fn drop_partition(&self, drop: &crate::io::store::PartitionDrop) -> Result<(), StoreError> {
+        self.store.drop_partition(drop)
+    }
+
     /// The store's records, with pending ones in their place.
     fn records_after(
         &self,
@@ -233,6 +245,16 @@ mod tests {
         }
         fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
             self.inner.for_each(visit)
+        }
+        fn for_each_in(
+            &self,
+            partition: i32,
+            visit: &mut dyn FnMut(&[u8], &[u8]),
+        ) -> Result<(), StoreError> {
+            self.inner.for_each_in(partition, visit)
+        }
+        fn drop_partition(&self, drop: &crate::io::store::PartitionDrop) -> Result<(), StoreError> {
+            self.inner.drop_partition(drop)
         }
         fn records_after(
             &self,

@@ -77,6 +77,25 @@ pub(crate) struct Prepared {
     pub(crate) clock_updates: usize,
     /// Open aging boundaries once this batch is durable, if it changed aging.
     pub(crate) aging_open: Option<usize>,
+    /// A partition joining or leaving this instance, done in order with the batches.
+    pub(crate) partition_op: Option<PartitionOp>,
+}
+
+/// A partition joining or leaving the instance's state, as the committer carries it out.
+#[derive(Debug)]
+pub(crate) enum PartitionOp {
+    /// Restored from the changelog (with the progress read, if any): its customers join the
+    /// segment counts and its progress the changelog's ledger.
+    Restored {
+        partition: i32,
+        meta: Option<super::restore::PartitionMeta>,
+    },
+    /// Revoked or lost: its customers leave the counts, and its local state is dropped if
+    /// `drop` says so.
+    Revoked {
+        partition: i32,
+        drop: Option<crate::io::store::PartitionDrop>,
+    },
 }
 
 impl Prepared {
@@ -96,12 +115,25 @@ impl Prepared {
             .map(|u| Outgoing::new(u, None))
             .collect::<Result<_, _>>()?;
         Ok(Self {
+            updates,
+            ..Self::quiet(id, version, started, (store_batch, drift))
+        })
+    }
+
+    /// A step with no event and no update: only store writes and assessments.
+    fn quiet(
+        id: u64,
+        version: u64,
+        started: Instant,
+        (store_batch, drift): (StoreBatch, DriftSums),
+    ) -> Self {
+        Self {
             id,
             version,
             sweep: None,
             swept: 0,
             records: 0,
-            updates,
+            updates: Vec::new(),
             dead: Vec::new(),
             store_batch,
             outcomes: Vec::new(),
@@ -116,7 +148,21 @@ impl Prepared {
             aged: 0,
             clock_updates: 0,
             aging_open: None,
-        })
+            partition_op: None,
+        }
+    }
+
+    /// A step that publishes nothing: a partition op, with the store writes that go with it.
+    pub(crate) fn partition_step(
+        id: u64,
+        version: u64,
+        op: PartitionOp,
+        batch: StoreBatch,
+    ) -> Self {
+        Self {
+            partition_op: Some(op),
+            ..Self::quiet(id, version, Instant::now(), (batch, DriftSums::default()))
+        }
     }
 }
 

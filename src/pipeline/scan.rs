@@ -6,14 +6,43 @@
 //! Everything happens inside one call, which the loop makes between event batches, so no
 //! event batch runs between the read of a customer and the work on them.
 
+use std::collections::BTreeSet;
+
 use crate::domain::record::CustomerRecord;
-use crate::io::store::{Records, StateStore};
+use crate::io::store::{key_partition, split_key, Records, StateStore};
 
 use super::error::ProcessError;
 
 /// Slices a chunk is read in: enough for the read of one to hide the work on the previous,
 /// few enough that each slice keeps both cores busy.
 const SLICES: usize = 4;
+
+/// The partitions whose customers a pass works on: those the instance owns and has restored.
+/// A store may also hold partitions it no longer owns (kept on revoke) or is restoring; their
+/// customers belong to another instance's passes, or to this one's once restored.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum Owned {
+    /// Every partition in the store (one store outside the daemon: tests, benchmarks).
+    #[default]
+    All,
+    /// Only these.
+    Only(BTreeSet<i32>),
+}
+
+impl Owned {
+    /// Whether the customer stored under `key` is worked on.
+    pub(crate) fn keeps(&self, key: &[u8]) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(set) => key_partition(key).is_some_and(|p| set.contains(&p)),
+        }
+    }
+}
+
+/// The customer id in a stored key, for messages and updates.
+pub(crate) fn stored_id(key: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(split_key(key).map_or(key, |(_, id)| id))
+}
 
 /// What a chunk of a pass did.
 #[derive(Debug)]
@@ -28,11 +57,11 @@ pub(crate) struct Scanned<R> {
     pub(crate) exhausted: bool,
 }
 
-/// Reads up to `chunk` records after `cursor` through `store` and runs `work` on them, each
-/// slice split over every core while the next slice is read.
+/// Reads up to `chunk` records after `cursor` through `store` and runs `work` on those of
+/// `owned` partitions, each slice split over every core while the next slice is read.
 pub(crate) fn scan_chunk<R, W>(
     store: &dyn StateStore,
-    cursor: Option<&[u8]>,
+    (cursor, owned): (Option<&[u8]>, &Owned),
     chunk: usize,
     work: W,
 ) -> Result<Scanned<R>, ProcessError>
@@ -54,6 +83,9 @@ where
     while !current.is_empty() {
         scanned.visited += current.len();
         let last = current.last().map(|(key, _)| key.clone());
+        if let Owned::Only(_) = owned {
+            current.retain(|(key, _)| owned.keeps(key));
+        }
         let want = slice.min(chunk - scanned.visited);
         let fetch = !scanned.exhausted && want > 0;
         let piece = current.len().div_ceil(8).max(64);
@@ -87,7 +119,7 @@ where
 /// pass with the customer's id (the store is corrupt; skipping would lose them silently).
 pub(crate) fn decode_stored(key: &[u8], bytes: &[u8]) -> Result<CustomerRecord, ProcessError> {
     CustomerRecord::decode(bytes).map_err(|source| ProcessError::Corrupt {
-        customer: String::from_utf8_lossy(key).into_owned(),
+        customer: stored_id(key).into_owned(),
         source,
     })
 }
@@ -121,7 +153,7 @@ mod tests {
         let mut cursor: Option<Vec<u8>> = None;
         let mut seen = Vec::new();
         loop {
-            let s = scan_chunk(&store, cursor.as_deref(), 100, keys).unwrap();
+            let s = scan_chunk(&store, (cursor.as_deref(), &Owned::All), 100, keys).unwrap();
             assert!(s.visited <= 100);
             seen.extend(s.parts.into_iter().flatten());
             if s.last.is_some() {
@@ -140,9 +172,9 @@ mod tests {
     #[test]
     fn a_chunk_that_ends_on_the_last_key_is_not_yet_known_exhausted_the_next_is() {
         let store = store(100);
-        let s = scan_chunk(&store, None, 100, keys).unwrap();
+        let s = scan_chunk(&store, (None, &Owned::All), 100, keys).unwrap();
         assert_eq!(s.visited, 100);
-        let s = scan_chunk(&store, s.last.as_deref(), 100, keys).unwrap();
+        let s = scan_chunk(&store, (s.last.as_deref(), &Owned::All), 100, keys).unwrap();
         assert_eq!((s.visited, s.exhausted, s.last), (0, true, None));
     }
 }

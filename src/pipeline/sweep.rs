@@ -34,7 +34,7 @@ use super::assign::{assign_customer, decide, PublishPolicy};
 use super::error::ProcessError;
 use super::pending::Pending;
 use super::publish::{Prepared, SweepProgress};
-use super::scan::{decode_stored, scan_chunk};
+use super::scan::{decode_stored, scan_chunk, stored_id, Owned};
 use super::update::BatchResult;
 use crate::domain::section::Section;
 
@@ -212,7 +212,7 @@ pub fn reassign_batch(
     let version = snapshot.version();
     let mut assignment = Assignment::default();
     for (key, bytes) in records {
-        let customer = String::from_utf8_lossy(key);
+        let customer = stored_id(key);
         let mut record = decode_stored(key, bytes)?;
         if record
             .published
@@ -278,11 +278,11 @@ pub fn reassign_batch(
 /// version already.
 fn reassign_chunk(
     sweep: &mut SweepState,
-    chunk: usize,
+    (chunk, owned): (usize, &Owned),
     overlay: &dyn StateStore,
     (loaded, policy, aging): (&LoadedSnapshot, &PublishPolicy, &AgingState),
 ) -> Result<(BatchResult, usize, bool), ProcessError> {
-    let scanned = scan_chunk(overlay, sweep.cursor.as_deref(), chunk, |part| {
+    let scanned = scan_chunk(overlay, (sweep.cursor.as_deref(), owned), chunk, |part| {
         reassign_batch(&loaded.snapshot, &loaded.assigner, policy, aging, part)
     })?;
     let mut result = BatchResult::default();
@@ -304,14 +304,18 @@ fn reassign_chunk(
 pub(crate) fn prepare_sweep(
     id: u64,
     mut sweep: SweepState,
-    chunk: usize,
+    (chunk, owned): (usize, &Owned),
     overlay: &Arc<dyn StateStore>,
     pending: &Pending,
     (loaded, policy, aging): (&LoadedSnapshot, &PublishPolicy, &AgingState),
 ) -> Result<(Prepared, SweepState), ProcessError> {
     let started = Instant::now();
-    let (mut result, swept, exhausted) =
-        reassign_chunk(&mut sweep, chunk, overlay.as_ref(), (loaded, policy, aging))?;
+    let (mut result, swept, exhausted) = reassign_chunk(
+        &mut sweep,
+        (chunk, owned),
+        overlay.as_ref(),
+        (loaded, policy, aging),
+    )?;
     pending.insert(id, &result.store_batch.records);
     sweep.visited += swept as u64;
     sweep.done = exhausted || swept == 0;

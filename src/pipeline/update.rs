@@ -21,11 +21,11 @@ use rustc_hash::FxHashMap;
 
 use crate::domain::dead_letter::DeadLetter;
 use crate::domain::event::{CustomerId, EventKind};
-use crate::domain::record::CustomerRecord;
+use crate::domain::record::{topic_tag, CustomerRecord};
 use crate::domain::state::ApplyOutcome;
 use crate::domain::time::EventTime;
 use crate::domain::update::{Cause, MembershipUpdate, CLOCK_TOPIC};
-use crate::io::store::{PartitionKey, StateStore, StoreBatch};
+use crate::io::store::{customer_key, PartitionKey, StateStore, StoreBatch};
 use crate::model::assign::{Assigner, Assignment, LoadedSnapshot};
 use crate::model::drift::DriftSums;
 use crate::model::snapshot::ValidSnapshot;
@@ -74,8 +74,16 @@ pub fn process_batch(
 
     let mut assignment = Assignment::default();
     for input in fresh {
-        let i = customers.index[&input.event.customer_id];
+        let i = customers.index[&(input.source.partition, &input.event.customer_id)];
         let record = &mut customers.records[i];
+        // A record restored from the changelog can be ahead of the partition's offsets: its
+        // own newest offsets say which of these events it already holds.
+        let tag = topic_tag(&input.source.topic);
+        if record.has_applied(tag, input.source.offset) {
+            result.replayed += 1;
+            result.outcomes.push((input.event.body.kind(), "replayed"));
+            continue;
+        }
         // Boundaries the clock crossed since the customer's last assignment come first: they
         // are assessed with the state they had then (see `aging`).
         if !input.aging.is_empty()
@@ -106,6 +114,7 @@ pub fn process_batch(
             }
         }
         customers.touched[i] = true;
+        record.mark_applied(tag, input.source.offset);
         // At the stream clock, or the customer's own newest event if a lateness holds the
         // clock behind it, and never before their last assignment (an input topic whose
         // clock lags the others must not take a customer back in time).
@@ -182,9 +191,9 @@ fn skip_replayed<'a>(
 /// The stored records of a batch's customers, read in one multi-get, and which of them the
 /// batch changed.
 struct Customers<'a> {
-    /// Customer → position in the vectors below.
-    index: FxHashMap<&'a CustomerId, usize>,
-    keys: Vec<&'a [u8]>,
+    /// (Partition, customer) → position in the vectors below.
+    index: FxHashMap<(i32, &'a CustomerId), usize>,
+    keys: Vec<Vec<u8>>,
     records: Vec<CustomerRecord>,
     touched: Vec<bool>,
 }
@@ -192,17 +201,20 @@ struct Customers<'a> {
 impl<'a> Customers<'a> {
     /// One multi-get for every customer of `inputs`; a customer not stored starts empty.
     fn read(store: &dyn StateStore, inputs: &[&'a Input]) -> Result<Self, ProcessError> {
-        let mut index: FxHashMap<&CustomerId, usize> = FxHashMap::default();
+        let mut index: FxHashMap<(i32, &CustomerId), usize> = FxHashMap::default();
         let mut customers: Vec<&CustomerId> = Vec::new();
+        let mut keys: Vec<Vec<u8>> = Vec::new();
         for input in inputs {
-            index.entry(&input.event.customer_id).or_insert_with(|| {
-                customers.push(&input.event.customer_id);
+            let (partition, id) = (input.source.partition, &input.event.customer_id);
+            index.entry((partition, id)).or_insert_with(|| {
+                customers.push(id);
+                keys.push(customer_key(partition, id.as_str().as_bytes()));
                 customers.len() - 1
             });
         }
-        let keys: Vec<&[u8]> = customers.iter().map(|c| c.as_str().as_bytes()).collect();
+        let lookup: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
         let records: Vec<CustomerRecord> = store
-            .get_many(&keys)?
+            .get_many(&lookup)?
             .into_iter()
             .zip(&customers)
             .map(|(bytes, customer)| match bytes {
@@ -230,7 +242,7 @@ impl<'a> Customers<'a> {
             if self.touched[i] {
                 store_batch
                     .records
-                    .push((self.keys[i].to_vec(), record.encode()));
+                    .push((self.keys[i].clone(), record.encode()));
             }
         }
     }
@@ -299,7 +311,7 @@ impl<'a> Decoded<'a> {
                         state.open_upto(
                             m.partition(),
                             before.unix(),
-                            event.customer_id.as_str().as_bytes(),
+                            &customer_key(m.partition(), event.customer_id.as_str().as_bytes()),
                         )
                     });
                     if let Some(before) = before {
@@ -464,6 +476,7 @@ pub(crate) fn prepare(
         aged: 0,
         clock_updates,
         aging_open: aging.as_ref().map(AgingState::open_count),
+        partition_op: None,
     };
     Ok((prepared, aging))
 }
@@ -624,7 +637,7 @@ pub(crate) mod tests {
         let store = MemStore::default();
         store
             .commit(&StoreBatch {
-                records: vec![(b"a".to_vec(), record.encode())],
+                records: vec![(customer_key(0, b"a"), record.encode())],
                 offsets: BTreeMap::new(),
                 meta: Vec::new(),
             })
@@ -747,8 +760,12 @@ pub(crate) mod tests {
         assert_eq!(step(&v1, "o1").updates.len(), 1);
         // Same segments under v2's carried ids: nothing to publish, but the record moves on.
         assert!(step(&v2, "o2").updates.is_empty());
-        let record =
-            CustomerRecord::decode(&store.get_many(&[b"a"]).unwrap()[0].clone().unwrap()).unwrap();
+        let record = CustomerRecord::decode(
+            &store.get_many(&[&customer_key(0, b"a")]).unwrap()[0]
+                .clone()
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(record.published.unwrap().snapshot_version, 2);
         // v3 has no lineage: its ids say nothing about v2's, so every axis is new.
         let result = step(&v3, "o3");
@@ -763,7 +780,7 @@ pub(crate) mod tests {
         let store = MemStore::default();
         let inputs = [input(order("a", "o1", 0), 0), input(order("a", "o2", 3), 1)];
         run(&store, &inputs, PublishPolicy::default());
-        let before = store.get_many(&[b"a"]).unwrap();
+        let before = store.get_many(&[&customer_key(0, b"a")]).unwrap();
         // The same records again (a restart before the group offsets were committed).
         let again = run(&store, &inputs, PublishPolicy::default());
         assert_eq!(again.replayed, 2);
@@ -776,7 +793,7 @@ pub(crate) mod tests {
             PublishPolicy::default(),
         );
         assert_eq!(dup.duplicates, 1);
-        assert_eq!(store.get_many(&[b"a"]).unwrap(), before);
+        assert_eq!(store.get_many(&[&customer_key(0, b"a")]).unwrap(), before);
         assert_eq!(store.offsets().unwrap().values().next(), Some(&3));
     }
 
@@ -804,6 +821,7 @@ pub(crate) mod tests {
             }),
             as_of: Some(1_700_000_000),
             home: Some(3),
+            applied: vec![(topic_tag("orders"), 41)],
         };
         assert_eq!(CustomerRecord::decode(&record.encode()).unwrap(), record);
         assert!(CustomerRecord::decode(&[9, 1, 2]).is_err());

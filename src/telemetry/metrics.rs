@@ -193,6 +193,24 @@ metric_table! {
     /// means deliveries are waiting on the broker (an outage holds the pipeline here).
     batches_in_flight: IntGauge = "segmentd_batches_in_flight",
         "Batches published and not yet durable: awaiting delivery or the state commit.";
+    /// Changelog records written (customer records and partition progress).
+    changelog_records: IntCounter = "segmentd_changelog_records_total",
+        "Records written to the changelog topic (customer records and per-partition progress), acknowledged.";
+    /// Changelog records restored into the local store.
+    restore_records: IntCounter = "segmentd_restore_records_total",
+        "Changelog records restored into the local store; rate() gives the restore speed.";
+    /// Per partition being restored, changelog records still to read.
+    restore_lag: IntGaugeVec = "segmentd_restore_lag_records",
+        "Changelog records still to read per partition being restored (0 once restored).", labels ["partition"];
+    /// Partitions assigned and waiting for their state.
+    partitions_restoring: IntGauge = "segmentd_partitions_restoring",
+        "Partitions assigned to this instance whose state is being restored from the changelog; their events wait.";
+    /// Partitions this instance processes.
+    partitions_owned: IntGauge = "segmentd_partitions_owned",
+        "Input partitions (numbers, across the co-partitioned input topics) this instance owns and processes.";
+    /// Whether this instance leads the fleet (re-clustering).
+    fleet_leader: IntGauge = "segmentd_fleet_leader",
+        "1 when this instance leads the fleet (owns input partition 0): only the leader re-clusters.";
     /// Conversion scores consumed, by result (`accepted`, `dead_letter`).
     audience_scores: IntCounterVec = "segmentd_audience_scores_total",
         "Conversion scores handled (published and durable), by result.", labels ["result"];

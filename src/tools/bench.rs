@@ -983,8 +983,8 @@ fn seed_store(
         path: path.to_owned(),
         ..StoreConfig::default()
     })?;
-    // Each customer's home partition is their index modulo the partitions, so that aging
-    // finds every one of them; one encoding per (state, partition).
+    // Each customer is stored under the partition their events go to (librdkafka's default
+    // partitioner), as their home; one encoding per (state, partition).
     let records: Vec<Vec<Vec<u8>>> = states
         .iter()
         .map(|state| {
@@ -1008,10 +1008,13 @@ fn seed_store(
         .collect();
     let mut batch = StoreBatch::default();
     for i in 0..n {
-        let record = &records[i % records.len()][i % partitions as usize];
-        batch
-            .records
-            .push((seeded_id(i).as_str().as_bytes().to_vec(), record.clone()));
+        let id = seeded_id(i);
+        let partition = super::demo::partition_of(id.as_str().as_bytes(), partitions);
+        let record = &records[i % records.len()][partition as usize];
+        batch.records.push((
+            crate::io::store::customer_key(partition, id.as_str().as_bytes()),
+            record.clone(),
+        ));
         if batch.records.len() == 50_000 || i + 1 == n {
             store.commit(&batch)?;
             batch.records.clear();
@@ -1176,7 +1179,12 @@ impl Running {
             aging,
             ..crate::config::Config::default()
         };
-        for topic in [&config.kafka.input_topics[0], &config.kafka.output_topic] {
+        let changelog = crate::io::changelog::topic_name(&config.kafka);
+        for topic in [
+            &config.kafka.input_topics[0],
+            &config.kafka.output_topic,
+            &changelog,
+        ] {
             cluster.create_topic(topic, partitions, 1)?;
         }
         cluster.create_topic(&config.kafka.dead_letter_topic, 1, 1)?;

@@ -255,7 +255,10 @@ impl Harness<'_> {
                 .args(["--initial-rebalance-delay-ms", "200"])
                 .args(["--topic", &format!("{INPUT}:{PARTITIONS}")])
                 .args(["--topic", &format!("chaos-memberships:{PARTITIONS}")])
-                .args(["--topic", &format!("clean-memberships:{PARTITIONS}")]),
+                .args(["--topic", &format!("clean-memberships:{PARTITIONS}")])
+                // The state changelogs (`<group>-changelog`), co-partitioned with the input.
+                .args(["--topic", &format!("chaos-changelog:{PARTITIONS}")])
+                .args(["--topic", &format!("clean-changelog:{PARTITIONS}")]),
             self.work,
             Stdio::piped(),
         )?;

@@ -24,7 +24,7 @@ use crate::daemon::Daemon;
 use crate::domain::event::EventKind;
 use crate::domain::update::AxisChange;
 use crate::io::snapshot_file;
-use crate::io::store::{RocksStore, StateStore, StoreBatch};
+use crate::io::store::{customer_key, RocksStore, StateStore, StoreBatch};
 use crate::model::counts::SegmentCounts;
 use crate::pipeline::assign::published_record;
 use crate::pipeline::population::META_KEY as POPULATION_KEY;
@@ -93,11 +93,13 @@ async fn demo_async(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let brokers = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().context("creating the demo's data directory")?;
     let config = demo_config(&args, &brokers, dir.path());
+    let changelog = crate::io::changelog::topic_name(&config.kafka);
     for name in config.kafka.input_topics.iter().chain([
         &config.kafka.output_topic,
         &config.kafka.dead_letter_topic,
         &config.audiences.scores_topic,
         &config.audiences.output_topic,
+        &changelog,
     ]) {
         cluster
             .create_topic(name, DEMO_PARTITIONS, 1)
@@ -182,7 +184,7 @@ const DEMO_PARTITIONS: i32 = 4;
 
 /// The partition librdkafka's default partitioner (`consistent_random`: CRC-32 of the key)
 /// sends a keyed record to: where a seeded customer's live events will come from.
-fn partition_of(key: &[u8], partitions: i32) -> i32 {
+pub(crate) fn partition_of(key: &[u8], partitions: i32) -> i32 {
     (crc32fast::hash(key) % partitions.max(1) as u32) as i32
 }
 
@@ -227,7 +229,8 @@ async fn bootstrap(args: &DemoArgs, config: &Config) -> anyhow::Result<Shop> {
                 continue;
             }
             let mut record = published_record(state.clone(), &snapshot, &assigner, end, 1);
-            record.home = Some(partition_of(id.as_str().as_bytes(), DEMO_PARTITIONS));
+            let partition = partition_of(id.as_str().as_bytes(), DEMO_PARTITIONS);
+            record.home = Some(partition);
             if let Some(published) = &record.published {
                 let changes: Vec<AxisChange> = published
                     .axes
@@ -240,7 +243,10 @@ async fn bootstrap(args: &DemoArgs, config: &Config) -> anyhow::Result<Shop> {
                     .collect();
                 counts.apply(snapshot.version(), None, &changes);
             }
-            records.push((id.as_str().as_bytes().to_vec(), record.encode()));
+            records.push((
+                customer_key(partition, id.as_str().as_bytes()),
+                record.encode(),
+            ));
         }
         store.commit(&StoreBatch {
             records,

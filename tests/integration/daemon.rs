@@ -80,6 +80,7 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
         brokers: brokers.clone(),
         group_id: unique("group"),
         input_topics: vec![input.clone()],
+        changelog_topic: changelog_of(&input),
         output_topic: output.clone(),
         dead_letter_topic: dlq.clone(),
         session_timeout_ms: 6_000,
@@ -246,6 +247,7 @@ async fn a_snapshot_swap_mid_stream_switches_each_customer_once_in_order() {
         brokers: brokers.clone(),
         group_id: unique("group"),
         input_topics: vec![input.clone()],
+        changelog_topic: changelog_of(&input),
         output_topic: output.clone(),
         dead_letter_topic: dlq,
         session_timeout_ms: 6_000,
@@ -258,6 +260,8 @@ async fn a_snapshot_swap_mid_stream_switches_each_customer_once_in_order() {
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         drift: Default::default(),
         clock: Default::default(),
+        restoring: Default::default(),
+        leader: Default::default(),
     };
     let task = {
         let (store, shared, shutdown) = (store.clone(), registry.shared(), shutdown.clone());
@@ -422,6 +426,7 @@ async fn after_a_swap_the_sweep_republishes_quiet_customers_and_resumes_after_a_
         brokers: brokers.clone(),
         group_id: unique("group"),
         input_topics: vec![input.clone()],
+        changelog_topic: changelog_of(&input),
         output_topic: output.clone(),
         dead_letter_topic: dlq,
         session_timeout_ms: 6_000,

@@ -20,11 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use segmentd::config::Config;
 use segmentd::domain::event::Event;
-use segmentd::domain::record::CustomerRecord;
 use segmentd::domain::state::CustomerState;
 use segmentd::io::kafka::KafkaConfig;
 use segmentd::io::store::{
-    PartitionKey, Records, RocksStore, StateStore, StoreBatch, StoreConfig, StoreError, StoreStats,
+    PartitionDrop, PartitionKey, Records, RocksStore, StateStore, StoreBatch, StoreConfig,
+    StoreError, StoreStats,
 };
 use segmentd::model::assign::LoadedSnapshot;
 use segmentd::pipeline::aging::AgingConfig;
@@ -88,6 +88,16 @@ impl StateStore for Faulty {
     fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
         self.inner.for_each(visit)
     }
+    fn for_each_in(
+        &self,
+        partition: i32,
+        visit: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), StoreError> {
+        self.inner.for_each_in(partition, visit)
+    }
+    fn drop_partition(&self, drop: &PartitionDrop) -> Result<(), StoreError> {
+        self.inner.drop_partition(drop)
+    }
     fn records_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Records, StoreError> {
         self.inner.records_after(after, limit)
     }
@@ -138,6 +148,7 @@ fn loop_config(
         brokers: brokers.to_owned(),
         group_id: unique("group"),
         input_topics: vec![input.to_owned()],
+        changelog_topic: changelog_of(input),
         output_topic: output.to_owned(),
         dead_letter_topic: dlq.to_owned(),
         session_timeout_ms: 6_000,
@@ -189,10 +200,9 @@ fn assert_state_applied_once(store: &dyn StateStore, events: &[Event]) {
             .or_default()
             .apply(e, &params);
     }
-    let keys: Vec<&[u8]> = expected.keys().map(|k| k.as_bytes()).collect();
-    let stored = store.get_many(&keys).unwrap();
-    for ((customer, want), got) in expected.iter().zip(stored) {
-        let record = CustomerRecord::decode(&got.expect("a customer was never stored")).unwrap();
+    let stored = stored_records(store);
+    for (customer, want) in &expected {
+        let record = stored.get(customer).expect("a customer was never stored");
         assert_eq!(&record.state, want, "customer {customer}");
     }
 }

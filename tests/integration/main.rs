@@ -3,6 +3,7 @@
 mod architecture;
 mod cli;
 mod daemon;
+mod fleet;
 mod guarantees;
 mod parity;
 mod processes;

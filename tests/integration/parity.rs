@@ -31,7 +31,7 @@ use segmentd::pipeline::consume::run;
 use segmentd::pipeline::sweep::SweepConfig;
 use segmentd::synth::{Shop, ShopParams};
 
-use crate::support::{hooks, topics, unique, Cluster};
+use crate::support::{changelog_of, hooks, topics, unique, Cluster};
 
 const DAY: i64 = 86_400;
 /// The default aging period: T is a midnight.
@@ -184,6 +184,7 @@ async fn batch_and_stream_agree_at_the_same_time() {
         brokers: brokers.clone(),
         group_id: unique("parity"),
         input_topics: vec![input.clone()],
+        changelog_topic: changelog_of(&input),
         output_topic: output,
         dead_letter_topic: dlq,
         session_timeout_ms: 6_000,
@@ -241,7 +242,8 @@ async fn batch_and_stream_agree_at_the_same_time() {
     let mut stream: BTreeMap<String, (CustomerRecord, Axes, i64)> = BTreeMap::new();
     store
         .for_each(&mut |key, value| {
-            let id = String::from_utf8(key.to_vec()).unwrap();
+            let (_, id) = segmentd::io::store::split_key(key).unwrap();
+            let id = String::from_utf8(id.to_vec()).unwrap();
             if id.starts_with("clock-") {
                 return;
             }

@@ -89,9 +89,18 @@ impl Cluster {
 pub async fn topics(cluster: &Cluster, input: &str, partitions: i32) -> (String, String, String) {
     let (input, output, dlq) = (unique(input), unique("memberships"), unique("dead"));
     cluster.create_topic(&input, partitions).await;
+    // The state changelog, co-partitioned with the input (tests name it after the input).
+    cluster
+        .create_topic(&changelog_of(&input), partitions)
+        .await;
     cluster.create_topic(&output, 1).await;
     cluster.create_topic(&dlq, 1).await;
     (input, output, dlq)
+}
+
+/// The changelog topic the tests use with `input`.
+pub fn changelog_of(input: &str) -> String {
+    format!("{input}-changelog")
 }
 
 pub fn hooks() -> Hooks {
@@ -100,6 +109,8 @@ pub fn hooks() -> Hooks {
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         drift: Default::default(),
         clock: Default::default(),
+        restoring: Default::default(),
+        leader: Default::default(),
     }
 }
 
@@ -215,5 +226,20 @@ pub async fn read_all(brokers: &str, topic: &str) -> Vec<rdkafka::message::Owned
             Err(_) => panic!("reading {topic}: {} of {left} records in 60 s", out.len()),
         }
     }
+    out
+}
+
+/// Every customer record in `store`, by customer id (keys carry the input partition first).
+pub fn stored_records(
+    store: &dyn StateStore,
+) -> std::collections::BTreeMap<String, segmentd::domain::record::CustomerRecord> {
+    let mut out = std::collections::BTreeMap::new();
+    store
+        .for_each(&mut |key, value| {
+            let (_, id) = segmentd::io::store::split_key(key).expect("a customer key");
+            let record = segmentd::domain::record::CustomerRecord::decode(value).unwrap();
+            out.insert(String::from_utf8(id.to_vec()).unwrap(), record);
+        })
+        .unwrap();
     out
 }

@@ -1,0 +1,257 @@
+//! Several instances in one consumer group: state follows its partitions through the
+//! changelog. One instance is dropped mid-stream and a fresh one with an empty disk takes
+//! over; the fleet's output must equal a single clean instance's, update for update, and
+//! every customer's final state must equal applying each of their events once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+use segmentd::domain::event::Event;
+use segmentd::domain::state::CustomerState;
+use segmentd::io::kafka::KafkaConfig;
+use segmentd::io::store::{RocksStore, StateStore, StoreConfig};
+use segmentd::model::assign::LoadedSnapshot;
+use segmentd::pipeline::aging::AgingConfig;
+use segmentd::pipeline::assign::PublishPolicy;
+use segmentd::pipeline::commit::RunStats;
+use segmentd::pipeline::consume::run;
+use segmentd::pipeline::error::RunError;
+use segmentd::pipeline::sweep::SweepConfig;
+use segmentd::synth::{Shop, ShopParams};
+
+use super::support::*;
+
+const PARTITIONS: i32 = 4;
+
+/// An instance: its store, its shutdown, its loop.
+struct Instance {
+    store: Arc<dyn StateStore>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<RunStats, RunError>>,
+    _dir: tempfile::TempDir,
+}
+
+fn start(config: &KafkaConfig) -> Instance {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn StateStore> = Arc::new(
+        RocksStore::open(&StoreConfig {
+            path: dir.path().join("db"),
+            block_cache_bytes: 8 << 20,
+            ..StoreConfig::default()
+        })
+        .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot())));
+    let (config, task_store, token) = (config.clone(), store.clone(), shutdown.clone());
+    let task = tokio::spawn(async move {
+        run(
+            &config,
+            PublishPolicy::default(),
+            SweepConfig::default(),
+            AgingConfig::default(),
+            task_store,
+            shared,
+            token,
+            hooks(),
+        )
+        .await
+    });
+    Instance {
+        store,
+        shutdown,
+        task,
+        _dir: dir,
+    }
+}
+
+async fn produce_events(brokers: &str, topic: &str, events: &[Event]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for e in events {
+        let payload = serde_json::to_vec(e).unwrap();
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(e.customer_id.as_str())
+                    .payload(&payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// Per input partition, the furthest offset any of the stores has made durable.
+fn progress(stores: &[&Arc<dyn StateStore>]) -> i64 {
+    let mut furthest: BTreeMap<i32, i64> = BTreeMap::new();
+    for store in stores {
+        for (key, next) in store.offsets().unwrap() {
+            let entry = furthest.entry(key.partition).or_insert(0);
+            *entry = (*entry).max(next);
+        }
+    }
+    furthest.values().sum()
+}
+
+/// Whether aging has assessed every boundary the clock reached (the last updates of a
+/// stream may be the clock's).
+fn caught_up(store: &dyn StateStore) -> bool {
+    segmentd::pipeline::aging::load_state(store)
+        .unwrap()
+        .open_count()
+        == 0
+}
+
+/// Every update on `topic`: per customer, seq → bytes; a seq published twice must carry the
+/// same bytes.
+async fn updates(brokers: &str, topic: &str) -> BTreeMap<String, BTreeMap<u64, Vec<u8>>> {
+    let mut out: BTreeMap<String, BTreeMap<u64, Vec<u8>>> = BTreeMap::new();
+    for m in read_all(brokers, topic).await {
+        let bytes = m.payload().unwrap().to_vec();
+        let head: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let customer = head["customer_id"].as_str().unwrap().to_owned();
+        let seq = head["seq"].as_u64().unwrap();
+        let previous = out
+            .entry(customer.clone())
+            .or_default()
+            .insert(seq, bytes.clone());
+        if let Some(previous) = previous {
+            assert_eq!(
+                previous, bytes,
+                "{customer} seq {seq} published twice with different content"
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_that_loses_an_instance_and_gains_an_empty_one_publishes_what_one_instance_would() {
+    let cluster = Cluster::new();
+    let brokers = cluster.brokers();
+    let (input, output, dlq) = topics(&cluster, "fleet", PARTITIONS).await;
+    let clean_output = unique("clean-memberships");
+    cluster.create_topic(&clean_output, 1).await;
+    let shop = Shop::new(ShopParams {
+        customers: 80,
+        order_lines: 2_000,
+        days: 60,
+        seed: 21,
+        ..ShopParams::default()
+    })
+    .unwrap();
+    let events: Vec<Event> = shop.history().collect();
+    let (first, rest) = events.split_at(events.len() / 2);
+    let (second, tail) = rest.split_at(rest.len() * 3 / 4);
+    let fleet = KafkaConfig {
+        brokers: brokers.clone(),
+        group_id: unique("fleet"),
+        input_topics: vec![input.clone()],
+        changelog_topic: changelog_of(&input),
+        output_topic: output.clone(),
+        dead_letter_topic: dlq.clone(),
+        session_timeout_ms: 6_000,
+        max_batch: 50,
+        ..KafkaConfig::default()
+    };
+    let clean_changelog = unique("clean-changelog");
+    cluster.create_topic(&clean_changelog, PARTITIONS).await;
+    let clean = KafkaConfig {
+        group_id: unique("clean"),
+        changelog_topic: clean_changelog,
+        output_topic: clean_output.clone(),
+        ..fleet.clone()
+    };
+
+    // Three instances share the first half.
+    produce_events(&brokers, &input, first).await;
+    let (a, b, c) = (start(&fleet), start(&fleet), start(&fleet));
+    wait_for("the first half", || {
+        progress(&[&a.store, &b.store, &c.store]) >= first.len() as i64
+    })
+    .await;
+
+    // One is dropped without a drain; the rest of the stream follows.
+    c.task.abort();
+    let _ = c.task.await;
+    produce_events(&brokers, &input, second).await;
+    let upto = (first.len() + second.len()) as i64;
+    wait_for("the second part, on two instances", || {
+        progress(&[&a.store, &b.store, &c.store]) >= upto
+    })
+    .await;
+
+    // A fresh instance with an empty disk joins, the other two leave: it restores every
+    // partition from the changelog and carries on with the tail.
+    let d = start(&fleet);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for instance in [&a, &b] {
+        instance.shutdown.cancel();
+    }
+    let (a_stats, b_stats) = (a.task.await.unwrap(), b.task.await.unwrap());
+    a_stats.unwrap();
+    b_stats.unwrap();
+    produce_events(&brokers, &input, tail).await;
+    wait_for("the tail, on the fresh instance", || {
+        let offsets = d.store.offsets().unwrap();
+        offsets.len() == PARTITIONS as usize
+            && offsets.values().sum::<i64>() >= events.len() as i64
+            && caught_up(d.store.as_ref())
+    })
+    .await;
+    d.shutdown.cancel();
+    let d_stats = d.task.await.unwrap().unwrap();
+    assert_eq!(d_stats.duplicates, 0, "{d_stats:?}");
+
+    // The fresh instance holds every customer, each with their events applied once.
+    let params = *snapshot().state_params();
+    let mut expected: BTreeMap<String, CustomerState> = BTreeMap::new();
+    for e in &events {
+        expected
+            .entry(e.customer_id.to_string())
+            .or_default()
+            .apply(e, &params);
+    }
+    let stored = stored_records(d.store.as_ref());
+    assert_eq!(stored.len(), expected.len());
+    for (customer, want) in &expected {
+        assert_eq!(&stored[customer].state, want, "customer {customer}");
+    }
+
+    // A single clean instance over the same input publishes exactly the same updates.
+    let one = start(&clean);
+    wait_for("the clean instance", || {
+        one.store.offsets().unwrap().values().sum::<i64>() >= events.len() as i64
+            && caught_up(one.store.as_ref())
+    })
+    .await;
+    one.shutdown.cancel();
+    one.task.await.unwrap().unwrap();
+    let (fleet_updates, clean_updates) = (
+        updates(&brokers, &output).await,
+        updates(&brokers, &clean_output).await,
+    );
+    assert_eq!(fleet_updates.len(), clean_updates.len());
+    for (customer, want) in &clean_updates {
+        let got = &fleet_updates[customer];
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{customer}: seqs differ"
+        );
+        for (seq, bytes) in want {
+            assert_eq!(&got[seq], bytes, "{customer} seq {seq}: content differs");
+        }
+    }
+    drop(cluster);
+}
