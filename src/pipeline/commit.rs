@@ -140,7 +140,7 @@ impl Committer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .absorb(&prepared.drift, &self.counts);
-        commit_group(&self.consumer, &prepared.store_batch.offsets);
+        commit_group(&self.consumer, &self.group_offsets(&prepared.store_batch));
         self.shared
             .durable_version
             .store(prepared.version, Ordering::SeqCst);
@@ -191,6 +191,23 @@ impl Committer {
             "batch"
         );
         Ok(())
+    }
+
+    /// The offsets to commit to the group after a batch: its own; with the changelog, those
+    /// of every partition this instance owns, so that a commit the group refused during a
+    /// rebalance, or a partition restored ahead of the group, is made good by the next step
+    /// even when no more input comes.
+    fn group_offsets(&self, batch: &StoreBatch) -> BTreeMap<PartitionKey, i64> {
+        let mut offsets = batch.offsets.clone();
+        if let Some((_, ledger)) = &self.changelog {
+            let assigned = super::partitions::lock(&self.shared.assigned).clone();
+            for key in assigned {
+                if let Some(next) = ledger.offset(&key) {
+                    offsets.entry(key).or_insert(next);
+                }
+            }
+        }
+        offsets
     }
 
     /// Removes what belongs to lost partitions: their new owner's state must not be

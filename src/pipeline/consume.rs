@@ -197,6 +197,8 @@ struct Loop {
     /// is durable.
     released: BTreeMap<i32, u64>,
     leader: Arc<AtomicBool>,
+    /// When the group last got the durable offsets while idle.
+    group_refreshed: std::time::Instant,
 }
 
 /// The committer thread, returning the run's counters.
@@ -324,6 +326,7 @@ impl Loop {
             restoring: None,
             released: BTreeMap::new(),
             leader: hooks.leader.clone(),
+            group_refreshed: std::time::Instant::now(),
         };
         Ok((stage, committer))
     }
@@ -333,7 +336,10 @@ impl Loop {
         loop {
             let handed = match self.next(shutdown).await {
                 Step::Stop => return Ok(()),
-                Step::Idle => continue,
+                Step::Idle => {
+                    self.refresh_group_offsets()?;
+                    continue;
+                }
                 Step::Sweep => self.sweep_chunk().await?,
                 Step::Age => self.aging_chunk().await?,
                 Step::Partitions => self.partitions().await?,
@@ -720,7 +726,9 @@ impl Loop {
                 })
                 .collect();
             self.clock.advance(&watermarks);
-            meta.merge_aging(partition, &mut self.aging.state);
+            meta.apply_aging(partition, &mut self.aging.state);
+        } else {
+            forget_aging(partition, &mut self.aging.state);
         }
         let mut batch = StoreBatch::default();
         batch.meta.push((
@@ -768,6 +776,21 @@ impl Loop {
         );
         self.start_restore();
         Ok(true)
+    }
+
+    /// While idle, once a second, commits the durable offsets of the partitions this instance
+    /// owns to the group: a commit the group refused during a rebalance is otherwise only
+    /// made good by the next batch, which may not come (the group's lag would stay wrong).
+    fn refresh_group_offsets(&mut self) -> Result<(), RunError> {
+        if self.group_refreshed.elapsed() < Duration::from_secs(1) {
+            return Ok(());
+        }
+        self.group_refreshed = std::time::Instant::now();
+        let assigned = lock(&self.shared.assigned).clone();
+        let mut durable = self.store.offsets().map_err(ProcessError::from)?;
+        durable.retain(|k, _| assigned.contains(k));
+        super::commit::commit_group(&self.consumer, &durable);
+        Ok(())
     }
 
     /// Ownership metrics and leadership after partitions came or went.

@@ -102,29 +102,26 @@ impl PartitionMeta {
         }
     }
 
-    /// Merges this partition's aging boundaries into `state`.
-    pub(crate) fn merge_aging(&self, partition: i32, state: &mut AgingState) {
-        let open = state.open.entry(partition).or_default();
-        open.extend(self.aging_open.iter().copied());
-        open.sort_unstable();
-        open.dedup();
+    /// Puts this partition's aging boundaries in `state`, in place of what it had: the
+    /// changelog is the authority on a partition that arrives. (Its boundaries may be older
+    /// than the partition's last owner knew, when a pass closed them without changing a
+    /// record of it: assessing a customer at a boundary again changes nothing.)
+    pub(crate) fn apply_aging(&self, partition: i32, state: &mut AgingState) {
+        forget_aging(partition, state);
+        let mut open = self.aging_open.clone();
         if let Some(closed) = self.aging_closed {
-            let entry = state.closed.entry(partition).or_insert(closed);
-            *entry = (*entry).max(closed);
+            state.closed.insert(partition, closed);
             open.retain(|&b| b > closed);
         }
-        if open.is_empty() {
-            state.open.remove(&partition);
-        }
-        // A pass in progress did not assess this partition's customers while another instance
-        // owned it: its boundaries stay open for the next pass.
-        if let Some(pass) = &mut state.pass {
-            pass.closes.remove(&partition);
+        if !open.is_empty() {
+            state.open.insert(partition, open);
         }
     }
 }
 
-/// Forgets a partition in the aging state (its customers are another instance's now).
+/// Forgets a partition in the aging state: its customers are another instance's now, or it
+/// arrives with no progress recorded. A pass in progress keeps no boundary of it to close:
+/// the pass did not assess its customers while another instance owned them.
 pub(crate) fn forget_aging(partition: i32, state: &mut AgingState) {
     state.open.remove(&partition);
     state.closed.remove(&partition);
@@ -198,6 +195,11 @@ impl Ledger {
             }
         }
         touched
+    }
+
+    /// The latest durable next offset of an input partition.
+    pub(crate) fn offset(&self, key: &PartitionKey) -> Option<i64> {
+        self.offsets.get(&key.partition)?.get(&key.topic).copied()
     }
 
     /// A partition's progress as its changelog meta record carries it.
@@ -288,16 +290,24 @@ pub(crate) fn restore_partition(
         to: from.max(bounds.end),
         ..Restored::default()
     };
-    if from >= bounds.end {
-        lag.set(0);
-        return Ok(restored);
-    }
-    tracing::info!(
-        partition,
-        from,
-        to = bounds.end,
-        "restoring a partition from the changelog"
-    );
+    // Up to date: the partition's last record is still read, for its progress (a batch ends
+    // with its partitions' progress records), which a restarted instance's own aging state
+    // may have moved past while it did not own the partition.
+    let read_from = if from >= bounds.end {
+        if bounds.end <= bounds.start {
+            lag.set(0);
+            return Ok(restored);
+        }
+        bounds.end - 1
+    } else {
+        tracing::info!(
+            partition,
+            from,
+            to = bounds.end,
+            "restoring a partition from the changelog"
+        );
+        from
+    };
     let mut batch = StoreBatch::default();
     let flush = |batch: &mut StoreBatch, next: i64, meta: &Option<PartitionMeta>| {
         batch
@@ -314,23 +324,27 @@ pub(crate) fn restore_partition(
         Ok::<(), RestoreError>(())
     };
     let mut meta: Option<PartitionMeta> = None;
-    reader.read(partition, (from, bounds.end), &mut |offset, key, value| {
-        restored.records += 1;
-        if key == META_RECORD_KEY {
-            let parsed: PartitionMeta = value
-                .and_then(|v| serde_json::from_slice(v).ok())
-                .ok_or(RestoreError::Corrupt { partition, offset })?;
-            meta = Some(parsed);
-        } else if let Some(value) = value {
-            batch
-                .records
-                .push((customer_key(partition, key), value.to_vec()));
-        }
-        if batch.records.len() >= SLICE {
-            flush(&mut batch, offset + 1, &meta)?;
-        }
-        Ok::<(), RestoreError>(())
-    })?;
+    reader.read(
+        partition,
+        (read_from, bounds.end),
+        &mut |offset, key, value| {
+            restored.records += u64::from(offset >= from);
+            if key == META_RECORD_KEY {
+                let parsed: PartitionMeta = value
+                    .and_then(|v| serde_json::from_slice(v).ok())
+                    .ok_or(RestoreError::Corrupt { partition, offset })?;
+                meta = Some(parsed);
+            } else if let Some(value) = value {
+                batch
+                    .records
+                    .push((customer_key(partition, key), value.to_vec()));
+            }
+            if batch.records.len() >= SLICE {
+                flush(&mut batch, offset + 1, &meta)?;
+            }
+            Ok::<(), RestoreError>(())
+        },
+    )?;
     flush(&mut batch, bounds.end, &meta)?;
     restored.meta = meta;
     restored.seconds = started.elapsed().as_secs_f64();
@@ -366,7 +380,7 @@ mod tests {
     use crate::domain::aging::Pass;
 
     #[test]
-    fn meta_round_trips_and_merges_aging() {
+    fn meta_round_trips_and_replaces_aging() {
         let meta = PartitionMeta {
             offsets: [("orders".to_owned(), 12)].into(),
             watermarks: [("orders".to_owned(), 1_700_000_000)].into(),
@@ -383,8 +397,8 @@ mod tests {
             }),
             closed: [(3, 20)].into(),
         };
-        meta.merge_aging(3, &mut state);
-        assert_eq!(state.open[&3], vec![100, 200, 300]);
+        meta.apply_aging(3, &mut state);
+        assert_eq!(state.open[&3], vec![100, 200]);
         assert_eq!(state.closed[&3], 50);
         assert!(!state.pass.as_ref().unwrap().closes.contains_key(&3));
         forget_aging(3, &mut state);
