@@ -5,11 +5,13 @@
 //!    committing its state.
 //! 2. Streams a generated shop's history as JSON events at a steady rate.
 //! 3. Runs a clean `segmentd run` (its own group, output topic and store) that is never
-//!    disturbed, and beside it the daemon under test, which it kills with SIGKILL at random
-//!    moments after it gets its partitions, `--kills` times, restarting it each time on the
-//!    same store.
-//! 4. Lets a final instance catch up, stops both with SIGTERM (each must drain and exit 0),
-//!    and compares:
+//!    disturbed, and beside it the fleet under test: `--instances` daemons in one group, each
+//!    with its own store, sharing the partitions through the state changelog. It kills one of
+//!    them with SIGKILL at a random moment, `--kills` times, and restarts it at once (the
+//!    others keep running, so one is always alive): on the same store, or, every
+//!    `--wipe-every` kills, on an empty one, as a replacement machine would.
+//! 4. Lets the fleet catch up, stops all but one with SIGTERM, lets the last one restore every
+//!    partition, stops it too (each must drain and exit 0), and compares:
 //!    - the membership updates: for every customer the same highest `seq`, every
 //!      `(customer, seq)` of the clean run present with an identical payload, and no
 //!      `(customer, seq)` published twice with different payloads;
@@ -67,6 +69,12 @@ pub struct ChaosArgs {
     /// is killed at a uniformly random moment between a tenth of this and this.
     #[arg(long, default_value_t = 2_500)]
     pub max_uptime_ms: u64,
+    /// Daemons under test, in one group (1: one daemon, restarted on its own store).
+    #[arg(long, default_value_t = 3)]
+    pub instances: usize,
+    /// Every this many kills, the killed daemon comes back with an empty store (0: never).
+    #[arg(long, default_value_t = 5)]
+    pub wipe_every: usize,
     /// Seed of the shop and of the kill times.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -149,8 +157,18 @@ fn run(args: &ChaosArgs, work: &Path, binary: &Path) -> anyhow::Result<Verdict> 
     let (events, snapshot_path) = harness.prepare()?;
     let (mut broker, brokers, mut broker_commands) = harness.start_broker()?;
 
-    let clean_config = write_config(work, "clean", &brokers, args, &snapshot_path)?;
-    let chaos_config = write_config(work, "chaos", &brokers, args, &snapshot_path)?;
+    let clean_config = write_config(work, ("clean", "clean"), &brokers, args, &snapshot_path)?;
+    let chaos_configs: Vec<PathBuf> = (1..=args.instances.max(1))
+        .map(|i| {
+            write_config(
+                work,
+                ("chaos", &format!("chaos-{i}")),
+                &brokers,
+                args,
+                &snapshot_path,
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
 
     let feeder = {
         let (brokers, rate) = (brokers.clone(), args.rate);
@@ -162,15 +180,25 @@ fn run(args: &ChaosArgs, work: &Path, binary: &Path) -> anyhow::Result<Verdict> 
     clean.wait_assigned(Duration::from_secs(60))?;
 
     let admin = reader(&brokers, "chaos-admin")?;
-    let boundaries = harness.kill_repeatedly(&chaos_config, &admin)?;
+    let (boundaries, mut fleet) = harness.kill_repeatedly(&chaos_configs, &admin)?;
     let fed = feeder
         .join()
         .map_err(|_| anyhow::anyhow!("the feeder panicked"))??;
     // The mock broker answers a fetch with one message set per partition, so its round trip
     // bounds how fast a consumer catches up: the kills are over, remove it.
     writeln!(broker_commands, "rtt 0").context("telling the broker")?;
-    let mut last = Daemon::start(binary, &chaos_config, work, "chaos-final")?;
-    last.wait_assigned(Duration::from_secs(60))?;
+    catch_up(&brokers, &admin, fed)?;
+    // All but the last leave; the last restores every partition from the changelog.
+    let mut last = fleet.pop().context("no daemon under test")?;
+    for mut daemon in fleet {
+        let code = daemon.terminate(Duration::from_secs(30))?;
+        anyhow::ensure!(
+            code == Some(0),
+            "SIGTERM should drain and exit 0: {} exited {code:?}",
+            daemon.process.name
+        );
+    }
+    last.wait_owning(PARTITIONS, Duration::from_secs(120))?;
     catch_up(&brokers, &admin, fed)?;
     // Aging goes on after the input ends: compare once both have passed over everyone.
     for daemon in [&clean, &last] {
@@ -183,6 +211,7 @@ fn run(args: &ChaosArgs, work: &Path, binary: &Path) -> anyhow::Result<Verdict> 
         "SIGTERM should drain and exit 0: the clean daemon exited {clean_code:?}, the last \
          one {last_code:?}"
     );
+    let last_state = work.join(format!("{}-state", last.process.name));
 
     println!("both drained and exited 0; reading their updates");
     let clean_out = read_all(&brokers, "clean-memberships")?;
@@ -195,7 +224,7 @@ fn run(args: &ChaosArgs, work: &Path, binary: &Path) -> anyhow::Result<Verdict> 
         chaos_out.len()
     );
     let mut verdict = compare(&clean_out, &chaos_out)?;
-    verdict.state_mismatch = compare_stores(&work.join("clean-state"), &work.join("chaos-state"))?;
+    verdict.state_mismatch = compare_stores(&work.join("clean-state"), &last_state)?;
     let replays = replays(&chaos_out, &boundaries)?;
     report(args, &verdict, &replays, started.elapsed());
     Ok(verdict)
@@ -272,35 +301,61 @@ impl Harness<'_> {
         Ok((broker, brokers, commands))
     }
 
-    /// Starts the daemon under test `--kills` times and SIGKILLs each at a random moment
-    /// after it gets its partitions. Returns, per kill, the chaos output's end offsets once
-    /// the killed process is gone: its updates are the ones below them.
+    /// Starts the fleet under test, then `--kills` times SIGKILLs one of its daemons at a
+    /// random moment and starts it again at once (on an empty store every `--wipe-every`
+    /// kills). Returns, per kill, the chaos output's end offsets once the killed process is
+    /// gone (its updates are the ones below them), and the fleet, running.
     fn kill_repeatedly(
         &self,
-        config: &Path,
+        configs: &[PathBuf],
         admin: &BaseConsumer,
-    ) -> anyhow::Result<Vec<Vec<i64>>> {
+    ) -> anyhow::Result<(Vec<Vec<i64>>, Vec<Daemon>)> {
         let args = self.args;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
         let mut boundaries: Vec<Vec<i64>> = Vec::with_capacity(args.kills);
-        for kill in 1..=args.kills {
-            let mut daemon =
-                Daemon::start(self.binary, config, self.work, &format!("chaos-{kill}"))?;
+        let mut fleet: Vec<Daemon> = configs
+            .iter()
+            .enumerate()
+            .map(|(i, config)| Daemon::start(self.binary, config, self.work, &instance_name(i)))
+            .collect::<anyhow::Result<_>>()?;
+        for daemon in &mut fleet {
             daemon.wait_assigned(Duration::from_secs(60))?;
+        }
+        for kill in 1..=args.kills {
+            let i = rng.random_range(0..fleet.len());
             let uptime = rng.random_range(args.max_uptime_ms / 10..=args.max_uptime_ms.max(1));
             std::thread::sleep(Duration::from_millis(uptime));
-            daemon.kill()?;
+            fleet[i].kill()?;
             // What the process had sent reaches the broker within a round trip.
             std::thread::sleep(Duration::from_millis(args.rtt_ms * 2 + 200));
             boundaries.push(end_offsets(admin, "chaos-memberships")?);
+            let wiped = args.wipe_every > 0 && kill % args.wipe_every == 0;
+            if wiped {
+                let store = self.work.join(format!("{}-state", instance_name(i)));
+                std::fs::remove_dir_all(&store)
+                    .with_context(|| format!("wiping {}", store.display()))?;
+            }
             println!(
-                "kill {kill}/{}: SIGKILL after {uptime} ms; {} chaos updates so far",
+                "kill {kill}/{}: SIGKILL of {} after {uptime} ms{}; {} chaos updates so far",
                 args.kills,
+                instance_name(i),
+                if wiped {
+                    ", restarted on an empty store"
+                } else {
+                    ""
+                },
                 boundaries.last().map_or(0, |b| b.iter().sum::<i64>())
             );
+            fleet[i] = Daemon::start(self.binary, &configs[i], self.work, &instance_name(i))?;
+            fleet[i].wait_assigned(Duration::from_secs(60))?;
         }
-        Ok(boundaries)
+        Ok((boundaries, fleet))
     }
+}
+
+/// The name (logs, store directory) of the `i`th daemon under test.
+fn instance_name(i: usize) -> String {
+    format!("chaos-{}", i + 1)
 }
 
 /// Checks that the broker holds every one of the `fed` input records, then waits for both
@@ -325,7 +380,7 @@ fn catch_up(brokers: &str, admin: &BaseConsumer, fed: usize) -> anyhow::Result<(
 /// One daemon's config file.
 fn write_config(
     work: &Path,
-    name: &str,
+    (group, name): (&str, &str),
     brokers: &str,
     args: &ChaosArgs,
     snapshot: &Path,
@@ -348,13 +403,16 @@ recluster = false
 
 [kafka]
 brokers = "{brokers}"
-group_id = "{name}"
+group_id = "{group}"
 input_topics = ["{INPUT}"]
-output_topic = "{name}-memberships"
-dead_letter_topic = "{name}-dead-letters"
+output_topic = "{group}-memberships"
+dead_letter_topic = "{group}-dead-letters"
 max_batch = {max_batch}
 # A killed member's partitions move on after about this long on the mock cluster.
 session_timeout_ms = 2000
+# Static membership: a daemon restarted within the session timeout takes its partitions
+# back without a rebalance.
+group_instance_id = "{name}"
 
 [store]
 path = {store:?}
@@ -493,7 +551,11 @@ impl Daemon {
             .with_context(|| format!("starting {name}"))?;
         let stderr = child.stderr.take().context("no stderr")?;
         let (tx, assigned) = mpsc::channel();
-        let mut file = std::fs::File::create(&log)?;
+        // A restarted daemon's log goes on in the same file.
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let http = Arc::new(Mutex::new(None));
         let address = http.clone();
         std::thread::spawn(move || {
@@ -521,6 +583,39 @@ impl Daemon {
             assigned,
             http,
         })
+    }
+
+    /// A gauge from the daemon's metrics endpoint.
+    fn gauge(&self, name: &str) -> Option<f64> {
+        let address = self
+            .http
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let metrics = http_get(&address, "/metrics").ok()?;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    }
+
+    /// Waits until the daemon owns `partitions` partitions, every one restored.
+    fn wait_owning(&self, partitions: i32, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let owned = self.gauge("segmentd_partitions_owned");
+            let restoring = self.gauge("segmentd_partitions_restoring");
+            if owned == Some(f64::from(partitions)) && restoring == Some(0.0) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.process.failure(&format!(
+                    "did not come to own all {partitions} partitions (owns {owned:?}, \
+                     restoring {restoring:?})"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Waits until the daemon's durable aging state has no open boundary
