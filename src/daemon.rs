@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::http::AppState;
 use crate::config::Config;
 use crate::control::drift::monitoring;
-use crate::control::recluster::Reclusterer;
+use crate::control::recluster::{Fleet, Reclusterer, SnapshotPublisher};
 use crate::control::registry::Registry;
 use crate::control::sources::{follow_topic, watch_directory};
 use crate::domain::section::Checked;
@@ -202,13 +202,29 @@ impl Daemon {
             admin,
         } = self;
         let mut tasks = Tasks::default();
+        let leader = Arc::new(AtomicBool::new(false));
+        let fleet = Fleet {
+            // With the changelog, instances share partitions: the owner of partition 0 leads.
+            leader: config.kafka.changelog.then(|| leader.clone()),
+            publish: if config.kafka.snapshot_topic.is_empty() {
+                None
+            } else {
+                match SnapshotPublisher::new(&config.kafka) {
+                    Ok(publisher) => Some(publisher),
+                    Err(e) => {
+                        tracing::error!(error = %e, "no publisher to the snapshot topic");
+                        None
+                    }
+                }
+            },
+        };
         let monitoring = monitoring(
             &config.drift,
             &config.recluster_settings(),
             &registry,
             &store,
             &metrics,
-            token,
+            (fleet, token),
         );
         let monitor = monitoring.monitor;
         tasks.spawn("drift monitor", async move {
@@ -227,7 +243,6 @@ impl Daemon {
         }
         let ready = Arc::new(AtomicBool::new(false));
         let restoring: Arc<std::sync::Mutex<std::collections::BTreeSet<i32>>> = Arc::default();
-        let leader = Arc::new(AtomicBool::new(false));
         let clock = StreamClock::new(&config.clock);
         let report: crate::audience::stream::SharedReport = Default::default();
         let state = Arc::new(AppState {

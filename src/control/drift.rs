@@ -174,6 +174,11 @@ pub async fn monitor(
         let Some(reclusterer) = reclusterer.clone().filter(|_| config.recluster) else {
             continue;
         };
+        if !reclusterer.fleet.leads() {
+            // One instance re-clusters for the fleet: the owner of input partition 0.
+            tracing::info!("drift seen here; the fleet's leader re-clusters");
+            continue;
+        }
         let cause = Cause {
             reason: "drift".into(),
             readings: current,
@@ -204,7 +209,10 @@ pub fn monitoring(
     registry: &Arc<Registry>,
     store: &Arc<dyn StateStore>,
     metrics: &Arc<Metrics>,
-    shutdown: &tokio_util::sync::CancellationToken,
+    (fleet, shutdown): (
+        super::recluster::Fleet,
+        &tokio_util::sync::CancellationToken,
+    ),
 ) -> Monitoring {
     let live: Live = Arc::new(std::sync::Mutex::new(LiveState::new(
         std::time::Duration::from_secs_f64(config.half_life_seconds),
@@ -215,6 +223,7 @@ pub fn monitoring(
         settings: settings.clone(),
         metrics: metrics.clone(),
         running: std::sync::Mutex::new(()),
+        fleet,
     });
     let monitor = Box::pin(monitor(
         config.clone(),

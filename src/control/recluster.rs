@@ -397,6 +397,63 @@ fn validate_live(
     Ok(reasons)
 }
 
+/// Where the instance stands in its fleet, for re-clustering: one instance re-clusters for
+/// everyone and the result reaches every instance through the snapshot topic.
+#[derive(Default)]
+pub struct Fleet {
+    /// Set while this instance leads (owns input partition 0; the consumer loop keeps it).
+    /// `None`: a lone instance, which always leads.
+    pub leader: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The snapshot topic every instance follows: an accepted candidate is published there,
+    /// staged here, and activated by every instance (this one included) as it reads it back.
+    /// `None`: it is offered to this instance's registry only.
+    pub publish: Option<SnapshotPublisher>,
+}
+
+impl Fleet {
+    /// Whether this instance may re-cluster on its own (drift): it leads, or has no fleet.
+    pub fn leads(&self) -> bool {
+        self.leader
+            .as_ref()
+            .is_none_or(|l| l.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+/// Publishes snapshot documents to the snapshot topic.
+pub struct SnapshotPublisher {
+    producer: rdkafka::producer::FutureProducer<crate::io::kafka::QuietErrors>,
+    topic: String,
+}
+
+impl SnapshotPublisher {
+    /// A publisher to `kafka.snapshot_topic`.
+    pub fn new(config: &crate::io::kafka::KafkaConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            producer: crate::io::kafka::client_config(config)
+                .set("enable.idempotence", "true")
+                .set("message.max.bytes", "10485760")
+                .create_with_context(crate::io::kafka::QuietErrors::default())?,
+            topic: config.snapshot_topic.clone(),
+        })
+    }
+
+    /// Sends a document keyed `snapshot` (the topic is compacted: its latest record is the
+    /// fleet's snapshot) and waits for the acknowledgement. Blocking.
+    pub fn publish(&self, document: &[u8]) -> anyhow::Result<()> {
+        let record = rdkafka::producer::FutureRecord::to(&self.topic)
+            .key("snapshot")
+            .payload(document);
+        let delivery = self
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| anyhow::anyhow!("snapshot topic {}: {e}", self.topic))?;
+        futures::executor::block_on(delivery)
+            .map_err(|_| anyhow::anyhow!("snapshot topic {}: delivery cancelled", self.topic))?
+            .map_err(|(e, _)| anyhow::anyhow!("snapshot topic {}: {e}", self.topic))?;
+        Ok(())
+    }
+}
+
 /// Shared by the daemon's drift monitor and the admin API.
 pub struct Reclusterer {
     /// The durable store.
@@ -409,22 +466,46 @@ pub struct Reclusterer {
     pub metrics: Arc<Metrics>,
     /// Held while a run is going: one at a time.
     pub running: std::sync::Mutex<()>,
+    /// The fleet this instance belongs to.
+    pub fleet: Fleet,
 }
 
 impl Reclusterer {
     /// Runs one re-clustering unless one is already running (`None` then). Blocking.
+    ///
+    /// In a fleet with a snapshot topic, an accepted candidate is staged here and published to
+    /// the topic (when `drift.auto_activate` is on), and every instance activates it from
+    /// there: one version for the whole fleet.
     pub fn run(&self, cause: &Cause) -> Option<anyhow::Result<ReclusterOutcome>> {
         let _guard = self.running.try_lock().ok()?;
+        let through_topic = self
+            .fleet
+            .publish
+            .as_ref()
+            .filter(|_| self.settings.auto_activate);
+        let outcome = recluster(
+            self.store.as_ref(),
+            &self.registry,
+            &self.settings,
+            self.settings.auto_activate && through_topic.is_none(),
+            cause,
+            &self.metrics,
+        )
+        .map(|(outcome, _)| outcome);
+        let (Some(publisher), Ok(ReclusterOutcome::Accepted(Outcome::Staged(version)))) =
+            (through_topic, &outcome)
+        else {
+            return Some(outcome);
+        };
+        let version = *version;
         Some(
-            recluster(
-                self.store.as_ref(),
-                &self.registry,
-                &self.settings,
-                self.settings.auto_activate,
-                cause,
-                &self.metrics,
-            )
-            .map(|(outcome, _)| outcome),
+            self.registry
+                .document(version)
+                .and_then(|document| publisher.publish(&document))
+                .map(|()| {
+                    tracing::info!(version, "re-clustered snapshot published to the fleet");
+                    ReclusterOutcome::Accepted(Outcome::Staged(version))
+                }),
         )
     }
 }

@@ -283,6 +283,12 @@ impl Registry {
         self.shared.clone()
     }
 
+    /// A stored version's document, as stored.
+    pub fn document(&self, version: u64) -> anyhow::Result<Vec<u8>> {
+        let path = snapshot_path(&self.dir, version);
+        std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
     /// The active version.
     pub fn active_version(&self) -> u64 {
         self.shared.load().snapshot.version()

@@ -255,3 +255,118 @@ async fn a_fleet_that_loses_an_instance_and_gains_an_empty_one_publishes_what_on
     }
     drop(cluster);
 }
+
+/// Re-clustering in a fleet: only the leader may re-cluster on drift, and its result goes
+/// through the snapshot topic, so every instance (the leader too) activates the same version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_reclusters_for_the_fleet_and_every_instance_takes_its_version() {
+    use segmentd::control::recluster::{Cause, Fleet, ReclusterOutcome, Reclusterer};
+    use segmentd::control::registry::{Outcome, Registry};
+    use segmentd::domain::record::CustomerRecord;
+    use segmentd::io::store::{customer_key, MemStore, StoreBatch};
+    use segmentd::telemetry::metrics::Metrics;
+    use std::sync::atomic::AtomicBool;
+
+    let cluster = Cluster::new();
+    let brokers = cluster.brokers();
+    let topic = unique("snapshots");
+    cluster.create_topic(&topic, 1).await;
+    let shop = Shop::new(ShopParams {
+        customers: 1_500,
+        order_lines: 30_000,
+        seed: 3,
+        ..ShopParams::default()
+    })
+    .unwrap();
+    let (states, v1) = segmentd::synth::fixtures::discover_history(&shop, 1_000).unwrap();
+    let records = shop
+        .customer_ids()
+        .iter()
+        .zip(states)
+        .map(|(id, state)| {
+            let record = CustomerRecord {
+                state,
+                home: Some(0),
+                ..CustomerRecord::default()
+            };
+            (customer_key(0, id.as_str().as_bytes()), record.encode())
+        })
+        .collect();
+    let store: Arc<dyn StateStore> = Arc::new(MemStore::default());
+    store
+        .commit(&StoreBatch {
+            records,
+            ..StoreBatch::default()
+        })
+        .unwrap();
+    let kafka = KafkaConfig {
+        brokers: brokers.clone(),
+        group_id: unique("fleet"),
+        snapshot_topic: topic.clone(),
+        session_timeout_ms: 6_000,
+        ..KafkaConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let mut instances = Vec::new();
+    for leads in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let registry = Registry::open(dir.path(), 5, v1.clone(), metrics.clone()).unwrap();
+        tokio::spawn(segmentd::control::sources::follow_topic(
+            kafka.clone(),
+            topic.clone(),
+            registry.clone(),
+            shutdown.clone(),
+        ));
+        let mut settings = segmentd::config::Config::default().recluster_settings();
+        settings.discover.sample_size = segmentd::model::build::SampleSizeSetting::Count(1_000);
+        let reclusterer = Reclusterer {
+            store: store.clone(),
+            registry: registry.clone(),
+            settings,
+            metrics,
+            running: std::sync::Mutex::new(()),
+            fleet: Fleet {
+                leader: Some(Arc::new(AtomicBool::new(leads))),
+                publish: Some(
+                    segmentd::control::recluster::SnapshotPublisher::new(&kafka).unwrap(),
+                ),
+            },
+        };
+        instances.push((dir, registry, reclusterer));
+    }
+    let before = instances[0].1.active_version();
+    // Only the leader may re-cluster on drift.
+    assert!(instances[0].2.fleet.leads());
+    assert!(!instances[1].2.fleet.leads());
+    let leader = &instances[0].2;
+    let cause = Cause {
+        reason: "drift".into(),
+        readings: Vec::new(),
+    };
+    let outcome = tokio::task::block_in_place(|| leader.run(&cause))
+        .expect("no other run")
+        .unwrap();
+    // Staged by the leader, activated by everyone from the topic.
+    assert_eq!(
+        outcome,
+        ReclusterOutcome::Accepted(Outcome::Staged(before + 1))
+    );
+    for (_, registry, _) in &instances {
+        wait_for("every instance on the leader's version", || {
+            registry.active_version() == before + 1
+        })
+        .await;
+    }
+    let (a, b) = (
+        instances[0].1.shared().load_full(),
+        instances[1].1.shared().load_full(),
+    );
+    assert_eq!(
+        serde_json::to_value(a.snapshot.snapshot()).unwrap(),
+        serde_json::to_value(b.snapshot.snapshot()).unwrap(),
+        "the instances hold different documents under one version"
+    );
+    shutdown.cancel();
+    drop(cluster);
+}
