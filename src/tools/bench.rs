@@ -81,6 +81,8 @@ pub enum Run {
     Aging,
     /// A `segmentd run` process over the large store.
     Process,
+    /// Restoring partitions from the changelog into an empty store.
+    Restore,
 }
 
 impl BenchArgs {
@@ -184,6 +186,9 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     // 5. live traffic through a swap and the sweep it starts, then aging
     let snapshot = shared.load_full();
+    if args.runs(Run::Restore) {
+        restore_run(&rig, &states, &snapshot).await?;
+    }
     if args.runs(Run::Swap) {
         swap_run(&rig, &snapshot, &states, n)
             .await
@@ -253,14 +258,24 @@ async fn prepare(
 
 /// 2. The daemon flat out, against the passthrough ceiling.
 async fn flat_run(rig: &Rig<'_>, ceiling: Option<&Throughput>) -> anyhow::Result<()> {
-    let (flat, metrics) = daemon_run(rig, rig.payloads, "flat", None).await?;
+    let (flat, metrics) = daemon_run(rig, rig.payloads, ("flat", true), None).await?;
     let ratio = ceiling
         .map(|c| format!(" = {:.2} of the ceiling", flat.rate / c.rate))
         .unwrap_or_default();
     println!(
-        "daemon (decode, state, assign, publish, commit): {:>9.0} events/s ({:.2} cores busy)\
-         {ratio}",
+        "daemon (decode, state, assign, publish, changelog, commit): {:>9.0} events/s \
+         ({:.2} cores busy){ratio}",
         flat.rate, flat.cores,
+    );
+    drop(metrics);
+    // The same run without the changelog: what state that can move between instances costs.
+    let (bare, metrics) = daemon_run(rig, rig.payloads, ("flat-nochangelog", false), None).await?;
+    println!(
+        "daemon without the changelog: {:>9.0} events/s ({:.2} cores busy); with it = {:.2} of \
+         this",
+        bare.rate,
+        bare.cores,
+        flat.rate / bare.rate
     );
     drop(metrics);
     Ok(())
@@ -271,7 +286,7 @@ async fn latency_run(rig: &Rig<'_>) -> anyhow::Result<()> {
     let args = rig.args;
     let n = (args.rate as usize * args.latency_seconds as usize).min(rig.payloads.len());
     let offered = Arc::new(rig.payloads[..n].to_vec());
-    let (achieved, metrics) = daemon_run(rig, &offered, "paced", Some(args.rate)).await?;
+    let (achieved, metrics) = daemon_run(rig, &offered, ("paced", true), Some(args.rate)).await?;
     let buckets = histogram_buckets(&metrics.event_to_publish_seconds);
     let ms = |q: f64| {
         quantile(&buckets, q).map_or("-".to_owned(), |s| {
@@ -524,7 +539,7 @@ async fn swap_run(
         dir,
         "swap",
         path.clone(),
-        args.partitions,
+        (args.partitions, true),
         (SweepConfig::default(), traffic_aging()),
     )
     .await?;
@@ -555,7 +570,7 @@ async fn swap_run(
         dir,
         "sweep",
         path,
-        args.partitions,
+        (args.partitions, true),
         (unthrottled, traffic_aging()),
     )
     .await?;
@@ -612,7 +627,7 @@ async fn aging_run(
         rig.dir,
         "aging",
         path,
-        partitions,
+        (partitions, true),
         unthrottled,
     )
     .await?;
@@ -740,7 +755,7 @@ async fn aging_with_traffic(
         rig.dir,
         "aging-traffic",
         path,
-        partitions,
+        (partitions, true),
         (SweepConfig::default(), Default::default()),
     )
     .await?;
@@ -1159,7 +1174,7 @@ impl Running {
         dir: &tempfile::TempDir,
         name: &str,
         store: std::path::PathBuf,
-        partitions: i32,
+        (partitions, changelog): (i32, bool),
         (sweep, aging): (
             crate::pipeline::sweep::SweepConfig,
             crate::pipeline::aging::AgingConfig,
@@ -1173,6 +1188,7 @@ impl Running {
                 output_topic: format!("bench-{name}-memberships"),
                 dead_letter_topic: format!("bench-{name}-dead"),
                 session_timeout_ms: 6_000,
+                changelog,
                 ..KafkaConfig::default()
             },
             sweep,
@@ -1234,7 +1250,7 @@ impl Running {
 async fn daemon_run(
     rig: &Rig<'_>,
     payloads: &Payloads,
-    name: &str,
+    (name, changelog): (&str, bool),
     rate: Option<u32>,
 ) -> anyhow::Result<(Throughput, Arc<Metrics>)> {
     let Rig {
@@ -1247,7 +1263,16 @@ async fn daemon_run(
     let partitions = rig.args.partitions;
     let store = dir.path().join(name);
     let passes = (Default::default(), traffic_aging());
-    let running = Running::start(cluster, brokers, dir, name, store, partitions, passes).await?;
+    let running = Running::start(
+        cluster,
+        brokers,
+        dir,
+        name,
+        store,
+        (partitions, changelog),
+        passes,
+    )
+    .await?;
     let input = format!("bench-{name}-events");
     // Warm-up record: wait until it is durable, then time the rest.
     let progress = Arc::new(AtomicU64::new(0));
@@ -1273,6 +1298,102 @@ async fn daemon_run(
         cores,
     };
     Ok((throughput, metrics))
+}
+
+/// Changelog partitions of the restore run, and customer records in each: the mock cluster
+/// keeps about 5 MiB per partition, so the records are spread over many partitions.
+const RESTORE_PARTITIONS: i32 = 32;
+const RESTORE_PER_PARTITION: usize = 8_000;
+
+/// Restore from the changelog: the records of `RESTORE_PARTITIONS * RESTORE_PER_PARTITION`
+/// customers, written as the committer writes them (each partition ending with its progress
+/// record), restored partition by partition into an empty RocksDB, as an instance that
+/// replaces a lost machine does.
+async fn restore_run(
+    rig: &Rig<'_>,
+    states: &[crate::domain::state::CustomerState],
+    snapshot: &crate::model::assign::LoadedSnapshot,
+) -> anyhow::Result<()> {
+    use crate::pipeline::restore::{PartitionMeta, META_RECORD_KEY};
+    anyhow::ensure!(!states.is_empty(), "no customer states to restore");
+    let topic = "bench-restore-changelog";
+    rig.cluster.create_topic(topic, RESTORE_PARTITIONS, 1)?;
+    let records: Vec<Vec<u8>> = states
+        .iter()
+        .map(|state| {
+            let as_of = state
+                .last_event_time()
+                .unwrap_or(crate::domain::time::EventTime::EARLIEST);
+            crate::pipeline::assign::published_record(
+                state.clone(),
+                &snapshot.snapshot,
+                &snapshot.assigner,
+                as_of,
+                1,
+            )
+            .encode()
+        })
+        .collect();
+    let writer = crate::io::changelog::ChangelogWriter::new(
+        &KafkaConfig {
+            brokers: rig.brokers.to_owned(),
+            ..KafkaConfig::default()
+        },
+        topic,
+    )?;
+    let total = RESTORE_PARTITIONS as usize * RESTORE_PER_PARTITION;
+    let keys: Vec<String> = (0..total).map(|i| seeded_id(i).to_string()).collect();
+    let meta = PartitionMeta::default().encode();
+    let bytes: usize = tokio::task::block_in_place(|| -> anyhow::Result<usize> {
+        let mut bytes = 0;
+        for p in 0..RESTORE_PARTITIONS {
+            let range =
+                p as usize * RESTORE_PER_PARTITION..(p as usize + 1) * RESTORE_PER_PARTITION;
+            let batch: Vec<(i32, &[u8], &[u8])> = range
+                .map(|i| {
+                    let value = records[i % records.len()].as_slice();
+                    bytes += value.len();
+                    (p, keys[i].as_bytes(), value)
+                })
+                .chain([(p, META_RECORD_KEY, meta.as_slice())])
+                .collect();
+            writer.write(batch)?;
+        }
+        Ok(bytes)
+    })?;
+    let config = KafkaConfig {
+        brokers: rig.brokers.to_owned(),
+        ..KafkaConfig::default()
+    };
+    let path = rig.dir.path().join("restore-state");
+    let timed = tokio::task::block_in_place(|| -> anyhow::Result<(f64, u64)> {
+        let store = RocksStore::open(&StoreConfig {
+            path,
+            ..StoreConfig::default()
+        })?;
+        let reader = crate::io::changelog::ChangelogReader::new(&config, topic)?;
+        let metrics = Metrics::new()?;
+        let started = Instant::now();
+        let mut restored = 0;
+        for p in 0..RESTORE_PARTITIONS {
+            restored +=
+                crate::pipeline::restore::restore_partition(&reader, &store, p, &metrics)?.records;
+        }
+        Ok((started.elapsed().as_secs_f64(), restored))
+    })?;
+    let (seconds, restored) = timed;
+    anyhow::ensure!(
+        restored == (total + RESTORE_PARTITIONS as usize) as u64,
+        "restored {restored} records of {}",
+        total + RESTORE_PARTITIONS as usize
+    );
+    println!(
+        "restore from the changelog into an empty store: {total} customers ({:.0} MiB of \
+         records) in {RESTORE_PARTITIONS} partitions in {seconds:.2} s = {:.0} customers/s",
+        bytes as f64 / (1 << 20) as f64,
+        total as f64 / seconds
+    );
+    Ok(())
 }
 
 /// Waits until `total` records are durable, telling the feeder how far the daemon is and
