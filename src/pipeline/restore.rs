@@ -58,7 +58,7 @@ fn position(store: &dyn StateStore, partition: i32) -> Result<i64, StoreError> {
 }
 
 /// Records written to the store per slice of a restore.
-const SLICE: usize = 20_000;
+const SLICE: usize = 5_000;
 
 /// An input partition's progress, as the changelog carries it after each batch.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -308,44 +308,63 @@ pub(crate) fn restore_partition(
         );
         from
     };
-    let mut batch = StoreBatch::default();
-    let flush = |batch: &mut StoreBatch, next: i64, meta: &Option<PartitionMeta>| {
-        batch
-            .meta
-            .push((position_key(partition), next.to_be_bytes().to_vec()));
-        if let Some(meta) = meta {
-            meta.store_entries(partition, batch);
-        }
-        let written = batch.records.len() as u64;
-        store.commit(batch)?;
-        *batch = StoreBatch::default();
-        metrics.restore_records.inc_by(written);
-        lag.set(bounds.end - next);
-        Ok::<(), RestoreError>(())
-    };
+    // Reading (this thread) and writing (another) overlap: a slice is written while the next
+    // is read. Slices are written in order, each with the position it reaches, so a restore
+    // that stops anywhere resumes from the last one written.
     let mut meta: Option<PartitionMeta> = None;
-    reader.read(
-        partition,
-        (read_from, bounds.end),
-        &mut |offset, key, value| {
-            restored.records += u64::from(offset >= from);
-            if key == META_RECORD_KEY {
-                let parsed: PartitionMeta = value
-                    .and_then(|v| serde_json::from_slice(v).ok())
-                    .ok_or(RestoreError::Corrupt { partition, offset })?;
-                meta = Some(parsed);
-            } else if let Some(value) = value {
-                batch
-                    .records
-                    .push((customer_key(partition, key), value.to_vec()));
+    std::thread::scope(|scope| -> Result<(), RestoreError> {
+        let (to_writer, slices) = std::sync::mpsc::sync_channel::<(StoreBatch, i64)>(2);
+        let writer = scope.spawn(move || -> Result<(), RestoreError> {
+            for (batch, next) in slices {
+                let written = batch.records.len() as u64;
+                store.commit(&batch)?;
+                metrics.restore_records.inc_by(written);
+                lag.set(bounds.end - next);
             }
-            if batch.records.len() >= SLICE {
-                flush(&mut batch, offset + 1, &meta)?;
+            Ok(())
+        });
+        let seal = |batch: &mut StoreBatch, next: i64, meta: &Option<PartitionMeta>| {
+            let mut sealed = std::mem::take(batch);
+            sealed
+                .meta
+                .push((position_key(partition), next.to_be_bytes().to_vec()));
+            if let Some(meta) = meta {
+                meta.store_entries(partition, &mut sealed);
             }
-            Ok::<(), RestoreError>(())
-        },
-    )?;
-    flush(&mut batch, bounds.end, &meta)?;
+            (sealed, next)
+        };
+        let mut batch = StoreBatch::default();
+        let read = reader.read(
+            partition,
+            (read_from, bounds.end),
+            &mut |offset, key, value| {
+                restored.records += u64::from(offset >= from);
+                if key == META_RECORD_KEY {
+                    let parsed: PartitionMeta = value
+                        .and_then(|v| serde_json::from_slice(v).ok())
+                        .ok_or(RestoreError::Corrupt { partition, offset })?;
+                    meta = Some(parsed);
+                } else if let Some(value) = value {
+                    batch
+                        .records
+                        .push((customer_key(partition, key), value.to_vec()));
+                }
+                if batch.records.len() >= SLICE {
+                    // A writer that stopped has its error returned below.
+                    let _ = to_writer.send(seal(&mut batch, offset + 1, &meta));
+                }
+                Ok::<(), RestoreError>(())
+            },
+        );
+        if read.is_ok() {
+            let _ = to_writer.send(seal(&mut batch, bounds.end, &meta));
+        }
+        drop(to_writer);
+        let written = writer
+            .join()
+            .map_err(|_| RestoreError::Task("the restore writer panicked".into()))?;
+        read.and(written)
+    })?;
     restored.meta = meta;
     restored.seconds = started.elapsed().as_secs_f64();
     tracing::info!(
