@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::http::AppState;
 use crate::config::Config;
-use crate::control::drift::monitoring;
+use crate::control::drift::{monitoring, FleetDrift};
 use crate::control::recluster::{Fleet, Reclusterer, SnapshotPublisher};
 use crate::control::registry::Registry;
 use crate::control::sources::{follow_topic, watch_directory};
@@ -218,13 +218,26 @@ impl Daemon {
                 }
             },
         };
+        // With the changelog, instances share partitions: drift is judged on the fleet's
+        // population, exchanged through `<group_id>-drift`.
+        let fleet_drift = if config.kafka.changelog {
+            match FleetDrift::start(&config.kafka, token.clone()) {
+                Ok(exchange) => Some(exchange),
+                Err(e) => {
+                    tracing::error!(error = %e, "no drift exchange with the fleet");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let monitoring = monitoring(
             &config.drift,
             &config.recluster_settings(),
             &registry,
             &store,
             &metrics,
-            (fleet, token),
+            (fleet, fleet_drift, token),
         );
         let monitor = monitoring.monitor;
         tasks.spawn("drift monitor", async move {

@@ -3,6 +3,12 @@
 //! when an axis has exceeded `drift.psi_threshold` for `drift.consecutive` checks in a row and
 //! the last firing is at least `drift.cooldown_seconds` ago; firing starts a re-clustering
 //! (see [`super::recluster`]).
+//!
+//! **In a fleet** ([`FleetDrift`]), every instance publishes its share of the population (its
+//! decayed sums and segment counts) to the compacted topic `<group_id>-drift` at each check,
+//! keyed by instance; the leader (the owner of input partition 0) adds the fresh shares of
+//! the others to its own, so drift is judged, and exported by the leader, on the whole
+//! population rather than on one instance's partitions.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +20,7 @@ use super::recluster::{Cause, ReclusterSettings, Reclusterer};
 use super::registry::Registry;
 use crate::domain::section::Section;
 use crate::io::store::StateStore;
-use crate::model::drift::{readings, Live, LiveState, Reading};
+use crate::model::drift::{readings, Live, LiveState, Reading, Share};
 use crate::telemetry::metrics::Metrics;
 
 /// Drift settings.
@@ -142,6 +148,98 @@ pub fn export(readings: &[Reading], trigger: &Trigger, metrics: &Metrics) {
     }
 }
 
+/// The drift shares of a fleet's instances, exchanged through `<group_id>-drift`.
+pub struct FleetDrift {
+    /// This instance's key on the topic.
+    pub instance: String,
+    producer: rdkafka::producer::FutureProducer<crate::io::kafka::QuietErrors>,
+    topic: String,
+    /// The latest share of every other instance, with when it arrived.
+    shares: Arc<std::sync::Mutex<BTreeMap<String, (Instant, Share)>>>,
+}
+
+impl FleetDrift {
+    /// Publishes to, and follows (until `shutdown`), the fleet's drift topic.
+    pub fn start(
+        config: &crate::io::kafka::KafkaConfig,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Self> {
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::message::Message;
+        let topic = format!("{}-drift", config.group_id);
+        let instance = if config.group_instance_id.trim().is_empty() {
+            format!("pid-{}-{:x}", std::process::id(), rand::random::<u32>())
+        } else {
+            config.group_instance_id.trim().to_owned()
+        };
+        let producer = crate::io::kafka::client_config(config)
+            .create_with_context(crate::io::kafka::QuietErrors::default())?;
+        // A group of its own per process: every instance reads every share.
+        let consumer: StreamConsumer<crate::io::kafka::QuietErrors> =
+            crate::io::kafka::client_config(config)
+                .set("group.id", format!("{topic}-{instance}"))
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "latest")
+                .create_with_context(crate::io::kafka::QuietErrors::default())?;
+        consumer.subscribe(&[topic.as_str()])?;
+        let shares: Arc<std::sync::Mutex<BTreeMap<String, (Instant, Share)>>> = Arc::default();
+        let (into, me) = (shares.clone(), instance.clone());
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = consumer.recv() => m,
+                };
+                let Ok(message) = message else {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                };
+                let key = message
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned());
+                let share = message
+                    .payload()
+                    .and_then(|p| serde_json::from_slice::<Share>(p).ok());
+                if let (Some(key), Some(share)) = (key, share) {
+                    if key != me {
+                        into.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(key, (Instant::now(), share));
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            instance,
+            producer,
+            topic,
+            shares,
+        })
+    }
+
+    /// Sends this instance's share (best effort: a lost share only leaves this instance out
+    /// of the leader's next reading).
+    fn publish(&self, share: &Share) {
+        let Ok(payload) = serde_json::to_vec(share) else {
+            return;
+        };
+        let record = rdkafka::producer::FutureRecord::to(&self.topic)
+            .key(&self.instance)
+            .payload(&payload);
+        if let Err((e, _)) = self.producer.send_result(record) {
+            tracing::warn!(error = %e, "drift share not sent");
+        }
+    }
+
+    /// The other instances' shares that arrived within `fresh` (older ones are of instances
+    /// gone, or of partitions since moved).
+    fn others(&self, fresh: Duration) -> Vec<Share> {
+        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+        shares.retain(|_, (at, _)| at.elapsed() <= fresh);
+        shares.values().map(|(_, share)| share.clone()).collect()
+    }
+}
+
 /// Checks drift every `config.check_seconds` until shutdown: exports the readings and, when
 /// the trigger fires and `config.recluster` is on, starts a re-clustering (one at a time; the
 /// checks go on meanwhile).
@@ -150,7 +248,7 @@ pub async fn monitor(
     registry: Arc<Registry>,
     live: Live,
     metrics: Arc<Metrics>,
-    reclusterer: Option<Arc<Reclusterer>>,
+    (reclusterer, fleet): (Option<Arc<Reclusterer>>, Option<FleetDrift>),
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut trigger = Trigger::default();
@@ -161,9 +259,26 @@ pub async fn monitor(
             _ = tokio::time::sleep(every) => {}
         }
         let loaded = registry.shared().load_full();
+        let leads = reclusterer.as_ref().is_none_or(|r| r.fleet.leads());
         let current = {
             let live = live.lock().unwrap_or_else(|e| e.into_inner());
-            readings(&loaded.snapshot, &live, config.min_customers)
+            match &fleet {
+                Some(fleet) => {
+                    fleet.publish(&live.share());
+                    if leads {
+                        // The whole population: this instance's share and the others'.
+                        let others = fleet.others(every * 3);
+                        readings(
+                            &loaded.snapshot,
+                            &live.with_shares(&others),
+                            config.min_customers,
+                        )
+                    } else {
+                        readings(&loaded.snapshot, &live, config.min_customers)
+                    }
+                }
+                None => readings(&loaded.snapshot, &live, config.min_customers),
+            }
         };
         let fired = trigger.check(&current, &config, Instant::now());
         export(&current, &trigger, &metrics);
@@ -209,8 +324,9 @@ pub fn monitoring(
     registry: &Arc<Registry>,
     store: &Arc<dyn StateStore>,
     metrics: &Arc<Metrics>,
-    (fleet, shutdown): (
+    (fleet, fleet_drift, shutdown): (
         super::recluster::Fleet,
+        Option<FleetDrift>,
         &tokio_util::sync::CancellationToken,
     ),
 ) -> Monitoring {
@@ -230,7 +346,7 @@ pub fn monitoring(
         registry.clone(),
         live.clone(),
         metrics.clone(),
-        Some(reclusterer.clone()),
+        (Some(reclusterer.clone()), fleet_drift),
         shutdown.clone(),
     ));
     Monitoring {
@@ -243,6 +359,40 @@ pub fn monitoring(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Instances of a fleet see each other's shares through the drift topic, not their own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fleets_instances_exchange_their_drift_shares() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let config = |instance: &str| crate::io::kafka::KafkaConfig {
+            brokers: cluster.bootstrap_servers(),
+            group_id: "fleet".into(),
+            group_instance_id: instance.into(),
+            ..crate::io::kafka::KafkaConfig::default()
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let leader = FleetDrift::start(&config("a"), shutdown.clone()).unwrap();
+        let other = FleetDrift::start(&config("b"), shutdown.clone()).unwrap();
+        let mut share = Share::default();
+        share.counts.snapshot_version = 7;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Each side subscribes from the latest record: publish until the leader has it.
+        loop {
+            other.publish(&share);
+            leader.publish(&Share::default());
+            let seen = leader.others(Duration::from_secs(60));
+            if !seen.is_empty() {
+                assert_eq!(seen, vec![share.clone()], "only the other instance's share");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the leader never saw the other share"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        shutdown.cancel();
+    }
 
     fn reading(axis: &str, psi: f64) -> Reading {
         Reading {

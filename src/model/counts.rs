@@ -71,6 +71,20 @@ impl SegmentCounts {
         };
     }
 
+    /// Adds another instance's counts of the same version (others are ignored): a fleet's
+    /// population.
+    pub fn add(&mut self, other: &SegmentCounts) {
+        if other.snapshot_version != self.snapshot_version {
+            return;
+        }
+        for (axis, segments) in &other.counts {
+            let mine = self.counts.entry(axis.clone()).or_default();
+            for (segment, count) in segments {
+                *mine.entry(*segment).or_insert(0) += count;
+            }
+        }
+    }
+
     /// Counts a customer's published segments in (`sign` 1) or out (-1), when they belong to
     /// this version or one it carries: how a partition's customers join or leave the counts
     /// when the partition moves between instances.

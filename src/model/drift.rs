@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::assign::{Assigner, Assignment};
 use super::counts::SegmentCounts;
@@ -29,7 +29,7 @@ const SHARE_FLOOR: f64 = 1e-4;
 
 /// Per-axis sums of assignments (weights, standardised features, squared features, nearest
 /// distances), aligned with one snapshot's axes.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DriftSums {
     /// The snapshot version the sums belong to (0: none yet).
     pub version: u64,
@@ -38,7 +38,7 @@ pub struct DriftSums {
 }
 
 /// One axis of [`DriftSums`].
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AxisSums {
     /// Weight (assignments counted, decayed).
     pub n: f64,
@@ -156,6 +156,50 @@ impl LiveState {
         self.last = Some(now);
         self.sums.merge(batch);
         self.counts.clone_from(counts);
+    }
+}
+
+/// One instance's share of the population, as of when it was taken: its decayed sums and
+/// its segment counts. A fleet's instances exchange them so the drift of the whole
+/// population is judged in one place.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Share {
+    /// The sums, decayed to when the share was taken.
+    pub sums: DriftSums,
+    /// The instance's segment counts.
+    pub counts: SegmentCounts,
+}
+
+impl LiveState {
+    /// This instance's share now.
+    pub fn share(&self) -> Share {
+        let mut sums = self.sums.clone();
+        if let Some(last) = self.last {
+            let h = self.half_life.as_secs_f64().max(1e-9);
+            sums.decay(0.5f64.powf(last.elapsed().as_secs_f64() / h));
+        }
+        Share {
+            sums,
+            counts: self.counts.clone(),
+        }
+    }
+
+    /// The population of this instance and `others` together: sums of the same snapshot
+    /// version added, counts of the same version added.
+    pub fn with_shares(&self, others: &[Share]) -> LiveState {
+        let mut whole = self.share();
+        for other in others {
+            if other.sums.version == whole.sums.version {
+                whole.sums.merge(&other.sums);
+            }
+            whole.counts.add(&other.counts);
+        }
+        LiveState {
+            sums: whole.sums,
+            counts: whole.counts,
+            last: Some(Instant::now()),
+            half_life: self.half_life,
+        }
     }
 }
 
@@ -356,5 +400,54 @@ mod tests {
         let mut other = LiveState::new(Duration::from_secs(3_600));
         other.absorb(&sums, &counts);
         assert!(readings(&snapshot, &other, 500)[0].distance_ratio.is_nan());
+    }
+
+    /// A fleet's readings are the population's: two instances' shares, each too small to be
+    /// judged alone, add up to one judged reading with the shares and means of both.
+    #[test]
+    fn shares_of_a_fleet_add_up_to_the_whole_population() {
+        use crate::domain::features::Axis;
+        use crate::domain::update::AxisChange;
+        let snapshot = crate::model::snapshot::tests::sample_snapshot()
+            .validate()
+            .unwrap();
+        let instance = |segment: u32, customers: usize, distance: f64| {
+            let mut counts = SegmentCounts::new(snapshot.version());
+            for _ in 0..customers {
+                counts.apply(
+                    snapshot.version(),
+                    None,
+                    &[AxisChange {
+                        axis: Axis::PurchaseFrequency,
+                        previous: None,
+                        segment: Some(segment),
+                    }],
+                );
+            }
+            let sums = DriftSums {
+                version: snapshot.version(),
+                axes: vec![AxisSums {
+                    n: customers as f64,
+                    z: vec![0.0, 0.0],
+                    z2: vec![0.0, 0.0],
+                    distance: distance * customers as f64,
+                }],
+            };
+            let mut live = LiveState::new(Duration::from_secs(3_600));
+            live.absorb(&sums, &counts);
+            live
+        };
+        // 400 customers in segment 1 here, 600 in segment 2 there: the baseline's shares.
+        let (here, there) = (instance(1, 400, 0.5), instance(2, 600, 0.4));
+        assert!(!readings(&snapshot, &here, 500)[0].judged);
+        let share: Share =
+            serde_json::from_slice(&serde_json::to_vec(&there.share()).unwrap()).unwrap();
+        let fleet = here.with_shares(&[share]);
+        let r = &readings(&snapshot, &fleet, 500)[0];
+        assert!(r.judged);
+        assert_eq!(r.customers, 1_000);
+        assert!(r.psi.abs() < 1e-6, "{r:?}");
+        // Distances 400·0.5 + 600·0.4 = 440 over 1,000: the baseline's 0.44.
+        assert!((r.distance_ratio - 1.0).abs() < 1e-3, "{r:?}");
     }
 }
