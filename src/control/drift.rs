@@ -172,8 +172,9 @@ impl FleetDrift {
         } else {
             config.group_instance_id.trim().to_owned()
         };
-        let producer = crate::io::kafka::client_config(config)
-            .create_with_context(crate::io::kafka::QuietErrors::default())?;
+        let producer: rdkafka::producer::FutureProducer<crate::io::kafka::QuietErrors> =
+            crate::io::kafka::client_config(config)
+                .create_with_context(crate::io::kafka::QuietErrors::default())?;
         // A group of its own per process: every instance reads every share.
         let consumer: StreamConsumer<crate::io::kafka::QuietErrors> =
             crate::io::kafka::client_config(config)
@@ -181,10 +182,23 @@ impl FleetDrift {
                 .set("enable.auto.commit", "false")
                 .set("auto.offset.reset", "latest")
                 .create_with_context(crate::io::kafka::QuietErrors::default())?;
-        consumer.subscribe(&[topic.as_str()])?;
         let shares: Arc<std::sync::Mutex<BTreeMap<String, (Instant, Share)>>> = Arc::default();
         let (into, me) = (shares.clone(), instance.clone());
+        let (first, first_topic) = (producer.clone(), topic.clone());
         tokio::spawn(async move {
+            // A first (empty) share creates the topic where the broker allows it, so the
+            // subscription does not start on a missing topic.
+            let payload = serde_json::to_vec(&Share::default()).unwrap_or_default();
+            let record = rdkafka::producer::FutureRecord::to(&first_topic)
+                .key(&me)
+                .payload(&payload);
+            if let Err((e, _)) = first.send(record, Duration::from_secs(10)).await {
+                tracing::warn!(error = %e, topic = %first_topic, "the fleet's drift topic");
+            }
+            if let Err(e) = consumer.subscribe(&[first_topic.as_str()]) {
+                tracing::warn!(error = %e, "not following the fleet's drift shares");
+                return;
+            }
             loop {
                 let message = tokio::select! {
                     _ = shutdown.cancelled() => return,

@@ -19,7 +19,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
 
-use super::kafka::{client_config, KafkaConfig, QuietErrors};
+use super::kafka::{client_config, output_producer, KafkaConfig, QuietErrors};
 
 /// Why the changelog cannot be used.
 #[derive(Debug, Error)]
@@ -183,23 +183,12 @@ pub struct ChangelogWriter {
 pub type ChangelogRecord<'a> = (i32, &'a [u8], &'a [u8]);
 
 impl ChangelogWriter {
-    /// An idempotent producer for `topic`: librdkafka's retries never duplicate or reorder a
-    /// partition's records, so the newest record of a key is the one written last. Like the
-    /// output producer it retries without a deadline while the broker is unreachable.
+    /// A writer to `topic`, with the output's producer settings: idempotent, so librdkafka's
+    /// retries never duplicate or reorder a partition's records (the newest record of a key is
+    /// the one written last), and retrying without a deadline while the broker is unreachable.
     pub fn new(config: &KafkaConfig, topic: &str) -> Result<Self, KafkaError> {
-        let mut client = client_config(config);
-        client
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "1")
-            .set("compression.type", "lz4");
-        if !["message.timeout.ms", "delivery.timeout.ms"]
-            .iter()
-            .any(|k| config.client.contains_key(*k))
-        {
-            client.set("message.timeout.ms", "0");
-        }
         Ok(Self {
-            producer: client.create_with_context(QuietErrors::default())?,
+            producer: output_producer(config)?,
             topic: topic.to_owned(),
         })
     }
