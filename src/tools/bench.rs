@@ -83,6 +83,8 @@ pub enum Run {
     Process,
     /// Restoring partitions from the changelog into an empty store.
     Restore,
+    /// Two daemons in one group against the one-daemon run.
+    Fleet,
 }
 
 impl BenchArgs {
@@ -152,8 +154,12 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
         dir: &dir,
         args: &args,
     };
+    let mut one = None;
     if args.runs(Run::Daemon) {
-        flat_run(&rig, ceiling.as_ref()).await?;
+        one = Some(flat_run(&rig, ceiling.as_ref()).await?);
+    }
+    if args.runs(Run::Fleet) {
+        fleet_run(&rig, one.as_ref()).await?;
     }
     if args.runs(Run::Latency) {
         latency_run(&rig).await?;
@@ -257,7 +263,7 @@ async fn prepare(
 }
 
 /// 2. The daemon flat out, against the passthrough ceiling.
-async fn flat_run(rig: &Rig<'_>, ceiling: Option<&Throughput>) -> anyhow::Result<()> {
+async fn flat_run(rig: &Rig<'_>, ceiling: Option<&Throughput>) -> anyhow::Result<Throughput> {
     let (flat, metrics) = daemon_run(rig, rig.payloads, ("flat", true), None).await?;
     let ratio = ceiling
         .map(|c| format!(" = {:.2} of the ceiling", flat.rate / c.rate))
@@ -278,6 +284,94 @@ async fn flat_run(rig: &Rig<'_>, ceiling: Option<&Throughput>) -> anyhow::Result
         flat.rate / bare.rate
     );
     drop(metrics);
+    Ok(flat)
+}
+
+/// Two daemons in one group, each with its own store, sharing the input's partitions
+/// through the changelog, over the same events as the one-daemon run: on two cores the
+/// second instance adds no cores, so the ratio shows what sharing costs, not what it gains.
+async fn fleet_run(rig: &Rig<'_>, one: Option<&Throughput>) -> anyhow::Result<()> {
+    let name = "fleet";
+    let passes = || (Default::default(), traffic_aging());
+    let partitions = rig.args.partitions;
+    let a = Running::start(
+        rig.cluster,
+        rig.brokers,
+        rig.dir,
+        name,
+        rig.dir.path().join("fleet-1"),
+        (partitions, true),
+        passes(),
+    )
+    .await?;
+    let b = Running::join(
+        rig.brokers,
+        rig.dir,
+        (name, 2),
+        rig.dir.path().join("fleet-2"),
+        passes(),
+    )
+    .await?;
+    // Both own partitions, every one restored, before the clock starts.
+    let settled = Instant::now();
+    while !([&a, &b].iter().all(|r| {
+        r.metrics.partitions_owned.get() > 0 && r.metrics.partitions_restoring.get() == 0
+    }) && a.metrics.partitions_owned.get() + b.metrics.partitions_owned.get()
+        == i64::from(partitions))
+    {
+        anyhow::ensure!(
+            settled.elapsed() < Duration::from_secs(60),
+            "the two daemons never shared the partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let input = format!("bench-{name}-events");
+    let progress = Arc::new(AtomicU64::new(0));
+    let done = || -> anyhow::Result<i64> {
+        // Per partition, the furthest either store has made durable.
+        let mut furthest: std::collections::BTreeMap<i32, i64> = Default::default();
+        for store in [&a.store, &b.store] {
+            for (key, next) in store.offsets()? {
+                let entry = furthest.entry(key.partition).or_insert(0);
+                *entry = (*entry).max(next);
+            }
+        }
+        Ok(furthest.values().sum())
+    };
+    let started = Instant::now();
+    let cpu = cpu_seconds();
+    let feeder = {
+        let (producer, payloads, input) = (rig.producer.clone(), rig.payloads.clone(), input);
+        let progress = progress.clone();
+        tokio::spawn(async move { feed(&producer, &input, &payloads, None, &progress).await })
+    };
+    let total = rig.payloads.len() as i64;
+    let mut last = (0, Instant::now());
+    loop {
+        let now = done()?;
+        progress.store(now.max(0) as u64, Ordering::Relaxed);
+        if now >= total {
+            break;
+        }
+        if now > last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > STALL {
+            return Err(stalled(now as usize, total as usize));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cores = (cpu_seconds() - cpu) / elapsed;
+    feeder.await??;
+    a.stop().await?;
+    b.stop().await?;
+    let rate = total as f64 / elapsed;
+    let ratio = one
+        .map(|one| format!("; against one daemon = {:.2}", rate / one.rate))
+        .unwrap_or_default();
+    println!(
+        "two daemons in one group (changelog on): {rate:>9.0} events/s ({cores:.2} cores busy){ratio}"
+    );
     Ok(())
 }
 
@@ -1165,6 +1259,42 @@ struct Running {
     task: tokio::task::JoinHandle<anyhow::Result<ExitCode>>,
 }
 
+/// The configuration of a bench daemon on the run's topics (`bench-{name}-…`) and group.
+fn run_config(
+    brokers: &str,
+    dir: &tempfile::TempDir,
+    name: &str,
+    store: std::path::PathBuf,
+    changelog: bool,
+    (sweep, aging): (
+        crate::pipeline::sweep::SweepConfig,
+        crate::pipeline::aging::AgingConfig,
+    ),
+) -> crate::config::Config {
+    let mut config = crate::config::Config {
+        kafka: KafkaConfig {
+            brokers: brokers.to_owned(),
+            group_id: format!("bench-{name}"),
+            input_topics: vec![format!("bench-{name}-events")],
+            output_topic: format!("bench-{name}-memberships"),
+            dead_letter_topic: format!("bench-{name}-dead"),
+            session_timeout_ms: 6_000,
+            changelog,
+            ..KafkaConfig::default()
+        },
+        sweep,
+        aging,
+        ..crate::config::Config::default()
+    };
+    config.store.path = store;
+    config.daemon.snapshot = dir.path().join("snapshot.json");
+    config.daemon.snapshot_dir = dir.path().join(format!("{name}-snapshots"));
+    config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    // Throughput, not re-clustering, is measured here.
+    config.drift.recluster = false;
+    config
+}
+
 impl Running {
     /// Creates the run's topics (`bench-{name}-…`) and starts a daemon on them, with its own
     /// group, store (at `store`, seeded or not) and snapshot directory.
@@ -1180,21 +1310,7 @@ impl Running {
             crate::pipeline::aging::AgingConfig,
         ),
     ) -> anyhow::Result<Self> {
-        let mut config = crate::config::Config {
-            kafka: KafkaConfig {
-                brokers: brokers.to_owned(),
-                group_id: format!("bench-{name}"),
-                input_topics: vec![format!("bench-{name}-events")],
-                output_topic: format!("bench-{name}-memberships"),
-                dead_letter_topic: format!("bench-{name}-dead"),
-                session_timeout_ms: 6_000,
-                changelog,
-                ..KafkaConfig::default()
-            },
-            sweep,
-            aging,
-            ..crate::config::Config::default()
-        };
+        let config = run_config(brokers, dir, name, store, changelog, (sweep, aging));
         let changelog = crate::io::changelog::topic_name(&config.kafka);
         for topic in [
             &config.kafka.input_topics[0],
@@ -1204,12 +1320,27 @@ impl Running {
             cluster.create_topic(topic, partitions, 1)?;
         }
         cluster.create_topic(&config.kafka.dead_letter_topic, 1, 1)?;
-        config.store.path = store;
-        config.daemon.snapshot = dir.path().join("snapshot.json");
-        config.daemon.snapshot_dir = dir.path().join(format!("{name}-snapshots"));
-        config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        // Throughput, not re-clustering, is measured here.
-        config.drift.recluster = false;
+        Self::launch(config).await
+    }
+
+    /// Starts one more daemon in the group of a run already started by [`Running::start`]
+    /// (`member` numbers it: its own store and snapshot directory).
+    async fn join(
+        brokers: &str,
+        dir: &tempfile::TempDir,
+        (name, member): (&str, usize),
+        store: std::path::PathBuf,
+        passes: (
+            crate::pipeline::sweep::SweepConfig,
+            crate::pipeline::aging::AgingConfig,
+        ),
+    ) -> anyhow::Result<Self> {
+        let mut config = run_config(brokers, dir, name, store, true, passes);
+        config.daemon.snapshot_dir = dir.path().join(format!("{name}-{member}-snapshots"));
+        Self::launch(config).await
+    }
+
+    async fn launch(config: crate::config::Config) -> anyhow::Result<Self> {
         let daemon = crate::daemon::Daemon::start(config.check()?).await?;
         let (store, metrics, registry) = (daemon.store(), daemon.metrics(), daemon.registry());
         let stop = CancellationToken::new();
