@@ -101,7 +101,7 @@ impl Committer {
         // Every output must be acknowledged before the state that produced it is committed.
         self.outbox.settle(deliveries, &prepared.dead)?;
         let delivered_ms = prepared.started.elapsed().as_secs_f64() * 1e3;
-        self.fence(&mut prepared.store_batch);
+        self.fence(prepared.id, &mut prepared.store_batch);
         if let Some(op) = prepared.partition_op.take() {
             self.partition_op(op, &mut prepared.store_batch)?;
         }
@@ -213,13 +213,19 @@ impl Committer {
     /// Removes what belongs to lost partitions: their new owner's state must not be
     /// overwritten by this instance's late batches (their updates, already delivered, are
     /// repeats the new owner makes again, identically).
-    fn fence(&self, batch: &mut StoreBatch) {
+    fn fence(&self, id: u64, batch: &mut StoreBatch) {
         let fenced = super::partitions::lock(&self.shared.fenced).clone();
         if fenced.is_empty() {
             return;
         }
         let gone = |p: Option<i32>| p.is_some_and(|p| fenced.contains(&p));
-        batch.records.retain(|(key, _)| !gone(key_partition(key)));
+        let (dropped, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut batch.records)
+            .into_iter()
+            .partition(|(key, _)| gone(key_partition(key)));
+        batch.records = kept;
+        // Nor may the loop read them any more: a partition that comes back is read from
+        // what its restore brings.
+        self.pending.remove(id, &dropped);
         batch
             .offsets
             .retain(|key, _| !fenced.contains(&key.partition));
@@ -283,6 +289,9 @@ impl Committer {
                 if let Some((_, ledger)) = &mut self.changelog {
                     ledger.forget(partition);
                 }
+                // Every batch made before the partition was let go of has passed: the fence
+                // has done its work, and a later assignment starts from a restore.
+                super::partitions::lock(&self.shared.fenced).remove(&partition);
                 if let Some(drop) = drop {
                     self.store
                         .drop_partition(&drop)

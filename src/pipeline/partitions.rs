@@ -199,9 +199,14 @@ impl ConsumerContext for Resume {
                 if let Err(e) = assigned {
                     tracing::error!(error = %e, "assign failed");
                 }
-                lock(&self.shared.fenced).retain(|p| !keys.iter().any(|k| k.partition == *p));
+                if !self.shared.restores {
+                    // Without the changelog there is no restore to wait for: a lost partition
+                    // that comes back is this instance's again at once.
+                    lock(&self.shared.fenced).retain(|p| !keys.iter().any(|k| k.partition == *p));
+                }
                 if self.shared.restores {
-                    // Paused until restored: the restore runs in the loop, not here.
+                    // Paused until restored: the restore runs in the loop, not here. (A lost
+                    // partition stays fenced until the committer has let go of it.)
                     if let Err(e) = base_consumer.pause(tpl) {
                         tracing::error!(error = %e, "pausing partitions to restore failed");
                     }

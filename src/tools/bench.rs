@@ -314,10 +314,11 @@ async fn fleet_run(rig: &Rig<'_>, one: Option<&Throughput>) -> anyhow::Result<()
     .await?;
     // Both own partitions, every one restored, before the clock starts.
     let settled = Instant::now();
-    while !([&a, &b].iter().all(|r| {
-        r.metrics.partitions_owned.get() > 0 && r.metrics.partitions_restoring.get() == 0
-    }) && a.metrics.partitions_owned.get() + b.metrics.partitions_owned.get()
-        == i64::from(partitions))
+    while !([&a, &b]
+        .iter()
+        .all(|r| r.metrics.partitions_owned.get() > 0 && r.metrics.partitions_restoring.get() == 0)
+        && a.metrics.partitions_owned.get() + b.metrics.partitions_owned.get()
+            == i64::from(partitions))
     {
         anyhow::ensure!(
             settled.elapsed() < Duration::from_secs(60),
