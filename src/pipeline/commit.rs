@@ -16,7 +16,7 @@
 //! applied twice (see `restore`). A crash after 3 leaves the group behind; the state's
 //! offsets win.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -101,7 +101,7 @@ impl Committer {
         // Every output must be acknowledged before the state that produced it is committed.
         self.outbox.settle(deliveries, &prepared.dead)?;
         let delivered_ms = prepared.started.elapsed().as_secs_f64() * 1e3;
-        self.fence(prepared.id, &mut prepared.store_batch);
+        self.fence(&mut prepared);
         if let Some(op) = prepared.partition_op.take() {
             self.partition_op(op, &mut prepared.store_batch)?;
         }
@@ -212,20 +212,32 @@ impl Committer {
 
     /// Removes what belongs to lost partitions: their new owner's state must not be
     /// overwritten by this instance's late batches (their updates, already delivered, are
-    /// repeats the new owner makes again, identically).
-    fn fence(&self, id: u64, batch: &mut StoreBatch) {
+    /// repeats the new owner makes again, identically). Nor may those updates move this
+    /// instance's segment counts: the records behind them are not written.
+    fn fence(&self, prepared: &mut Prepared) {
         let fenced = super::partitions::lock(&self.shared.fenced).clone();
         if fenced.is_empty() {
             return;
         }
+        let batch = &mut prepared.store_batch;
         let gone = |p: Option<i32>| p.is_some_and(|p| fenced.contains(&p));
         let (dropped, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut batch.records)
             .into_iter()
             .partition(|(key, _)| gone(key_partition(key)));
         batch.records = kept;
+        self.metrics.fenced_records.inc_by(dropped.len() as u64);
+        // Every update rewrote its customer's record (the seq moved): an update whose record
+        // was dropped is fenced too.
+        let customers: BTreeSet<&[u8]> = dropped
+            .iter()
+            .filter_map(|(key, _)| split_key(key).map(|(_, id)| id))
+            .collect();
+        prepared
+            .updates
+            .retain(|u| !customers.contains(u.key.as_bytes()));
         // Nor may the loop read them any more: a partition that comes back is read from
         // what its restore brings.
-        self.pending.remove(id, &dropped);
+        self.pending.remove(prepared.id, &dropped);
         batch
             .offsets
             .retain(|key, _| !fenced.contains(&key.partition));

@@ -231,6 +231,7 @@ impl ConsumerContext for Resume {
                     // The group has moved on: whatever is in flight must not reach the
                     // changelog or the store, where it could overwrite the new owner's.
                     lock(&self.shared.fenced).extend(partitions.iter().copied());
+                    self.metrics.partitions_lost.inc_by(partitions.len() as u64);
                     tracing::warn!(
                         partitions = tpl.count(),
                         "partitions lost (session timed out?): their batches in flight are \

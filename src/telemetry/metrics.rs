@@ -202,6 +202,13 @@ metric_table! {
     /// Per partition being restored, changelog records still to read.
     restore_lag: IntGaugeVec = "segmentd_restore_lag_records",
         "Changelog records still to read per partition being restored (0 once restored).", labels ["partition"];
+    /// Partitions this instance lost (the group moved on without it, e.g. a session that
+    /// timed out): their batches in flight were not committed.
+    partitions_lost: IntCounter = "segmentd_partitions_lost_total",
+        "Partitions lost to a rebalance this instance missed (session timed out); their in-flight batches were fenced, not committed.";
+    /// Customer records of lost partitions that were not written.
+    fenced_records: IntCounter = "segmentd_fenced_records_total",
+        "Customer records of lost partitions left out of the changelog and the store; the partitions' next owner re-applies their events.";
     /// Partitions assigned and waiting for their state.
     partitions_restoring: IntGauge = "segmentd_partitions_restoring",
         "Partitions assigned to this instance whose state is being restored from the changelog; their events wait.";

@@ -33,6 +33,7 @@ const PARTITIONS: i32 = 4;
 /// An instance: its store, its shutdown, its loop.
 struct Instance {
     store: Arc<dyn StateStore>,
+    metrics: Arc<segmentd::telemetry::metrics::Metrics>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<RunStats, RunError>>,
     _dir: tempfile::TempDir,
@@ -51,6 +52,8 @@ fn start(config: &KafkaConfig) -> Instance {
     let shutdown = CancellationToken::new();
     let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot())));
     let (config, task_store, token) = (config.clone(), store.clone(), shutdown.clone());
+    let hooks = hooks();
+    let metrics = hooks.metrics.clone();
     let task = tokio::spawn(async move {
         run(
             &config,
@@ -60,34 +63,41 @@ fn start(config: &KafkaConfig) -> Instance {
             task_store,
             shared,
             token,
-            hooks(),
+            hooks,
         )
         .await
     });
     Instance {
         store,
+        metrics,
         shutdown,
         task,
         _dir: dir,
     }
 }
 
+/// Produces `events` in order (one producer, idempotent, all sends outstanding at once) and
+/// waits for every delivery.
 async fn produce_events(brokers: &str, topic: &str, events: &[Event]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
         .create()
         .unwrap();
-    for e in events {
-        let payload = serde_json::to_vec(e).unwrap();
-        producer
-            .send(
-                FutureRecord::to(topic)
-                    .key(e.customer_id.as_str())
-                    .payload(&payload),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
+    let payloads: Vec<Vec<u8>> = events
+        .iter()
+        .map(|e| serde_json::to_vec(e).unwrap())
+        .collect();
+    let sends = events.iter().zip(&payloads).map(|(e, payload)| {
+        producer.send(
+            FutureRecord::to(topic)
+                .key(e.customer_id.as_str())
+                .payload(payload),
+            Duration::from_secs(5),
+        )
+    });
+    for delivered in futures::future::join_all(sends).await {
+        delivered.unwrap();
     }
 }
 
@@ -112,6 +122,34 @@ fn caught_up(store: &dyn StateStore) -> bool {
         == 0
 }
 
+/// The segment counts `store` keeps equal a count of its records' published segments.
+fn assert_counts_match_records(store: &dyn StateStore) {
+    let snapshot = snapshot();
+    let kept = segmentd::pipeline::population::load(store, &snapshot).unwrap();
+    let mut counted = segmentd::model::counts::SegmentCounts::new(kept.snapshot_version);
+    for record in stored_records(store).values() {
+        if let Some(published) = &record.published {
+            counted.add_published(published, 1);
+        }
+    }
+    let nonzero = |counts: &segmentd::model::counts::SegmentCounts| {
+        counts
+            .counts
+            .iter()
+            .map(|(axis, segments)| {
+                let segments: BTreeMap<u32, i64> = segments
+                    .iter()
+                    .filter(|(_, n)| **n != 0)
+                    .map(|(s, n)| (*s, *n))
+                    .collect();
+                (axis.clone(), segments)
+            })
+            .filter(|(_, segments)| !segments.is_empty())
+            .collect::<BTreeMap<_, _>>()
+    };
+    assert_eq!(nonzero(&kept), nonzero(&counted), "segment counts drifted");
+}
+
 /// Every update on `topic`: per customer, seq → bytes; a seq published twice must carry the
 /// same bytes.
 async fn updates(brokers: &str, topic: &str) -> BTreeMap<String, BTreeMap<u64, Vec<u8>>> {
@@ -133,6 +171,57 @@ async fn updates(brokers: &str, topic: &str) -> BTreeMap<String, BTreeMap<u64, V
         }
     }
     out
+}
+
+/// Every customer in `store` holds exactly the state of applying each of their events once.
+fn assert_applied_once(store: &dyn StateStore, events: &[Event]) {
+    let params = *snapshot().state_params();
+    let mut expected: BTreeMap<String, CustomerState> = BTreeMap::new();
+    for e in events {
+        expected
+            .entry(e.customer_id.to_string())
+            .or_default()
+            .apply(e, &params);
+    }
+    let stored = stored_records(store);
+    assert_eq!(stored.len(), expected.len());
+    for (customer, want) in &expected {
+        assert_eq!(&stored[customer].state, want, "customer {customer}");
+    }
+}
+
+/// Runs one clean instance (`clean`) over the whole input and checks that `output` holds
+/// exactly its updates: the same seqs per customer, each with the same bytes.
+async fn assert_same_as_one_instance(
+    brokers: &str,
+    clean: &KafkaConfig,
+    output: &str,
+    events: usize,
+) {
+    let one = start(clean);
+    wait_for("the clean instance", || {
+        one.store.offsets().unwrap().values().sum::<i64>() >= events as i64
+            && caught_up(one.store.as_ref())
+    })
+    .await;
+    one.shutdown.cancel();
+    one.task.await.unwrap().unwrap();
+    let (fleet_updates, clean_updates) = (
+        updates(brokers, output).await,
+        updates(brokers, &clean.output_topic).await,
+    );
+    assert_eq!(fleet_updates.len(), clean_updates.len());
+    for (customer, want) in &clean_updates {
+        let got = &fleet_updates[customer];
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{customer}: seqs differ"
+        );
+        for (seq, bytes) in want {
+            assert_eq!(&got[seq], bytes, "{customer} seq {seq}: content differs");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,46 +302,124 @@ async fn a_fleet_that_loses_an_instance_and_gains_an_empty_one_publishes_what_on
     let d_stats = d.task.await.unwrap().unwrap();
     assert_eq!(d_stats.duplicates, 0, "{d_stats:?}");
 
-    // The fresh instance holds every customer, each with their events applied once.
-    let params = *snapshot().state_params();
-    let mut expected: BTreeMap<String, CustomerState> = BTreeMap::new();
-    for e in &events {
-        expected
-            .entry(e.customer_id.to_string())
-            .or_default()
-            .apply(e, &params);
-    }
-    let stored = stored_records(d.store.as_ref());
-    assert_eq!(stored.len(), expected.len());
-    for (customer, want) in &expected {
-        assert_eq!(&stored[customer].state, want, "customer {customer}");
-    }
+    // The fresh instance holds every customer, each with their events applied once, and a
+    // single clean instance over the same input publishes exactly the same updates.
+    assert_applied_once(d.store.as_ref(), &events);
+    assert_same_as_one_instance(&brokers, &clean, &output, events.len()).await;
+    drop(cluster);
+}
 
-    // A single clean instance over the same input publishes exactly the same updates.
-    let one = start(&clean);
-    wait_for("the clean instance", || {
-        one.store.offsets().unwrap().values().sum::<i64>() >= events.len() as i64
-            && caught_up(one.store.as_ref())
+/// Partitions *lost* mid-stream (the group moved on without the instance: here its heartbeat
+/// is answered "unknown member", as after a session timeout). Its batches in flight must not
+/// reach the changelog or the store; whoever owns the partitions next restores them and
+/// carries on as if nothing had happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_lost_mid_stream_commit_nothing_and_their_next_owner_carries_on_exactly() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let cluster = Cluster::new();
+    let Some(mock) = cluster.mock() else {
+        eprintln!("skipped: needs the mock cluster's error injection");
+        return;
+    };
+    let brokers = cluster.brokers();
+    let (input, output, dlq) = topics(&cluster, "lost", PARTITIONS).await;
+    let shop = Shop::new(ShopParams {
+        customers: 80,
+        order_lines: 2_000,
+        days: 60,
+        seed: 34,
+        ..ShopParams::default()
+    })
+    .unwrap();
+    let events: Vec<Event> = shop.history().collect();
+    let (first, rest) = events.split_at(events.len() / 3);
+    let fleet = KafkaConfig {
+        brokers: brokers.clone(),
+        group_id: unique("lost"),
+        input_topics: vec![input.clone()],
+        changelog_topic: changelog_of(&input),
+        output_topic: output.clone(),
+        dead_letter_topic: dlq,
+        session_timeout_ms: 6_000,
+        max_batch: 20,
+        ..KafkaConfig::default()
+    };
+    let clean_output = unique("clean-memberships");
+    cluster.create_topic(&clean_output, 1).await;
+    let clean_changelog = unique("clean-changelog");
+    cluster.create_topic(&clean_changelog, PARTITIONS).await;
+    let clean = KafkaConfig {
+        group_id: unique("clean"),
+        changelog_topic: clean_changelog,
+        output_topic: clean_output,
+        ..fleet.clone()
+    };
+
+    produce_events(&brokers, &input, first).await;
+    let (a, b) = (start(&fleet), start(&fleet));
+    wait_for("the first third", || {
+        progress(&[&a.store, &b.store]) >= first.len() as i64
     })
     .await;
-    one.shutdown.cancel();
-    one.task.await.unwrap().unwrap();
-    let (fleet_updates, clean_updates) = (
-        updates(&brokers, &output).await,
-        updates(&brokers, &clean_output).await,
-    );
-    assert_eq!(fleet_updates.len(), clean_updates.len());
-    for (customer, want) in &clean_updates {
-        let got = &fleet_updates[customer];
-        assert_eq!(
-            got.keys().collect::<Vec<_>>(),
-            want.keys().collect::<Vec<_>>(),
-            "{customer}: seqs differ"
+
+    // The rest arrives at once and a slow broker keeps batches in flight while it is worked
+    // through; meanwhile the group throws both members out.
+    mock.broker_round_trip_time(1, Duration::from_millis(100))
+        .unwrap();
+    produce_events(&brokers, &input, rest).await;
+    let lost = || a.metrics.partitions_lost.get() + b.metrics.partitions_lost.get();
+    for _ in 0..10 {
+        mock.request_errors(
+            RDKafkaApiKey::Heartbeat,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID; 2],
         );
-        for (seq, bytes) in want {
-            assert_eq!(&got[seq], bytes, "{customer} seq {seq}: content differs");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while lost() == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if lost() > 0 {
+            break;
         }
     }
+    mock.clear_request_errors(RDKafkaApiKey::Heartbeat);
+    mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
+    assert!(lost() > 0, "no partition was lost");
+    wait_for("the rest, after the loss", || {
+        progress(&[&a.store, &b.store]) >= events.len() as i64
+            && caught_up(a.store.as_ref())
+            && caught_up(b.store.as_ref())
+    })
+    .await;
+    let fenced = a.metrics.fenced_records.get() + b.metrics.fenced_records.get();
+    eprintln!("partitions lost: {}, records fenced: {fenced}", lost());
+    assert!(
+        fenced > 0,
+        "no batch was in flight when the partitions were lost"
+    );
+    for instance in [&a, &b] {
+        assert_counts_match_records(instance.store.as_ref());
+    }
+
+    // A fresh instance takes every partition over from the changelog alone.
+    let d = start(&fleet);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for instance in [&a, &b] {
+        instance.shutdown.cancel();
+    }
+    let (a_stats, b_stats) = (a.task.await.unwrap(), b.task.await.unwrap());
+    assert_eq!(a_stats.unwrap().duplicates + b_stats.unwrap().duplicates, 0);
+    wait_for("every partition on the fresh instance", || {
+        let offsets = d.store.offsets().unwrap();
+        offsets.len() == PARTITIONS as usize
+            && offsets.values().sum::<i64>() >= events.len() as i64
+            && caught_up(d.store.as_ref())
+    })
+    .await;
+    d.shutdown.cancel();
+    assert_eq!(d.task.await.unwrap().unwrap().duplicates, 0);
+    assert_applied_once(d.store.as_ref(), &events);
+    assert_same_as_one_instance(&brokers, &clean, &output, events.len()).await;
     drop(cluster);
 }
 
