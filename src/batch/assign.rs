@@ -322,11 +322,13 @@ impl Layout {
                     line.push(',');
                     push_csv_field(&mut line, &axis.segment_names[s]);
                     for m in a.memberships(assigner, i) {
-                        line.push_str(&format!(",{m:.4}"));
+                        line.push(',');
+                        push_fixed4(&mut line, *m);
                     }
                     if self.with_features {
                         for z in a.z(assigner, i) {
-                            line.push_str(&format!(",{z:.4}"));
+                            line.push(',');
+                            push_fixed4(&mut line, *z);
                         }
                     }
                 }
@@ -401,6 +403,25 @@ fn round4(x: f64) -> serde_json::Value {
         .map_or(serde_json::Value::Null, serde_json::Value::Number)
 }
 
+/// Appends `x` as `format!("{x:.4}")` would, without the formatter's exact-decimal machinery
+/// (a 13-axis row has about 60 such numbers). Rounding goes through `x * 10⁴`, whose error is
+/// far below 10⁻⁶ here; a value that lands within 10⁻⁶ of a half, or is not finite or not
+/// small, is left to the formatter, which rounds the exact binary value.
+fn push_fixed4(line: &mut String, x: f64) {
+    use std::fmt::Write;
+    let scaled = x.abs() * 1e4;
+    let fraction = scaled - scaled.floor();
+    if !scaled.is_finite() || scaled >= 1e12 || (fraction - 0.5).abs() < 1e-6 {
+        let _ = write!(line, "{x:.4}");
+        return;
+    }
+    let units = scaled.round() as u64;
+    if x.is_sign_negative() {
+        line.push('-');
+    }
+    let _ = write!(line, "{}.{:04}", units / 10_000, units % 10_000);
+}
+
 fn push_csv_field(line: &mut String, text: &str) {
     if text.contains([',', '"', '\n', '\r']) {
         line.push('"');
@@ -414,6 +435,49 @@ fn push_csv_field(line: &mut String, text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_four_decimals_match_the_formatter() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut values: Vec<f64> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            0.5,
+            0.12345,
+            0.00005,
+            -0.00005,
+            0.99995,
+            2.5e-5,
+            123.45675,
+            1e11,
+            1e13,
+            -1e13,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            1e-300,
+        ];
+        for _ in 0..200_000 {
+            let bits = next();
+            // Memberships in [0, 1], z-scores in about [-10, 10], and exact ties.
+            values.push((bits >> 11) as f64 / (1u64 << 53) as f64);
+            values.push(((bits >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 20.0);
+            values.push((bits % 200_000) as f64 / 20_000.0 + 0.00005);
+        }
+        for x in values {
+            let mut line = String::new();
+            push_fixed4(&mut line, x);
+            assert_eq!(line, format!("{x:.4}"), "{x:e}");
+        }
+    }
 
     #[test]
     fn csv_fields_are_quoted_when_needed() {
