@@ -15,6 +15,12 @@
 //! Bad rows (an unparsable number, a missing id, a negative quantity that is not a return, a
 //! NaN, an unknown channel) are counted by reason with their line numbers, and the read goes
 //! on; `strict` turns the first one into an error.
+//!
+//! Each file is parsed and grouped on a thread of its own, all files at once; the calling
+//! thread applies their events to the population in file order, then in each file's own
+//! order, exactly as one thread reading the files one after the other would (the bad-rows
+//! file too). Parsing is most of the work, so the files' parsing and the applying share the
+//! cores; bounded channels keep what waits to be applied small.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -42,6 +48,13 @@ pub const REPORTED_BAD_ROWS: usize = 10;
 
 /// Rows between two sweeps of the open orders.
 pub const SWEEP_ROWS: u64 = 65_536;
+
+/// Items a reader hands over at once, and chunks waiting per file.
+const CHUNK_ITEMS: usize = 4_096;
+const CHUNKS_WAITING: usize = 8;
+
+/// Files parsed at once.
+const READERS_AT_ONCE: usize = 2;
 
 /// Default grouping window: how far (in event time) the lines of one order may be spread
 /// through a file.
@@ -233,7 +246,17 @@ pub fn ingest(
         }
         None => None,
     };
-    let mut reports = Vec::with_capacity(files.len());
+    for file in files.iter().filter(|f| f.kind == FileKind::Orders) {
+        // Which kinds of order data the columns carry, whether or not any row fills them.
+        let path_text = file.path.display().to_string();
+        let (_, headers, _) = open_input(&file.path, &path_text, false)?;
+        let cols =
+            resolve(file.kind, &headers, &file.columns).map_err(|source| IngestError::Mapping {
+                path: path_text.clone(),
+                source,
+            })?;
+        note_order_sources(&cols, &mut population);
+    }
     for file in files {
         // Declaring a file of returns, contacts or engagement says the input has that kind of
         // data even when a customer has none of it: zero returns is a real value.
@@ -243,9 +266,15 @@ pub fn ingest(
             FileKind::Support => Sources::SUPPORT,
             FileKind::Engagement => Sources::ENGAGEMENT,
         });
-        let report = read_file(file, params, options, &mut population, &mut bad_sink)?;
-        reports.push(report);
     }
+    let reports = read_files(
+        files,
+        params,
+        options,
+        &mut population,
+        &mut bad_sink,
+        SWEEP_ROWS,
+    )?;
     if let Some((path, mut w)) = bad_sink {
         w.flush().map_err(|source| {
             IngestError::File(FileError::Io {
@@ -258,6 +287,18 @@ pub fn ingest(
 }
 
 type BadSink = Option<(PathBuf, BufWriter<File>)>;
+
+/// What a reader hands to the thread that applies, in file order.
+enum Item {
+    /// An event to apply.
+    Event(Event),
+    /// A bad row for the bad-rows file (the reader has counted it).
+    Bad { line: u64, reason: String },
+}
+
+/// What a reader thread ends with: its report (without the applied and duplicate counts,
+/// which only the population knows) and the order lines it read.
+type ReaderEnd = Result<(FileReport, u64), IngestError>;
 
 /// Why a row did not become (part of) an event.
 enum RowError {
@@ -282,22 +323,28 @@ impl From<&str> for RowError {
 use super::FileError;
 use crate::domain::time::FUTURE_SLACK_SECONDS;
 
-struct Reader<'a> {
+struct Reader {
     kind: FileKind,
     cols: ResolvedColumns,
     path_text: String,
-    params: &'a StateParams,
     strict: bool,
     report: FileReport,
-    /// Open orders (and returns, for orders files with an event type), by customer slot,
-    /// kind and a hash of the order key.
-    open: FxHashMap<(u32, bool, u64), OpenGroup>,
-    /// Groups closed early (a key-hash collision) waiting to be applied.
-    ready: Vec<((u32, bool, u64), OpenGroup)>,
+    /// Open orders (and returns, for orders files with an event type), by kind and a hash
+    /// of the customer and the order key.
+    open: FxHashMap<GroupId, OpenGroup>,
+    /// Groups closed early (a hash collision) waiting to be applied.
+    ready: Vec<(GroupId, OpenGroup)>,
     /// Orders already applied, so a late line of one is reported however many events the
     /// customer has had since (the state's de-duplication window is only 8 events). 16 bytes
     /// an order.
-    closed: rustc_hash::FxHashSet<(u32, bool, u64)>,
+    closed: rustc_hash::FxHashSet<GroupId>,
+    /// Order lines read.
+    order_lines: u64,
+    /// Items not yet handed over, and where they go.
+    out: Vec<Item>,
+    /// The applying thread stopped taking items (it failed): stop reading.
+    abandoned: bool,
+    to_apply: std::sync::mpsc::SyncSender<Vec<Item>>,
     until: Option<i64>,
     now: i64,
     /// Latest event time read in this file.
@@ -307,6 +354,9 @@ struct Reader<'a> {
     last_sweep: u64,
     window: i64,
 }
+
+/// An order group: whether it holds returns, and a hash of the customer id and order key.
+type GroupId = (bool, u64);
 
 struct OpenGroup {
     key: String,
@@ -336,49 +386,149 @@ pub(crate) fn progress_bar(len: u64, enabled: bool, path: &Path) -> ProgressBar 
     bar
 }
 
-fn read_file(
-    file: &InputFile,
-    params: &StateParams,
-    options: &IngestOptions,
-    population: &mut Population,
-    bad_sink: &mut BadSink,
-) -> Result<FileReport, IngestError> {
-    read_file_swept(file, params, options, population, bad_sink, SWEEP_ROWS)
-}
-
-fn read_file_swept(
-    file: &InputFile,
+/// Reads `files` into `population`: each file parsed on a thread of its own, every event
+/// applied here in file order (see the module docs). Returns each file's report.
+fn read_files(
+    files: &[InputFile],
     params: &StateParams,
     options: &IngestOptions,
     population: &mut Population,
     bad_sink: &mut BadSink,
     sweep_rows: u64,
-) -> Result<FileReport, IngestError> {
+) -> Result<Vec<FileReport>, IngestError> {
+    let bars = indicatif::MultiProgress::with_draw_target(if options.progress {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    std::thread::scope(|scope| {
+        let bars = &bars;
+        let spawn = |i: usize| {
+            let file = &files[i];
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(CHUNKS_WAITING);
+            std::thread::Builder::new()
+                .name("segmentd-read".into())
+                .spawn_scoped(scope, move || {
+                    read_file_swept(file, options, bars, tx, sweep_rows)
+                })
+                .map(|handle| (file, rx, handle))
+                .map_err(|source| {
+                    IngestError::File(FileError::Io {
+                        path: file.path.display().to_string(),
+                        source,
+                    })
+                })
+        };
+        // The file being applied and the next one are parsed at once: two readers keep two
+        // cores busy, and more would only hold more memory.
+        let mut readers = std::collections::VecDeque::new();
+        let mut next = 0..files.len();
+        let mut reports = Vec::with_capacity(files.len());
+        loop {
+            while readers.len() < READERS_AT_ONCE {
+                match next.next() {
+                    Some(i) => readers.push_back(spawn(i)?),
+                    None => break,
+                }
+            }
+            let Some((file, rx, handle)) = readers.pop_front() else {
+                break;
+            };
+            let (mut events, mut duplicates) = (0, 0);
+            let mut sink_error = None;
+            // Everything the reader sends is applied, even after a failure of the bad-rows
+            // file, so the reader never blocks on a full channel.
+            for chunk in rx {
+                for item in chunk {
+                    match item {
+                        Item::Event(event) => match population.apply(&event, params) {
+                            ApplyOutcome::Applied => events += 1,
+                            ApplyOutcome::Duplicate => duplicates += 1,
+                        },
+                        Item::Bad { line, reason } if sink_error.is_none() => {
+                            sink_error = write_bad_row(bad_sink, &file.path, line, &reason).err();
+                        }
+                        Item::Bad { .. } => {}
+                    }
+                }
+            }
+            let (mut report, order_lines) = handle.join().unwrap_or_else(|panic| {
+                std::panic::resume_unwind(panic);
+            })?;
+            if let Some(e) = sink_error {
+                return Err(e);
+            }
+            report.events = events;
+            report.duplicates = duplicates;
+            population.order_lines += order_lines;
+            reports.push(report);
+        }
+        Ok(reports)
+    })
+}
+
+/// Appends one bad row to the bad-rows file, if one is asked for.
+fn write_bad_row(
+    sink: &mut BadSink,
+    file: &Path,
+    line: u64,
+    reason: &str,
+) -> Result<(), IngestError> {
+    let Some((path, w)) = sink else {
+        return Ok(());
+    };
+    let mut csv_line = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(Vec::new());
+    let written = csv_line
+        .write_record([
+            file.display().to_string().as_str(),
+            &line.to_string(),
+            reason,
+        ])
+        .and_then(|_| csv_line.flush().map_err(csv::Error::from));
+    let bytes = csv_line.into_inner().unwrap_or_default();
+    if written.is_ok() {
+        w.write_all(&bytes).map_err(|source| {
+            IngestError::File(FileError::Io {
+                path: path.display().to_string(),
+                source,
+            })
+        })?;
+    }
+    Ok(())
+}
+
+/// Parses and groups one file, sending its events and bad rows to `to_apply` in order.
+fn read_file_swept(
+    file: &InputFile,
+    options: &IngestOptions,
+    bars: &indicatif::MultiProgress,
+    to_apply: std::sync::mpsc::SyncSender<Vec<Item>>,
+    sweep_rows: u64,
+) -> ReaderEnd {
     let started = Instant::now();
     let path_text = file.path.display().to_string();
     let (mut csv, headers, bar) = open_input(&file.path, &path_text, options.progress)?;
+    let bar = bars.add(bar);
     let cols =
         resolve(file.kind, &headers, &file.columns).map_err(|source| IngestError::Mapping {
             path: path_text.clone(),
             source,
         })?;
-    if file.kind == FileKind::Orders {
-        note_order_sources(&cols, population);
-    }
-    let mut reader = Reader::new(file, cols, path_text, params, options);
-    reader.read_all(&mut csv, population, bad_sink, sweep_rows)?;
+    let mut reader = Reader::new(file, cols, path_text, options, to_apply);
+    reader.read_all(&mut csv, sweep_rows)?;
     bar.finish_and_clear();
     reader.report.elapsed = started.elapsed();
     tracing::debug!(
         file = %file.path.display(),
         rows = reader.report.rows,
-        events = reader.report.events,
         bad_rows = reader.report.bad_rows,
         peak_open_orders = reader.report.peak_open_orders,
         seconds = reader.report.elapsed.as_secs_f64(),
         "file read"
     );
-    Ok(reader.report)
+    Ok((reader.report, reader.order_lines))
 }
 
 /// A CSV reader over the file.
@@ -435,20 +585,19 @@ fn note_order_sources(cols: &ResolvedColumns, population: &mut Population) {
     }
 }
 
-impl<'a> Reader<'a> {
+impl Reader {
     /// A reader for one file, before its first row.
     fn new(
         file: &InputFile,
         cols: ResolvedColumns,
         path_text: String,
-        params: &'a StateParams,
         options: &IngestOptions,
+        to_apply: std::sync::mpsc::SyncSender<Vec<Item>>,
     ) -> Self {
         Self {
             kind: file.kind,
             cols,
             path_text,
-            params,
             strict: options.strict,
             report: FileReport {
                 path: file.path.clone(),
@@ -458,6 +607,10 @@ impl<'a> Reader<'a> {
             open: FxHashMap::default(),
             ready: Vec::new(),
             closed: rustc_hash::FxHashSet::default(),
+            order_lines: 0,
+            out: Vec::with_capacity(CHUNK_ITEMS),
+            abandoned: false,
+            to_apply,
             until: options.until.map(EventTime::unix),
             now: EventTime::now().unix(),
             watermark: i64::MIN,
@@ -469,15 +622,9 @@ impl<'a> Reader<'a> {
 
     /// Reads every row, sweeping the open orders every `sweep_rows` rows and closing the rest
     /// at the end.
-    fn read_all(
-        &mut self,
-        csv: &mut InputCsv,
-        population: &mut Population,
-        bad_sink: &mut BadSink,
-        sweep_rows: u64,
-    ) -> Result<(), IngestError> {
+    fn read_all(&mut self, csv: &mut InputCsv, sweep_rows: u64) -> Result<(), IngestError> {
         let mut record = csv::StringRecord::new();
-        loop {
+        while !self.abandoned {
             let line = csv.position().line() + u64::from(csv.position().line() == 0);
             match csv.read_record(&mut record) {
                 Ok(false) => break,
@@ -485,16 +632,16 @@ impl<'a> Reader<'a> {
                     self.report.rows += 1;
                     self.row += 1;
                     let line = record.position().map_or(line, |p| p.line());
-                    match self.row(&record, line, population) {
+                    match self.row(&record, line) {
                         Ok(()) => {}
-                        Err(RowError::Bad(reason)) => self.bad(line, reason, bad_sink)?,
+                        Err(RowError::Bad(reason)) => self.bad(line, reason)?,
                         Err(RowError::AfterAsOf) => self.report.after_as_of += 1,
                     }
                     for (id, group) in std::mem::take(&mut self.ready) {
-                        self.flush(id, group, population);
+                        self.flush(id, group);
                     }
                     if self.row - self.last_sweep >= sweep_rows {
-                        self.sweep(false, population);
+                        self.sweep(false);
                     }
                 }
                 Err(err) => {
@@ -507,17 +654,37 @@ impl<'a> Reader<'a> {
                             source: err,
                         }));
                     }
-                    self.bad(line, format!("unreadable row: {err}"), bad_sink)?;
+                    self.bad(line, format!("unreadable row: {err}"))?;
                 }
             }
         }
-        self.sweep(true, population);
+        self.sweep(true);
+        self.hand_over();
         Ok(())
+    }
+
+    /// Queues an item; hands the queue over once a chunk is full.
+    fn send(&mut self, item: Item) {
+        self.out.push(item);
+        if self.out.len() >= CHUNK_ITEMS {
+            self.hand_over();
+        }
+    }
+
+    /// Hands the queued items to the applying thread (which takes everything until the
+    /// channel closes, so this only waits while it is busy). A send fails only when the
+    /// applying thread has stopped on an error: the read then stops too.
+    fn hand_over(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let chunk = std::mem::replace(&mut self.out, Vec::with_capacity(CHUNK_ITEMS));
+        self.abandoned |= self.to_apply.send(chunk).is_err();
     }
 }
 
-impl Reader<'_> {
-    fn bad(&mut self, line: u64, reason: String, sink: &mut BadSink) -> Result<(), IngestError> {
+impl Reader {
+    fn bad(&mut self, line: u64, reason: String) -> Result<(), IngestError> {
         if self.strict {
             return Err(IngestError::Strict {
                 path: self.path_text.clone(),
@@ -537,34 +704,18 @@ impl Reader<'_> {
                 reason: reason.clone(),
             });
         }
-        if let Some((path, w)) = sink {
-            let mut csv_line = csv::WriterBuilder::new()
-                .has_headers(false)
-                .from_writer(Vec::new());
-            let written = csv_line
-                .write_record([self.path_text.as_str(), &line.to_string(), &reason])
-                .and_then(|_| csv_line.flush().map_err(csv::Error::from));
-            let bytes = csv_line.into_inner().unwrap_or_default();
-            if written.is_ok() {
-                w.write_all(&bytes).map_err(|source| {
-                    IngestError::File(FileError::Io {
-                        path: path.display().to_string(),
-                        source,
-                    })
-                })?;
-            }
-        }
+        self.send(Item::Bad { line, reason });
         Ok(())
     }
 
     /// Closes open groups that are idle since the last sweep and older than the window behind
     /// the watermark (or all of them, at the end of the file), in file order so the result does
     /// not depend on hash-map order.
-    fn sweep(&mut self, all: bool, population: &mut Population) {
+    fn sweep(&mut self, all: bool) {
         self.report.peak_open_orders = self.report.peak_open_orders.max(self.open.len());
         let horizon = self.watermark.saturating_sub(self.window);
         let last_sweep = self.last_sweep;
-        let closing: Vec<(u32, bool, u64)> = self
+        let closing: Vec<GroupId> = self
             .open
             .iter()
             .filter(|(_, g)| {
@@ -572,29 +723,21 @@ impl Reader<'_> {
             })
             .map(|(k, _)| *k)
             .collect();
-        let mut groups: Vec<((u32, bool, u64), OpenGroup)> = closing
+        let mut groups: Vec<(GroupId, OpenGroup)> = closing
             .into_iter()
             .filter_map(|k| self.open.remove(&k).map(|g| (k, g)))
             .collect();
         groups.sort_by_key(|(_, g)| g.first_line);
         for (id, group) in groups {
-            self.flush(id, group, population);
+            self.flush(id, group);
         }
         self.last_sweep = self.row;
     }
 
-    /// Applies a closed group and remembers it as closed.
-    fn flush(&mut self, id: (u32, bool, u64), group: OpenGroup, population: &mut Population) {
+    /// Sends a closed group to be applied and remembers it as closed.
+    fn flush(&mut self, id: GroupId, group: OpenGroup) {
         self.closed.insert(id);
-        self.apply(&group.event, population);
-    }
-
-    /// Applies one event; a repeated event id counts as a duplicate, not an error.
-    fn apply(&mut self, event: &Event, population: &mut Population) {
-        match population.apply(event, self.params) {
-            ApplyOutcome::Applied => self.report.events += 1,
-            ApplyOutcome::Duplicate => self.report.duplicates += 1,
-        }
+        self.send(Item::Event(group.event));
     }
 
     fn text<'r>(&self, record: &'r csv::StringRecord, field: Field) -> Option<&'r str> {
@@ -641,14 +784,9 @@ impl Reader<'_> {
         Ok((customer, time, raw_time.to_owned()))
     }
 
-    fn row(
-        &mut self,
-        record: &csv::StringRecord,
-        line: u64,
-        population: &mut Population,
-    ) -> Result<(), RowError> {
+    fn row(&mut self, record: &csv::StringRecord, line: u64) -> Result<(), RowError> {
         match self.kind {
-            FileKind::Orders => self.order_row(record, line, population),
+            FileKind::Orders => self.order_row(record, line),
             FileKind::Returns => {
                 let (customer_id, event_time, raw_time) = self.common(record)?;
                 let amount = self
@@ -660,19 +798,16 @@ impl Reader<'_> {
                     Some(id) => format!("return:{id}"),
                     None => content_id("return", record, &customer_id, &raw_time),
                 };
-                self.emit(
-                    Event {
-                        event_id,
-                        customer_id,
-                        event_time,
-                        body: EventBody::Return(Return {
-                            order_id,
-                            amount,
-                            reason: self.text(record, Field::Reason).map(str::to_owned),
-                        }),
-                    },
-                    population,
-                )
+                self.emit(Event {
+                    event_id,
+                    customer_id,
+                    event_time,
+                    body: EventBody::Return(Return {
+                        order_id,
+                        amount,
+                        reason: self.text(record, Field::Reason).map(str::to_owned),
+                    }),
+                })
             }
             FileKind::Support => {
                 let (customer_id, event_time, raw_time) = self.common(record)?;
@@ -687,15 +822,12 @@ impl Reader<'_> {
                     Some(id) => format!("support:{id}"),
                     None => content_id("support", record, &customer_id, &raw_time),
                 };
-                self.emit(
-                    Event {
-                        event_id,
-                        customer_id,
-                        event_time,
-                        body: EventBody::SupportContact(SupportContact { topic, complexity }),
-                    },
-                    population,
-                )
+                self.emit(Event {
+                    event_id,
+                    customer_id,
+                    event_time,
+                    body: EventBody::SupportContact(SupportContact { topic, complexity }),
+                })
             }
             FileKind::Engagement => {
                 let (customer_id, event_time, raw_time) = self.common(record)?;
@@ -709,32 +841,24 @@ impl Reader<'_> {
                     Some(id) => format!("engagement:{id}"),
                     None => content_id("engagement", record, &customer_id, &raw_time),
                 };
-                self.emit(
-                    Event {
-                        event_id,
-                        customer_id,
-                        event_time,
-                        body: EventBody::Engagement(Engagement { channel, action }),
-                    },
-                    population,
-                )
+                self.emit(Event {
+                    event_id,
+                    customer_id,
+                    event_time,
+                    body: EventBody::Engagement(Engagement { channel, action }),
+                })
             }
         }
     }
 
-    /// Validates and applies a single-row event.
-    fn emit(&mut self, event: Event, population: &mut Population) -> Result<(), RowError> {
+    /// Validates a single-row event and sends it to be applied.
+    fn emit(&mut self, event: Event) -> Result<(), RowError> {
         event.validate().map_err(|e| describe(&e))?;
-        self.apply(&event, population);
+        self.send(Item::Event(event));
         Ok(())
     }
 
-    fn order_row(
-        &mut self,
-        record: &csv::StringRecord,
-        line: u64,
-        population: &mut Population,
-    ) -> Result<(), RowError> {
+    fn order_row(&mut self, record: &csv::StringRecord, line: u64) -> Result<(), RowError> {
         let (customer_id, event_time, raw_time) = self.common(record)?;
         let is_return = self.is_return(record)?;
         let quantity = self.number(record, Field::Quantity)?.unwrap_or(1.0);
@@ -764,7 +888,7 @@ impl Reader<'_> {
                     reason: None,
                 }),
             };
-            return self.group(event, key, line, population, true);
+            return self.group(event, key, line, true);
         }
         let order_line = self.order_line(record, quantity, unit_price, line_total)?;
         let channel = match self.text(record, Field::Channel) {
@@ -783,8 +907,8 @@ impl Reader<'_> {
                 lines: vec![order_line],
             }),
         };
-        self.group(event, key, line, population, false)?;
-        population.order_lines += 1;
+        self.group(event, key, line, false)?;
+        self.order_lines += 1;
         Ok(())
     }
 
@@ -850,13 +974,15 @@ impl Reader<'_> {
         event: Event,
         key: String,
         line: u64,
-        population: &mut Population,
         is_return: bool,
     ) -> Result<(), RowError> {
-        let slot = population.slot(&event.customer_id) as u32;
         // Returns and orders are grouped apart: a return line between two lines of an order
         // must not split the order.
-        let id = (slot, is_return, xxhash_rust::xxh3::xxh3_64(key.as_bytes()));
+        let customer = xxhash_rust::xxh3::xxh3_64(event.customer_id.as_str().as_bytes());
+        let id = (
+            is_return,
+            xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), customer),
+        );
         if self.closed.contains(&id) {
             return Err(RowError::Bad(format!(
                 "order already closed: a line of {} of customer {} comes after the order was applied (the file is out of order by more than the grouping window; widen it with --order-window-days); ignored",
@@ -865,7 +991,7 @@ impl Reader<'_> {
         }
         self.watermark = self.watermark.max(event.event_time.unix());
         if let Some(open) = self.open.get_mut(&id) {
-            if open.key == key {
+            if open.key == key && open.event.customer_id == event.customer_id {
                 merge_into(&mut open.event, event);
                 open.last_row = self.row;
                 return Ok(());
@@ -880,7 +1006,7 @@ impl Reader<'_> {
                 event,
             },
         );
-        // Two keys of one customer with the same 64-bit hash: close the older group now.
+        // Two groups with the same 64-bit hash: close the older one now.
         self.ready.extend(previous.map(|g| (id, g)));
         Ok(())
     }
@@ -1058,6 +1184,102 @@ mod tests {
         assert!(pop.sources.contains(Sources::RETURNS));
     }
 
+    /// Files parsed at once, applied in order: the same population, reports and bad-rows
+    /// file as reading them one after the other.
+    #[test]
+    fn files_read_at_once_apply_in_file_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut orders = String::from("customer_id,order_id,event_time,quantity,unit_price\n");
+        let mut engagement = String::from("customer_id,event_time,channel,action\n");
+        let mut support = String::from("customer_id,event_time,topic,complexity\n");
+        for i in 0..12_000 {
+            let day = 1 + i % 28;
+            orders.push_str(&format!(
+                "c{},o{i},2024-01-{day:02},1,{}\n",
+                i % 97,
+                5 + i % 7
+            ));
+            engagement.push_str(&format!(
+                "c{},2024-02-{day:02} 10:{:02},email,open\n",
+                i % 89,
+                i % 60
+            ));
+            if i % 10 == 0 {
+                support.push_str(&format!(
+                    "c{},2024-03-{day:02},delivery,{}\n",
+                    i % 83,
+                    1 + i % 3
+                ));
+            }
+            if i % 2_500 == 7 {
+                orders.push_str(&format!("c1,bad{i},2024-01-01,-1,5\n"));
+                engagement.push_str(&format!("c2,2024-02-01 10:00,pigeon{i},open\n"));
+                support.push_str("c3,not a date,delivery,1\n");
+            }
+        }
+        let files = [
+            (FileKind::Orders, "orders.csv", orders),
+            (FileKind::Engagement, "engagement.csv", engagement),
+            (FileKind::Support, "support.csv", support),
+        ]
+        .map(|(kind, name, text)| InputFile {
+            kind,
+            path: write(dir.path(), name, &text),
+            columns: ColumnMap::new(),
+        });
+        let sink = |name: &str| -> BadSink {
+            let path = dir.path().join(name);
+            Some((path.clone(), BufWriter::new(File::create(path).unwrap())))
+        };
+        let params = StateParams::default();
+        let options = IngestOptions::default();
+
+        let (mut together, mut together_bad) = (Population::default(), sink("together.csv"));
+        let reports = read_files(
+            &files,
+            &params,
+            &options,
+            &mut together,
+            &mut together_bad,
+            SWEEP_ROWS,
+        )
+        .unwrap();
+        let (mut alone, mut alone_bad) = (Population::default(), sink("alone.csv"));
+        let mut alone_reports = Vec::new();
+        for file in &files {
+            alone_reports.extend(
+                read_files(
+                    std::slice::from_ref(file),
+                    &params,
+                    &options,
+                    &mut alone,
+                    &mut alone_bad,
+                    SWEEP_ROWS,
+                )
+                .unwrap(),
+            );
+        }
+        for (_, mut written) in [together_bad, alone_bad].into_iter().flatten() {
+            written.flush().unwrap();
+        }
+        assert_eq!(together.ids(), alone.ids());
+        assert_eq!(together.states(), alone.states());
+        assert_eq!(together.order_lines, alone.order_lines);
+        for (a, b) in reports.iter().zip(&alone_reports) {
+            assert_eq!(
+                (a.rows, a.events, a.duplicates, a.bad_rows, &a.examples),
+                (b.rows, b.events, b.duplicates, b.bad_rows, &b.examples)
+            );
+        }
+        assert_eq!(reports.iter().map(|r| r.bad_rows).sum::<u64>(), 15);
+        let (a, b) = (
+            std::fs::read_to_string(dir.path().join("together.csv")).unwrap(),
+            std::fs::read_to_string(dir.path().join("alone.csv")).unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.lines().count(), 15);
+    }
+
     #[test]
     fn a_late_line_is_reported_however_many_events_came_between() {
         // o1 closes after the sweep; the customer then has 12 more orders (more than the
@@ -1191,8 +1413,8 @@ mod tests {
         sink: &mut BadSink,
         sweep_rows: u64,
     ) -> FileReport {
-        read_file_swept(
-            file,
+        read_files(
+            std::slice::from_ref(file),
             &StateParams::default(),
             options,
             population,
@@ -1200,6 +1422,7 @@ mod tests {
             sweep_rows,
         )
         .unwrap()
+        .remove(0)
     }
 
     #[test]
