@@ -15,7 +15,7 @@ export CCACHE_BASEDIR ?= /
 export CC = $(if $(shell command -v ccache 2>/dev/null),ccache gcc,gcc)
 export CXX = $(if $(shell command -v ccache 2>/dev/null),ccache g++,g++)
 
-.PHONY: deps build demo batch-demo test chaos lint bench bench-batch bench-stream bench-audiences clean
+.PHONY: deps build demo batch-demo test chaos lint bench bench-batch bench-stream bench-audiences bench-peer clean
 
 # make demo runs until Ctrl-C; DURATION=60 stops it after a minute.
 DURATION ?=
@@ -76,6 +76,11 @@ bench-audiences: build
 # daemon process over a million customers in state.
 bench-stream: build
 	$(BIN) bench --events 300000 --customers 20000 --latency-seconds 5 --state-customers 1000000
+
+# segmentd beside a minimal Quix Streams job on one tansu broker (needs tansu and
+# benches/peers/requirements.txt; not part of test or CI).
+bench-peer: build
+	./benches/peers/run.sh
 
 clean:
 	rm -rf out

@@ -47,6 +47,27 @@ pub struct GenerateArgs {
     /// Output directory.
     #[arg(long, short, value_name = "DIR", default_value = "shop")]
     pub out_dir: PathBuf,
+    /// Also write the shop's history as the daemon's input events, one per line in time
+    /// order, as `customer_id<TAB>event JSON` (events.jsonl): ready for
+    /// `kcat -P -K '\t'`.
+    #[arg(long)]
+    pub events: bool,
+}
+
+/// Writes the shop's history as keyed input events (see [`GenerateArgs::events`]).
+fn write_events(shop: &Shop, path: &std::path::Path) -> anyhow::Result<u64> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut n = 0;
+    for event in shop.history() {
+        out.write_all(event.customer_id.as_str().as_bytes())?;
+        out.write_all(b"\t")?;
+        serde_json::to_writer(&mut out, &event)?;
+        out.write_all(b"\n")?;
+        n += 1;
+    }
+    out.flush()?;
+    Ok(n)
 }
 
 /// Runs the generator and prints what it wrote.
@@ -81,6 +102,12 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     for file in &summary.files {
         println!("  {}", file.display());
     }
+    if args.events {
+        let path = args.out_dir.join("events.jsonl");
+        let events =
+            write_events(&shop, &path).with_context(|| format!("writing {}", path.display()))?;
+        println!("  {} ({} events)", path.display(), count(events));
+    }
     if args.scores > 0 {
         let started = Instant::now();
         let params = crate::synth::scores::ScoreParams {
@@ -106,4 +133,38 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::Event;
+    use crate::synth::ShopParams;
+
+    #[test]
+    fn events_file_holds_the_history_keyed_by_customer() {
+        let shop = Shop::new(ShopParams {
+            customers: 30,
+            order_lines: 300,
+            days: 30,
+            seed: 5,
+            ..ShopParams::default()
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let written = write_events(&shop, &path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let events: Vec<Event> = text
+            .lines()
+            .map(|line| {
+                let (key, json) = line.split_once('\t').unwrap();
+                let event: Event = serde_json::from_str(json).unwrap();
+                assert_eq!(key, event.customer_id.as_str());
+                event
+            })
+            .collect();
+        assert_eq!(events.len() as u64, written);
+        assert_eq!(events, shop.history().collect::<Vec<_>>());
+    }
 }
