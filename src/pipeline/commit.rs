@@ -101,6 +101,9 @@ impl Committer {
         // Every output must be acknowledged before the state that produced it is committed.
         self.outbox.settle(deliveries, &prepared.dead)?;
         let delivered_ms = prepared.started.elapsed().as_secs_f64() * 1e3;
+        // Published: consumers can read the updates from here on, whatever the state commit
+        // below takes.
+        self.observe_publication(&prepared);
         self.fence(&mut prepared);
         if let Some(op) = prepared.partition_op.take() {
             self.partition_op(op, &mut prepared.store_batch)?;
@@ -318,18 +321,23 @@ impl Committer {
         Ok(())
     }
 
-    fn record_metrics(&self, prepared: &Prepared) {
-        let metrics = &self.metrics;
-        if prepared.records > 0 {
-            metrics.batch_size.observe(prepared.records as f64);
-        }
+    /// Event-to-publish latency: from each update's input record to its acknowledgement.
+    fn observe_publication(&self, prepared: &Prepared) {
         let now_ms = chrono::Utc::now().timestamp_millis();
         for update in &prepared.updates {
             if let Some(ms) = update.arrived_ms {
-                metrics
+                self.metrics
                     .event_to_publish_seconds
                     .observe(((now_ms - ms).max(0) as f64) / 1000.0);
             }
+        }
+    }
+
+    fn record_metrics(&self, prepared: &Prepared) {
+        let metrics = &self.metrics;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if prepared.records > 0 {
+            metrics.batch_size.observe(prepared.records as f64);
         }
         if !prepared.updates.is_empty() {
             population::export(&self.counts, metrics);
