@@ -224,47 +224,122 @@ async fn assert_same_as_one_instance(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_that_loses_an_instance_and_gains_an_empty_one_publishes_what_one_instance_would() {
-    let cluster = Cluster::new();
+/// A generated shop's history on a fresh input topic, a fleet's configuration over it, and a
+/// clean single instance's (own group, changelog and output) to compare with.
+struct Setup {
+    brokers: String,
+    input: String,
+    events: Vec<Event>,
+    fleet: KafkaConfig,
+    clean: KafkaConfig,
+}
+
+async fn setup(cluster: &Cluster, name: &str, seed: u64, max_batch: usize) -> Setup {
     let brokers = cluster.brokers();
-    let (input, output, dlq) = topics(&cluster, "fleet", PARTITIONS).await;
-    let clean_output = unique("clean-memberships");
-    cluster.create_topic(&clean_output, 1).await;
+    let (input, output, dlq) = topics(cluster, name, PARTITIONS).await;
     let shop = Shop::new(ShopParams {
         customers: 80,
         order_lines: 2_000,
         days: 60,
-        seed: 21,
+        seed,
         ..ShopParams::default()
     })
     .unwrap();
-    let events: Vec<Event> = shop.history().collect();
-    let (first, rest) = events.split_at(events.len() / 2);
-    let (second, tail) = rest.split_at(rest.len() * 3 / 4);
     let fleet = KafkaConfig {
         brokers: brokers.clone(),
-        group_id: unique("fleet"),
+        group_id: unique(name),
         input_topics: vec![input.clone()],
         changelog_topic: changelog_of(&input),
-        output_topic: output.clone(),
-        dead_letter_topic: dlq.clone(),
+        output_topic: output,
+        dead_letter_topic: dlq,
         session_timeout_ms: 6_000,
-        max_batch: 50,
+        max_batch,
         ..KafkaConfig::default()
     };
+    let clean_output = unique("clean-memberships");
+    cluster.create_topic(&clean_output, 1).await;
     let clean_changelog = unique("clean-changelog");
     cluster.create_topic(&clean_changelog, PARTITIONS).await;
     let clean = KafkaConfig {
         group_id: unique("clean"),
         changelog_topic: clean_changelog,
-        output_topic: clean_output.clone(),
+        output_topic: clean_output,
         ..fleet.clone()
     };
+    Setup {
+        brokers,
+        input,
+        events: shop.history().collect(),
+        fleet,
+        clean,
+    }
+}
+
+/// `store` holds every customer with their events applied once, and the fleet's output equals
+/// what a single clean instance publishes over the same input.
+async fn assert_as_one_clean_instance(setup: &Setup, store: &dyn StateStore) {
+    assert_applied_once(store, &setup.events);
+    assert_same_as_one_instance(
+        &setup.brokers,
+        &setup.clean,
+        &setup.fleet.output_topic,
+        setup.events.len(),
+    )
+    .await;
+}
+
+/// A fresh instance with an empty disk joins and `leaving` drain and stop (each with no
+/// duplicate); once `tail` is produced, the fresh one must hold every partition, restored from
+/// the changelog, and have processed all `events`. It is then stopped (with no duplicate);
+/// returns its store and the directory that holds it.
+async fn hand_over_to_fresh(
+    setup: &Setup,
+    leaving: Vec<Instance>,
+    tail: &[Event],
+    waiting_for: &str,
+) -> (Arc<dyn StateStore>, tempfile::TempDir) {
+    let d = start(&setup.fleet);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for instance in &leaving {
+        instance.shutdown.cancel();
+    }
+    for instance in leaving {
+        let stats = instance.task.await.unwrap().unwrap();
+        assert_eq!(stats.duplicates, 0, "{stats:?}");
+    }
+    produce_events(&setup.brokers, &setup.input, tail).await;
+    let total = setup.events.len() as i64;
+    wait_for(waiting_for, || {
+        let offsets = d.store.offsets().unwrap();
+        offsets.len() == PARTITIONS as usize
+            && offsets.values().sum::<i64>() >= total
+            && caught_up(d.store.as_ref())
+    })
+    .await;
+    d.shutdown.cancel();
+    let Instance {
+        store, task, _dir, ..
+    } = d;
+    let stats = task.await.unwrap().unwrap();
+    assert_eq!(stats.duplicates, 0, "{stats:?}");
+    (store, _dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_that_loses_an_instance_and_gains_an_empty_one_publishes_what_one_instance_would() {
+    let cluster = Cluster::new();
+    let setup = setup(&cluster, "fleet", 21, 50).await;
+    let (brokers, input, events) = (&setup.brokers, &setup.input, &setup.events);
+    let (first, rest) = events.split_at(events.len() / 2);
+    let (second, tail) = rest.split_at(rest.len() * 3 / 4);
 
     // Three instances share the first half.
-    produce_events(&brokers, &input, first).await;
-    let (a, b, c) = (start(&fleet), start(&fleet), start(&fleet));
+    produce_events(brokers, input, first).await;
+    let (a, b, c) = (
+        start(&setup.fleet),
+        start(&setup.fleet),
+        start(&setup.fleet),
+    );
     wait_for("the first half", || {
         progress(&[&a.store, &b.store, &c.store]) >= first.len() as i64
     })
@@ -273,7 +348,7 @@ async fn a_fleet_that_loses_an_instance_and_gains_an_empty_one_publishes_what_on
     // One is dropped without a drain; the rest of the stream follows.
     c.task.abort();
     let _ = c.task.await;
-    produce_events(&brokers, &input, second).await;
+    produce_events(brokers, input, second).await;
     let upto = (first.len() + second.len()) as i64;
     wait_for("the second part, on two instances", || {
         progress(&[&a.store, &b.store, &c.store]) >= upto
@@ -281,31 +356,12 @@ async fn a_fleet_that_loses_an_instance_and_gains_an_empty_one_publishes_what_on
     .await;
 
     // A fresh instance with an empty disk joins, the other two leave: it restores every
-    // partition from the changelog and carries on with the tail.
-    let d = start(&fleet);
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    for instance in [&a, &b] {
-        instance.shutdown.cancel();
-    }
-    let (a_stats, b_stats) = (a.task.await.unwrap(), b.task.await.unwrap());
-    a_stats.unwrap();
-    b_stats.unwrap();
-    produce_events(&brokers, &input, tail).await;
-    wait_for("the tail, on the fresh instance", || {
-        let offsets = d.store.offsets().unwrap();
-        offsets.len() == PARTITIONS as usize
-            && offsets.values().sum::<i64>() >= events.len() as i64
-            && caught_up(d.store.as_ref())
-    })
-    .await;
-    d.shutdown.cancel();
-    let d_stats = d.task.await.unwrap().unwrap();
-    assert_eq!(d_stats.duplicates, 0, "{d_stats:?}");
-
-    // The fresh instance holds every customer, each with their events applied once, and a
-    // single clean instance over the same input publishes exactly the same updates.
-    assert_applied_once(d.store.as_ref(), &events);
-    assert_same_as_one_instance(&brokers, &clean, &output, events.len()).await;
+    // partition from the changelog and carries on with the tail. It then holds every customer,
+    // each with their events applied once, and a single clean instance over the same input
+    // publishes exactly the same updates.
+    let (store, _dir) =
+        hand_over_to_fresh(&setup, vec![a, b], tail, "the tail, on the fresh instance").await;
+    assert_as_one_clean_instance(&setup, store.as_ref()).await;
     drop(cluster);
 }
 
@@ -322,42 +378,12 @@ async fn partitions_lost_mid_stream_commit_nothing_and_their_next_owner_carries_
         eprintln!("skipped: needs the mock cluster's error injection");
         return;
     };
-    let brokers = cluster.brokers();
-    let (input, output, dlq) = topics(&cluster, "lost", PARTITIONS).await;
-    let shop = Shop::new(ShopParams {
-        customers: 80,
-        order_lines: 2_000,
-        days: 60,
-        seed: 34,
-        ..ShopParams::default()
-    })
-    .unwrap();
-    let events: Vec<Event> = shop.history().collect();
+    let setup = setup(&cluster, "lost", 34, 20).await;
+    let (brokers, input, events) = (&setup.brokers, &setup.input, &setup.events);
     let (first, rest) = events.split_at(events.len() / 3);
-    let fleet = KafkaConfig {
-        brokers: brokers.clone(),
-        group_id: unique("lost"),
-        input_topics: vec![input.clone()],
-        changelog_topic: changelog_of(&input),
-        output_topic: output.clone(),
-        dead_letter_topic: dlq,
-        session_timeout_ms: 6_000,
-        max_batch: 20,
-        ..KafkaConfig::default()
-    };
-    let clean_output = unique("clean-memberships");
-    cluster.create_topic(&clean_output, 1).await;
-    let clean_changelog = unique("clean-changelog");
-    cluster.create_topic(&clean_changelog, PARTITIONS).await;
-    let clean = KafkaConfig {
-        group_id: unique("clean"),
-        changelog_topic: clean_changelog,
-        output_topic: clean_output,
-        ..fleet.clone()
-    };
 
-    produce_events(&brokers, &input, first).await;
-    let (a, b) = (start(&fleet), start(&fleet));
+    produce_events(brokers, input, first).await;
+    let (a, b) = (start(&setup.fleet), start(&setup.fleet));
     wait_for("the first third", || {
         progress(&[&a.store, &b.store]) >= first.len() as i64
     })
@@ -367,7 +393,7 @@ async fn partitions_lost_mid_stream_commit_nothing_and_their_next_owner_carries_
     // through; meanwhile the group throws both members out.
     mock.broker_round_trip_time(1, Duration::from_millis(100))
         .unwrap();
-    produce_events(&brokers, &input, rest).await;
+    produce_events(brokers, input, rest).await;
     let lost = || a.metrics.partitions_lost.get() + b.metrics.partitions_lost.get();
     for _ in 0..10 {
         mock.request_errors(
@@ -402,24 +428,14 @@ async fn partitions_lost_mid_stream_commit_nothing_and_their_next_owner_carries_
     }
 
     // A fresh instance takes every partition over from the changelog alone.
-    let d = start(&fleet);
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    for instance in [&a, &b] {
-        instance.shutdown.cancel();
-    }
-    let (a_stats, b_stats) = (a.task.await.unwrap(), b.task.await.unwrap());
-    assert_eq!(a_stats.unwrap().duplicates + b_stats.unwrap().duplicates, 0);
-    wait_for("every partition on the fresh instance", || {
-        let offsets = d.store.offsets().unwrap();
-        offsets.len() == PARTITIONS as usize
-            && offsets.values().sum::<i64>() >= events.len() as i64
-            && caught_up(d.store.as_ref())
-    })
+    let (store, _dir) = hand_over_to_fresh(
+        &setup,
+        vec![a, b],
+        &[],
+        "every partition on the fresh instance",
+    )
     .await;
-    d.shutdown.cancel();
-    assert_eq!(d.task.await.unwrap().unwrap().duplicates, 0);
-    assert_applied_once(d.store.as_ref(), &events);
-    assert_same_as_one_instance(&brokers, &clean, &output, events.len()).await;
+    assert_as_one_clean_instance(&setup, store.as_ref()).await;
     drop(cluster);
 }
 
