@@ -652,9 +652,7 @@ fn bad(
         });
     }
     if let (Some(w), Some(bad_path)) = (sink, &job.bad_rows) {
-        let mut row = csv::Writer::from_writer(Vec::new());
-        let _ = row.write_record([path.as_str(), &line.to_string(), &reason]);
-        let bytes = row.into_inner().unwrap_or_default();
+        let bytes = super::text::bad_row_line(&path, line, &reason);
         w.write_all(&bytes).map_err(|source| {
             AudiencesError::File(FileError::Io {
                 path: bad_path.display().to_string(),

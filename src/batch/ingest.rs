@@ -477,26 +477,13 @@ fn write_bad_row(
     let Some((path, w)) = sink else {
         return Ok(());
     };
-    let mut csv_line = csv::WriterBuilder::new()
-        .has_headers(false)
-        .from_writer(Vec::new());
-    let written = csv_line
-        .write_record([
-            file.display().to_string().as_str(),
-            &line.to_string(),
-            reason,
-        ])
-        .and_then(|_| csv_line.flush().map_err(csv::Error::from));
-    let bytes = csv_line.into_inner().unwrap_or_default();
-    if written.is_ok() {
-        w.write_all(&bytes).map_err(|source| {
-            IngestError::File(FileError::Io {
-                path: path.display().to_string(),
-                source,
-            })
-        })?;
-    }
-    Ok(())
+    let bytes = super::text::bad_row_line(&file.display().to_string(), line, reason);
+    w.write_all(&bytes).map_err(|source| {
+        IngestError::File(FileError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    })
 }
 
 /// Parses and groups one file, sending its events and bad rows to `to_apply` in order.

@@ -354,25 +354,13 @@ mod tests {
 
     #[test]
     fn readings_compare_live_counts_and_sums_with_the_baseline() {
-        use crate::domain::features::Axis;
-        use crate::domain::update::AxisChange;
         let snapshot = crate::model::snapshot::tests::sample_snapshot()
             .validate()
             .unwrap();
         let mut counts = SegmentCounts::new(snapshot.version());
         // 1,000 customers: 700 in segment 1, 300 in segment 2 (baseline 0.4 / 0.6).
-        for i in 0..1_000 {
-            let segment = if i < 700 { 1 } else { 2 };
-            counts.apply(
-                snapshot.version(),
-                None,
-                &[AxisChange {
-                    axis: Axis::PurchaseFrequency,
-                    previous: None,
-                    segment: Some(segment),
-                }],
-            );
-        }
+        enter(&mut counts, 1, 700);
+        enter(&mut counts, 2, 300);
         let mut sums = DriftSums {
             version: snapshot.version(),
             axes: vec![AxisSums {
@@ -402,28 +390,28 @@ mod tests {
         assert!(readings(&snapshot, &other, 500)[0].distance_ratio.is_nan());
     }
 
+    /// `customers` new customers enter `segment` of the first axis (purchase frequency).
+    fn enter(counts: &mut SegmentCounts, segment: u32, customers: usize) {
+        let change = crate::domain::update::AxisChange {
+            axis: crate::domain::features::Axis::PurchaseFrequency,
+            previous: None,
+            segment: Some(segment),
+        };
+        for _ in 0..customers {
+            counts.apply(counts.snapshot_version, None, std::slice::from_ref(&change));
+        }
+    }
+
     /// A fleet's readings are the population's: two instances' shares, each too small to be
     /// judged alone, add up to one judged reading with the shares and means of both.
     #[test]
     fn shares_of_a_fleet_add_up_to_the_whole_population() {
-        use crate::domain::features::Axis;
-        use crate::domain::update::AxisChange;
         let snapshot = crate::model::snapshot::tests::sample_snapshot()
             .validate()
             .unwrap();
         let instance = |segment: u32, customers: usize, distance: f64| {
             let mut counts = SegmentCounts::new(snapshot.version());
-            for _ in 0..customers {
-                counts.apply(
-                    snapshot.version(),
-                    None,
-                    &[AxisChange {
-                        axis: Axis::PurchaseFrequency,
-                        previous: None,
-                        segment: Some(segment),
-                    }],
-                );
-            }
+            enter(&mut counts, segment, customers);
             let sums = DriftSums {
                 version: snapshot.version(),
                 axes: vec![AxisSums {

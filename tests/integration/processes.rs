@@ -333,29 +333,7 @@ static CHAOS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// one): kills land between publishing and committing, and the replays are identical.
 #[test]
 fn kill_9_chaos_short_run_is_identical() {
-    let _one_at_a_time = CHAOS.lock().unwrap_or_else(|e| e.into_inner());
-    let work = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "chaos",
-            "--kills",
-            "8",
-            "--instances",
-            "1",
-            "--customers",
-            "300",
-            "--order-lines",
-            "2400",
-        ])
-        .args(["--rate", "400", "--max-uptime-ms", "1500", "--seed", "3"])
-        .arg("--work-dir")
-        .arg(work.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{report}");
-    assert!(stdout.contains("verdict: IDENTICAL"), "{report}");
+    let (stdout, report) = chaos_run(&["--kills", "8", "--instances", "1", "--seed", "3"]);
     assert!(stdout.contains("kills: 8"), "{report}");
     let in_window: usize = stdout
         .lines()
@@ -375,27 +353,36 @@ fn kill_9_chaos_short_run_is_identical() {
 /// output and final state equal one clean daemon's.
 #[test]
 fn kill_9_chaos_of_a_three_instance_fleet_is_identical() {
+    let (stdout, report) = chaos_run(&[
+        "--kills",
+        "6",
+        "--instances",
+        "3",
+        "--wipe-every",
+        "3",
+        "--seed",
+        "5",
+    ]);
+    assert!(stdout.contains("restarted on an empty store"), "{report}");
+}
+
+/// A short `segmentd chaos` on a 300-customer shop with `args`, one at a time: asserts it
+/// exits 0 with the verdict IDENTICAL, and returns its stdout and a report for messages.
+fn chaos_run(args: &[&str]) -> (String, String) {
     let _one_at_a_time = CHAOS.lock().unwrap_or_else(|e| e.into_inner());
     let work = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
-        .args([
-            "chaos",
-            "--kills",
-            "6",
-            "--instances",
-            "3",
-            "--wipe-every",
-            "3",
-        ])
+        .arg("chaos")
+        .args(args)
         .args(["--customers", "300", "--order-lines", "2400"])
-        .args(["--rate", "400", "--max-uptime-ms", "1500", "--seed", "5"])
+        .args(["--rate", "400", "--max-uptime-ms", "1500"])
         .arg("--work-dir")
         .arg(work.path())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let report = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{report}");
     assert!(stdout.contains("verdict: IDENTICAL"), "{report}");
-    assert!(stdout.contains("restarted on an empty store"), "{report}");
+    (stdout, report)
 }
