@@ -246,27 +246,6 @@ pub fn ingest(
         }
         None => None,
     };
-    for file in files.iter().filter(|f| f.kind == FileKind::Orders) {
-        // Which kinds of order data the columns carry, whether or not any row fills them.
-        let path_text = file.path.display().to_string();
-        let (_, headers, _) = open_input(&file.path, &path_text, false)?;
-        let cols =
-            resolve(file.kind, &headers, &file.columns).map_err(|source| IngestError::Mapping {
-                path: path_text.clone(),
-                source,
-            })?;
-        note_order_sources(&cols, &mut population);
-    }
-    for file in files {
-        // Declaring a file of returns, contacts or engagement says the input has that kind of
-        // data even when a customer has none of it: zero returns is a real value.
-        population.sources.insert(match file.kind {
-            FileKind::Orders => Sources::ORDERS,
-            FileKind::Returns => Sources::RETURNS,
-            FileKind::Support => Sources::SUPPORT,
-            FileKind::Engagement => Sources::ENGAGEMENT,
-        });
-    }
     let reports = read_files(
         files,
         params,
@@ -297,8 +276,9 @@ enum Item {
 }
 
 /// What a reader thread ends with: its report (without the applied and duplicate counts,
-/// which only the population knows) and the order lines it read.
-type ReaderEnd = Result<(FileReport, u64), IngestError>;
+/// which only the population knows), the order lines it read and the kinds of data the file
+/// declares.
+type ReaderEnd = Result<(FileReport, u64, Sources), IngestError>;
 
 /// Why a row did not become (part of) an event.
 enum RowError {
@@ -452,7 +432,7 @@ fn read_files(
                     }
                 }
             }
-            let (mut report, order_lines) = handle.join().unwrap_or_else(|panic| {
+            let (mut report, order_lines, sources) = handle.join().unwrap_or_else(|panic| {
                 std::panic::resume_unwind(panic);
             })?;
             if let Some(e) = sink_error {
@@ -461,6 +441,7 @@ fn read_files(
             report.events = events;
             report.duplicates = duplicates;
             population.order_lines += order_lines;
+            population.sources.insert(sources);
             reports.push(report);
         }
         Ok(reports)
@@ -503,6 +484,7 @@ fn read_file_swept(
             path: path_text.clone(),
             source,
         })?;
+    let sources = declared_sources(file.kind, &cols);
     let mut reader = Reader::new(file, cols, path_text, options, to_apply);
     reader.read_all(&mut csv, sweep_rows)?;
     bar.finish_and_clear();
@@ -515,7 +497,7 @@ fn read_file_swept(
         seconds = reader.report.elapsed.as_secs_f64(),
         "file read"
     );
-    Ok((reader.report, reader.order_lines))
+    Ok((reader.report, reader.order_lines, sources))
 }
 
 /// A CSV reader over the file.
@@ -555,9 +537,21 @@ fn open_input(
     Ok((csv, headers, bar))
 }
 
-/// Notes the kinds of order data an orders file's columns carry, whether or not any row
-/// fills them: an empty category column still says categories were exported.
-fn note_order_sources(cols: &ResolvedColumns, population: &mut Population) {
+/// The kinds of data a file declares. Declaring a file of returns, contacts or engagement says
+/// the input has that kind of data even when a customer has none of it (zero returns is a real
+/// value); an orders file's columns say which kinds of order data it carries, whether or not
+/// any row fills them (an empty category column still says categories were exported).
+fn declared_sources(kind: FileKind, cols: &ResolvedColumns) -> Sources {
+    let mut sources = Sources::default();
+    sources.insert(match kind {
+        FileKind::Orders => Sources::ORDERS,
+        FileKind::Returns => Sources::RETURNS,
+        FileKind::Support => Sources::SUPPORT,
+        FileKind::Engagement => Sources::ENGAGEMENT,
+    });
+    if kind != FileKind::Orders {
+        return sources;
+    }
     for (field, source) in [
         (Field::ProductId, Sources::PRODUCT),
         (Field::Category, Sources::CATEGORY),
@@ -567,9 +561,10 @@ fn note_order_sources(cols: &ResolvedColumns, population: &mut Population) {
         (Field::EventType, Sources::RETURNS),
     ] {
         if cols.has(field) {
-            population.sources.insert(source);
+            sources.insert(source);
         }
     }
+    sources
 }
 
 impl Reader {
