@@ -308,11 +308,9 @@ impl<'a> Decoded<'a> {
                     let (before, clock) =
                         batch_clock.tick(m.topic(), m.partition(), event.event_time.unix());
                     let due = before.map_or_else(Vec::new, |before| {
-                        state.open_upto(
-                            m.partition(),
-                            before.unix(),
-                            &customer_key(m.partition(), event.customer_id.as_str().as_bytes()),
-                        )
+                        state.open_upto(m.partition(), before.unix(), || {
+                            customer_key(m.partition(), event.customer_id.as_str().as_bytes())
+                        })
                     });
                     if let Some(before) = before {
                         let reached = boundary(clock.unix(), aging.period);
