@@ -652,7 +652,7 @@ fn bad(
         });
     }
     if let (Some(w), Some(bad_path)) = (sink, &job.bad_rows) {
-        let bytes = super::text::bad_row_line(&path, line, &reason);
+        let bytes = super::bad_row_line(&path, line, &reason);
         w.write_all(&bytes).map_err(|source| {
             AudiencesError::File(FileError::Io {
                 path: bad_path.display().to_string(),

@@ -458,7 +458,7 @@ fn write_bad_row(
     let Some((path, w)) = sink else {
         return Ok(());
     };
-    let bytes = super::text::bad_row_line(&file.display().to_string(), line, reason);
+    let bytes = super::bad_row_line(&file.display().to_string(), line, reason);
     w.write_all(&bytes).map_err(|source| {
         IngestError::File(FileError::Io {
             path: path.display().to_string(),

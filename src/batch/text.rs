@@ -68,15 +68,3 @@ pub fn print_files(files: &[FileReport]) {
         print_bad_rows(f.bad_rows, &f.bad_by_reason, &f.examples);
     }
 }
-
-/// One line of a bad-rows file (`file,line,reason`), CSV-quoted as needed.
-pub fn bad_row_line(file: &str, line: u64, reason: &str) -> Vec<u8> {
-    let mut row = csv::WriterBuilder::new()
-        .has_headers(false)
-        .from_writer(Vec::new());
-    // Writing to memory fails only on a bug; a line that cannot be written is left out.
-    if row.write_record([file, &line.to_string(), reason]).is_err() || row.flush().is_err() {
-        return Vec::new();
-    }
-    row.into_inner().unwrap_or_default()
-}
