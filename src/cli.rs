@@ -116,6 +116,10 @@ pub struct InputArgs {
     /// (default 3, from the config).
     #[arg(long, value_name = "DAYS")]
     pub order_window_days: Option<f64>,
+    /// Read an order line with a zero quantity and a positive line total as one unit bought,
+    /// instead of refusing it as a bad row (config: input.zero_quantity_paid_as_one).
+    #[arg(long)]
+    pub zero_quantity_paid_as_one: bool,
 }
 
 /// `segmentd discover`.
@@ -339,6 +343,7 @@ fn prepare(
         config.input.order_window_days = days;
         config.validate()?;
     }
+    config.input.zero_quantity_paid_as_one |= input.zero_quantity_paid_as_one;
     for (kind, map) in parse_map_args(&input.map)? {
         config.input.extend(kind, map);
     }
@@ -366,6 +371,7 @@ fn prepare(
         bad_rows_path: input.rows.bad_rows.clone(),
         order_window: config.input.order_window_seconds(),
         until: None,
+        zero_quantity_paid_as_one: config.input.zero_quantity_paid_as_one,
     };
     let as_of = input
         .as_of

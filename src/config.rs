@@ -106,6 +106,10 @@ pub struct InputConfig {
     /// exports are only roughly sorted). An order stays open this long behind the latest event
     /// read; a line of an order already closed is reported as a bad row.
     pub order_window_days: f64,
+    /// Read an order line with a zero quantity and a positive line total as one unit bought,
+    /// instead of refusing it as a bad row ("zero quantity: nothing was bought"). Off by
+    /// default: a zero quantity usually means nothing changed hands.
+    pub zero_quantity_paid_as_one: bool,
     /// Orders file mapping.
     pub orders: FileMapping,
     /// Returns file mapping.
@@ -128,6 +132,7 @@ impl Default for InputConfig {
     fn default() -> Self {
         Self {
             order_window_days: 3.0,
+            zero_quantity_paid_as_one: false,
             orders: FileMapping::default(),
             returns: FileMapping::default(),
             support: FileMapping::default(),

@@ -84,6 +84,9 @@ pub struct IngestOptions {
     pub order_window: i64,
     /// Leave out events after this time (the as-of time of the run), counting them apart.
     pub until: Option<EventTime>,
+    /// Read an order line with a zero quantity and a positive line total as one unit bought
+    /// (some exports write 0 for items sold by weight), instead of refusing it as a bad row.
+    pub zero_quantity_paid_as_one: bool,
 }
 
 impl Default for IngestOptions {
@@ -94,6 +97,7 @@ impl Default for IngestOptions {
             bad_rows_path: None,
             order_window: DEFAULT_ORDER_WINDOW_SECONDS,
             until: None,
+            zero_quantity_paid_as_one: false,
         }
     }
 }
@@ -156,6 +160,9 @@ pub struct FileReport {
     pub peak_open_orders: usize,
     /// Good rows left out because they are later than the as-of time.
     pub after_as_of: u64,
+    /// Order lines with a zero quantity and a positive line total read as one unit
+    /// (`zero_quantity_paid_as_one`).
+    pub zero_quantity_as_one: u64,
     /// Time spent.
     pub elapsed: Duration,
 }
@@ -308,6 +315,7 @@ struct Reader {
     cols: ResolvedColumns,
     path_text: String,
     strict: bool,
+    zero_quantity_paid_as_one: bool,
     report: FileReport,
     /// Open orders (and returns, for orders files with an event type), by kind and a hash
     /// of the customer and the order key.
@@ -581,6 +589,7 @@ impl Reader {
             cols,
             path_text,
             strict: options.strict,
+            zero_quantity_paid_as_one: options.zero_quantity_paid_as_one,
             report: FileReport {
                 path: file.path.clone(),
                 kind: Some(file.kind),
@@ -843,9 +852,14 @@ impl Reader {
     fn order_row(&mut self, record: &csv::StringRecord, line: u64) -> Result<(), RowError> {
         let (customer_id, event_time, raw_time) = self.common(record)?;
         let is_return = self.is_return(record)?;
-        let quantity = self.number(record, Field::Quantity)?.unwrap_or(1.0);
+        let mut quantity = self.number(record, Field::Quantity)?.unwrap_or(1.0);
         let unit_price = self.number(record, Field::UnitPrice)?;
         let line_total = self.number(record, Field::LineTotal)?;
+        if quantity == 0.0 && self.zero_quantity_paid_as_one && line_total.is_some_and(|t| t > 0.0)
+        {
+            quantity = 1.0;
+            self.report.zero_quantity_as_one += 1;
+        }
         if unit_price.is_none() && line_total.is_none() {
             return Err("missing price: unit_price and line_total are both empty".into());
         }
@@ -923,7 +937,10 @@ impl Reader {
             );
         }
         if quantity == 0.0 {
-            return Err("zero quantity: nothing was bought".into());
+            return Err(
+                "zero quantity: nothing was bought (--zero-quantity-paid-as-one reads a zero quantity with a positive line total as one unit)"
+                    .into(),
+            );
         }
         let unit_price = match (unit_price, line_total) {
             (Some(p), _) => p,
@@ -1147,6 +1164,48 @@ mod tests {
             err.to_string().contains(":3: bad number in quantity"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_paid_zero_quantity_is_one_unit_only_when_asked() {
+        let text = "customer_id,order_id,event_time,quantity,line_total\n\
+                    a,o1,2024-01-01,0,2.50\n\
+                    a,o1,2024-01-01,2,4.00\n\
+                    b,o2,2024-01-02,0,0\n\
+                    c,o3,2024-01-03,0,-1.00\n";
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "in.csv", text);
+        let read_with = |as_one: bool| {
+            let file = InputFile {
+                kind: FileKind::Orders,
+                path: path.clone(),
+                columns: ColumnMap::new(),
+            };
+            ingest(
+                &[file],
+                &StateParams::default(),
+                &IngestOptions {
+                    zero_quantity_paid_as_one: as_one,
+                    ..IngestOptions::default()
+                },
+            )
+            .unwrap()
+        };
+        // Off (the default): every zero quantity is a bad row, with the reason that names the
+        // option.
+        let (pop, reports) = read_with(false);
+        assert_eq!(reports[0].bad_rows, 3);
+        assert_eq!(reports[0].bad_by_reason["zero quantity"], 3);
+        assert_eq!(reports[0].zero_quantity_as_one, 0);
+        assert_eq!(pop.len(), 1);
+        assert_eq!(pop.states()[0].revenue, 4.0);
+        // On: the paid line is one unit at its total; unpaid and empty totals stay bad rows.
+        let (pop, reports) = read_with(true);
+        assert_eq!(reports[0].zero_quantity_as_one, 1);
+        assert_eq!(reports[0].bad_rows, 2);
+        assert_eq!(pop.len(), 1);
+        assert_eq!(pop.states()[0].revenue, 6.5);
+        assert_eq!(pop.states()[0].units, 3.0);
     }
 
     #[test]

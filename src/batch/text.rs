@@ -65,6 +65,12 @@ pub fn print_files(files: &[FileReport]) {
                 count(f.after_as_of)
             );
         }
+        if f.zero_quantity_as_one > 0 {
+            println!(
+                "    {} order lines with a zero quantity and a positive line total read as one unit",
+                count(f.zero_quantity_as_one)
+            );
+        }
         print_bad_rows(f.bad_rows, &f.bad_by_reason, &f.examples);
     }
 }

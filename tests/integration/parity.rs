@@ -128,6 +128,7 @@ async fn batch_and_stream_agree_at_the_same_time() {
         bad_rows_path: None,
         order_window: 3 * DAY,
         until: Some(t),
+        zero_quantity_paid_as_one: false,
     };
     let (population, _) = ingest(&files, &StateParams::default(), &options).unwrap();
     let assigner = Assigner::new(&snapshot);
