@@ -102,6 +102,10 @@ pub async fn serve_on(
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state
+        .metrics
+        .ready
+        .set(i64::from(state.ready.load(Ordering::SeqCst)));
     let stats = state.store.stats();
     state.metrics.store_size_bytes.set(stats.size_bytes as i64);
     state

@@ -401,6 +401,14 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every kind.
+    pub const ALL: [EventKind; 4] = [
+        Self::Order,
+        Self::Return,
+        Self::SupportContact,
+        Self::Engagement,
+    ];
+
     /// The kind as a label value.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -8,6 +8,7 @@ use prometheus::{
 };
 
 use crate::domain::dead_letter::DeadLetterReason;
+use crate::domain::event::EventKind;
 
 /// The buckets of every latency histogram, in seconds.
 const LATENCY_BUCKETS: [f64; 17] = [
@@ -100,6 +101,12 @@ macro_rules! metric_table {
 }
 
 metric_table! {
+    /// Always 1; its label carries the running build's version.
+    build_info: IntGaugeVec = "segmentd_build_info",
+        "Always 1; the version label names the running segmentd build.", labels ["version"];
+    /// 1 while `/readyz` answers 200.
+    ready: IntGauge = "segmentd_ready",
+        "1 while the daemon is ready (/readyz answers 200): its consumer loop runs; 0 before it starts and while it drains.";
     /// Records consumed, by event kind (`unknown` for dead letters) and result
     /// (`applied`, `duplicate`, `dead_letter`, `replayed`).
     events: IntCounterVec = "segmentd_events_consumed_total",
@@ -268,6 +275,28 @@ impl Metrics {
         for class in ["record", "outage"] {
             metrics.delivery_retries.with_label_values(&[class]);
         }
+        for kind in EventKind::ALL {
+            for result in ["applied", "duplicate", "replayed"] {
+                metrics.events.with_label_values(&[kind.as_str(), result]);
+            }
+        }
+        metrics
+            .events
+            .with_label_values(&["unknown", "dead_letter"]);
+        for outcome in ["activated", "staged", "rejected", "failed"] {
+            metrics.recluster_runs.with_label_values(&[outcome]);
+        }
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // Resident memory, CPU time, open file descriptors (Linux only: read from /proc).
+        #[cfg(target_os = "linux")]
+        if let Err(e) = metrics.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )) {
+            tracing::error!(error = %e, "process metrics registration failed");
+        }
         Ok(metrics)
     }
 
@@ -340,6 +369,18 @@ mod tests {
             "segmentd_store_estimated_keys",
             "segmentd_consumer_lag_messages",
             "segmentd_batches_in_flight 0",
+            "segmentd_events_consumed_total{kind=\"support_contact\",result=\"duplicate\"} 0",
+            "segmentd_events_consumed_total{kind=\"unknown\",result=\"dead_letter\"} 0",
+            "segmentd_recluster_runs_total{outcome=\"failed\"} 0",
+            "segmentd_ready 0",
+            concat!(
+                "segmentd_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"} 1"
+            ),
+            "process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_open_fds ",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
