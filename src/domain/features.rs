@@ -287,6 +287,9 @@ pub struct FeatureDef {
     pub range: &'static str,
     /// Words for a low and a high value, used to name segments.
     pub words: (&'static str, &'static str),
+    /// The same for an extreme value (beyond 1.5 standard deviations), written out as plain
+    /// English rather than made by a prefix: "never returns", not "very rarely returns".
+    pub strong_words: (&'static str, &'static str),
     /// The computation; `None` when the customer lacks the data.
     pub compute: fn(&FeatureContext<'_>) -> Option<f64>,
 }
@@ -309,6 +312,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + decayed orders · ln2/h · 30.44)",
         range: "≥ 0",
         words: ("infrequent", "frequent"),
+        strong_words: ("very infrequent", "very frequent"),
         compute: |c| {
             c.has_orders()
                 .map(|s| ln1p(s.decayed.orders * c.long * c.monthly_long))
@@ -321,6 +325,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + orders)",
         range: "≥ 0",
         words: ("few orders", "many orders"),
+        strong_words: ("very few orders", "very many orders"),
         compute: |c| c.has_orders().map(|s| ln1p(f64::from(s.orders))),
     },
     FeatureDef {
@@ -330,6 +335,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "weeks with an order / weeks since the first order (last 64 weeks)",
         range: "0–1",
         words: ("sporadic", "steady"),
+        strong_words: ("very sporadic", "very steady"),
         compute: |c| {
             let s = c.has_orders()?;
             let now_week = EventTime::from_unix(c.now).ok()?.week_index();
@@ -352,6 +358,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + revenue / orders)",
         range: "≥ 0",
         words: ("low basket", "high basket"),
+        strong_words: ("very low basket", "very high basket"),
         compute: |c| {
             c.has_orders()
                 .map(|s| ln1p(s.revenue / f64::from(s.orders)))
@@ -364,6 +371,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + decayed revenue · ln2/h · 30.44)",
         range: "≥ 0",
         words: ("low spend", "high spend"),
+        strong_words: ("very low spend", "very high spend"),
         compute: |c| {
             c.has_orders()
                 .map(|s| ln1p(s.decayed.revenue * c.long * c.monthly_long))
@@ -376,6 +384,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + units / orders)",
         range: "≥ 0",
         words: ("few items", "many items"),
+        strong_words: ("very few items", "very many items"),
         compute: |c| c.has_orders().map(|s| ln1p(s.units / f64::from(s.orders))),
     },
     // category_exploration
@@ -386,6 +395,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + distinct categories), linear-counting sketch",
         range: "≥ 0",
         words: ("narrow range", "wide range"),
+        strong_words: ("very narrow range", "very wide range"),
         compute: |c| (c.state.categorised_orders > 0).then(|| ln1p(c.state.categories.estimate())),
     },
     FeatureDef {
@@ -395,6 +405,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "distinct categories / Σ per-order distinct categories",
         range: "0–1",
         words: ("habitual", "exploring"),
+        strong_words: ("very habitual", "always exploring"),
         compute: |c| {
             let s = c.state;
             (s.categorised_orders > 0)
@@ -409,6 +420,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + Σ per-order distinct categories / categorised orders)",
         range: "≥ 0",
         words: ("single-aisle", "multi-aisle"),
+        strong_words: ("strictly single-aisle", "whole-store baskets"),
         compute: |c| {
             let s = c.state;
             (s.categorised_orders > 0)
@@ -423,6 +435,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "lines bought below list price / lines with a list price",
         range: "0–1",
         words: ("rarely on promo", "promo-driven"),
+        strong_words: ("never on promo", "strongly promo-driven"),
         compute: |c| {
             ratio(
                 f64::from(c.state.discounted_lines),
@@ -437,6 +450,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "1 − paid / list value, over lines with a list price",
         range: "0–1",
         words: ("shallow discounts", "deep discounts"),
+        strong_words: ("very shallow discounts", "very deep discounts"),
         compute: |c| {
             let s = c.state;
             if s.priced_lines == 0 {
@@ -455,6 +469,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "orders with every priced line discounted / orders with a priced line",
         range: "0–1",
         words: ("mixed baskets", "promo-only baskets"),
+        strong_words: ("mostly mixed baskets", "mostly promo-only baskets"),
         compute: |c| {
             ratio(
                 f64::from(c.state.promo_orders),
@@ -470,6 +485,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + (last − first order) / (orders − 1), in days); needs 2 orders",
         range: "≥ 0",
         words: ("short cycle", "long cycle"),
+        strong_words: ("very short cycle", "very long cycle"),
         compute: |c| c.mean_interval_days().map(ln1p),
     },
     FeatureDef {
@@ -479,6 +495,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + min(20, days since last order / mean days between orders))",
         range: "0–ln 21",
         words: ("on schedule", "overdue"),
+        strong_words: ("ahead of schedule", "long overdue"),
         compute: |c| {
             let interval = c.mean_interval_days()?;
             let since = c.days_since(c.state.last_order?);
@@ -492,6 +509,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "orders on Saturday or Sunday (UTC) / orders; needs 2 orders",
         range: "0–1",
         words: ("weekday shopper", "weekend shopper"),
+        strong_words: ("weekday-only shopper", "weekend-only shopper"),
         compute: |c| {
             c.mean_interval_days()?;
             ratio(f64::from(c.state.weekend_orders), f64::from(c.state.orders))
@@ -505,6 +523,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + days since the first event of any kind)",
         range: "≥ 0",
         words: ("new", "established"),
+        strong_words: ("brand new", "long-standing"),
         compute: |c| {
             c.has_orders()?;
             Some(ln1p(c.days_since(c.state.first_seen?)))
@@ -517,6 +536,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + days since the last order)",
         range: "≥ 0",
         words: ("recent", "lapsed"),
+        strong_words: ("very recent", "long lapsed"),
         compute: |c| Some(ln1p(c.days_since(c.has_orders()?.last_order?))),
     },
     FeatureDef {
@@ -526,6 +546,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + max(0, revenue − refunds))",
         range: "≥ 0",
         words: ("low value", "high value"),
+        strong_words: ("very low value", "very high value"),
         compute: |c| c.has_orders().map(|s| ln1p(s.lifetime_value())),
     },
     // repurchase_behavior
@@ -536,6 +557,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "1 − distinct products / lines with a product",
         range: "0–1",
         words: ("novelty seeker", "repeat buyer"),
+        strong_words: ("pure novelty seeker", "strong repeat buyer"),
         compute: |c| {
             let s = c.state;
             (s.product_lines > 0)
@@ -549,6 +571,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + distinct products), linear-counting sketch",
         range: "≥ 0",
         words: ("few products", "many products"),
+        strong_words: ("very few products", "very many products"),
         compute: |c| (c.state.product_lines > 0).then(|| ln1p(c.state.products.estimate())),
     },
     // return_behavior
@@ -559,6 +582,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "min(1, returns / orders)",
         range: "0–1",
         words: ("rarely returns", "often returns"),
+        strong_words: ("never returns", "returns very often"),
         compute: |c| {
             let s = c.has_orders()?;
             ratio(f64::from(s.returns), f64::from(s.orders))
@@ -571,6 +595,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "refunds / revenue",
         range: "0–1",
         words: ("keeps purchases", "returns value"),
+        strong_words: ("keeps all purchases", "returns most value"),
         compute: |c| {
             let s = c.has_orders()?;
             Some(ratio(s.returned_value, s.revenue).unwrap_or(0.0))
@@ -583,6 +608,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "decayed refunds / decayed revenue",
         range: "0–1",
         words: ("no recent returns", "recent returns"),
+        strong_words: ("no recent returns", "many recent returns"),
         compute: |c| {
             let s = c.has_orders()?;
             // Both sums decay by the same factor to the read time, so their ratio needs none.
@@ -597,6 +623,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + decayed opens and clicks · ln2/h · 30.44)",
         range: "≥ 0",
         words: ("quiet", "responsive"),
+        strong_words: ("very quiet", "very responsive"),
         compute: |c| {
             (c.state.engagements > 0)
                 .then(|| ln1p(c.state.decayed.engagements * c.long * c.monthly_long))
@@ -609,6 +636,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "engagements on SMS, push or in-app / engagements",
         range: "0–1",
         words: ("email-first", "mobile-first"),
+        strong_words: ("email-only", "mobile-only"),
         compute: |c| {
             ratio(
                 f64::from(c.state.mobile_engagements),
@@ -623,6 +651,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "channels currently unsubscribed / 4",
         range: "0–1",
         words: ("reachable", "opted out"),
+        strong_words: ("fully reachable", "fully opted out"),
         compute: |c| (c.state.engagements > 0).then(|| c.state.opted_out_channels() as f64 / 4.0),
     },
     FeatureDef {
@@ -632,6 +661,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "orders on web or app / orders with a known channel",
         range: "0–1",
         words: ("in-store", "digital"),
+        strong_words: ("in-store only", "digital only"),
         compute: |c| {
             ratio(
                 f64::from(c.state.digital_orders),
@@ -647,6 +677,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + decayed contacts · ln2/h · 30.44); needs a contact",
         range: "≥ 0",
         words: ("rarely contacts", "contacts often"),
+        strong_words: ("never contacts", "contacts very often"),
         compute: |c| {
             (c.state.contacts > 0).then(|| ln1p(c.state.decayed.contacts * c.long * c.monthly_long))
         },
@@ -658,6 +689,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "(mean complexity − 1) / 4",
         range: "0–1",
         words: ("simple issues", "complex issues"),
+        strong_words: ("very simple issues", "very complex issues"),
         compute: |c| {
             let s = c.state;
             (s.contacts > 0)
@@ -671,6 +703,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "distinct topics / contacts",
         range: "0–1",
         words: ("one issue type", "varied issues"),
+        strong_words: ("one issue type", "very varied issues"),
         compute: |c| {
             (c.state.contacts > 0)
                 .then(|| ratio(c.state.distinct_topics(), f64::from(c.state.contacts)))
@@ -684,6 +717,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + contacts / max(1, orders))",
         range: "≥ 0",
         words: ("self-sufficient", "support-heavy"),
+        strong_words: ("fully self-sufficient", "very support-heavy"),
         compute: |c| {
             let s = c.state;
             (s.contacts > 0).then(|| ln1p(f64::from(s.contacts) / f64::from(s.orders.max(1))))
@@ -697,6 +731,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln((1 + monthly orders, short half-life) / (1 + monthly orders, long half-life))",
         range: "any; > 0 growing",
         words: ("slowing", "accelerating"),
+        strong_words: ("slowing sharply", "accelerating sharply"),
         compute: |c| {
             let s = c.has_orders()?;
             let short = s.decayed.orders_short * c.short * c.monthly_short;
@@ -711,6 +746,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln((1 + monthly spend, short half-life) / (1 + monthly spend, long half-life))",
         range: "any; > 0 growing",
         words: ("spending less", "spending more"),
+        strong_words: ("spending much less", "spending much more"),
         compute: |c| {
             let s = c.has_orders()?;
             let short = s.decayed.revenue_short * c.short * c.monthly_short;
@@ -725,6 +761,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "days since last order / (days since first order + 1)",
         range: "0–1",
         words: ("active", "dormant"),
+        strong_words: ("very active", "long dormant"),
         compute: |c| {
             let s = c.has_orders()?;
             let since_last = c.days_since(s.last_order?);
@@ -740,6 +777,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + distinct products / distinct categories)",
         range: "≥ 0",
         words: ("surface", "deep"),
+        strong_words: ("surface only", "very deep"),
         compute: |c| {
             let s = c.state;
             (s.product_lines > 0 && s.categorised_orders > 0)
@@ -753,6 +791,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "product-help contacts / (product-help contacts + orders)",
         range: "0–1",
         words: ("self-reliant", "needs guidance"),
+        strong_words: ("fully self-reliant", "needs much guidance"),
         compute: |c| {
             let s = c.has_orders()?;
             ratio(
@@ -769,6 +808,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + revenue / units)",
         range: "≥ 0",
         words: ("budget items", "premium items"),
+        strong_words: ("mostly budget items", "mostly premium items"),
         compute: |c| {
             let s = c.has_orders()?;
             (s.units > 0.0).then(|| ln1p(s.revenue / s.units))
@@ -781,6 +821,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "ln(1 + highest unit price paid)",
         range: "≥ 0",
         words: ("no big-ticket", "big-ticket"),
+        strong_words: ("no big-ticket", "luxury big-ticket"),
         compute: |c| c.has_orders().map(|s| ln1p(s.max_unit_price)),
     },
     FeatureDef {
@@ -790,6 +831,7 @@ pub static FEATURES: [FeatureDef; 39] = [
         formula: "paid at full price / paid, over lines with a list price",
         range: "0–1",
         words: ("bargain-led", "pays full price"),
+        strong_words: ("strongly bargain-led", "always pays full price"),
         compute: |c| {
             let s = c.state;
             (s.priced_lines > 0).then(|| ratio(s.full_price_paid, s.priced_paid).unwrap_or(0.0))

@@ -3,26 +3,32 @@
 //!
 //! A centroid's standardised coordinates say how its members differ from the average customer.
 //! The name is built from the features that differ most: each contributes its catalogue word for
-//! "low" or "high" (prefixed "very" beyond 1.5 standard deviations). Names are made unique
-//! within an axis by adding further features to the colliding names, then a numeric suffix as a
-//! last resort. The same centroids always produce the same names.
+//! "low" or "high". The leading feature, when it lies beyond 1.5 standard deviations, uses the
+//! catalogue's written-out extreme form instead ("never returns", "very frequent"); later parts
+//! never do, so a name carries at most one intensifier. Names are made unique within an axis by
+//! adding further features to the colliding names, then a numeric suffix as a last resort. The
+//! same centroids always produce the same names.
 
 use crate::domain::features::FeatureId;
 
 /// Coordinates within this many standard deviations of the mean do not earn a word.
 const NOTABLE: f64 = 0.35;
-/// Beyond this many standard deviations the word gets "very".
+/// Beyond this many standard deviations the leading word takes its extreme form.
 const EXTREME: f64 = 1.5;
 /// Name for a centroid that sits near the mean on every feature.
 const TYPICAL: &str = "typical";
 
-fn word(id: FeatureId, z: f64) -> String {
-    let (low, high) = id.def().words;
-    let base = if z >= 0.0 { high } else { low };
-    if z.abs() >= EXTREME {
-        format!("very {base}")
+fn word(id: FeatureId, z: f64, leading: bool) -> &'static str {
+    let def = id.def();
+    let (low, high) = if leading && z.abs() >= EXTREME {
+        def.strong_words
     } else {
-        base.to_owned()
+        def.words
+    };
+    if z >= 0.0 {
+        high
+    } else {
+        low
     }
 }
 
@@ -39,11 +45,12 @@ fn ranked(centroid: &[f64]) -> Vec<usize> {
 }
 
 fn name_with(features: &[FeatureId], centroid: &[f64], words: usize, force: bool) -> String {
-    let parts: Vec<String> = ranked(centroid)
+    let parts: Vec<&str> = ranked(centroid)
         .into_iter()
         .filter(|&i| force || centroid[i].abs() >= NOTABLE)
         .take(words)
-        .map(|i| word(features[i], centroid[i]))
+        .enumerate()
+        .map(|(rank, i)| word(features[i], centroid[i], rank == 0))
         .collect();
     if parts.is_empty() {
         TYPICAL.to_owned()
@@ -96,9 +103,110 @@ pub fn name_segments(features: &[FeatureId], centroids: &[Vec<f64>]) -> Vec<Stri
     out
 }
 
+/// Words that qualify another; a name that carries one of them twice reads badly ("very
+/// budget items · very no big-ticket").
+const QUALIFIERS: [&str; 12] = [
+    "very", "much", "fully", "strictly", "mostly", "always", "never", "sharply", "strongly",
+    "rarely", "often", "only",
+];
+
+/// What makes `name` read badly, if anything: a qualifier twice, "very" before a negation, an
+/// empty or repeated part. Empty when the name reads as plain English.
+pub fn reading_problems(name: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let base = match name.rsplit_once(" (") {
+        Some((head, tail)) if tail.ends_with(')') => head,
+        _ => name,
+    };
+    let parts: Vec<&str> = base.split(" · ").collect();
+    let words: Vec<&str> = base
+        .split(|c: char| c.is_whitespace() || c == '·')
+        .filter(|w| !w.is_empty())
+        .collect();
+    for q in QUALIFIERS {
+        let n = words.iter().filter(|w| **w == q).count();
+        if n > 1 {
+            problems.push(format!("{q:?} {n} times"));
+        }
+    }
+    for pair in words.windows(2) {
+        if pair[0] == "very" && matches!(pair[1], "no" | "not" | "never" | "very") {
+            problems.push(format!("\"very {}\"", pair[1]));
+        }
+    }
+    for (i, part) in parts.iter().enumerate() {
+        if part.trim().is_empty() {
+            problems.push("an empty part".to_owned());
+        } else if parts[..i].contains(part) {
+            problems.push(format!("{part:?} twice"));
+        }
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::features::Axis;
+
+    /// Every name the catalogue can give: on every axis, each feature leading (moderate or
+    /// extreme, low or high) with each other feature second, and alone.
+    #[test]
+    fn every_name_the_catalogue_can_give_reads_as_plain_english() {
+        let mut bad = Vec::new();
+        let mut seen = 0;
+        for axis in Axis::ALL {
+            let features: Vec<FeatureId> = axis.features().map(|(id, _)| id).collect();
+            let n = features.len();
+            for lead in 0..n {
+                for second in (0..n).filter(|&j| j != lead).map(Some).chain([None]) {
+                    for z_lead in [-2.0, -0.8, 0.8, 2.0] {
+                        for z_second in [-0.7, -0.5, 0.5, 0.7] {
+                            let mut centroid = vec![0.0; n];
+                            centroid[lead] = z_lead;
+                            if let Some(j) = second {
+                                centroid[j] = z_second;
+                            }
+                            let name = name_with(&features, &centroid, 2, false);
+                            seen += 1;
+                            let problems = reading_problems(&name);
+                            if !problems.is_empty() {
+                                bad.push(format!("{}: {name:?}: {problems:?}", axis.as_str()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        bad.sort();
+        bad.dedup();
+        assert!(seen > 1_000, "{seen}");
+        assert!(
+            bad.is_empty(),
+            "{} names read badly:\n{}",
+            bad.len(),
+            bad.join("\n")
+        );
+    }
+
+    #[test]
+    fn the_reading_check_catches_the_names_that_read_badly() {
+        for name in [
+            "very budget items · very no big-ticket",
+            "very recent returns · very returns value",
+            "very contacts often · very one issue type",
+            "frequent · frequent",
+        ] {
+            assert!(!reading_problems(name).is_empty(), "{name}");
+        }
+        for name in [
+            "never returns · keeps purchases",
+            "typical",
+            "frequent · steady (2)",
+        ] {
+            assert_eq!(reading_problems(name), Vec::<String>::new(), "{name}");
+        }
+    }
 
     fn ids(names: &[&str]) -> Vec<FeatureId> {
         names

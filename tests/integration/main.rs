@@ -5,6 +5,7 @@ mod cli;
 mod daemon;
 mod fleet;
 mod guarantees;
+mod names;
 mod parity;
 mod processes;
 mod support;
