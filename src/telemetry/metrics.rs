@@ -286,6 +286,11 @@ impl Metrics {
         for outcome in ["activated", "staged", "rejected", "failed"] {
             metrics.recluster_runs.with_label_values(&[outcome]);
         }
+        for source in ["config", "directory", "http", "kafka", "recluster"] {
+            for result in ["activated", "staged", "unchanged", "rejected"] {
+                metrics.snapshot_offers.with_label_values(&[source, result]);
+            }
+        }
         metrics
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])

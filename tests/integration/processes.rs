@@ -69,6 +69,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(brokers: &str, deadline_seconds: u64) -> Self {
+        Self::start_with_env(brokers, deadline_seconds, &[])
+    }
+
+    /// As `start`, with `SEGMENTD__…` settings in the environment over the config file.
+    fn start_with_env(brokers: &str, deadline_seconds: u64, env: &[(String, String)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let snapshot_path = dir.path().join("snapshot.json");
         snapshot_file::save(snapshot().snapshot(), &snapshot_path).unwrap();
@@ -115,6 +120,7 @@ block_cache_bytes = 8388608
             .arg("run")
             .arg("--config")
             .arg(&config_path)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -385,4 +391,186 @@ fn chaos_run(args: &[&str]) -> (String, String) {
     assert!(out.status.success(), "{report}");
     assert!(stdout.contains("verdict: IDENTICAL"), "{report}");
     (stdout, report)
+}
+
+/// The PromQL of the operator kit: every dashboard panel's `targets[].expr`, and every
+/// alerting rule's `expr` (plain or block scalar; the rules file is read line by line).
+fn deploy_expressions() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut out = Vec::new();
+    let dashboard: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("grafana/segmentd.json")).unwrap())
+            .unwrap();
+    fn panels(v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        for panel in v.as_array().into_iter().flatten() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                if let Some(expr) = target["expr"].as_str() {
+                    let title = panel["title"].as_str().unwrap_or("?");
+                    out.push((format!("dashboard panel {title:?}"), expr.to_owned()));
+                }
+            }
+            panels(&panel["panels"], out);
+        }
+    }
+    panels(&dashboard["panels"], &mut out);
+    let rules = std::fs::read_to_string(root.join("prometheus/segmentd-alerts.yml")).unwrap();
+    let lines: Vec<&str> = rules.lines().collect();
+    let mut alert = "?".to_owned();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        i += 1;
+        let trimmed = line.trim_start();
+        if let Some(name) = trimmed.strip_prefix("- alert:") {
+            alert = name.trim().to_owned();
+        }
+        let Some(value) = trimmed.strip_prefix("expr:") else {
+            continue;
+        };
+        let indent = line.len() - trimmed.len();
+        let value = value.trim();
+        let expr = if matches!(value, "|" | "|-" | ">" | ">-") {
+            let mut block = Vec::new();
+            while i < lines.len()
+                && (lines[i].trim().is_empty()
+                    || lines[i].len() - lines[i].trim_start().len() > indent)
+            {
+                block.push(lines[i]);
+                i += 1;
+            }
+            block.join("\n")
+        } else {
+            value.to_owned()
+        };
+        out.push((format!("alert {alert}"), expr));
+    }
+    out
+}
+
+/// The metric names an expression selects.
+fn selected_metrics(expr: &promql_parser::parser::Expr) -> Vec<String> {
+    use promql_parser::parser::Expr;
+    struct Names(Vec<String>);
+    impl promql_parser::util::ExprVisitor for Names {
+        type Error = ();
+        fn pre_visit(&mut self, e: &Expr) -> Result<bool, ()> {
+            match e {
+                Expr::VectorSelector(vs) => self.0.extend(vs.name.clone()),
+                Expr::MatrixSelector(ms) => self.0.extend(ms.vs.name.clone()),
+                _ => {}
+            }
+            Ok(true)
+        }
+    }
+    let mut names = Names(Vec::new());
+    let _ = promql_parser::util::walk_expr(&mut names, expr);
+    names.0
+}
+
+/// The dashboard's and the alerts' PromQL parses, and names only metrics a live daemon
+/// exports: `segmentd run` with drift checks, the score stream and a restore, scraped over
+/// HTTP.
+#[test]
+fn the_dashboard_and_the_alerts_name_only_metrics_a_live_daemon_exports() {
+    let broker = Broker::start();
+    let scores = unique("scores");
+    let score = |i: usize| {
+        let p = format!("0.{:02}", i % 100);
+        format!(
+            r#"{{"visitor_id":"v{i}","session_id":"s{i}","product_id":"p1","probability":{p},"event_time":"2024-12-01T10:00:00Z"}}"#
+        )
+    };
+    let scored: Vec<(String, String)> = (0..40).map(|i| (format!("v{i}"), score(i))).collect();
+    produce_blocking(&broker.address, &scores, &scored);
+    let env = [
+        ("SEGMENTD__DRIFT__CHECK_SECONDS", "1".to_owned()),
+        ("SEGMENTD__AUDIENCES__ENABLED", "true".to_owned()),
+        ("SEGMENTD__AUDIENCES__SCORES_TOPIC", format!("{scores:?}")),
+        (
+            "SEGMENTD__AUDIENCES__OUTPUT_TOPIC",
+            format!("{:?}", unique("audiences")),
+        ),
+        (
+            "SEGMENTD__AUDIENCES__GROUP_ID",
+            format!("{:?}", unique("audience-group")),
+        ),
+        ("SEGMENTD__AUDIENCES__REFRESH_INTERVAL_MS", "200".to_owned()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v));
+    let daemon = Daemon::start_with_env(&broker.address, 30, &env);
+    let mut events: Vec<(String, String)> = (1..=50)
+        .map(|i| {
+            (
+                format!("C{i}"),
+                order(&format!("o{i}"), &format!("C{i}"), 2, "5.0"),
+            )
+        })
+        .collect();
+    events.push(("C1".into(), "not json".into()));
+    produce_blocking(&broker.address, &daemon.input, &events);
+    let families = || -> std::collections::BTreeSet<String> {
+        http_get(daemon.http, "/metrics")
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .map(str::to_owned)
+            .collect()
+    };
+    wait_until(
+        "events, drift and audiences",
+        Duration::from_secs(60),
+        || {
+            let seen = families();
+            daemon.metric("segmentd_events_consumed_total") >= 52.0
+                && seen.contains("segmentd_drift_psi")
+                && seen.contains("segmentd_audience_cutoff")
+        },
+    );
+    let exported = families();
+    let histograms: Vec<String> = http_get(daemon.http, "/metrics")
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" histogram"))
+        .map(str::to_owned)
+        .collect();
+    let known = |name: &str| {
+        exported.contains(name)
+            || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|base| histograms.iter().any(|h| h == base))
+            })
+    };
+    let expressions = deploy_expressions();
+    assert!(expressions.len() > 40, "{}", expressions.len());
+    let mut problems = Vec::new();
+    let mut used = std::collections::BTreeSet::new();
+    for (place, expr) in &expressions {
+        match promql_parser::parser::parse(expr) {
+            Err(e) => problems.push(format!("{place}: does not parse: {e}: {expr}")),
+            Ok(ast) => {
+                let names = selected_metrics(&ast);
+                if names.is_empty() {
+                    problems.push(format!("{place}: selects no metric by name: {expr}"));
+                }
+                for name in names {
+                    if !known(&name) {
+                        problems.push(format!("{place}: {name} is not exported"));
+                    }
+                    used.insert(name);
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // The check bites: a misspelt name is caught.
+    assert!(!known("segmentd_events_consumed"));
+    for needed in [
+        "segmentd_ready",
+        "segmentd_drift_detected",
+        "segmentd_recluster_runs_total",
+        "segmentd_consumer_lag_messages",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(used.contains(needed), "the kit never uses {needed}");
+    }
 }
