@@ -193,6 +193,10 @@ pub struct ValidateArgs {
     /// Agreement threshold (default 0.75).
     #[arg(long)]
     pub min_agreement: Option<f64>,
+    /// When the population's best k (among the snapshot's k − 1, k, k + 1) differs from the
+    /// snapshot's: warn (default) or fail.
+    #[arg(long, value_name = "warn|fail")]
+    pub k_mismatch: Option<crate::model::validation::KMismatch>,
 }
 
 /// `segmentd audiences`.
@@ -456,6 +460,9 @@ fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(v) = args.min_agreement {
         t.min_agreement = v;
+    }
+    if let Some(v) = args.k_mismatch {
+        t.k_mismatch = v;
     }
     config.validate()?;
     let outcome = crate::batch::validate::run(&ValidateJob {

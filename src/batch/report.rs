@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::domain::features::{Axis, FEATURES};
+use crate::model::validation::KMismatch;
 
 use super::assign::AssignOutcome;
 use super::discover::DiscoverOutcome;
@@ -123,19 +124,36 @@ pub fn print_validate(o: &ValidateOutcome) {
         o.version, t.max_kl, t.max_mean_shift, t.min_agreement
     );
     println!(
-        "{:<28} {:>10} {:>8} {:>11} {:>10}  verdict",
-        "axis", "customers", "KL", "mean shift", "agreement"
+        "{:<28} {:>10} {:>8} {:>11} {:>10} {:>8}  verdict",
+        "axis", "customers", "KL", "mean shift", "agreement", "k / pop"
     );
+    let mut k_warnings = Vec::new();
     for a in &o.axes {
+        let population_k = a.population_k.map_or("-".to_owned(), |k| k.to_string());
         println!(
-            "{:<28} {:>10} {:>8.4} {:>11.3} {:>10.3}  {}",
+            "{:<28} {:>10} {:>8.4} {:>11.3} {:>10.3} {:>8}  {}",
             a.axis,
             count(a.customers as u64),
             a.kl,
             a.max_mean_shift,
             a.agreement,
+            format!("{} / {population_k}", a.k),
             if a.pass { "pass" } else { "FAIL" }
         );
+        if a.population_k.is_some_and(|k| k != a.k) {
+            let scores: Vec<String> = a
+                .population_silhouettes
+                .iter()
+                .map(|(k, s)| format!("k={k} {s:.4}"))
+                .collect();
+            k_warnings.push(format!(
+                "{}: the population prefers k={} to the snapshot's k={} (silhouettes {})",
+                a.axis,
+                population_k,
+                a.k,
+                scores.join(", ")
+            ));
+        }
         if a.max_mean_shift > t.max_mean_shift {
             if let Some((segment, feature)) = &a.worst {
                 println!(
@@ -144,6 +162,13 @@ pub fn print_validate(o: &ValidateOutcome) {
                 );
             }
         }
+    }
+    let (label, hint) = match t.k_mismatch {
+        KMismatch::Warn => ("warning", "k_mismatch = \"fail\" makes this a failure"),
+        KMismatch::Fail => ("failure", "k_mismatch = \"fail\""),
+    };
+    for w in &k_warnings {
+        println!("{label}: {w} ({hint}; re-discover with more samples or a wider k_tolerance)");
     }
     println!("time: {}", secs(o.elapsed));
     println!(

@@ -13,6 +13,12 @@
 //! - **agreement**: k-means with the same k on the *whole* population, labels matched to the
 //!   two-stage segments by optimal assignment on the contingency table; the share of customers
 //!   on which both agree.
+//!
+//! And one look at k itself: the population is also clustered at k − 1 and k + 1 (those within
+//! the snapshot's `min_k..=max_k`, the only k's a re-discovery could choose), and the
+//! snapshot's own k rule (best silhouette, near-ties by stability) picks among the three. A
+//! population that prefers another k is a warning, or a failure with `k_mismatch = "fail"`:
+//! re-clustering at the snapshot's k cannot see that the sample chose k by chance.
 
 use std::time::{Duration, Instant};
 
@@ -23,9 +29,10 @@ use rayon::prelude::*;
 use crate::domain::features::FeatureVector;
 use crate::domain::time::EventTime;
 use crate::model::assign::{Assigner, Assignment};
-use crate::model::kmeans::KMeansParams;
-use crate::model::snapshot::{AxisModel, ClusteringRecord};
-use crate::model::validation::{matched_agreement, AxisTally, ValidateConfig};
+use crate::model::discover::{silhouettes, ClusteringParams, KRule};
+use crate::model::kmeans::{KMeansFit, KMeansParams};
+use crate::model::snapshot::{AxisModel, ClusteringRecord, MAX_SEGMENTS_PER_AXIS};
+use crate::model::validation::{matched_agreement, AxisTally, KMismatch, ValidateConfig};
 
 use super::ingest::{ingest, FileReport, IngestOptions, InputFile};
 use crate::io::snapshot_file;
@@ -60,6 +67,13 @@ pub struct AxisVerdict {
     pub worst: Option<(String, String)>,
     /// Agreement with the full-population clustering.
     pub agreement: f64,
+    /// The snapshot's k.
+    pub k: usize,
+    /// The population's best k among k − 1, k and k + 1 by the snapshot's k rule, with each
+    /// one's silhouette; `None` when the axis has too few customers.
+    pub population_k: Option<usize>,
+    /// (k, mean silhouette on the population) of the k's compared.
+    pub population_silhouettes: Vec<(usize, f64)>,
     /// Per segment: (id, sample share, population share).
     pub shares: Vec<(u32, f64, f64)>,
     /// Whether all three checks pass.
@@ -167,12 +181,14 @@ fn axis_verdict(
     let population_shares = tally.shares();
     let kl = tally.kl(model);
     let (max_shift, worst) = tally.max_mean_shift(model);
-    let agreement = if n > k {
-        full_agreement(labels, z, d, k, clustering)?
+    let (agreement, population_k, population_silhouettes) = if n > k + 1 {
+        population_fits(labels, z, d, k, clustering)?
     } else {
-        f64::NAN
+        (f64::NAN, None, Vec::new())
     };
-    let pass = kl < t.max_kl && max_shift <= t.max_mean_shift && agreement >= t.min_agreement;
+    let k_ok = t.k_mismatch == KMismatch::Warn || population_k.is_none_or(|best| best == k);
+    let pass =
+        kl < t.max_kl && max_shift <= t.max_mean_shift && agreement >= t.min_agreement && k_ok;
     Ok(AxisVerdict {
         axis: model.axis.to_string(),
         customers: n,
@@ -180,6 +196,9 @@ fn axis_verdict(
         max_mean_shift: max_shift,
         worst,
         agreement,
+        k,
+        population_k,
+        population_silhouettes,
         shares: model
             .segments
             .iter()
@@ -190,22 +209,124 @@ fn axis_verdict(
     })
 }
 
-/// Clusters the members afresh with the snapshot's settings and gives the share on which
-/// both clusterings agree, labels matched optimally.
-fn full_agreement(
+/// The agreement at k, the population's best k (if any) and the (k, silhouette) compared.
+type PopulationFits = (f64, Option<usize>, Vec<(usize, f64)>);
+
+/// Clusters the members afresh with the snapshot's settings at k − 1, k and k + 1. Gives the
+/// share on which the clustering at k agrees with the snapshot's labels (matched optimally),
+/// the k the snapshot's rule picks among the three, and their silhouettes.
+fn population_fits(
     labels: &[u32],
     z: Vec<f64>,
     d: usize,
     k: usize,
     clustering: &ClusteringRecord,
-) -> anyhow::Result<f64> {
-    let data = Array2::from_shape_vec((labels.len(), d), z)?;
-    let full = KMeansParams::new(k)
-        .n_init(clustering.n_init)
-        .max_iter(clustering.max_iter)
-        .tol(clustering.tol)
-        .seed(clustering.seed)
-        .check()?
-        .fit(data.view())?;
-    Ok(matched_agreement(labels, &full.labels, k, k)?)
+) -> anyhow::Result<PopulationFits> {
+    let n = labels.len();
+    let data = Array2::from_shape_vec((n, d), z)?;
+    let ks: Vec<usize> = [k.saturating_sub(1), k, k + 1]
+        .into_iter()
+        .filter(|&c| {
+            c == k
+                || ((clustering.min_k.max(2)..=clustering.max_k.min(MAX_SEGMENTS_PER_AXIS))
+                    .contains(&c)
+                    && c < n)
+        })
+        .collect();
+    let fits: Vec<KMeansFit> = ks
+        .par_iter()
+        .map(|&c| -> anyhow::Result<KMeansFit> {
+            Ok(KMeansParams::new(c)
+                .n_init(clustering.n_init)
+                .max_iter(clustering.max_iter)
+                .tol(clustering.tol)
+                .seed(clustering.seed)
+                .check()?
+                .fit(data.view())?)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let at_k = ks
+        .iter()
+        .position(|&c| c == k)
+        .context("k itself was not fitted")?;
+    let agreement = matched_agreement(labels, &fits[at_k].labels, k, k)?;
+    let weights = vec![1.0; n];
+    let silhouettes = silhouettes(
+        data.view(),
+        &weights,
+        &fits,
+        clustering.silhouette_sample,
+        clustering.seed,
+    );
+    let params = ClusteringParams {
+        n_init: clustering.n_init,
+        max_iter: clustering.max_iter,
+        tol: clustering.tol,
+        ..ClusteringParams::default()
+    };
+    let rule = KRule {
+        tolerance: clustering.k_tolerance,
+        resamples: clustering.stability_resamples,
+        resample_cap: clustering.silhouette_sample,
+        seed: clustering.seed,
+    };
+    let best = rule
+        .choose(data.view(), &weights, &fits, &silhouettes, &params)
+        .map(|(i, _)| ks[i]);
+    Ok((agreement, best, ks.into_iter().zip(silhouettes).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+
+    /// Rows (row-major) around `centres`, `per` each.
+    fn blobs(centres: &[[f64; 2]], per: usize) -> Vec<f64> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let noise = Normal::new(0.0, 0.6).unwrap();
+        centres
+            .iter()
+            .flat_map(|c| std::iter::repeat_n(c, per))
+            .flat_map(|c| [c[0] + noise.sample(&mut rng), c[1] + noise.sample(&mut rng)])
+            .collect()
+    }
+
+    fn record() -> ClusteringRecord {
+        ClusteringParams::default().record()
+    }
+
+    /// Labels of a k-means fit at `k`, as a snapshot with that k would assign them.
+    fn labels_at(z: &[f64], k: usize) -> Vec<u32> {
+        let data = Array2::from_shape_vec((z.len() / 2, 2), z.to_vec()).unwrap();
+        KMeansParams::new(k)
+            .seed(1)
+            .check()
+            .unwrap()
+            .fit(data.view())
+            .unwrap()
+            .labels
+    }
+
+    #[test]
+    fn a_population_with_another_best_k_is_seen() {
+        let z = blobs(&[[-5.0, 0.0], [5.0, 0.0], [0.0, 8.0]], 200);
+        let labels = labels_at(&z, 2);
+        let (_, best, silhouettes) = population_fits(&labels, z, 2, 2, &record()).unwrap();
+        assert_eq!(best, Some(3), "{silhouettes:?}");
+        // k - 1 = 1 is below min_k: only 2 and 3 are compared.
+        let ks: Vec<usize> = silhouettes.iter().map(|(k, _)| *k).collect();
+        assert_eq!(ks, vec![2, 3]);
+    }
+
+    #[test]
+    fn a_population_that_agrees_on_k_is_not_flagged() {
+        let z = blobs(&[[-5.0, 0.0], [5.0, 0.0], [0.0, 8.0]], 200);
+        let labels = labels_at(&z, 3);
+        let (agreement, best, silhouettes) = population_fits(&labels, z, 2, 3, &record()).unwrap();
+        assert_eq!(best, Some(3), "{silhouettes:?}");
+        assert!(agreement > 0.99, "{agreement}");
+        assert_eq!(silhouettes.len(), 3);
+    }
 }

@@ -16,13 +16,14 @@ use thiserror::Error;
 
 use crate::domain::features::{Axis, FeatureId};
 
-use super::kmeans::{KMeansFit, KMeansParams};
+use super::kmeans::{nearest, KMeansFit, KMeansParams};
 use super::naming::name_segments;
 use super::silhouette::mean_silhouettes_weighted;
 use super::snapshot::{
     AxisModel, ClusteringRecord, DroppedFeature, KScore, Scaler, Segment, MAX_SEGMENTS_PER_AXIS,
     MIN_AXIS_FEATURES,
 };
+use super::validation::matched_agreement;
 
 /// Standard deviations below this count as "constant": the feature cannot separate customers.
 const MIN_STD: f64 = 1e-9;
@@ -47,7 +48,21 @@ pub struct ClusteringParams {
     pub min_customers: usize,
     /// Seed of every random choice.
     pub seed: u64,
+    /// Every k whose mean silhouette is within this of the best is a near-tie: silhouettes that
+    /// flat do not tell the k's apart, and a sample's choice among them would be chance.
+    pub k_tolerance: f64,
+    /// Near-ties are decided by stability: each is fitted on this many seeded half-samples,
+    /// and the best silhouette's k stands unless another near-tie's half-sample fits agree with
+    /// its whole-sample fit better by more than 0.02; then the most stable wins (within 0.005,
+    /// the smaller k). 0: the smallest near-tie k wins.
+    pub stability_resamples: usize,
 }
+
+/// A near-tie replaces the best silhouette's k only when its stability is higher by more
+/// than this.
+const STABILITY_MARGIN: f64 = 0.02;
+/// Stabilities this close count as equal; the smaller k then wins.
+const STABILITY_TIE: f64 = 0.005;
 
 impl Default for ClusteringParams {
     fn default() -> Self {
@@ -60,6 +75,8 @@ impl Default for ClusteringParams {
             silhouette_sample: 5000,
             min_customers: 50,
             seed: 42,
+            k_tolerance: 0.02,
+            stability_resamples: 5,
         }
     }
 }
@@ -101,6 +118,16 @@ impl ClusteringParams {
                 2 * self.max_k
             )));
         }
+        if !(self.k_tolerance.is_finite() && (0.0..=1.0).contains(&self.k_tolerance)) {
+            return Err(ClusteringParamError::Other(
+                "k_tolerance must be a silhouette difference between 0 and 1".into(),
+            ));
+        }
+        if self.stability_resamples > 100 {
+            return Err(ClusteringParamError::Other(
+                "stability_resamples must be at most 100".into(),
+            ));
+        }
         if self.min_customers < self.max_k + 1 {
             return Err(ClusteringParamError::Other(format!(
                 "min_customers must be more than max_k = {}",
@@ -120,6 +147,8 @@ impl ClusteringParams {
             tol: self.tol,
             silhouette_sample: self.silhouette_sample,
             seed: self.seed,
+            k_tolerance: self.k_tolerance,
+            stability_resamples: self.stability_resamples,
         }
     }
 }
@@ -252,18 +281,25 @@ pub fn cluster_axis(
         params.silhouette_sample,
         axis_seed,
     );
-    // Best silhouette; ties go to the smaller k (simpler model).
-    let best = (0..fits.len())
-        .max_by(|&a, &b| silhouettes[a].total_cmp(&silhouettes[b]).then(b.cmp(&a)))
+    let rule = KRule {
+        tolerance: params.k_tolerance,
+        resamples: params.stability_resamples,
+        resample_cap: params.silhouette_sample,
+        seed: axis_seed,
+    };
+    let (best, stability) = rule
+        .choose(z.view(), &sample.weights, &fits, &silhouettes, params)
         .ok_or_else(|| SkipReason::Failed("no k could be tried".into()))?;
     let candidates = ks
         .iter()
         .zip(&fits)
         .zip(&silhouettes)
-        .map(|((&k, fit), &s)| KScore {
+        .zip(&stability)
+        .map(|(((&k, fit), &s), &stability)| KScore {
             k,
             silhouette: s,
             inertia: fit.inertia,
+            stability,
         })
         .collect();
     let fit = &fits[best];
@@ -340,6 +376,123 @@ fn standardise(sample: &AxisSample) -> Result<Standardised, SkipReason> {
     })
 }
 
+/// How k is chosen among fits of one axis: the best mean silhouette, unless other k's are
+/// within `tolerance` of it and one of those near-ties is clearly more stable across seeded
+/// half-samples (then the most stable, the smaller k on a tie); without resamples, the
+/// smallest near-tie.
+#[derive(Debug, Clone, Copy)]
+pub struct KRule {
+    /// Silhouette difference within which k's are near-ties.
+    pub tolerance: f64,
+    /// Seeded half-samples per near-tie k (0: the smallest near-tie wins).
+    pub resamples: usize,
+    /// At most this many rows per half-sample.
+    pub resample_cap: usize,
+    /// Seed of the half-samples.
+    pub seed: u64,
+}
+
+impl KRule {
+    /// The index of the chosen fit, and each fit's stability (for near-ties only, when
+    /// resamples decide). `None` when there is no fit.
+    pub fn choose(
+        &self,
+        z: ArrayView2<f64>,
+        weights: &[f64],
+        fits: &[KMeansFit],
+        silhouettes: &[f64],
+        params: &ClusteringParams,
+    ) -> Option<(usize, Vec<Option<f64>>)> {
+        let mut stability = vec![None; fits.len()];
+        let best = (0..fits.len())
+            .max_by(|&a, &b| silhouettes[a].total_cmp(&silhouettes[b]).then(b.cmp(&a)))?;
+        // Fits are in increasing k; an unscorable fit (-1) is never a near-tie.
+        let near: Vec<usize> = (0..fits.len())
+            .filter(|&i| {
+                silhouettes[i] > -1.0 && silhouettes[best] - silhouettes[i] <= self.tolerance
+            })
+            .collect();
+        if near.len() < 2 {
+            return Some((best, stability));
+        }
+        if self.resamples == 0 {
+            return Some((near[0], stability));
+        }
+        let scores: Vec<f64> = near
+            .par_iter()
+            .map(|&i| self.stability(z, weights, &fits[i], params))
+            .collect();
+        for (&i, &s) in near.iter().zip(&scores) {
+            stability[i] = Some(s);
+        }
+        // The best silhouette stands unless a near-tie is clearly more stable: then the most
+        // stable one wins (within STABILITY_TIE, the smaller k).
+        let of_best = stability[best].unwrap_or(0.0);
+        let top = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let chosen = if top > of_best + STABILITY_MARGIN {
+            near.iter()
+                .zip(&scores)
+                .find(|(_, &s)| s >= top - STABILITY_TIE)
+                .map_or(best, |(&i, _)| i)
+        } else {
+            best
+        };
+        Some((chosen, stability))
+    }
+
+    /// Mean agreement, labels matched, between `fit` and fits of the same k on seeded
+    /// half-samples, each half-sample fit labelling every row by its nearest centroid.
+    fn stability(
+        &self,
+        z: ArrayView2<f64>,
+        weights: &[f64],
+        fit: &KMeansFit,
+        params: &ClusteringParams,
+    ) -> f64 {
+        let n = z.nrows();
+        let k = fit.k();
+        let half = (n / 2).min(self.resample_cap.max(2 * k)).max(k + 1);
+        let mut total = 0.0;
+        let mut counted = 0;
+        for r in 0..self.resamples {
+            let seed = self.seed ^ (k as u64).wrapping_mul(0x2545_f491_4f6c_dd1d) ^ (r as u64 + 1);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut rows = sample(&mut rng, n, half.min(n)).into_vec();
+            rows.sort_unstable();
+            let sub = z.select(NdAxis(0), &rows);
+            let sub_weights: Vec<f64> = rows.iter().map(|&i| weights[i]).collect();
+            let Ok(valid) = KMeansParams::new(k)
+                .n_init(params.n_init)
+                .max_iter(params.max_iter)
+                .tol(params.tol)
+                .seed(seed)
+                .check()
+            else {
+                continue;
+            };
+            let Ok(part) = valid.fit_weighted(sub.view(), Some(&sub_weights)) else {
+                continue;
+            };
+            let labels: Vec<u32> = z
+                .outer_iter()
+                .map(|row| {
+                    let row = row.to_vec();
+                    nearest(part.centroids.view(), &row).0 as u32
+                })
+                .collect();
+            if let Ok(a) = matched_agreement(&fit.labels, &labels, k, k) {
+                total += a;
+                counted += 1;
+            }
+        }
+        if counted == 0 {
+            0.0
+        } else {
+            total / counted as f64
+        }
+    }
+}
+
 /// One weighted k-means fit per k in `ks`, in parallel, each seeded from `axis_seed` and k.
 fn fit_every_k(
     z: ArrayView2<f64>,
@@ -365,7 +518,7 @@ fn fit_every_k(
 
 /// Mean silhouette of each fit, on a seeded subsample of at most `max_points` rows, computed in
 /// one pass over the point pairs.
-fn silhouettes(
+pub fn silhouettes(
     z: ArrayView2<f64>,
     weights: &[f64],
     fits: &[KMeansFit],
@@ -499,6 +652,59 @@ mod tests {
             }
         }
         rows
+    }
+
+    /// Fits of k = 2, 3, 4 on two round blobs: k = 2 is the structure, and k = 3 splits one
+    /// blob along a direction that changes from one half-sample to the next.
+    fn two_blob_fits() -> (Array2<f64>, Vec<f64>, Vec<KMeansFit>, ClusteringParams) {
+        let z = blobs(&[[-4.0, 0.0], [4.0, 0.0]], 300, 1.0, 9);
+        let weights = vec![1.0; z.nrows()];
+        let params = ClusteringParams::default();
+        let fits = fit_every_k(z.view(), &weights, &[2, 3, 4], &params, 5).unwrap();
+        (z, weights, fits, params)
+    }
+
+    fn rule(resamples: usize) -> KRule {
+        KRule {
+            tolerance: 0.02,
+            resamples,
+            resample_cap: 5000,
+            seed: 3,
+        }
+    }
+
+    #[test]
+    fn a_clear_best_silhouette_wins_without_resampling() {
+        let (z, w, fits, params) = two_blob_fits();
+        let (chosen, stability) = rule(5)
+            .choose(z.view(), &w, &fits, &[0.50, 0.60, 0.30], &params)
+            .unwrap();
+        assert_eq!(fits[chosen].k(), 3);
+        assert_eq!(stability, vec![None, None, None]);
+    }
+
+    #[test]
+    fn near_ties_go_to_the_stable_k_even_against_a_slightly_better_silhouette() {
+        let (z, w, fits, params) = two_blob_fits();
+        // k = 3 has the best silhouette by 0.01: a near-tie with k = 2.
+        let (chosen, stability) = rule(5)
+            .choose(z.view(), &w, &fits, &[0.50, 0.51, 0.30], &params)
+            .unwrap();
+        let (two, three) = (stability[0].unwrap(), stability[1].unwrap());
+        assert!(two > 0.99, "{two}");
+        assert!(three < two - STABILITY_MARGIN, "{three} vs {two}");
+        assert_eq!(stability[2], None, "k = 4 was no near-tie");
+        assert_eq!(fits[chosen].k(), 2);
+        // The same inputs give the same choice and stabilities.
+        let again = rule(5)
+            .choose(z.view(), &w, &fits, &[0.50, 0.51, 0.30], &params)
+            .unwrap();
+        assert_eq!(again, (chosen, stability));
+        // Without resamples the smallest near-tie wins.
+        let (chosen, _) = rule(0)
+            .choose(z.view(), &w, &fits, &[0.50, 0.51, 0.30], &params)
+            .unwrap();
+        assert_eq!(fits[chosen].k(), 2);
     }
 
     fn sample(rows: Array2<f64>) -> AxisSample {

@@ -90,6 +90,10 @@ pub struct KScore {
     pub silhouette: f64,
     /// k-means inertia on the standardised data.
     pub inertia: f64,
+    /// For a near-tie decided by stability: the mean agreement of half-sample fits with this
+    /// fit (see `ClusteringRecord::stability_resamples`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stability: Option<f64>,
 }
 
 /// The model of one axis.
@@ -225,6 +229,14 @@ pub struct ClusteringRecord {
     pub silhouette_sample: usize,
     /// Seed of every random choice.
     pub seed: u64,
+    /// k's whose silhouette is within this of the best were near-ties (0 in snapshots made
+    /// before the rule: k by best silhouette alone).
+    #[serde(default)]
+    pub k_tolerance: f64,
+    /// Half-samples per near-tie k that decided among them by stability (0: the smallest
+    /// near-tie won).
+    #[serde(default)]
+    pub stability_resamples: usize,
 }
 
 /// A centroid snapshot, as stored. Use [`Snapshot::validate`] before reading it.
@@ -613,6 +625,8 @@ pub(crate) mod tests {
                 tol: 1e-4,
                 silhouette_sample: 5000,
                 seed: 0,
+                k_tolerance: 0.02,
+                stability_resamples: 5,
             },
             axes: vec![AxisModel {
                 axis: Axis::PurchaseFrequency,

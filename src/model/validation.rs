@@ -29,6 +29,32 @@ pub struct ValidateConfig {
     /// Smallest share of customers on which the two-stage assignment agrees with a clustering
     /// of the whole population (after matching labels) that passes.
     pub min_agreement: f64,
+    /// What a population whose best k (among the snapshot's k − 1, k and k + 1, chosen by the
+    /// snapshot's rule) differs from the snapshot's does to the verdict.
+    pub k_mismatch: KMismatch,
+}
+
+/// The verdict on an axis whose population prefers another k.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KMismatch {
+    /// Reported as a warning; the axis can still pass.
+    #[default]
+    Warn,
+    /// The axis fails.
+    Fail,
+}
+
+impl std::str::FromStr for KMismatch {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "warn" => Ok(Self::Warn),
+            "fail" => Ok(Self::Fail),
+            other => Err(format!("{other:?}: expected warn or fail")),
+        }
+    }
 }
 
 impl Default for ValidateConfig {
@@ -37,6 +63,7 @@ impl Default for ValidateConfig {
             max_kl: 0.1,
             max_mean_shift: 0.1,
             min_agreement: 0.75,
+            k_mismatch: KMismatch::Warn,
         }
     }
 }
