@@ -4,6 +4,7 @@
 //! around this module, and nothing here imports the rest of the crate.
 
 pub mod aging;
+pub mod cdp;
 pub mod dead_letter;
 pub mod event;
 pub mod features;

@@ -28,6 +28,9 @@ pub struct KafkaConfig {
     pub output_topic: String,
     /// Topic of refused records (original bytes, reason in headers).
     pub dead_letter_topic: String,
+    /// Topic of the Segment-spec "Audience Entered" / "Audience Exited" Track events, keyed by
+    /// customer id; written only with `publish.format = "segment"`.
+    pub audience_events_topic: String,
     /// Most records per batch.
     pub max_batch: usize,
     /// Longest wait for a batch to fill after its first record, in milliseconds.
@@ -73,6 +76,7 @@ impl Default for KafkaConfig {
             ],
             output_topic: "segment-memberships".into(),
             dead_letter_topic: "segmentd-dead-letters".into(),
+            audience_events_topic: "segmentd-audience-events".into(),
             max_batch: 5_000,
             batch_timeout_ms: 2,
             session_timeout_ms: 10_000,
@@ -116,15 +120,28 @@ impl Section for KafkaConfig {
         if self.input_topics.is_empty() || self.input_topics.iter().any(|t| t.trim().is_empty()) {
             return Err("input_topics must name at least one topic".into());
         }
-        if self.output_topic.trim().is_empty() || self.dead_letter_topic.trim().is_empty() {
-            return Err("output_topic and dead_letter_topic must be set".into());
-        }
-        if self
-            .input_topics
-            .iter()
-            .any(|t| *t == self.output_topic || *t == self.dead_letter_topic)
+        if self.output_topic.trim().is_empty()
+            || self.dead_letter_topic.trim().is_empty()
+            || self.audience_events_topic.trim().is_empty()
         {
-            return Err("an input topic cannot also be the output or dead-letter topic".into());
+            return Err(
+                "output_topic, dead_letter_topic and audience_events_topic must be set".into(),
+            );
+        }
+        if self.audience_events_topic == self.output_topic
+            || self.audience_events_topic == self.dead_letter_topic
+        {
+            return Err("audience_events_topic must be a topic of its own".into());
+        }
+        if self.input_topics.iter().any(|t| {
+            *t == self.output_topic
+                || *t == self.dead_letter_topic
+                || *t == self.audience_events_topic
+        }) {
+            return Err(
+                "an input topic cannot also be the output, dead-letter or audience-events topic"
+                    .into(),
+            );
         }
         if self.max_batch == 0 || self.batch_timeout_ms == 0 {
             return Err("max_batch and batch_timeout_ms must be at least 1".into());

@@ -401,6 +401,8 @@ pub struct DeliveryError {
 pub enum Output {
     /// An update (membership or audience) on the outbox's update topic.
     Update,
+    /// A Segment-spec audience event on the outbox's audience-events topic.
+    AudienceEvent,
     /// The dead letter of the batch's `dead[i]`.
     DeadLetter(usize),
 }
@@ -425,6 +427,8 @@ pub struct Outbox<C: ClientContext + 'static> {
     stall: Arc<StallWatch>,
     updates: Arc<str>,
     dead_letters: Arc<str>,
+    /// Where audience events go, when they are published.
+    audience_events: Option<Arc<str>>,
     /// The producer's `message.max.bytes`: the first cut of a dead letter too large for it.
     max_message_bytes: usize,
     metrics: Arc<Metrics>,
@@ -437,6 +441,7 @@ impl<C: ClientContext + 'static> Clone for Outbox<C> {
             stall: self.stall.clone(),
             updates: self.updates.clone(),
             dead_letters: self.dead_letters.clone(),
+            audience_events: self.audience_events.clone(),
             max_message_bytes: self.max_message_bytes,
             metrics: self.metrics.clone(),
         }
@@ -463,8 +468,17 @@ impl<C: ClientContext + 'static> Outbox<C> {
             stall,
             updates: Arc::from(updates),
             dead_letters: Arc::from(dead_letters),
+            audience_events: None,
             max_message_bytes,
             metrics,
+        }
+    }
+
+    /// The same outbox, sending audience events to `topic`.
+    pub fn with_audience_events(self, topic: &str) -> Self {
+        Self {
+            audience_events: Some(Arc::from(topic)),
+            ..self
         }
     }
 
@@ -475,12 +489,30 @@ impl<C: ClientContext + 'static> Outbox<C> {
 
     /// Enqueues an update, waiting for room in the producer queue (backpressure).
     pub async fn send_update(&self, key: &str, payload: &[u8]) -> Result<Sent, DeliveryError> {
-        let record = FutureRecord::to(&self.updates).key(key).payload(payload);
+        self.send_to(&self.updates, key, payload).await
+    }
+
+    /// Enqueues an audience event, as an update. Without an audience-events topic (the
+    /// format does not ask for them) there is nothing to send them to: an error.
+    pub async fn send_audience_event(
+        &self,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<Sent, DeliveryError> {
+        let topic = self.audience_events.as_ref().ok_or_else(|| DeliveryError {
+            topic: "(no audience-events topic)".into(),
+            source: KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopic),
+        })?;
+        self.send_to(topic, key, payload).await
+    }
+
+    async fn send_to(&self, topic: &str, key: &str, payload: &[u8]) -> Result<Sent, DeliveryError> {
+        let record = FutureRecord::to(topic).key(key).payload(payload);
         enqueue(&self.producer, record)
             .await
             .map(Sent::Pending)
             .map_err(|source| DeliveryError {
-                topic: self.updates.to_string(),
+                topic: topic.to_string(),
                 source,
             })
     }
@@ -533,7 +565,11 @@ impl<C: ClientContext + 'static> Outbox<C> {
                 Sent::Refused(error) => (error, None),
             };
             match output {
-                Output::Update => self.redeliver_update(error, returned)?,
+                Output::Update => self.redeliver_update(&self.updates, error, returned)?,
+                Output::AudienceEvent => {
+                    let topic = self.audience_events.as_ref().unwrap_or(&self.updates);
+                    self.redeliver_update(topic, error, returned)?
+                }
                 Output::DeadLetter(i) => {
                     let (m, letter) = &dead[i];
                     self.redeliver_dead_letter(m, letter, error, returned.is_none())?;
@@ -562,11 +598,12 @@ impl<C: ClientContext + 'static> Outbox<C> {
     /// again until it is taken.
     fn redeliver_update(
         &self,
+        topic: &str,
         error: KafkaError,
         returned: Option<OwnedMessage>,
     ) -> Result<(), DeliveryError> {
         let failed = |source| DeliveryError {
-            topic: self.updates.to_string(),
+            topic: topic.to_string(),
             source,
         };
         let class = FailureClass::of(&error);
@@ -580,7 +617,7 @@ impl<C: ClientContext + 'static> Outbox<C> {
         });
         tracing::warn!(error = %error, "update delivery failed; sending it again alone");
         let record = OwnedRecord::from_message(&message);
-        send_alone(&self.producer, &self.updates, &record, self.on_outage()).map_err(failed)
+        send_alone(&self.producer, topic, &record, self.on_outage()).map_err(failed)
     }
 
     /// A dead letter through an outage is sent again whole; one refused for what it is is

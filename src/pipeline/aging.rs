@@ -261,7 +261,10 @@ pub(crate) fn prepare_aging(
         aging_open: Some(state.open_count()),
         ..Prepared::pass_chunk(
             id,
-            loaded.snapshot.version(),
+            (
+                loaded.snapshot.version(),
+                policy.audiences(&loaded.snapshot),
+            ),
             started,
             result.updates,
             (store_batch, result.drift),

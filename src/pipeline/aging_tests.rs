@@ -367,7 +367,7 @@ fn an_assessment_that_publishes_nothing_writes_nothing_yet_counts() {
     )
     .unwrap();
     let update: serde_json::Value = serde_json::from_slice(
-        &crate::pipeline::publish::Outgoing::new(swept.updates[0].clone(), None)
+        &crate::pipeline::publish::Outgoing::new(swept.updates[0].clone(), None, None)
             .unwrap()
             .payload,
     )

@@ -29,6 +29,20 @@ pub struct PublishPolicy {
     /// nearest segment's membership exceeds that segment's by more than this margin, so a
     /// customer near a boundary does not flap on every event. 0 turns it off.
     pub switch_margin: f64,
+    /// What is published: the membership updates alone, or with `segment` also Segment-spec
+    /// Track events ("Audience Entered", "Audience Exited") on `kafka.audience_events_topic`.
+    pub format: PublishFormat,
+}
+
+/// What the daemon publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishFormat {
+    /// Membership updates.
+    #[default]
+    Native,
+    /// Membership updates, and a Track event per segment entered or left (CDP-ready).
+    Segment,
 }
 
 impl Default for PublishPolicy {
@@ -37,7 +51,15 @@ impl Default for PublishPolicy {
             every_event: false,
             epsilon: 0.05,
             switch_margin: 0.1,
+            format: PublishFormat::Native,
         }
+    }
+}
+
+impl PublishPolicy {
+    /// The snapshot to name audience events from, when the format asks for them.
+    pub(crate) fn audiences<'s>(&self, snapshot: &'s ValidSnapshot) -> Option<&'s ValidSnapshot> {
+        (self.format == PublishFormat::Segment).then_some(snapshot)
     }
 }
 

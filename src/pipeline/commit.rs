@@ -364,6 +364,18 @@ impl Committer {
                 .inc();
         }
         metrics.updates.inc_by(prepared.updates.len() as u64);
+        let (events, entered) = prepared.updates.iter().fold((0, 0), |(n, e), u| {
+            (n + u.audience_events.len(), e + u.entered)
+        });
+        if events > 0 {
+            let counter = &metrics.audience_events;
+            counter
+                .with_label_values(&["entered"])
+                .inc_by(entered as u64);
+            counter
+                .with_label_values(&["exited"])
+                .inc_by((events - entered) as u64);
+        }
     }
 }
 

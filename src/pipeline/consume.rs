@@ -45,7 +45,7 @@ use crate::model::drift::Live;
 use crate::telemetry::metrics::Metrics;
 
 use super::aging::{prepare_aging, Aging, AgingConfig, AgingSchedule};
-use super::assign::PublishPolicy;
+use super::assign::{PublishFormat, PublishPolicy};
 use super::clock::{self, StreamClock};
 use super::commit::{Committer, RunStats};
 use super::error::{ProcessError, RunError};
@@ -245,13 +245,16 @@ impl Loop {
         let consumer = Arc::new(group_consumer(config, &config.group_id, context)?);
         let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        let outbox = Outbox::new(
+        let mut outbox = Outbox::new(
             output_producer(config)?,
             &config.output_topic,
             &config.dead_letter_topic,
             max_message_bytes(&config.client),
             metrics.clone(),
         );
+        if policy.format == PublishFormat::Segment {
+            outbox = outbox.with_audience_events(&config.audience_events_topic);
+        }
         let pending = Arc::new(Pending::default());
         let overlay: Arc<dyn StateStore> = Arc::new(Overlay {
             store: store.clone(),

@@ -6,12 +6,15 @@ use std::time::Instant;
 
 use rdkafka::message::OwnedMessage;
 
+use crate::domain::cdp::{audience_events, ENTERED};
 use crate::domain::dead_letter::DeadLetter;
 use crate::domain::event::EventKind;
+use crate::domain::features::Axis;
 use crate::io::kafka::QuietErrors;
 use crate::io::outbox::{Deliveries, Outbox, Output};
 use crate::io::store::StoreBatch;
 use crate::model::drift::DriftSums;
+use crate::model::snapshot::ValidSnapshot;
 
 use super::error::{ProcessError, RunError};
 
@@ -24,19 +27,41 @@ pub(crate) struct Outgoing {
     /// Broker timestamp of the record that caused it, to time event-to-publish.
     pub(crate) arrived_ms: Option<i64>,
     pub(crate) changed: Vec<crate::domain::update::AxisChange>,
+    /// Its Segment-spec audience events, serialised (`publish.format = "segment"`).
+    pub(crate) audience_events: Vec<Vec<u8>>,
+    /// How many of them are entries (the rest are exits).
+    pub(crate) entered: usize,
 }
 
 impl Outgoing {
+    /// An update serialised; with `audiences` (the snapshot it was made against, when the
+    /// format asks for them) also its audience events.
     pub(crate) fn new(
         mut update: crate::domain::update::MembershipUpdate,
         arrived_ms: Option<i64>,
+        audiences: Option<&ValidSnapshot>,
     ) -> Result<Self, ProcessError> {
-        // A 13-axis update is about 1.5 KB: size the buffer once.
-        let mut payload = Vec::with_capacity(2048);
-        serde_json::to_writer(&mut payload, &update).map_err(|source| ProcessError::Serialise {
+        let failed = |source| ProcessError::Serialise {
             customer: update.customer_id.to_string(),
             source,
-        })?;
+        };
+        // A 13-axis update is about 1.5 KB: size the buffer once.
+        let mut payload = Vec::with_capacity(2048);
+        serde_json::to_writer(&mut payload, &update).map_err(failed)?;
+        let (audience_events, entered) = match audiences {
+            Some(snapshot) => {
+                let name = |axis, id| segment_name(snapshot, axis, id);
+                let events = audience_events(&update, &name);
+                let entered = events.iter().filter(|e| e.event == ENTERED).count();
+                let bytes = events
+                    .iter()
+                    .map(serde_json::to_vec)
+                    .collect::<Result<_, _>>()
+                    .map_err(failed)?;
+                (bytes, entered)
+            }
+            None => (Vec::new(), 0),
+        };
         Ok(Self {
             key: update.customer_id.to_string(),
             payload,
@@ -44,8 +69,20 @@ impl Outgoing {
             previous_snapshot_version: update.previous_snapshot_version,
             arrived_ms,
             changed: std::mem::take(&mut update.changed),
+            audience_events,
+            entered,
         })
     }
+}
+
+/// The name of segment `id` of `axis` in `snapshot`.
+fn segment_name(snapshot: &ValidSnapshot, axis: Axis, id: u32) -> Option<&str> {
+    let model = &snapshot.axes().iter().find(|a| a.model.axis == axis)?.model;
+    model
+        .segments
+        .iter()
+        .find(|s| s.id == id)
+        .map(|s| s.name.as_str())
 }
 
 /// A batch decoded and processed, its outputs serialised, not yet sent.
@@ -105,14 +142,14 @@ impl Prepared {
     /// `aging_open`).
     pub(crate) fn pass_chunk(
         id: u64,
-        version: u64,
+        (version, audiences): (u64, Option<&ValidSnapshot>),
         started: Instant,
         updates: Vec<crate::domain::update::MembershipUpdate>,
         (store_batch, drift): (StoreBatch, DriftSums),
     ) -> Result<Self, ProcessError> {
         let updates: Vec<Outgoing> = updates
             .into_iter()
-            .map(|u| Outgoing::new(u, None))
+            .map(|u| Outgoing::new(u, None, audiences))
             .collect::<Result<_, _>>()?;
         Ok(Self {
             updates,
@@ -196,6 +233,10 @@ pub(crate) async fn publish(
         deliveries.push((Output::Update, sent));
         // Sent: the bytes are librdkafka's now (a failed delivery hands them back).
         update.payload = Vec::new();
+        for event in &update.audience_events {
+            let sent = outbox.send_audience_event(&update.key, event).await?;
+            deliveries.push((Output::AudienceEvent, sent));
+        }
     }
     for (i, (m, letter)) in prepared.dead.iter().enumerate() {
         deliveries.push((

@@ -333,7 +333,10 @@ pub(crate) fn prepare_sweep(
         swept,
         ..Prepared::pass_chunk(
             id,
-            loaded.snapshot.version(),
+            (
+                loaded.snapshot.version(),
+                policy.audiences(&loaded.snapshot),
+            ),
             started,
             result.updates,
             (result.store_batch, result.drift),

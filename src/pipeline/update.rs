@@ -419,7 +419,7 @@ pub(crate) fn prepare(
                 .into_iter()
                 .map(|update| {
                     let arrived_ms = decoded.arrived_ms(&update);
-                    Outgoing::new(update, arrived_ms)
+                    Outgoing::new(update, arrived_ms, policy.audiences(&loaded.snapshot))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((result, outgoing, clock_updates))
@@ -607,6 +607,7 @@ pub(crate) mod tests {
                 every_event: false,
                 epsilon: 0.5,
                 switch_margin: 0.0,
+                ..PublishPolicy::default()
             },
         );
         assert_eq!(quiet.applied, 1);
@@ -618,6 +619,7 @@ pub(crate) mod tests {
                 every_event: true,
                 epsilon: 0.5,
                 switch_margin: 0.0,
+                ..PublishPolicy::default()
             },
         );
         assert_eq!(loud.updates.len(), 1);
@@ -644,6 +646,7 @@ pub(crate) mod tests {
             every_event: false,
             epsilon: 0.5,
             switch_margin: 0.0,
+            ..PublishPolicy::default()
         };
         // The same day again: nothing to publish against the backfilled assignment...
         let result = run(&store, &[input(order("a", "o2", 0), 0)], quiet);
@@ -660,6 +663,7 @@ pub(crate) mod tests {
                 every_event: true,
                 epsilon: 0.5,
                 switch_margin: 0.0,
+                ..PublishPolicy::default()
             },
         );
         assert_eq!(result.updates[0].seq, 8);
@@ -684,6 +688,7 @@ pub(crate) mod tests {
             every_event: false,
             epsilon: 1.0,
             switch_margin: margin,
+            ..PublishPolicy::default()
         };
         let inputs: Vec<Input> = shop
             .history()
@@ -743,6 +748,7 @@ pub(crate) mod tests {
             every_event: false,
             epsilon: 0.5,
             switch_margin: 0.0,
+            ..PublishPolicy::default()
         };
         let mut offset = 0;
         let mut step = |snapshot: &ValidSnapshot, id: &str| {

@@ -137,6 +137,9 @@ metric_table! {
     /// Membership updates published.
     updates: IntCounter = "segmentd_membership_updates_total",
         "Membership updates published.";
+    /// Segment-spec audience events published (`publish.format = "segment"`), by event.
+    audience_events: IntCounterVec = "segmentd_audience_events_total",
+        "Segment-spec Track events published (publish.format = segment), by event: entered, exited.", labels ["event"];
     /// Customers currently in each segment, maintained from every published change.
     segment_customers: IntGaugeVec = "segmentd_segment_customers",
         "Customers in each segment, as last published, maintained incrementally.", labels ["axis", "segment"];
@@ -285,6 +288,9 @@ impl Metrics {
             .with_label_values(&["unknown", "dead_letter"]);
         for outcome in ["activated", "staged", "rejected", "failed"] {
             metrics.recluster_runs.with_label_values(&[outcome]);
+        }
+        for event in ["entered", "exited"] {
+            metrics.audience_events.with_label_values(&[event]);
         }
         for source in ["config", "directory", "http", "kafka", "recluster"] {
             for result in ["activated", "staged", "unchanged", "rejected"] {

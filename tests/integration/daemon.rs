@@ -24,7 +24,7 @@ use segmentd::io::kafka::KafkaConfig;
 use segmentd::io::store::{RocksStore, StateStore, StoreConfig};
 use segmentd::model::assign::LoadedSnapshot;
 use segmentd::pipeline::aging::AgingConfig;
-use segmentd::pipeline::assign::PublishPolicy;
+use segmentd::pipeline::assign::{PublishFormat, PublishPolicy};
 use segmentd::pipeline::commit::RunStats;
 use segmentd::pipeline::consume::{run, Hooks};
 use segmentd::pipeline::sweep::SweepConfig;
@@ -94,6 +94,7 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
             every_event: true,
             epsilon: 0.05,
             switch_margin: 0.0,
+            ..PublishPolicy::default()
         };
         let hooks = hooks.clone();
         tokio::spawn(async move {
@@ -223,6 +224,161 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
     // The dead letter carries the original bytes.
     assert_eq!(letters[0].payload(), Some(&b"not json"[..]));
     drop(cluster);
+}
+
+/// `publish.format = "segment"`: every segment a customer enters or leaves becomes a
+/// Segment-spec Track event on the audience-events topic, matching the update's `changed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_segment_format_publishes_an_audience_event_per_segment_entered_or_left() {
+    let cluster = Cluster::new();
+    let brokers = cluster.brokers();
+    let (input, output, dlq) = topics(&cluster, "orders", 1).await;
+    let events_topic = unique("audience-events");
+    cluster.create_topic(&events_topic, 1).await;
+    // Two orders each for 20 customers, far apart in value and time: first updates enter
+    // every axis with data; second orders move some customers.
+    let mut records = Vec::new();
+    for c in 0..20 {
+        let customer = format!("C{c}");
+        records.push((
+            customer.clone(),
+            order(&format!("a{c}"), &customer, 1, "5.0"),
+        ));
+    }
+    for c in 0..20 {
+        let customer = format!("C{c}");
+        let price = format!("{}.0", 20 + c * 40);
+        records.push((
+            customer.clone(),
+            order(&format!("b{c}"), &customer, 20, &price),
+        ));
+    }
+    produce(&brokers, &input, &records).await;
+
+    let snapshot = snapshot();
+    let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
+    let dir = tempfile::tempdir().unwrap();
+    let store = temp_store(dir.path());
+    let config = KafkaConfig {
+        brokers: brokers.clone(),
+        group_id: unique("group"),
+        input_topics: vec![input.clone()],
+        changelog_topic: changelog_of(&input),
+        output_topic: output.clone(),
+        dead_letter_topic: dlq,
+        audience_events_topic: events_topic.clone(),
+        session_timeout_ms: 6_000,
+        ..KafkaConfig::default()
+    };
+    let policy = PublishPolicy {
+        switch_margin: 0.0,
+        format: PublishFormat::Segment,
+        ..PublishPolicy::default()
+    };
+    let shutdown = CancellationToken::new();
+    let hooks = hooks();
+    let task = {
+        let (store, shutdown, hooks) = (store.clone(), shutdown.clone(), hooks.clone());
+        tokio::spawn(async move {
+            run(
+                &config,
+                policy,
+                SweepConfig::default(),
+                AgingConfig {
+                    period_seconds: 3_650 * 86_400,
+                    ..AgingConfig::default()
+                },
+                store,
+                shared,
+                shutdown,
+                hooks,
+            )
+            .await
+        })
+    };
+    wait_for("40 events durable", || durable(store.as_ref()) == 40).await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    // What the updates' `changed` says must have been entered and left.
+    let mut expected = Vec::new();
+    for m in read_all(&brokers, &output).await {
+        let u: MembershipUpdate = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        for c in &u.changed {
+            let axis = c.axis.as_str();
+            if let Some(left) = c.previous.filter(|p| Some(*p) != c.segment) {
+                expected.push((
+                    u.customer_id.to_string(),
+                    u.seq,
+                    axis,
+                    "Audience Exited",
+                    left,
+                ));
+            }
+            if let Some(entered) = c.segment.filter(|s| Some(*s) != c.previous) {
+                let name = u
+                    .axes
+                    .iter()
+                    .find(|a| a.axis == c.axis)
+                    .and_then(|a| a.name.clone());
+                expected.push((
+                    u.customer_id.to_string(),
+                    u.seq,
+                    axis,
+                    "Audience Entered",
+                    entered,
+                ));
+                assert!(name.is_some(), "an entered segment has a name");
+            }
+        }
+    }
+    let events = read_all(&brokers, &events_topic).await;
+    let mut seen = Vec::new();
+    for m in &events {
+        let e: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        let user = e["userId"].as_str().unwrap().to_owned();
+        assert_eq!(m.key(), Some(user.as_bytes()), "keyed by customer");
+        assert_eq!(e["type"], "track");
+        let p = &e["properties"];
+        let axis = p["axis"].as_str().unwrap();
+        let direction = if e["event"] == "Audience Entered" {
+            "entered"
+        } else {
+            "exited"
+        };
+        let seq = p["seq"].as_u64().unwrap();
+        assert_eq!(
+            e["messageId"].as_str().unwrap(),
+            format!("segmentd:{user}:{seq}:{axis}:{direction}")
+        );
+        assert!(e["timestamp"].as_str().unwrap().ends_with('Z'));
+        if direction == "entered" {
+            assert!(p["segment_name"].is_string(), "{e}");
+        }
+        let event: &'static str = if direction == "entered" {
+            "Audience Entered"
+        } else {
+            "Audience Exited"
+        };
+        let axis: &'static str = segmentd::domain::features::Axis::parse(axis)
+            .unwrap()
+            .as_str();
+        seen.push((
+            user,
+            seq,
+            axis,
+            event,
+            p["segment_id"].as_u64().unwrap() as u32,
+        ));
+    }
+    expected.sort();
+    seen.sort();
+    assert!(
+        expected.iter().any(|e| e.3 == "Audience Exited"),
+        "no segment was left"
+    );
+    assert!(expected.len() > 40, "{}", expected.len());
+    assert_eq!(seen, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
