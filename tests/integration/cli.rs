@@ -79,6 +79,12 @@ fn discover_assign_validate_on_a_generated_shop() {
     assert!(report.contains("purchase_frequency"), "{report}");
     assert!(report.contains("silhouette"), "{report}");
     let valid = snapshot_file::load(&snap).expect("discover writes a valid snapshot");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&snap).unwrap()).unwrap();
+    super::support::assert_schema_valid(
+        &super::support::schema("snapshot"),
+        &json,
+        "discover's snapshot",
+    );
     let s = valid.snapshot();
     assert_eq!(s.source.population, 600);
     assert_eq!(s.source.sampled, 400);
@@ -151,12 +157,18 @@ fn discover_assign_validate_on_a_generated_shop() {
         .skip(1)
         .take_while(|l| !l.starts_with("time:"))
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|cols| cols.len() == 6)
+        .filter(|cols| cols.len() == 9 && matches!(cols[8], "pass" | "FAIL"))
         .collect();
     assert_eq!(rows.len(), 13, "{report}");
     for cols in &rows {
         let kl: f64 = cols[2].parse().unwrap();
         assert!(kl < 0.1, "{}: KL {kl}\n{report}", cols[0]);
+        // The snapshot's k and the population's own choice among k - 1, k and k + 1.
+        let k: usize = cols[5].parse().unwrap();
+        assert!((2..=6).contains(&k), "{report}");
+        assert_eq!(cols[6], "/", "{report}");
+        let population_k: usize = cols[7].parse().unwrap();
+        assert!(population_k.abs_diff(k) <= 1, "{report}");
     }
     // The exit code follows the verdict.
     let passed = report.contains("verdict: PASS");

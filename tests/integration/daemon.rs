@@ -302,8 +302,11 @@ async fn the_segment_format_publishes_an_audience_event_per_segment_entered_or_l
 
     // What the updates' `changed` says must have been entered and left.
     let mut expected = Vec::new();
+    let (update_schema, event_schema) = (schema("membership-update"), schema("audience-event"));
     for m in read_all(&brokers, &output).await {
-        let u: MembershipUpdate = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_schema_valid(&update_schema, &json, "a membership update");
+        let u: MembershipUpdate = serde_json::from_value(json).unwrap();
         for c in &u.changed {
             let axis = c.axis.as_str();
             if let Some(left) = c.previous.filter(|p| Some(*p) != c.segment) {
@@ -336,6 +339,7 @@ async fn the_segment_format_publishes_an_audience_event_per_segment_entered_or_l
     let mut seen = Vec::new();
     for m in &events {
         let e: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_schema_valid(&event_schema, &e, "an audience event");
         let user = e["userId"].as_str().unwrap().to_owned();
         assert_eq!(m.key(), Some(user.as_bytes()), "keyed by customer");
         assert_eq!(e["type"], "track");
@@ -810,10 +814,15 @@ async fn the_score_stream_publishes_tier_changes_once_and_refuses_bad_scores() {
             ("rare", segmentd::audience::Readiness::TooFewScores)
         ]
     );
+    let audience_schema = schema("audience-update");
     let updates: Vec<AudienceUpdate> = read(&brokers, &output, published)
         .await
         .iter()
-        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+        .map(|m| {
+            let json: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            assert_schema_valid(&audience_schema, &json, "an audience update");
+            serde_json::from_value(json).unwrap()
+        })
         .collect();
     assert_eq!(updates.len(), published);
     for u in &updates {

@@ -8,4 +8,5 @@ mod guarantees;
 mod names;
 mod parity;
 mod processes;
+mod schemas;
 mod support;

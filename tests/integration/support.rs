@@ -243,3 +243,38 @@ pub fn stored_records(
         .unwrap();
     out
 }
+
+/// The validator of `schemas/<name>.schema.json` (draft 2020-12), after checking the schema
+/// itself against the draft's meta-schema.
+pub fn schema(name: &str) -> jsonschema::Validator {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("schemas")
+        .join(format!("{name}.schema.json"));
+    let text = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let schema: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(
+        schema["$schema"], "https://json-schema.org/draft/2020-12/schema",
+        "{name}"
+    );
+    if let Err(e) = jsonschema::meta::validate(&schema) {
+        panic!("{name} is not a valid JSON Schema: {e}");
+    }
+    jsonschema::validator_for(&schema).unwrap()
+}
+
+/// Asserts that `instance` is valid against `validator`, naming every violation.
+pub fn assert_schema_valid(
+    validator: &jsonschema::Validator,
+    instance: &serde_json::Value,
+    what: &str,
+) {
+    let errors: Vec<String> = validator
+        .iter_errors(instance)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{what}: {}\n{instance}",
+        errors.join("; ")
+    );
+}
