@@ -855,10 +855,13 @@ impl Reader {
         let mut quantity = self.number(record, Field::Quantity)?.unwrap_or(1.0);
         let unit_price = self.number(record, Field::UnitPrice)?;
         let line_total = self.number(record, Field::LineTotal)?;
-        if quantity == 0.0 && self.zero_quantity_paid_as_one && line_total.is_some_and(|t| t > 0.0)
-        {
+        // Counted once the line is part of an order (it may still be refused below).
+        let zero_as_one = !is_return
+            && quantity == 0.0
+            && self.zero_quantity_paid_as_one
+            && line_total.is_some_and(|t| t > 0.0);
+        if zero_as_one {
             quantity = 1.0;
-            self.report.zero_quantity_as_one += 1;
         }
         if unit_price.is_none() && line_total.is_none() {
             return Err("missing price: unit_price and line_total are both empty".into());
@@ -905,6 +908,7 @@ impl Reader {
         };
         self.group(event, key, line, false)?;
         self.order_lines += 1;
+        self.report.zero_quantity_as_one += u64::from(zero_as_one);
         Ok(())
     }
 
@@ -1168,11 +1172,12 @@ mod tests {
 
     #[test]
     fn a_paid_zero_quantity_is_one_unit_only_when_asked() {
-        let text = "customer_id,order_id,event_time,quantity,line_total\n\
-                    a,o1,2024-01-01,0,2.50\n\
-                    a,o1,2024-01-01,2,4.00\n\
-                    b,o2,2024-01-02,0,0\n\
-                    c,o3,2024-01-03,0,-1.00\n";
+        let text = "customer_id,order_id,event_time,quantity,line_total,channel\n\
+                    a,o1,2024-01-01,0,2.50,\n\
+                    a,o1,2024-01-01,2,4.00,\n\
+                    b,o2,2024-01-02,0,0,\n\
+                    c,o3,2024-01-03,0,-1.00,\n\
+                    d,o4,2024-01-04,0,3.00,pigeon\n";
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "in.csv", text);
         let read_with = |as_one: bool| {
@@ -1194,15 +1199,16 @@ mod tests {
         // Off (the default): every zero quantity is a bad row, with the reason that names the
         // option.
         let (pop, reports) = read_with(false);
-        assert_eq!(reports[0].bad_rows, 3);
-        assert_eq!(reports[0].bad_by_reason["zero quantity"], 3);
+        assert_eq!(reports[0].bad_rows, 4);
+        assert_eq!(reports[0].bad_by_reason["zero quantity"], 4);
         assert_eq!(reports[0].zero_quantity_as_one, 0);
         assert_eq!(pop.len(), 1);
         assert_eq!(pop.states()[0].revenue, 4.0);
-        // On: the paid line is one unit at its total; unpaid and empty totals stay bad rows.
+        // On: the paid line is one unit at its total; unpaid totals stay bad rows, and a
+        // paid line refused for another reason (its channel) is not counted as read.
         let (pop, reports) = read_with(true);
         assert_eq!(reports[0].zero_quantity_as_one, 1);
-        assert_eq!(reports[0].bad_rows, 2);
+        assert_eq!(reports[0].bad_rows, 3);
         assert_eq!(pop.len(), 1);
         assert_eq!(pop.states()[0].revenue, 6.5);
         assert_eq!(pop.states()[0].units, 3.0);
