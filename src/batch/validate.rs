@@ -309,10 +309,16 @@ mod tests {
             .labels
     }
 
+    /// Three clear clusters, and a snapshot's labels of them at `k`.
+    fn three_blobs_labelled_at(k: usize) -> (Vec<f64>, Vec<u32>) {
+        let z = blobs(&[[-5.0, 0.0], [5.0, 0.0], [0.0, 8.0]], 200);
+        let labels = labels_at(&z, k);
+        (z, labels)
+    }
+
     #[test]
     fn a_population_with_another_best_k_is_seen() {
-        let z = blobs(&[[-5.0, 0.0], [5.0, 0.0], [0.0, 8.0]], 200);
-        let labels = labels_at(&z, 2);
+        let (z, labels) = three_blobs_labelled_at(2);
         let (_, best, silhouettes) = population_fits(&labels, z, 2, 2, &record()).unwrap();
         assert_eq!(best, Some(3), "{silhouettes:?}");
         // k - 1 = 1 is below min_k: only 2 and 3 are compared.
@@ -322,8 +328,7 @@ mod tests {
 
     #[test]
     fn a_population_that_agrees_on_k_is_not_flagged() {
-        let z = blobs(&[[-5.0, 0.0], [5.0, 0.0], [0.0, 8.0]], 200);
-        let labels = labels_at(&z, 3);
+        let (z, labels) = three_blobs_labelled_at(3);
         let (agreement, best, silhouettes) = population_fits(&labels, z, 2, 3, &record()).unwrap();
         assert_eq!(best, Some(3), "{silhouettes:?}");
         assert!(agreement > 0.99, "{agreement}");

@@ -687,24 +687,21 @@ mod tests {
     fn near_ties_go_to_the_stable_k_even_against_a_slightly_better_silhouette() {
         let (z, w, fits, params) = two_blob_fits();
         // k = 3 has the best silhouette by 0.01: a near-tie with k = 2.
-        let (chosen, stability) = rule(5)
-            .choose(z.view(), &w, &fits, &[0.50, 0.51, 0.30], &params)
-            .unwrap();
+        let choose = |resamples| {
+            rule(resamples)
+                .choose(z.view(), &w, &fits, &[0.50, 0.51, 0.30], &params)
+                .unwrap()
+        };
+        let (chosen, stability) = choose(5);
         let (two, three) = (stability[0].unwrap(), stability[1].unwrap());
         assert!(two > 0.99, "{two}");
         assert!(three < two - STABILITY_MARGIN, "{three} vs {two}");
         assert_eq!(stability[2], None, "k = 4 was no near-tie");
         assert_eq!(fits[chosen].k(), 2);
         // The same inputs give the same choice and stabilities.
-        let again = rule(5)
-            .choose(z.view(), &w, &fits, &[0.50, 0.51, 0.30], &params)
-            .unwrap();
-        assert_eq!(again, (chosen, stability));
+        assert_eq!(choose(5), (chosen, stability));
         // Without resamples the smallest near-tie wins.
-        let (chosen, _) = rule(0)
-            .choose(z.view(), &w, &fits, &[0.50, 0.51, 0.30], &params)
-            .unwrap();
-        assert_eq!(fits[chosen].k(), 2);
+        assert_eq!(fits[choose(0).0].k(), 2);
     }
 
     fn sample(rows: Array2<f64>) -> AxisSample {

@@ -30,6 +30,34 @@ use segmentd::pipeline::consume::{run, Hooks};
 use segmentd::pipeline::sweep::SweepConfig;
 use segmentd::telemetry::metrics::Metrics;
 
+/// The consumer loop on a task of its own, with known events giving known updates: no aging
+/// boundary inside the story (aging has tests of its own).
+fn start_loop(
+    config: KafkaConfig,
+    policy: PublishPolicy,
+    (store, shared): (Arc<dyn StateStore>, Arc<ArcSwap<LoadedSnapshot>>),
+    shutdown: &CancellationToken,
+    hooks: &Hooks,
+) -> tokio::task::JoinHandle<Result<RunStats, segmentd::pipeline::error::RunError>> {
+    let (shutdown, hooks) = (shutdown.clone(), hooks.clone());
+    tokio::spawn(async move {
+        run(
+            &config,
+            policy,
+            SweepConfig::default(),
+            AgingConfig {
+                period_seconds: 3_650 * 86_400,
+                ..AgingConfig::default()
+            },
+            store,
+            shared,
+            shutdown,
+            hooks,
+        )
+        .await
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
     let cluster = Cluster::new();
@@ -76,46 +104,22 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
     let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
     let dir = tempfile::tempdir().unwrap();
     let store = temp_store(dir.path());
-    let config = KafkaConfig {
-        brokers: brokers.clone(),
-        group_id: unique("group"),
-        input_topics: vec![input.clone()],
-        changelog_topic: changelog_of(&input),
-        output_topic: output.clone(),
-        dead_letter_topic: dlq.clone(),
-        session_timeout_ms: 6_000,
-        ..KafkaConfig::default()
-    };
+    let config = loop_config(&brokers, &input, &output, &dlq, 5_000);
     let shutdown = CancellationToken::new();
     let hooks = hooks();
-    let task = {
-        let (store, shared, shutdown) = (store.clone(), shared.clone(), shutdown.clone());
-        let policy = PublishPolicy {
-            every_event: true,
-            epsilon: 0.05,
-            switch_margin: 0.0,
-            ..PublishPolicy::default()
-        };
-        let hooks = hooks.clone();
-        tokio::spawn(async move {
-            run(
-                &config,
-                policy,
-                SweepConfig::default(),
-                // Known events, known updates: no aging boundary inside the story (aging has
-                // tests of its own).
-                AgingConfig {
-                    period_seconds: 3_650 * 86_400,
-                    ..AgingConfig::default()
-                },
-                store,
-                shared,
-                shutdown,
-                hooks,
-            )
-            .await
-        })
+    let policy = PublishPolicy {
+        every_event: true,
+        epsilon: 0.05,
+        switch_margin: 0.0,
+        ..PublishPolicy::default()
     };
+    let task = start_loop(
+        config,
+        policy,
+        (store.clone(), shared.clone()),
+        &shutdown,
+        &hooks,
+    );
 
     let updates = read(&brokers, &output, 3).await;
     let letters = read(&brokers, &dlq, 6).await;
@@ -260,15 +264,8 @@ async fn the_segment_format_publishes_an_audience_event_per_segment_entered_or_l
     let dir = tempfile::tempdir().unwrap();
     let store = temp_store(dir.path());
     let config = KafkaConfig {
-        brokers: brokers.clone(),
-        group_id: unique("group"),
-        input_topics: vec![input.clone()],
-        changelog_topic: changelog_of(&input),
-        output_topic: output.clone(),
-        dead_letter_topic: dlq,
         audience_events_topic: events_topic.clone(),
-        session_timeout_ms: 6_000,
-        ..KafkaConfig::default()
+        ..loop_config(&brokers, &input, &output, &dlq, 5_000)
     };
     let policy = PublishPolicy {
         switch_margin: 0.0,
@@ -276,26 +273,7 @@ async fn the_segment_format_publishes_an_audience_event_per_segment_entered_or_l
         ..PublishPolicy::default()
     };
     let shutdown = CancellationToken::new();
-    let hooks = hooks();
-    let task = {
-        let (store, shutdown, hooks) = (store.clone(), shutdown.clone(), hooks.clone());
-        tokio::spawn(async move {
-            run(
-                &config,
-                policy,
-                SweepConfig::default(),
-                AgingConfig {
-                    period_seconds: 3_650 * 86_400,
-                    ..AgingConfig::default()
-                },
-                store,
-                shared,
-                shutdown,
-                hooks,
-            )
-            .await
-        })
-    };
+    let task = start_loop(config, policy, (store.clone(), shared), &shutdown, &hooks());
     wait_for("40 events durable", || durable(store.as_ref()) == 40).await;
     shutdown.cancel();
     task.await.unwrap().unwrap();

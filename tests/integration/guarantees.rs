@@ -137,26 +137,6 @@ async fn stream_history(brokers: &str, input: &str, seed: u64) -> Vec<Event> {
     events
 }
 
-fn loop_config(
-    brokers: &str,
-    input: &str,
-    output: &str,
-    dlq: &str,
-    max_batch: usize,
-) -> KafkaConfig {
-    KafkaConfig {
-        brokers: brokers.to_owned(),
-        group_id: unique("group"),
-        input_topics: vec![input.to_owned()],
-        changelog_topic: changelog_of(input),
-        output_topic: output.to_owned(),
-        dead_letter_topic: dlq.to_owned(),
-        session_timeout_ms: 6_000,
-        max_batch,
-        ..KafkaConfig::default()
-    }
-}
-
 fn spawn_loop(
     config: &KafkaConfig,
     store: Arc<dyn StateStore>,

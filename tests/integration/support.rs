@@ -13,6 +13,7 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
+use segmentd::io::kafka::KafkaConfig;
 use segmentd::io::store::{RocksStore, StateStore, StoreConfig};
 use segmentd::model::snapshot::ValidSnapshot;
 use segmentd::pipeline::consume::Hooks;
@@ -277,4 +278,25 @@ pub fn assert_schema_valid(
         "{what}: {}\n{instance}",
         errors.join("; ")
     );
+}
+
+/// The consumer loop's settings for a test's own topics and group.
+pub fn loop_config(
+    brokers: &str,
+    input: &str,
+    output: &str,
+    dlq: &str,
+    max_batch: usize,
+) -> KafkaConfig {
+    KafkaConfig {
+        brokers: brokers.to_owned(),
+        group_id: unique("group"),
+        input_topics: vec![input.to_owned()],
+        changelog_topic: changelog_of(input),
+        output_topic: output.to_owned(),
+        dead_letter_topic: dlq.to_owned(),
+        session_timeout_ms: 6_000,
+        max_batch,
+        ..KafkaConfig::default()
+    }
 }
