@@ -82,6 +82,11 @@ pub struct CustomerId(Box<str>);
 impl CustomerId {
     /// Trims surrounding white space and checks the id is non-empty, short and printable.
     pub fn parse(raw: &str) -> Result<Self, EventError> {
+        Self::check(raw).map(|id| Self(id.into()))
+    }
+
+    /// What [`CustomerId::parse`] would keep of `raw` (trimmed), checked, without allocating.
+    pub fn check(raw: &str) -> Result<&str, EventError> {
         let id = raw.trim();
         if id.is_empty() {
             return Err(EventError::EmptyCustomerId);
@@ -92,7 +97,7 @@ impl CustomerId {
         if id.chars().any(char::is_control) {
             return Err(EventError::CustomerIdControlChar);
         }
-        Ok(Self(id.into()))
+        Ok(id)
     }
 
     /// The id as text.
@@ -145,7 +150,7 @@ impl OrderChannel {
     /// Parses common spellings case-insensitively ("online" is web, "mobile" is app, "pos" is
     /// store).
     pub fn parse(raw: &str) -> Result<Self, EventError> {
-        match raw.trim().to_ascii_lowercase().as_str() {
+        with_ascii_lowercase(raw.trim(), |lower| match lower {
             "web" | "online" | "website" | "ecommerce" | "e-commerce" => Ok(Self::Web),
             "app" | "mobile" | "mobile_app" | "ios" | "android" => Ok(Self::App),
             "store" | "pos" | "retail" | "offline" | "in_store" | "instore" => Ok(Self::Store),
@@ -155,8 +160,24 @@ impl OrderChannel {
                 field: "channel",
                 value: other.to_owned(),
             }),
+        })
+    }
+}
+
+/// Calls `f` with `raw` in ASCII lower case, without allocating for the short words the
+/// channel and action parsers look for (the batch reader parses one or two per row).
+fn with_ascii_lowercase<R>(raw: &str, f: impl FnOnce(&str) -> R) -> R {
+    let mut buf = [0u8; 32];
+    if raw.len() <= buf.len() {
+        let lower = &mut buf[..raw.len()];
+        lower.copy_from_slice(raw.as_bytes());
+        lower.make_ascii_lowercase();
+        // ASCII case changes keep UTF-8 valid.
+        if let Ok(lower) = std::str::from_utf8(lower) {
+            return f(lower);
         }
     }
+    f(&raw.to_ascii_lowercase())
 }
 
 /// One line of an order.
@@ -305,7 +326,7 @@ impl MessageChannel {
 
     /// Parses common spellings case-insensitively.
     pub fn parse(raw: &str) -> Result<Self, EventError> {
-        match raw.trim().to_ascii_lowercase().as_str() {
+        with_ascii_lowercase(raw.trim(), |lower| match lower {
             "email" | "e-mail" | "mail" => Ok(Self::Email),
             "sms" | "text" | "mms" => Ok(Self::Sms),
             "push" | "notification" => Ok(Self::Push),
@@ -314,7 +335,7 @@ impl MessageChannel {
                 field: "channel",
                 value: other.to_owned(),
             }),
-        }
+        })
     }
 }
 
@@ -335,7 +356,7 @@ pub enum EngagementAction {
 impl EngagementAction {
     /// Parses common spellings case-insensitively.
     pub fn parse(raw: &str) -> Result<Self, EventError> {
-        match raw.trim().to_ascii_lowercase().as_str() {
+        with_ascii_lowercase(raw.trim(), |lower| match lower {
             "open" | "opened" | "view" | "viewed" | "read" => Ok(Self::Open),
             "click" | "clicked" | "tap" | "tapped" => Ok(Self::Click),
             "unsubscribe" | "unsubscribed" | "opt_out" | "optout" | "opt-out" => {
@@ -346,7 +367,7 @@ impl EngagementAction {
                 field: "action",
                 value: other.to_owned(),
             }),
-        }
+        })
     }
 }
 
@@ -518,6 +539,35 @@ pub(crate) fn test_order(customer: &str, event_id: &str, time: EventTime) -> Eve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spellings_parse_case_insensitively_short_or_long() {
+        assert_eq!(
+            MessageChannel::parse("  E-Mail "),
+            Ok(MessageChannel::Email)
+        );
+        assert_eq!(
+            EngagementAction::parse("OPT-OUT"),
+            Ok(EngagementAction::Unsubscribe)
+        );
+        assert_eq!(OrderChannel::parse("Android"), Ok(OrderChannel::App));
+        // Longer than the stack buffer, and not ASCII: lower-cased the same way.
+        let long = "Carrier-Pigeon-Delivered-By-Hand-At-Dawn";
+        assert_eq!(
+            MessageChannel::parse(long),
+            Err(EventError::Unknown {
+                field: "channel",
+                value: long.to_ascii_lowercase(),
+            })
+        );
+        assert_eq!(
+            EngagementAction::parse("Ouvrir-É"),
+            Err(EventError::Unknown {
+                field: "action",
+                value: "ouvrir-É".to_owned(),
+            })
+        );
+    }
 
     #[test]
     fn customer_id_is_trimmed_and_checked() {
