@@ -756,11 +756,13 @@ impl Reader {
         }
     }
 
-    fn common(
+    /// The fields every row has: the customer id (checked, as [`CustomerId::parse`] keeps
+    /// it), the event time, and the time as written.
+    fn common<'r>(
         &self,
-        record: &csv::StringRecord,
-    ) -> Result<(CustomerId, EventTime, String), RowError> {
-        let customer = CustomerId::parse(self.text(record, Field::CustomerId).unwrap_or(""))
+        record: &'r csv::StringRecord,
+    ) -> Result<(&'r str, EventTime, &'r str), RowError> {
+        let customer = CustomerId::check(self.text(record, Field::CustomerId).unwrap_or(""))
             .map_err(|e| format!("bad customer_id: {e}"))?;
         let raw_time = self
             .text(record, Field::EventTime)
@@ -772,14 +774,15 @@ impl Reader {
         if self.until.is_some_and(|until| time.unix() > until) {
             return Err(RowError::AfterAsOf);
         }
-        Ok((customer, time, raw_time.to_owned()))
+        Ok((customer, time, raw_time))
     }
 
     fn row(&mut self, record: &csv::StringRecord, line: u64) -> Result<(), RowError> {
         match self.kind {
             FileKind::Orders => self.order_row(record, line),
             FileKind::Returns => {
-                let (customer_id, event_time, raw_time) = self.common(record)?;
+                let (customer, event_time, raw_time) = self.common(record)?;
+                let customer_id = owned_id(customer)?;
                 let amount = self
                     .number(record, Field::Amount)?
                     .ok_or("missing amount: empty")?
@@ -787,7 +790,7 @@ impl Reader {
                 let order_id = self.text(record, Field::OrderId).map(str::to_owned);
                 let event_id = match self.text(record, Field::ReturnId) {
                     Some(id) => format!("return:{id}"),
-                    None => content_id("return", record, &customer_id, &raw_time),
+                    None => content_id("return", record, &customer_id, raw_time),
                 };
                 self.emit(Event {
                     event_id,
@@ -801,7 +804,8 @@ impl Reader {
                 })
             }
             FileKind::Support => {
-                let (customer_id, event_time, raw_time) = self.common(record)?;
+                let (customer, event_time, raw_time) = self.common(record)?;
+                let customer_id = owned_id(customer)?;
                 let topic = self
                     .text(record, Field::Topic)
                     .ok_or("missing topic: empty")?
@@ -811,7 +815,7 @@ impl Reader {
                     .ok_or("missing complexity: empty")?;
                 let event_id = match self.text(record, Field::ContactId) {
                     Some(id) => format!("support:{id}"),
-                    None => content_id("support", record, &customer_id, &raw_time),
+                    None => content_id("support", record, &customer_id, raw_time),
                 };
                 self.emit(Event {
                     event_id,
@@ -821,7 +825,8 @@ impl Reader {
                 })
             }
             FileKind::Engagement => {
-                let (customer_id, event_time, raw_time) = self.common(record)?;
+                let (customer, event_time, raw_time) = self.common(record)?;
+                let customer_id = owned_id(customer)?;
                 let channel =
                     MessageChannel::parse(self.text(record, Field::Channel).unwrap_or(""))
                         .map_err(|e| format!("bad channel: {e}"))?;
@@ -830,7 +835,7 @@ impl Reader {
                         .map_err(|e| format!("bad action: {e}"))?;
                 let event_id = match self.text(record, Field::EventId) {
                     Some(id) => format!("engagement:{id}"),
-                    None => content_id("engagement", record, &customer_id, &raw_time),
+                    None => content_id("engagement", record, &customer_id, raw_time),
                 };
                 self.emit(Event {
                     event_id,
@@ -850,7 +855,7 @@ impl Reader {
     }
 
     fn order_row(&mut self, record: &csv::StringRecord, line: u64) -> Result<(), RowError> {
-        let (customer_id, event_time, raw_time) = self.common(record)?;
+        let (customer, event_time, raw_time) = self.common(record)?;
         let is_return = self.is_return(record)?;
         let mut quantity = self.number(record, Field::Quantity)?.unwrap_or(1.0);
         let unit_price = self.number(record, Field::UnitPrice)?;
@@ -875,11 +880,11 @@ impl Reader {
             // is a second event, not a duplicate of the first.
             let key = match self.text(record, Field::OrderId) {
                 Some(order) => format!("{order}@{raw_time}"),
-                None => raw_time.clone(),
+                None => raw_time.to_owned(),
             };
             let event = Event {
                 event_id: format!("order-return:{key}"),
-                customer_id,
+                customer_id: owned_id(customer)?,
                 event_time,
                 body: EventBody::Return(Return {
                     order_id: self.text(record, Field::OrderId).map(str::to_owned),
@@ -894,19 +899,35 @@ impl Reader {
             None => None,
             Some(raw) => Some(OrderChannel::parse(raw).map_err(|e| format!("bad channel: {e}"))?),
         };
-        let order_id = self.text(record, Field::OrderId).map(str::to_owned);
-        let key = order_id.clone().unwrap_or_else(|| raw_time.clone());
+        let order_id = self.text(record, Field::OrderId);
+        let key = order_id.unwrap_or(raw_time);
+        let id = group_id(false, customer, key);
+        self.check_open(id, || format!("order:{key}"), customer, event_time)?;
+        // A further line of an open order joins it: nothing else of the row is kept.
+        if let Some(open) = self.open.get_mut(&id) {
+            if open.key == key && open.event.customer_id.as_str() == customer {
+                if let EventBody::Order(order) = &mut open.event.body {
+                    open.event.event_time = open.event.event_time.min(event_time);
+                    order.lines.push(order_line);
+                    order.channel = order.channel.or(channel);
+                    open.last_row = self.row;
+                    self.order_lines += 1;
+                    self.report.zero_quantity_as_one += u64::from(zero_as_one);
+                    return Ok(());
+                }
+            }
+        }
         let event = Event {
             event_id: format!("order:{key}"),
-            customer_id,
+            customer_id: owned_id(customer)?,
             event_time,
             body: EventBody::Order(Order {
-                order_id,
+                order_id: order_id.map(str::to_owned),
                 channel,
                 lines: vec![order_line],
             }),
         };
-        self.group(event, key, line, false)?;
+        self.open_group(id, key.to_owned(), line, event);
         self.order_lines += 1;
         self.report.zero_quantity_as_one += u64::from(zero_as_one);
         Ok(())
@@ -979,20 +1000,13 @@ impl Reader {
         line: u64,
         is_return: bool,
     ) -> Result<(), RowError> {
-        // Returns and orders are grouped apart: a return line between two lines of an order
-        // must not split the order.
-        let customer = xxhash_rust::xxh3::xxh3_64(event.customer_id.as_str().as_bytes());
-        let id = (
-            is_return,
-            xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), customer),
-        );
-        if self.closed.contains(&id) {
-            return Err(RowError::Bad(format!(
-                "order already closed: a line of {} of customer {} comes after the order was applied (the file is out of order by more than the grouping window; widen it with --order-window-days); ignored",
-                event.event_id, event.customer_id
-            )));
-        }
-        self.watermark = self.watermark.max(event.event_time.unix());
+        let id = group_id(is_return, event.customer_id.as_str(), &key);
+        self.check_open(
+            id,
+            || event.event_id.clone(),
+            event.customer_id.as_str(),
+            event.event_time,
+        )?;
         if let Some(open) = self.open.get_mut(&id) {
             if open.key == key && open.event.customer_id == event.customer_id {
                 merge_into(&mut open.event, event);
@@ -1000,6 +1014,31 @@ impl Reader {
                 return Ok(());
             }
         }
+        self.open_group(id, key, line, event);
+        Ok(())
+    }
+
+    /// Refuses a line of group `id` when the group was closed already; otherwise the line's
+    /// time moves the watermark.
+    fn check_open(
+        &mut self,
+        id: GroupId,
+        event_id: impl FnOnce() -> String,
+        customer: &str,
+        time: EventTime,
+    ) -> Result<(), RowError> {
+        if self.closed.contains(&id) {
+            return Err(RowError::Bad(format!(
+                "order already closed: a line of {} of customer {customer} comes after the order was applied (the file is out of order by more than the grouping window; widen it with --order-window-days); ignored",
+                event_id()
+            )));
+        }
+        self.watermark = self.watermark.max(time.unix());
+        Ok(())
+    }
+
+    /// Opens group `id` with its first event.
+    fn open_group(&mut self, id: GroupId, key: String, line: u64, event: Event) {
         let previous = self.open.insert(
             id,
             OpenGroup {
@@ -1011,8 +1050,23 @@ impl Reader {
         );
         // Two groups with the same 64-bit hash: close the older one now.
         self.ready.extend(previous.map(|g| (id, g)));
-        Ok(())
     }
+}
+
+/// A group's id: whether it holds returns (returns and orders are grouped apart, so a return
+/// line between two lines of an order does not split the order), and a hash of the customer
+/// and the order key.
+fn group_id(is_return: bool, customer: &str, key: &str) -> GroupId {
+    let customer = xxhash_rust::xxh3::xxh3_64(customer.as_bytes());
+    (
+        is_return,
+        xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), customer),
+    )
+}
+
+/// A checked customer id (see [`Reader::common`]) as the event's.
+fn owned_id(customer: &str) -> Result<CustomerId, RowError> {
+    CustomerId::parse(customer).map_err(|e| RowError::Bad(format!("bad customer_id: {e}")))
 }
 
 fn merge_into(open: &mut Event, next: Event) {
