@@ -807,31 +807,20 @@ impl Reader {
         match self.kind {
             FileKind::Orders => self.order_row(record, line),
             FileKind::Returns => {
-                let (customer, event_time, raw_time) = self.common(record)?;
-                let customer_id = owned_id(customer)?;
+                let common = self.common(record)?;
                 let amount = self
                     .number(record, Field::Amount)?
                     .ok_or("missing amount: empty")?
                     .abs();
-                let order_id = self.text(record, Field::OrderId).map(str::to_owned);
-                let event_id = match self.text(record, Field::ReturnId) {
-                    Some(id) => format!("return:{id}"),
-                    None => content_id("return", record, &customer_id, raw_time),
-                };
-                self.emit(Event {
-                    event_id,
-                    customer_id,
-                    event_time,
-                    body: EventBody::Return(Return {
-                        order_id,
-                        amount,
-                        reason: self.text(record, Field::Reason).map(str::to_owned),
-                    }),
-                })
+                let body = EventBody::Return(Return {
+                    order_id: self.text(record, Field::OrderId).map(str::to_owned),
+                    amount,
+                    reason: self.text(record, Field::Reason).map(str::to_owned),
+                });
+                self.emit_row(("return", Field::ReturnId), record, common, body)
             }
             FileKind::Support => {
-                let (customer, event_time, raw_time) = self.common(record)?;
-                let customer_id = owned_id(customer)?;
+                let common = self.common(record)?;
                 let topic = self
                     .text(record, Field::Topic)
                     .ok_or("missing topic: empty")?
@@ -839,38 +828,44 @@ impl Reader {
                 let complexity = self
                     .number(record, Field::Complexity)?
                     .ok_or("missing complexity: empty")?;
-                let event_id = match self.text(record, Field::ContactId) {
-                    Some(id) => format!("support:{id}"),
-                    None => content_id("support", record, &customer_id, raw_time),
-                };
-                self.emit(Event {
-                    event_id,
-                    customer_id,
-                    event_time,
-                    body: EventBody::SupportContact(SupportContact { topic, complexity }),
-                })
+                let body = EventBody::SupportContact(SupportContact { topic, complexity });
+                self.emit_row(("support", Field::ContactId), record, common, body)
             }
             FileKind::Engagement => {
-                let (customer, event_time, raw_time) = self.common(record)?;
-                let customer_id = owned_id(customer)?;
+                let common = self.common(record)?;
                 let channel =
                     MessageChannel::parse(self.text(record, Field::Channel).unwrap_or(""))
                         .map_err(|e| format!("bad channel: {e}"))?;
                 let action =
                     EngagementAction::parse(self.text(record, Field::Action).unwrap_or(""))
                         .map_err(|e| format!("bad action: {e}"))?;
-                let event_id = match self.text(record, Field::EventId) {
-                    Some(id) => format!("engagement:{id}"),
-                    None => content_id("engagement", record, &customer_id, raw_time),
-                };
-                self.emit(Event {
-                    event_id,
-                    customer_id,
-                    event_time,
-                    body: EventBody::Engagement(Engagement { channel, action }),
-                })
+                let body = EventBody::Engagement(Engagement { channel, action });
+                self.emit_row(("engagement", Field::EventId), record, common, body)
             }
         }
+    }
+
+    /// A single-row event of `kind` from the row's common fields and its body, sent to be
+    /// applied. Its id is `<kind>:<id>` from the file's `id_field` column, or a hash of the
+    /// row when the file has none (see [`content_id`]).
+    fn emit_row(
+        &mut self,
+        (kind, id_field): (&str, Field),
+        record: &csv::StringRecord,
+        (customer, event_time, raw_time): (&str, EventTime, &str),
+        body: EventBody,
+    ) -> Result<(), RowError> {
+        let customer_id = owned_id(customer)?;
+        let event_id = match self.text(record, id_field) {
+            Some(id) => format!("{kind}:{id}"),
+            None => content_id(kind, record, &customer_id, raw_time),
+        };
+        self.emit(Event {
+            event_id,
+            customer_id,
+            event_time,
+            body,
+        })
     }
 
     /// Validates a single-row event and sends it to be applied.
