@@ -375,7 +375,6 @@ async fn partitions_lost_mid_stream_commit_nothing_and_their_next_owner_carries_
 
     let cluster = Cluster::new();
     let Some(mock) = cluster.mock() else {
-        eprintln!("skipped: needs the mock cluster's error injection");
         return;
     };
     let setup = setup(&cluster, "lost", 34, 20).await;

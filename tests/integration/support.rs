@@ -40,12 +40,15 @@ pub enum Cluster {
 }
 
 impl Cluster {
-    /// The mock cluster, for error and latency injection; `None` against real brokers (a test
-    /// that needs injection skips itself there).
+    /// The mock cluster, for error and latency injection; `None` against real brokers, with
+    /// a line saying so (a test that needs injection skips itself there).
     pub fn mock(&self) -> Option<&MockCluster<'static, DefaultProducerContext>> {
         match self {
             Self::Mock(m) => Some(m),
-            Self::Real(_) => None,
+            Self::Real(_) => {
+                eprintln!("skipped: needs the mock cluster's error injection");
+                None
+            }
         }
     }
 }
