@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::snapshot::ValidSnapshot;
+use crate::domain::features::Axis;
 use crate::domain::record::Published;
 use crate::domain::update::AxisChange;
 
@@ -26,6 +27,34 @@ pub struct SegmentCounts {
     /// Earlier versions whose ids these counts carry (the snapshot's lineage chain).
     #[serde(default)]
     pub carried: Vec<u64>,
+}
+
+/// Customers' published segments, per the snapshot version they were published under: a
+/// partition's population, tallied where it is read (off the committer), and added to the
+/// counts later by [`SegmentCounts::add_tally`], whichever version is active by then.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PublishedTally {
+    /// Customers per version, axis and segment id.
+    pub by_version: BTreeMap<u64, BTreeMap<Axis, BTreeMap<u32, i64>>>,
+}
+
+impl PublishedTally {
+    /// Counts one customer's published segments.
+    pub fn add(&mut self, published: &Published) {
+        let axes = self
+            .by_version
+            .entry(published.snapshot_version)
+            .or_default();
+        for axis in &published.axes {
+            if let Some(segment) = axis.segment {
+                *axes
+                    .entry(axis.axis)
+                    .or_default()
+                    .entry(segment)
+                    .or_insert(0) += 1;
+            }
+        }
+    }
 }
 
 impl SegmentCounts {
@@ -105,6 +134,25 @@ impl SegmentCounts {
         }
     }
 
+    /// Adds (`sign` 1) or removes (-1) a tally of customers' published segments, keeping
+    /// those that belong to this version or one it carries: what [`add_published`] does for
+    /// each customer tallied.
+    ///
+    /// [`add_published`]: SegmentCounts::add_published
+    pub fn add_tally(&mut self, tally: &PublishedTally, sign: i64) {
+        for (version, axes) in &tally.by_version {
+            if *version != self.snapshot_version && !self.carried.contains(version) {
+                continue;
+            }
+            for (axis, segments) in axes {
+                let mine = self.counts.entry(axis.as_str().to_owned()).or_default();
+                for (segment, count) in segments {
+                    *mine.entry(*segment).or_insert(0) += sign * count;
+                }
+            }
+        }
+    }
+
     /// The counts to continue from: `stored` (the store's meta value) when they are of
     /// `snapshot`'s version; carried as [`SegmentCounts::advance`] would carry them when
     /// they are of the version it replaced (a swap while the daemon was down); otherwise
@@ -170,5 +218,84 @@ impl SegmentCounts {
     /// The stored form.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::record::PublishedAxis;
+
+    fn published(version: u64, segments: &[(Axis, Option<u32>)]) -> Published {
+        Published {
+            seq: 1,
+            snapshot_version: version,
+            axes: segments
+                .iter()
+                .map(|&(axis, segment)| PublishedAxis {
+                    axis,
+                    segment,
+                    memberships: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_tally_adds_and_removes_what_each_customer_would() {
+        let customers = [
+            published(
+                5,
+                &[
+                    (Axis::PurchaseFrequency, Some(1)),
+                    (Axis::PurchaseValue, Some(0)),
+                ],
+            ),
+            published(
+                5,
+                &[
+                    (Axis::PurchaseFrequency, Some(1)),
+                    (Axis::PurchaseValue, None),
+                ],
+            ),
+            // A version the counts carry, one they do not.
+            published(4, &[(Axis::PurchaseFrequency, Some(2))]),
+            published(
+                3,
+                &[
+                    (Axis::PurchaseFrequency, Some(0)),
+                    (Axis::PurchaseValue, Some(3)),
+                ],
+            ),
+        ];
+        let start = SegmentCounts {
+            snapshot_version: 5,
+            counts: [("purchase_frequency".to_owned(), [(1, 10), (7, 2)].into())].into(),
+            carried: vec![4],
+        };
+        let mut tally = PublishedTally::default();
+        customers.iter().for_each(|p| tally.add(p));
+        for sign in [1, -1] {
+            let (mut one_by_one, mut tallied) = (start.clone(), start.clone());
+            customers
+                .iter()
+                .for_each(|p| one_by_one.add_published(p, sign));
+            tallied.add_tally(&tally, sign);
+            assert_eq!(tallied, one_by_one);
+        }
+        let mut added = start.clone();
+        added.add_tally(&tally, 1);
+        assert_eq!(
+            added.counts["purchase_frequency"],
+            [(1, 12), (2, 1), (7, 2)].into()
+        );
+        assert_eq!(added.counts["purchase_value"], [(0, 1)].into());
+        added.add_tally(&tally, -1);
+        let left: BTreeMap<u32, i64> = added.counts["purchase_frequency"]
+            .iter()
+            .filter(|(_, n)| **n != 0)
+            .map(|(s, n)| (*s, *n))
+            .collect();
+        assert_eq!(left, start.counts["purchase_frequency"]);
     }
 }

@@ -36,7 +36,7 @@ use super::partitions::{LoopShared, Resume};
 use super::pending::Pending;
 use super::population::{self, META_KEY};
 use super::publish::{InFlight, PartitionOp, Prepared};
-use super::restore::{count_partition, position_key, Ledger, META_RECORD_KEY};
+use super::restore::{position_key, tally_partition, Ledger, META_RECORD_KEY};
 use crate::model::counts::SegmentCounts;
 
 /// Counters of a run.
@@ -288,12 +288,21 @@ impl Committer {
     /// A partition joins or leaves: its customers join or leave the segment counts, its
     /// progress the ledger, and (if dropped) its records the store.
     fn partition_op(&mut self, op: PartitionOp, batch: &mut StoreBatch) -> Result<(), RunError> {
-        let (partition, sign) = match &op {
-            PartitionOp::Restored { partition, .. } => (*partition, 1),
-            PartitionOp::Revoked { partition, .. } => (*partition, -1),
+        let partition = match &op {
+            PartitionOp::Restored {
+                partition, tally, ..
+            } => {
+                self.counts.add_tally(tally, 1);
+                *partition
+            }
+            PartitionOp::Revoked { partition, .. } => {
+                // Every batch before this step is durable: the store holds what leaves.
+                let tally =
+                    tally_partition(self.store.as_ref(), *partition).map_err(ProcessError::from)?;
+                self.counts.add_tally(&tally, -1);
+                *partition
+            }
         };
-        count_partition(self.store.as_ref(), partition, &mut self.counts, sign)
-            .map_err(ProcessError::from)?;
         match op {
             PartitionOp::Restored { meta, .. } => {
                 if let (Some((_, ledger)), Some(meta)) = (&mut self.changelog, meta) {

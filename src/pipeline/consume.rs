@@ -54,7 +54,7 @@ use super::pending::{Overlay, Pending};
 use super::population;
 use super::publish::{publish, InFlight, PartitionOp, Prepared};
 use super::restore::{
-    forget_aging, position_key, restore_partition, Ledger, RestoreError, Restored,
+    forget_aging, position_key, restore_partition, tally_partition, Ledger, RestoreError, Restored,
 };
 use super::scan::Owned;
 use super::sweep::{prepare_sweep, SweepConfig, SweepSchedule};
@@ -668,7 +668,10 @@ impl Loop {
         let partition = keys[0].partition;
         let (store, metrics) = (self.store.clone(), self.metrics.clone());
         let task = tokio::task::spawn_blocking(move || {
-            restore_partition(&reader, store.as_ref(), partition, &metrics)
+            let mut restored = restore_partition(&reader, store.as_ref(), partition, &metrics)?;
+            // Nothing writes the partition until it is restored: its population is final.
+            restored.tally = tally_partition(store.as_ref(), partition)?;
+            Ok(restored)
         });
         self.metrics
             .partitions_restoring
@@ -745,6 +748,7 @@ impl Loop {
             PartitionOp::Restored {
                 partition,
                 meta: restored.meta,
+                tally: restored.tally,
             },
             batch,
         );

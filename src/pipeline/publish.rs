@@ -121,11 +121,12 @@ pub(crate) struct Prepared {
 /// A partition joining or leaving the instance's state, as the committer carries it out.
 #[derive(Debug)]
 pub(crate) enum PartitionOp {
-    /// Restored from the changelog (with the progress read, if any): its customers join the
-    /// segment counts and its progress the changelog's ledger.
+    /// Restored from the changelog (with the progress read, if any): its customers (tallied
+    /// by the restore) join the segment counts and its progress the changelog's ledger.
     Restored {
         partition: i32,
         meta: Option<super::restore::PartitionMeta>,
+        tally: crate::model::counts::PublishedTally,
     },
     /// Revoked or lost: its customers leave the counts, and its local state is dropped if
     /// `drop` says so.

@@ -32,7 +32,7 @@ use crate::io::changelog::{ChangelogError, ChangelogReader};
 use crate::io::store::{
     customer_key, key_partition, PartitionKey, StateStore, StoreBatch, StoreError,
 };
-use crate::model::counts::SegmentCounts;
+use crate::model::counts::PublishedTally;
 use crate::telemetry::metrics::Metrics;
 
 use super::clock;
@@ -248,6 +248,9 @@ pub(crate) struct Restored {
     pub(crate) meta: Option<PartitionMeta>,
     /// Seconds taken.
     pub(crate) seconds: f64,
+    /// The partition's population once restored, tallied by the restore task so that the
+    /// committer, which adds it to the counts, does not read the partition itself.
+    pub(crate) tally: PublishedTally,
 }
 
 /// Why a restore failed: the daemon stops (processing the partition without its state
@@ -376,21 +379,21 @@ pub(crate) fn restore_partition(
     Ok(restored)
 }
 
-/// Customers of `partition` counted into `counts` (`sign` 1) or out of them (-1): how a
-/// partition's segment populations join or leave an instance's.
-pub(crate) fn count_partition(
+/// The published segments of `partition`'s customers, as the store holds them: how a
+/// partition's population joins or leaves an instance's segment counts.
+pub(crate) fn tally_partition(
     store: &dyn StateStore,
     partition: i32,
-    counts: &mut SegmentCounts,
-    sign: i64,
-) -> Result<(), StoreError> {
+) -> Result<PublishedTally, StoreError> {
+    let mut tally = PublishedTally::default();
     store.for_each_in(partition, &mut |_, bytes| {
         if let Ok(record) = CustomerRecord::decode(bytes) {
             if let Some(published) = &record.published {
-                counts.add_published(published, sign);
+                tally.add(published);
             }
         }
-    })
+    })?;
+    Ok(tally)
 }
 
 #[cfg(test)]
