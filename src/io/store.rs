@@ -224,6 +224,32 @@ pub struct StoreConfig {
     pub max_write_buffers: i32,
     /// fsync the write-ahead log on every commit (survives power loss, not only a crash).
     pub sync_writes: bool,
+    /// Compression of the last level, where nearly every customer's record lives. The upper
+    /// levels always use LZ4.
+    pub bottommost_compression: Compression,
+}
+
+/// A compression of RocksDB's blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Fast to decompress: every cold read of a record and every pass over the store pays
+    /// for decompression, and LZ4 costs about a third of zstd there, for a store about 6%
+    /// larger (measured on a million generated customers).
+    #[default]
+    Lz4,
+    /// Smaller files, slower reads: for a store much larger than memory, where disk and page
+    /// cache matter more than the CPU of decompression.
+    Zstd,
+}
+
+impl Compression {
+    fn rocks(self) -> rocksdb::DBCompressionType {
+        match self {
+            Self::Lz4 => rocksdb::DBCompressionType::Lz4,
+            Self::Zstd => rocksdb::DBCompressionType::Zstd,
+        }
+    }
 }
 
 impl Default for StoreConfig {
@@ -234,6 +260,7 @@ impl Default for StoreConfig {
             write_buffer_bytes: 64 << 20,
             max_write_buffers: 3,
             sync_writes: false,
+            bottommost_compression: Compression::Lz4,
         }
     }
 }
@@ -287,7 +314,7 @@ impl RocksStore {
         customers.set_write_buffer_size(config.write_buffer_bytes);
         customers.set_max_write_buffer_number(config.max_write_buffers);
         customers.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        customers.set_bottommost_compression_type(rocksdb::DBCompressionType::Zstd);
+        customers.set_bottommost_compression_type(config.bottommost_compression.rocks());
         let offsets = rocksdb::Options::default();
         let meta = rocksdb::Options::default();
 
@@ -745,6 +772,42 @@ mod tests {
         assert_eq!(store.get_many(&[b"c\x01"]).unwrap(), vec![Some(vec![1; 3])]);
         assert_eq!(store.offsets().unwrap().values().next(), Some(&11));
         assert!(store.stats().estimated_keys >= 1);
+    }
+
+    #[test]
+    fn a_store_reopens_under_the_other_bottommost_compression() {
+        let dir = tempfile::tempdir().unwrap();
+        let records: Vec<(Vec<u8>, Vec<u8>)> = (0..2_000u32)
+            .map(|i| (format!("c{i:05}").into_bytes(), i.to_le_bytes().repeat(40)))
+            .collect();
+        let compact = |store: &RocksStore| {
+            let cf = store.cf(CF_CUSTOMERS).unwrap();
+            store.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        };
+        for (i, compression) in [Compression::Zstd, Compression::Lz4, Compression::Zstd]
+            .into_iter()
+            .enumerate()
+        {
+            let store = RocksStore::open(&StoreConfig {
+                path: dir.path().join("db"),
+                block_cache_bytes: 1 << 20,
+                bottommost_compression: compression,
+                ..StoreConfig::default()
+            })
+            .unwrap();
+            if i == 0 {
+                store
+                    .commit(&StoreBatch {
+                        records: records.clone(),
+                        ..StoreBatch::default()
+                    })
+                    .unwrap();
+            }
+            // Files written under the previous setting are read, then rewritten under this one.
+            assert_eq!(store.records_after(None, 10_000).unwrap(), records);
+            compact(&store);
+            assert_eq!(store.records_after(None, 10_000).unwrap(), records);
+        }
     }
 
     #[test]
