@@ -402,6 +402,14 @@ impl RocksStore {
     pub fn path(&self) -> &Path {
         self.db.path()
     }
+
+    /// Compacts the customers' records into the bottom level, as a store long in service
+    /// holds them (a store loaded in bulk holds them in fresh level-0 files instead).
+    pub fn compact(&self) -> Result<(), StoreError> {
+        let cf = self.cf(CF_CUSTOMERS)?;
+        self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
 }
 
 /// Read options for scans (the sweep's slices, re-clustering's full pass): a scan would evict
@@ -780,10 +788,7 @@ mod tests {
         let records: Vec<(Vec<u8>, Vec<u8>)> = (0..2_000u32)
             .map(|i| (format!("c{i:05}").into_bytes(), i.to_le_bytes().repeat(40)))
             .collect();
-        let compact = |store: &RocksStore| {
-            let cf = store.cf(CF_CUSTOMERS).unwrap();
-            store.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
-        };
+        let compact = |store: &RocksStore| store.compact().unwrap();
         for (i, compression) in [Compression::Zstd, Compression::Lz4, Compression::Zstd]
             .into_iter()
             .enumerate()

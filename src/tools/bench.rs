@@ -1105,7 +1105,7 @@ fn seeded_id(n: usize) -> crate::domain::event::CustomerId {
 }
 
 /// Writes `n` customer records (cycling through `states`, each as if its assignment had
-/// been published, which is the steady state) into a fresh store at `path`.
+/// been published, which is the steady state) into a fresh store at `path`, compacted.
 fn seed_store(
     path: &std::path::Path,
     states: &[crate::domain::state::CustomerState],
@@ -1158,6 +1158,9 @@ fn seed_store(
             batch.records.clear();
         }
     }
+    // Steady state: the records compacted, not a bulk load's level-0 files that the daemon
+    // would spend its first seconds compacting.
+    store.compact()?;
     Ok(())
 }
 
