@@ -201,9 +201,13 @@ struct Customers<'a> {
 impl<'a> Customers<'a> {
     /// One multi-get for every customer of `inputs`; a customer not stored starts empty.
     fn read(store: &dyn StateStore, inputs: &[&'a Input]) -> Result<Self, ProcessError> {
-        let mut index: FxHashMap<(i32, &CustomerId), usize> = FxHashMap::default();
-        let mut customers: Vec<&CustomerId> = Vec::new();
-        let mut keys: Vec<Vec<u8>> = Vec::new();
+        // Sized up front: a record is large, and a vector of them grown by doubling copies
+        // every record again and touches fresh memory at each step.
+        let n = inputs.len();
+        let mut index: FxHashMap<(i32, &CustomerId), usize> =
+            FxHashMap::with_capacity_and_hasher(n, Default::default());
+        let mut customers: Vec<&CustomerId> = Vec::with_capacity(n);
+        let mut keys: Vec<Vec<u8>> = Vec::with_capacity(n);
         for input in inputs {
             let (partition, id) = (input.source.partition, &input.event.customer_id);
             index.entry((partition, id)).or_insert_with(|| {
@@ -213,20 +217,18 @@ impl<'a> Customers<'a> {
             });
         }
         let lookup: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-        let records: Vec<CustomerRecord> = store
-            .get_many(&lookup)?
-            .into_iter()
-            .zip(&customers)
-            .map(|(bytes, customer)| match bytes {
-                None => Ok(CustomerRecord::default()),
+        let mut records: Vec<CustomerRecord> = Vec::with_capacity(customers.len());
+        for (bytes, customer) in store.get_many(&lookup)?.into_iter().zip(&customers) {
+            records.push(match bytes {
+                None => CustomerRecord::default(),
                 Some(bytes) => {
                     CustomerRecord::decode(&bytes).map_err(|source| ProcessError::Corrupt {
                         customer: customer.to_string(),
                         source,
-                    })
+                    })?
                 }
-            })
-            .collect::<Result<_, _>>()?;
+            });
+        }
         let touched = vec![false; customers.len()];
         Ok(Self {
             index,
