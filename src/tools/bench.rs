@@ -69,6 +69,10 @@ pub struct BenchArgs {
 pub enum Run {
     /// Consume, produce, await, commit: the broker's ceiling.
     Ceiling,
+    /// The same loop producing what the daemon produces per event (its update and its
+    /// changelog record, with its producer's settings): the ceiling of the daemon's I/O.
+    /// Only when named in `--only`.
+    Volume,
     /// The daemon loop flat out.
     Daemon,
     /// Event-to-publish latency at an offered rate.
@@ -88,9 +92,13 @@ pub enum Run {
 }
 
 impl BenchArgs {
-    /// Whether `run` is selected.
+    /// Whether `run` is selected. `volume` runs only when named: it holds every update of
+    /// the events in memory, which would swell the peak RSS the full bench reports.
     fn runs(&self, run: Run) -> bool {
-        self.only.is_empty() || self.only.contains(&run)
+        match run {
+            Run::Volume => self.only.contains(&run),
+            _ => self.only.is_empty() || self.only.contains(&run),
+        }
     }
 }
 
@@ -143,6 +151,27 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
         None
     };
 
+    let volume = if args.runs(Run::Volume) {
+        let outputs = {
+            let (payloads, snapshot) = (payloads.clone(), snapshot.clone());
+            tokio::task::spawn_blocking(move || daemon_outputs(&payloads, &snapshot)).await??
+        };
+        cluster.create_topic("bench-volume-in", args.partitions, 1)?;
+        let volume = volume_passthrough(&brokers, &producer, &payloads, &outputs).await?;
+        let ratio = ceiling
+            .as_ref()
+            .map(|c| format!(" = {:.2} of the ceiling", volume.rate / c.rate))
+            .unwrap_or_default();
+        println!(
+            "passthrough at the daemon's output (its updates and changelog records, \
+             compressed, idempotent): {:>9.0} events/s ({:.2} cores busy){ratio}",
+            volume.rate, volume.cores
+        );
+        Some(volume)
+    } else {
+        None
+    };
+
     let dir = tempfile::tempdir()?;
     snapshot_file::save(snapshot.snapshot(), &dir.path().join("snapshot.json"))?;
     let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot)));
@@ -156,7 +185,7 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let mut one = None;
     if args.runs(Run::Daemon) {
-        one = Some(flat_run(&rig, ceiling.as_ref()).await?);
+        one = Some(flat_run(&rig, ceiling.as_ref(), volume.as_ref()).await?);
     }
     if args.runs(Run::Fleet) {
         fleet_run(&rig, one.as_ref()).await?;
@@ -263,11 +292,21 @@ async fn prepare(
 }
 
 /// 2. The daemon flat out, against the passthrough ceiling.
-async fn flat_run(rig: &Rig<'_>, ceiling: Option<&Throughput>) -> anyhow::Result<Throughput> {
+async fn flat_run(
+    rig: &Rig<'_>,
+    ceiling: Option<&Throughput>,
+    volume: Option<&Throughput>,
+) -> anyhow::Result<Throughput> {
     let (flat, metrics) = daemon_run(rig, rig.payloads, ("flat", true), None).await?;
-    let ratio = ceiling
+    let mut ratio = ceiling
         .map(|c| format!(" = {:.2} of the ceiling", flat.rate / c.rate))
         .unwrap_or_default();
+    if let Some(v) = volume {
+        ratio.push_str(&format!(
+            ", {:.2} of the passthrough at its output",
+            flat.rate / v.rate
+        ));
+    }
     println!(
         "daemon (decode, state, assign, publish, changelog, commit): {:>9.0} events/s \
          ({:.2} cores busy){ratio}",
@@ -1199,6 +1238,168 @@ async fn feed(
         }
     }
     Ok(())
+}
+
+/// What the daemon writes to Kafka for the bench's events, made by the pipeline itself
+/// (batches of 5,000 against an in-memory store): each event's update, when one is
+/// published, and each customer's encoded record, which the changelog carries.
+struct DaemonOutputs {
+    /// By input payload: the update it causes.
+    updates: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+    /// By customer id: the stored record.
+    records: std::collections::HashMap<String, Vec<u8>>,
+}
+
+fn daemon_outputs(payloads: &Payloads, snapshot: &ValidSnapshot) -> anyhow::Result<DaemonOutputs> {
+    use crate::domain::event::Event;
+    use crate::io::store::MemStore;
+    use crate::pipeline::decode::{Input, Source};
+    let store = MemStore::default();
+    let assigner = crate::model::assign::Assigner::new(snapshot);
+    let policy = crate::pipeline::assign::PublishPolicy::default();
+    let topic: Arc<str> = Arc::from("bench");
+    let mut outputs = DaemonOutputs {
+        updates: Default::default(),
+        records: Default::default(),
+    };
+    for (b, chunk) in payloads.chunks(5_000).enumerate() {
+        let inputs = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, (_, payload))| {
+                let event: Event = serde_json::from_slice(payload)?;
+                Ok(Input {
+                    clock: event.event_time,
+                    aging: Vec::new(),
+                    event,
+                    source: Source {
+                        topic: topic.clone(),
+                        partition: 0,
+                        offset: (b * 5_000 + i) as i64,
+                    },
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let offsets = store.offsets()?;
+        let result = crate::pipeline::update::process_batch(
+            &store, snapshot, &assigner, &policy, &inputs, &offsets,
+        )?;
+        for update in &result.updates {
+            let payload = &payloads[update.cause.offset as usize].1;
+            outputs
+                .updates
+                .insert(payload.clone(), serde_json::to_vec(update)?);
+        }
+        store.commit(&result.store_batch)?;
+    }
+    for (key, record) in store.records_after(None, usize::MAX)? {
+        let id = crate::io::store::split_key(&key).map_or(&key[..], |(_, id)| id);
+        outputs
+            .records
+            .insert(String::from_utf8_lossy(id).into_owned(), record);
+    }
+    Ok(outputs)
+}
+
+/// The passthrough loop producing the daemon's output instead of a copy of the input: per
+/// batch, the update of every event that causes one and one changelog record per customer
+/// touched, through a producer set up as the daemon's is.
+async fn volume_passthrough(
+    brokers: &str,
+    feeder: &FutureProducer,
+    payloads: &Payloads,
+    outputs: &DaemonOutputs,
+) -> anyhow::Result<Throughput> {
+    let (input, updates, changelog) = (
+        "bench-volume-in",
+        "bench-volume-updates",
+        "bench-volume-changelog",
+    );
+    let config = KafkaConfig {
+        brokers: brokers.to_owned(),
+        ..KafkaConfig::default()
+    };
+    let producer = crate::io::kafka::output_producer(&config)?;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "bench-volume")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "50")
+        .set("session.timeout.ms", "6000")
+        .create()?;
+    consumer.subscribe(&[input])?;
+    let progress = Arc::new(AtomicU64::new(0));
+    feed(feeder, input, &payloads[..1], None, &progress).await?;
+    consumer.recv().await?;
+    let started = Instant::now();
+    let cpu = cpu_seconds();
+    let feed_task = {
+        let (feeder, payloads, progress) = (feeder.clone(), payloads.clone(), progress.clone());
+        tokio::spawn(async move { feed(&feeder, input, &payloads, None, &progress).await })
+    };
+    let mut seen = 0usize;
+    while seen < payloads.len() {
+        let mut batch = Vec::with_capacity(5_000);
+        let first = tokio::time::timeout(STALL, consumer.recv())
+            .await
+            .map_err(|_| stalled(seen, payloads.len()))?;
+        batch.push(first?.detach());
+        while batch.len() < 5_000 {
+            match tokio::time::timeout(Duration::from_millis(2), consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                _ => break,
+            }
+        }
+        let mut sends: Vec<(&str, &[u8], &[u8])> = Vec::with_capacity(batch.len() * 2);
+        let mut touched = std::collections::HashSet::new();
+        for m in &batch {
+            let (Some(key), Some(payload)) = (m.key(), m.payload()) else {
+                continue;
+            };
+            if let Some(update) = outputs.updates.get(payload) {
+                sends.push((updates, key, update));
+            }
+            touched.insert(key);
+        }
+        for key in touched {
+            if let Some(record) = outputs.records.get(&*String::from_utf8_lossy(key)) {
+                sends.push((changelog, key, record));
+            }
+        }
+        let mut deliveries = Vec::with_capacity(sends.len());
+        for (topic, key, payload) in sends {
+            let mut record = FutureRecord::to(topic).key(key).payload(payload);
+            loop {
+                match producer.send_result(record) {
+                    Ok(d) => {
+                        deliveries.push(d);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+        }
+        for d in deliveries {
+            d.await
+                .map_err(|_| anyhow::anyhow!("delivery cancelled"))?
+                .map_err(|(e, _)| e)?;
+        }
+        consumer.commit_consumer_state(CommitMode::Async)?;
+        seen += batch.len();
+        progress.store(seen as u64, Ordering::Relaxed);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cores = (cpu_seconds() - cpu) / elapsed;
+    feed_task.await??;
+    Ok(Throughput {
+        rate: payloads.len() as f64 / elapsed,
+        cores,
+    })
 }
 
 async fn passthrough(
