@@ -221,6 +221,16 @@ fn benches(c: &mut Criterion) {
             black_box(serde_json::to_vec(&updates[i % updates.len()]).map(|v| v.len()))
         });
     });
+    // What the daemon runs: the same bytes, written directly.
+    g.bench_function("update_write_json", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i += 1;
+            let mut out = Vec::with_capacity(2048);
+            updates[i % updates.len()].write_json(&mut out);
+            black_box(out.len())
+        });
+    });
 
     // The sweep's two halves over the same store.
     let customers = f.states.len();

@@ -110,3 +110,239 @@ pub const SWEEP_TOPIC: &str = "segmentd.sweep";
 /// The `cause.topic` of updates made because the stream clock moved on (aging): `partition` is
 /// the customer's input partition, `offset` -1, and `event_id` `clock-<boundary, RFC 3339>`.
 pub const CLOCK_TOPIC: &str = "segmentd.clock";
+
+impl MembershipUpdate {
+    /// Appends the update's JSON to `out`: the same bytes as its `Serialize` form through
+    /// `serde_json`, written directly. The daemon writes one per published event, and the
+    /// generic form spent most of its time escaping the same field names again and
+    /// allocating the customer id's text.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"customer_id\":");
+        json_str(out, self.customer_id.as_str());
+        out.extend_from_slice(b",\"seq\":");
+        json_int(out, self.seq);
+        out.extend_from_slice(b",\"snapshot_version\":");
+        json_int(out, self.snapshot_version);
+        out.extend_from_slice(b",\"as_of\":");
+        json_str(out, &self.as_of.to_rfc3339());
+        out.extend_from_slice(b",\"axes\":[");
+        for (i, axis) in self.axes.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"axis\":");
+            json_str(out, axis.axis.as_str());
+            out.extend_from_slice(b",\"segment\":");
+            json_option(out, axis.segment);
+            out.extend_from_slice(b",\"name\":");
+            match &axis.name {
+                Some(name) => json_str(out, name),
+                None => out.extend_from_slice(b"null"),
+            }
+            out.extend_from_slice(b",\"memberships\":{");
+            for (j, (id, m)) in axis.memberships.0.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                out.push(b'"');
+                json_int(out, *id);
+                out.extend_from_slice(b"\":");
+                json_f64(out, *m);
+            }
+            out.extend_from_slice(b"}}");
+        }
+        out.extend_from_slice(b"],\"changed\":[");
+        for (i, change) in self.changed.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"axis\":");
+            json_str(out, change.axis.as_str());
+            out.extend_from_slice(b",\"previous\":");
+            json_option(out, change.previous);
+            out.extend_from_slice(b",\"segment\":");
+            json_option(out, change.segment);
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"],\"previous_snapshot_version\":");
+        json_option(out, self.previous_snapshot_version);
+        out.extend_from_slice(b",\"cause\":{\"event_id\":");
+        json_str(out, &self.cause.event_id);
+        out.extend_from_slice(b",\"topic\":");
+        json_str(out, &self.cause.topic);
+        out.extend_from_slice(b",\"partition\":");
+        json_int(out, self.cause.partition);
+        out.extend_from_slice(b",\"offset\":");
+        json_int(out, self.cause.offset);
+        out.extend_from_slice(b"}}");
+    }
+}
+
+/// A JSON string: as is between quotes when nothing in it needs escaping (the usual case),
+/// otherwise escaped by `serde_json`, so the bytes are always its.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing into a vector cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// An integer, as `serde_json` writes it: decimal digits, a leading minus.
+fn json_int(out: &mut Vec<u8>, n: impl Into<i128>) {
+    let n: i128 = n.into();
+    let mut digits = [0u8; 40];
+    let mut at = digits.len();
+    let mut rest = n.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+fn json_option(out: &mut Vec<u8>, n: Option<impl Into<i128>>) {
+    match n {
+        Some(n) => json_int(out, n),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Steps of a membership: updates carry memberships rounded to 4 decimals.
+const STEPS: f64 = 1e4;
+
+/// A float as `serde_json` writes it (its shortest round-trip form, `null` when not
+/// finite). A membership is one of 10,001 values, each rendered once by `serde_json` itself
+/// and then copied; anything else is written by it directly.
+fn json_f64(out: &mut Vec<u8>, m: f64) {
+    static RENDERED: std::sync::OnceLock<Vec<Box<[u8]>>> = std::sync::OnceLock::new();
+    let k = (m * STEPS).round();
+    // The step's own value, bit for bit (so not -0.0, nor a neighbour of a step).
+    let k = if (0.0..=STEPS).contains(&k) {
+        k as u32
+    } else {
+        u32::MAX
+    };
+    if k != u32::MAX && (f64::from(k) / STEPS).to_bits() == m.to_bits() {
+        let rendered = RENDERED.get_or_init(|| {
+            (0..=STEPS as u32)
+                .map(|k| {
+                    serde_json::to_vec(&(f64::from(k) / STEPS))
+                        .unwrap_or_default()
+                        .into_boxed_slice()
+                })
+                .collect()
+        });
+        out.extend_from_slice(&rendered[k as usize]);
+    } else {
+        let _ = serde_json::to_writer(&mut *out, &m);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(
+        name: Option<&str>,
+        event_id: &str,
+        memberships: Vec<(u32, f64)>,
+    ) -> MembershipUpdate {
+        MembershipUpdate {
+            customer_id: CustomerId::parse("C-ü 7").unwrap(),
+            seq: u64::MAX,
+            snapshot_version: 3,
+            as_of: EventTime::from_unix(1_709_251_200).unwrap(),
+            axes: vec![
+                AxisMembership {
+                    axis: Axis::PurchaseFrequency,
+                    segment: Some(2),
+                    name: name.map(str::to_owned),
+                    memberships: SegmentMemberships(memberships),
+                },
+                AxisMembership {
+                    axis: Axis::ReturnBehavior,
+                    segment: None,
+                    name: None,
+                    memberships: SegmentMemberships::default(),
+                },
+            ],
+            changed: vec![
+                AxisChange {
+                    axis: Axis::PurchaseFrequency,
+                    previous: None,
+                    segment: Some(2),
+                },
+                AxisChange {
+                    axis: Axis::ReturnBehavior,
+                    previous: Some(0),
+                    segment: None,
+                },
+            ],
+            previous_snapshot_version: None,
+            cause: Cause {
+                event_id: event_id.to_owned(),
+                topic: SWEEP_TOPIC.to_owned(),
+                partition: -1,
+                offset: i64::MIN,
+            },
+        }
+    }
+
+    #[test]
+    fn every_membership_step_and_its_neighbours_are_written_as_serde_json_writes_them() {
+        for k in 0..=10_000u32 {
+            let m = f64::from(k) / STEPS;
+            for m in [m, f64::from_bits(m.to_bits() + 1), -m, m * 3.0] {
+                let mut written = Vec::new();
+                json_f64(&mut written, m);
+                assert_eq!(written, serde_json::to_vec(&m).unwrap(), "{m}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_written_json_is_serde_jsons_byte_for_byte() {
+        let cases = [
+            update(Some("loyal, weekly"), "e1", vec![(0, 0.25), (1, 0.75)]),
+            // Text that must be escaped, and floats of every shape.
+            update(
+                Some("\"quoted\" \\ tab\t nl\n bell\u{7} é ✓"),
+                "id \"1\"\u{1f}",
+                vec![
+                    (0, 0.0),
+                    (1, 1.0),
+                    (2, 1e-4),
+                    (3, 0.1 + 0.2),
+                    (4, f64::NAN),
+                    (9, 12.5),
+                ],
+            ),
+            update(None, "", Vec::new()),
+            // Each character that needs escaping alone.
+            update(Some("say \"hi\""), "a\\b", vec![(0, 1.0)]),
+            update(Some("x\u{0}"), "\u{7f}", vec![(0, 1.0)]),
+        ];
+        for mut u in cases {
+            for previous in [None, Some(0), Some(u64::MAX)] {
+                u.previous_snapshot_version = previous;
+                let mut written = Vec::new();
+                u.write_json(&mut written);
+                assert_eq!(
+                    String::from_utf8(written).unwrap(),
+                    serde_json::to_string(&u).unwrap()
+                );
+            }
+        }
+    }
+}

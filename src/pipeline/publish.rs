@@ -47,7 +47,7 @@ impl Outgoing {
         };
         // A 13-axis update is about 1.5 KB: size the buffer once.
         let mut payload = Vec::with_capacity(2048);
-        serde_json::to_writer(&mut payload, &update).map_err(failed)?;
+        update.write_json(&mut payload);
         let (audience_events, entered) = match audiences {
             Some(snapshot) => {
                 let name = |axis, id| segment_name(snapshot, axis, id);

@@ -671,6 +671,41 @@ pub(crate) mod tests {
         assert_eq!(result.updates[0].seq, 8);
     }
 
+    #[test]
+    fn every_update_of_a_generated_shop_writes_serde_jsons_bytes() {
+        let shop = crate::synth::Shop::new(crate::synth::ShopParams {
+            customers: 200,
+            order_lines: 3_000,
+            days: 120,
+            seed: 9,
+            ..crate::synth::ShopParams::default()
+        })
+        .unwrap();
+        let (_, snapshot) = crate::synth::fixtures::discover_history(&shop, 200).unwrap();
+        let assigner = Assigner::new(&snapshot);
+        let store = MemStore::default();
+        let policy = PublishPolicy::default();
+        let inputs: Vec<Input> = shop
+            .history()
+            .enumerate()
+            .map(|(i, e)| input(e, i as i64))
+            .collect();
+        let mut checked = 0;
+        for chunk in inputs.chunks(256) {
+            let offsets = store.offsets().unwrap();
+            let result =
+                process_batch(&store, &snapshot, &assigner, &policy, chunk, &offsets).unwrap();
+            store.commit(&result.store_batch).unwrap();
+            for u in &result.updates {
+                let mut written = Vec::new();
+                u.write_json(&mut written);
+                assert_eq!(written, serde_json::to_vec(u).unwrap());
+                checked += 1;
+            }
+        }
+        assert!(checked > 500, "only {checked} updates");
+    }
+
     /// Flaps over a generated shop's whole history, processed with `margin`: switches of an
     /// axis back to the segment it left at its previous switch (A → B → A). A customer
     /// whose features trend moves on (A → B → C); one near a boundary flaps.
