@@ -59,6 +59,15 @@ pub struct BenchArgs {
     /// every read and write hits a store of this size.
     #[arg(long, default_value_t = 0)]
     pub state_customers: usize,
+    /// The daemons' `kafka.fetch_wait_max_ms`. The mock cluster holds every fetch this long
+    /// even when records wait, so on it this is a floor under latency (a Kafka broker answers
+    /// as soon as records arrive).
+    #[arg(long, default_value_t = 10)]
+    pub fetch_wait_ms: u64,
+    /// `linger.ms` of the producer feeding the input. Latency is timed from the input
+    /// record's timestamp, taken when it is produced, so the feeder's linger counts in it.
+    #[arg(long, default_value_t = 5)]
+    pub feeder_linger_ms: u64,
     /// Runs to do (default: all). The ratios need `ceiling` in the same selection.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Run>,
@@ -125,13 +134,17 @@ struct Rig<'a> {
     args: &'a BenchArgs,
 }
 
+/// The daemons' fetch wait (`--fetch-wait-ms`), set once at the start of the bench.
+static FETCH_WAIT_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let _ = FETCH_WAIT_MS.set(args.fetch_wait_ms);
     let cluster = MockCluster::new(1).context("starting the mock cluster")?;
     let brokers = cluster.bootstrap_servers();
     let (payloads, snapshot, states) = prepare(&args).await?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
-        .set("linger.ms", "5")
+        .set("linger.ms", args.feeder_linger_ms.to_string())
         .set("queue.buffering.max.messages", "200000")
         .create()?;
 
@@ -1513,6 +1526,10 @@ fn run_config(
             dead_letter_topic: format!("bench-{name}-dead"),
             session_timeout_ms: 6_000,
             changelog,
+            fetch_wait_max_ms: FETCH_WAIT_MS
+                .get()
+                .copied()
+                .unwrap_or(KafkaConfig::default().fetch_wait_max_ms),
             ..KafkaConfig::default()
         },
         sweep,
