@@ -184,15 +184,13 @@ fn benches(c: &mut Criterion) {
         .live(7)
         .take(5_000)
         .enumerate()
-        .map(|(i, event)| Input {
-            clock: event.event_time,
-            aging: Vec::new(),
-            event,
-            source: Source {
+        .map(|(i, event)| {
+            let source = Source {
                 topic: topic.clone(),
                 partition: 0,
                 offset: i as i64,
-            },
+            };
+            Input::in_order(event, source)
         })
         .collect();
     let policy = PublishPolicy::default();

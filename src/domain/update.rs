@@ -125,11 +125,8 @@ impl MembershipUpdate {
         json_int(out, self.snapshot_version);
         out.extend_from_slice(b",\"as_of\":");
         json_str(out, &self.as_of.to_rfc3339());
-        out.extend_from_slice(b",\"axes\":[");
-        for (i, axis) in self.axes.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
+        out.extend_from_slice(b",\"axes\":");
+        json_list(out, &self.axes, b"[]", |out, axis| {
             out.extend_from_slice(b"{\"axis\":");
             json_str(out, axis.axis.as_str());
             out.extend_from_slice(b",\"segment\":");
@@ -139,23 +136,17 @@ impl MembershipUpdate {
                 Some(name) => json_str(out, name),
                 None => out.extend_from_slice(b"null"),
             }
-            out.extend_from_slice(b",\"memberships\":{");
-            for (j, (id, m)) in axis.memberships.0.iter().enumerate() {
-                if j > 0 {
-                    out.push(b',');
-                }
+            out.extend_from_slice(b",\"memberships\":");
+            json_list(out, &axis.memberships.0, b"{}", |out, (id, m)| {
                 out.push(b'"');
                 json_int(out, *id);
                 out.extend_from_slice(b"\":");
                 json_f64(out, *m);
-            }
-            out.extend_from_slice(b"}}");
-        }
-        out.extend_from_slice(b"],\"changed\":[");
-        for (i, change) in self.changed.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
+            });
+            out.push(b'}');
+        });
+        out.extend_from_slice(b",\"changed\":");
+        json_list(out, &self.changed, b"[]", |out, change| {
             out.extend_from_slice(b"{\"axis\":");
             json_str(out, change.axis.as_str());
             out.extend_from_slice(b",\"previous\":");
@@ -163,8 +154,8 @@ impl MembershipUpdate {
             out.extend_from_slice(b",\"segment\":");
             json_option(out, change.segment);
             out.push(b'}');
-        }
-        out.extend_from_slice(b"],\"previous_snapshot_version\":");
+        });
+        out.extend_from_slice(b",\"previous_snapshot_version\":");
         json_option(out, self.previous_snapshot_version);
         out.extend_from_slice(b",\"cause\":{\"event_id\":");
         json_str(out, &self.cause.event_id);
@@ -176,6 +167,23 @@ impl MembershipUpdate {
         json_int(out, self.cause.offset);
         out.extend_from_slice(b"}}");
     }
+}
+
+/// `items` between the two brackets of `brackets`, separated by commas.
+fn json_list<T>(
+    out: &mut Vec<u8>,
+    items: &[T],
+    brackets: &[u8; 2],
+    write: impl Fn(&mut Vec<u8>, &T),
+) {
+    out.push(brackets[0]);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write(out, item);
+    }
+    out.push(brackets[1]);
 }
 
 /// A JSON string: as is between quotes when nothing in it needs escaping (the usual case),

@@ -43,6 +43,20 @@ pub struct Input {
     pub aging: Vec<i64>,
 }
 
+impl Input {
+    /// `event` as the record at `source`, with its partition's clock at the event's own time
+    /// and no aging boundary open: an event of an in-order stream, as a backfill, a benchmark
+    /// or a test feeds one.
+    pub fn in_order(event: Event, source: Source) -> Self {
+        Self {
+            clock: event.event_time,
+            aging: Vec::new(),
+            event,
+            source,
+        }
+    }
+}
+
 const KINDS: [&str; 4] = ["order", "return", "support_contact", "engagement"];
 
 /// Decodes one record. `key` is the record key (the customer id, when the producer set one).

@@ -545,17 +545,12 @@ pub(crate) mod tests {
     /// `event` as the record at `offset` of partition 0 of `orders`, with the clock at its own
     /// time (the newest event of the partition so far).
     pub(crate) fn input(event: Event, offset: i64) -> Input {
-        let clock = event.event_time;
-        Input {
-            event,
-            source: Source {
-                topic: "orders".into(),
-                partition: 0,
-                offset,
-            },
-            clock,
-            aging: Vec::new(),
-        }
+        let source = Source {
+            topic: "orders".into(),
+            partition: 0,
+            offset,
+        };
+        Input::in_order(event, source)
     }
 
     fn run(store: &MemStore, inputs: &[Input], policy: PublishPolicy) -> BatchResult {
@@ -671,25 +666,36 @@ pub(crate) mod tests {
         assert_eq!(result.updates[0].seq, 8);
     }
 
-    #[test]
-    fn every_update_of_a_generated_shop_writes_serde_jsons_bytes() {
+    /// A generated shop's whole history as inputs, and a snapshot discovered from it.
+    fn history(
+        customers: usize,
+        order_lines: usize,
+        days: u32,
+        seed: u64,
+    ) -> (Vec<Input>, ValidSnapshot) {
         let shop = crate::synth::Shop::new(crate::synth::ShopParams {
-            customers: 200,
-            order_lines: 3_000,
-            days: 120,
-            seed: 9,
+            customers,
+            order_lines,
+            days,
+            seed,
             ..crate::synth::ShopParams::default()
         })
         .unwrap();
-        let (_, snapshot) = crate::synth::fixtures::discover_history(&shop, 200).unwrap();
-        let assigner = Assigner::new(&snapshot);
-        let store = MemStore::default();
-        let policy = PublishPolicy::default();
-        let inputs: Vec<Input> = shop
+        let (_, snapshot) = crate::synth::fixtures::discover_history(&shop, customers).unwrap();
+        let inputs = shop
             .history()
             .enumerate()
             .map(|(i, e)| input(e, i as i64))
             .collect();
+        (inputs, snapshot)
+    }
+
+    #[test]
+    fn every_update_of_a_generated_shop_writes_serde_jsons_bytes() {
+        let (inputs, snapshot) = history(200, 3_000, 120, 9);
+        let assigner = Assigner::new(&snapshot);
+        let store = MemStore::default();
+        let policy = PublishPolicy::default();
         let mut checked = 0;
         for chunk in inputs.chunks(256) {
             let offsets = store.offsets().unwrap();
@@ -710,15 +716,7 @@ pub(crate) mod tests {
     /// axis back to the segment it left at its previous switch (A → B → A). A customer
     /// whose features trend moves on (A → B → C); one near a boundary flaps.
     fn flaps(margin: f64) -> usize {
-        let shop = crate::synth::Shop::new(crate::synth::ShopParams {
-            customers: 150,
-            order_lines: 4_000,
-            days: 200,
-            seed: 5,
-            ..crate::synth::ShopParams::default()
-        })
-        .unwrap();
-        let (_, snapshot) = crate::synth::fixtures::discover_history(&shop, 150).unwrap();
+        let (inputs, snapshot) = history(150, 4_000, 200, 5);
         let assigner = Assigner::new(&snapshot);
         let store = MemStore::default();
         let policy = PublishPolicy {
@@ -727,11 +725,6 @@ pub(crate) mod tests {
             switch_margin: margin,
             ..PublishPolicy::default()
         };
-        let inputs: Vec<Input> = shop
-            .history()
-            .enumerate()
-            .map(|(i, e)| input(e, i as i64))
-            .collect();
         // (customer, axis) -> the segment left at the last switch.
         let mut left: BTreeMap<(String, Axis), Option<u32>> = BTreeMap::new();
         let mut flaps = 0;

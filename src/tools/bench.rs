@@ -154,7 +154,8 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
     cluster.create_topic(input, args.partitions, 1)?;
     cluster.create_topic(output, args.partitions, 1)?;
     let ceiling = if args.runs(Run::Ceiling) {
-        let ceiling = passthrough(&brokers, input, output, &producer, &payloads).await?;
+        let ceiling =
+            passthrough(&brokers, input, &producer, &payloads, Echo::Copy(output)).await?;
         println!(
             "passthrough (consume, produce, await, commit): {:>9.0} events/s ({:.2} cores busy)",
             ceiling.rate, ceiling.cores
@@ -170,7 +171,14 @@ async fn bench_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
             tokio::task::spawn_blocking(move || daemon_outputs(&payloads, &snapshot)).await??
         };
         cluster.create_topic("bench-volume-in", args.partitions, 1)?;
-        let volume = volume_passthrough(&brokers, &producer, &payloads, &outputs).await?;
+        let volume = passthrough(
+            &brokers,
+            "bench-volume-in",
+            &producer,
+            &payloads,
+            Echo::Daemon(&outputs),
+        )
+        .await?;
         let ratio = ceiling
             .as_ref()
             .map(|c| format!(" = {:.2} of the ceiling", volume.rate / c.rate))
@@ -1281,16 +1289,12 @@ fn daemon_outputs(payloads: &Payloads, snapshot: &ValidSnapshot) -> anyhow::Resu
             .enumerate()
             .map(|(i, (_, payload))| {
                 let event: Event = serde_json::from_slice(payload)?;
-                Ok(Input {
-                    clock: event.event_time,
-                    aging: Vec::new(),
-                    event,
-                    source: Source {
-                        topic: topic.clone(),
-                        partition: 0,
-                        offset: (b * 5_000 + i) as i64,
-                    },
-                })
+                let source = Source {
+                    topic: topic.clone(),
+                    partition: 0,
+                    offset: (b * 5_000 + i) as i64,
+                };
+                Ok(Input::in_order(event, source))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let offsets = store.offsets()?;
@@ -1314,42 +1318,57 @@ fn daemon_outputs(payloads: &Payloads, snapshot: &ValidSnapshot) -> anyhow::Resu
     Ok(outputs)
 }
 
-/// The passthrough loop producing the daemon's output instead of a copy of the input: per
-/// batch, the update of every event that causes one and one changelog record per customer
-/// touched, through a producer set up as the daemon's is.
-async fn volume_passthrough(
+/// What a passthrough loop produces for each batch it consumes.
+enum Echo<'o> {
+    /// A copy of every record, to this topic, through the feeding producer: the ceiling.
+    Copy(&'o str),
+    /// What the daemon writes for them, through a producer set up as the daemon's is: the
+    /// update of every event that causes one, and one changelog record per customer
+    /// touched.
+    Daemon(&'o DaemonOutputs),
+}
+
+/// Consume, produce what `echo` says, await every delivery, commit; `input` (also the
+/// group's id) is fed `payloads` meanwhile, and the loop is timed from the first record after
+/// a warm-up one to the last.
+async fn passthrough(
     brokers: &str,
+    input: &str,
     feeder: &FutureProducer,
     payloads: &Payloads,
-    outputs: &DaemonOutputs,
+    echo: Echo<'_>,
 ) -> anyhow::Result<Throughput> {
-    let (input, updates, changelog) = (
-        "bench-volume-in",
-        "bench-volume-updates",
-        "bench-volume-changelog",
-    );
-    let config = KafkaConfig {
-        brokers: brokers.to_owned(),
-        ..KafkaConfig::default()
+    let daemon_producer = match echo {
+        Echo::Copy(_) => None,
+        Echo::Daemon(_) => Some(crate::io::kafka::output_producer(&KafkaConfig {
+            brokers: brokers.to_owned(),
+            ..KafkaConfig::default()
+        })?),
     };
-    let producer = crate::io::kafka::output_producer(&config)?;
+    // The ceiling waits longer for a batch to fill than the daemon's 2 ms window.
+    let window = Duration::from_millis(match echo {
+        Echo::Copy(_) => 20,
+        Echo::Daemon(_) => 2,
+    });
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", "bench-volume")
+        .set("group.id", input)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "50")
         .set("session.timeout.ms", "6000")
         .create()?;
     consumer.subscribe(&[input])?;
+    // Warm-up: one record, so the group has formed before timing starts.
     let progress = Arc::new(AtomicU64::new(0));
     feed(feeder, input, &payloads[..1], None, &progress).await?;
     consumer.recv().await?;
     let started = Instant::now();
     let cpu = cpu_seconds();
     let feed_task = {
-        let (feeder, payloads, progress) = (feeder.clone(), payloads.clone(), progress.clone());
-        tokio::spawn(async move { feed(&feeder, input, &payloads, None, &progress).await })
+        let (feeder, payloads, input) = (feeder.clone(), payloads.clone(), input.to_owned());
+        let progress = progress.clone();
+        tokio::spawn(async move { feed(&feeder, &input, &payloads, None, &progress).await })
     };
     let mut seen = 0usize;
     while seen < payloads.len() {
@@ -1359,44 +1378,22 @@ async fn volume_passthrough(
             .map_err(|_| stalled(seen, payloads.len()))?;
         batch.push(first?.detach());
         while batch.len() < 5_000 {
-            match tokio::time::timeout(Duration::from_millis(2), consumer.recv()).await {
+            match tokio::time::timeout(window, consumer.recv()).await {
                 Ok(Ok(m)) => batch.push(m.detach()),
                 _ => break,
             }
         }
-        let mut sends: Vec<(&str, &[u8], &[u8])> = Vec::with_capacity(batch.len() * 2);
-        let mut touched = std::collections::HashSet::new();
-        for m in &batch {
-            let (Some(key), Some(payload)) = (m.key(), m.payload()) else {
-                continue;
-            };
-            if let Some(update) = outputs.updates.get(payload) {
-                sends.push((updates, key, update));
-            }
-            touched.insert(key);
-        }
-        for key in touched {
-            if let Some(record) = outputs.records.get(&*String::from_utf8_lossy(key)) {
-                sends.push((changelog, key, record));
-            }
-        }
-        let mut deliveries = Vec::with_capacity(sends.len());
-        for (topic, key, payload) in sends {
-            let mut record = FutureRecord::to(topic).key(key).payload(payload);
-            loop {
-                match producer.send_result(record) {
-                    Ok(d) => {
-                        deliveries.push(d);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
-        }
+        let records: Vec<(&str, &[u8], &[u8])> = match echo {
+            Echo::Copy(output) => batch
+                .iter()
+                .map(|m| (output, m.key().unwrap_or(&[]), m.payload().unwrap_or(&[])))
+                .collect(),
+            Echo::Daemon(outputs) => outputs.for_batch(&batch),
+        };
+        let deliveries = match &daemon_producer {
+            Some(producer) => send_all(producer, records).await?,
+            None => send_all(feeder, records).await?,
+        };
         for d in deliveries {
             d.await
                 .map_err(|_| anyhow::anyhow!("delivery cancelled"))?
@@ -1415,85 +1412,60 @@ async fn volume_passthrough(
     })
 }
 
-async fn passthrough(
-    brokers: &str,
-    input: &str,
-    output: &str,
-    producer: &FutureProducer,
-    payloads: &Payloads,
-) -> anyhow::Result<Throughput> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "bench-passthrough")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "50")
-        .set("session.timeout.ms", "6000")
-        .create()?;
-    consumer.subscribe(&[input])?;
-    // Warm-up: one record, so the group has formed before timing starts.
-    let progress = Arc::new(AtomicU64::new(0));
-    feed(producer, input, &payloads[..1], None, &progress).await?;
-    consumer.recv().await?;
-    let started = Instant::now();
-    let cpu = cpu_seconds();
-    let feeder = {
-        let (producer, payloads, input) = (producer.clone(), payloads.clone(), input.to_owned());
-        let progress = progress.clone();
-        tokio::spawn(async move { feed(&producer, &input, &payloads, None, &progress).await })
-    };
-    let mut seen = 0usize;
-    while seen < payloads.len() {
-        let mut batch = Vec::with_capacity(5_000);
-        let first = tokio::time::timeout(STALL, consumer.recv())
-            .await
-            .map_err(|_| stalled(seen, payloads.len()))?;
-        batch.push(first?.detach());
-        while batch.len() < 5_000 {
-            match tokio::time::timeout(Duration::from_millis(20), consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m.detach()),
-                _ => break,
+impl DaemonOutputs {
+    /// (topic, key, payload) of what the daemon writes for `batch`.
+    fn for_batch<'a>(
+        &'a self,
+        batch: &'a [rdkafka::message::OwnedMessage],
+    ) -> Vec<(&'a str, &'a [u8], &'a [u8])> {
+        let mut records = Vec::with_capacity(batch.len() * 2);
+        let mut touched = std::collections::HashSet::new();
+        for m in batch {
+            let (Some(key), Some(payload)) = (m.key(), m.payload()) else {
+                continue;
+            };
+            if let Some(update) = self.updates.get(payload) {
+                records.push((VOLUME_UPDATES, key, &update[..]));
+            }
+            touched.insert(key);
+        }
+        for key in touched {
+            if let Some(record) = self.records.get(&*String::from_utf8_lossy(key)) {
+                records.push((VOLUME_CHANGELOG, key, &record[..]));
             }
         }
-        let mut deliveries = Vec::with_capacity(batch.len());
-        for m in &batch {
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(output);
-            if let Some(k) = m.key() {
-                record = record.key(k);
-            }
-            if let Some(p) = m.payload() {
-                record = record.payload(p);
-            }
-            loop {
-                match producer.send_result(record) {
-                    Ok(d) => {
-                        deliveries.push(d);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
-        }
-        for d in deliveries {
-            d.await
-                .map_err(|_| anyhow::anyhow!("delivery cancelled"))?
-                .map_err(|(e, _)| e)?;
-        }
-        consumer.commit_consumer_state(CommitMode::Async)?;
-        seen += batch.len();
-        progress.store(seen as u64, Ordering::Relaxed);
+        records
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cores = (cpu_seconds() - cpu) / elapsed;
-    feeder.await??;
-    Ok(Throughput {
-        rate: payloads.len() as f64 / elapsed,
-        cores,
-    })
+}
+
+/// The topics the volume run writes the daemon's output to.
+const VOLUME_UPDATES: &str = "bench-volume-updates";
+const VOLUME_CHANGELOG: &str = "bench-volume-changelog";
+
+/// Enqueues every record (waiting for room when the producer's queue is full) and returns
+/// their deliveries.
+async fn send_all<C: rdkafka::ClientContext + 'static>(
+    producer: &FutureProducer<C>,
+    records: Vec<(&str, &[u8], &[u8])>,
+) -> anyhow::Result<Vec<rdkafka::producer::DeliveryFuture>> {
+    let mut deliveries = Vec::with_capacity(records.len());
+    for (topic, key, payload) in records {
+        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        loop {
+            match producer.send_result(record) {
+                Ok(d) => {
+                    deliveries.push(d);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(deliveries)
 }
 
 /// A daemon of one bench run, wired as `segmentd run` wires it, with what the bench watches.
