@@ -11,9 +11,9 @@ use crate::domain::dead_letter::DeadLetterReason;
 use crate::domain::event::EventKind;
 
 /// The buckets of every latency histogram, in seconds.
-const LATENCY_BUCKETS: [f64; 17] = [
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0,
-    5.0,
+const LATENCY_BUCKETS: [f64; 22] = [
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0,
 ];
 
 /// One row of the metric table: what a metric is called, what it means, and its shape.
