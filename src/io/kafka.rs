@@ -33,7 +33,8 @@ pub struct KafkaConfig {
     pub audience_events_topic: String,
     /// Most records per batch.
     pub max_batch: usize,
-    /// Longest wait for a batch to fill after its first record, in milliseconds.
+    /// Longest wait for a batch to fill after its first record, in milliseconds; taken only
+    /// while the committer is full (see `pipeline::consume`).
     pub batch_timeout_ms: u64,
     /// Consumer session timeout, in milliseconds.
     pub session_timeout_ms: u64,

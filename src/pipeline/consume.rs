@@ -2,7 +2,8 @@
 //! offsets committed in an order that makes state exactly-once.
 //!
 //! Per batch:
-//! 1. collect up to `max_batch` records (waiting at most `batch_timeout_ms` after the first);
+//! 1. collect up to `max_batch` records: those already delivered, and more for at most
+//!    `batch_timeout_ms` only while the committer is full (see [`Loop::collect`]);
 //! 2. decode them; refused records become dead letters;
 //! 3. process the events against the state and the current snapshot (off the async runtime);
 //! 4. produce the updates and dead letters and **await every delivery**;
@@ -30,6 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
@@ -429,17 +431,31 @@ impl Loop {
         }
     }
 
-    /// The batch that starts with `first`: what else arrives within the batch timeout, up to
-    /// `max_batch`, without records of partitions revoked meanwhile.
+    /// The batch that starts with `first`, up to `max_batch` records, without records of
+    /// partitions revoked meanwhile.
+    ///
+    /// The window adapts to the load. Records already delivered are always taken. When none
+    /// is waiting, the batch closes at once unless the committer is full, in which case the
+    /// batch could not be handed over yet anyway and waits for more, up to the batch timeout.
+    /// At moderate load a record therefore never waits for records that have not arrived;
+    /// at saturation the committer is full, and batches grow to amortise their commit.
     async fn collect(&mut self, first: OwnedMessage) -> Vec<OwnedMessage> {
         let mut batch = Vec::with_capacity(self.max_batch);
         batch.push(first);
         let deadline = tokio::time::Instant::now() + self.batch_timeout;
         while batch.len() < self.max_batch {
-            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m.detach()),
-                Ok(Err(e)) => self.errors.record(&e),
-                Err(_) => break,
+            // The consumer's stream takes a delivered record on the first poll.
+            let next = match self.consumer.recv().now_or_never() {
+                Some(next) => next,
+                None if self.shared.in_flight.count() < MAX_IN_FLIGHT => break,
+                None => match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+            };
+            match next {
+                Ok(m) => batch.push(m.detach()),
+                Err(e) => self.errors.record(&e),
             }
         }
         self.consumed += batch.len() as u64;

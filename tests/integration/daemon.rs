@@ -230,6 +230,44 @@ async fn known_events_give_known_updates_and_bad_input_goes_to_dead_letters() {
     drop(cluster);
 }
 
+/// A record that arrives alone is processed at once: the batch timeout is a wait for more
+/// records only while the committer is full, not a delay every quiet batch pays. Here the
+/// timeout is longer than the read below waits, so a loop that held the batch open for it
+/// would publish nothing in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_record_is_not_held_for_the_batch_timeout() {
+    let cluster = Cluster::new();
+    let brokers = cluster.brokers();
+    let (input, output, dlq) = topics(&cluster, "lone", 1).await;
+    produce(
+        &brokers,
+        &input,
+        &[("A".to_owned(), order("o1", "A", 1, "10.0"))],
+    )
+    .await;
+    let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot())));
+    let dir = tempfile::tempdir().unwrap();
+    let store = temp_store(dir.path());
+    let config = KafkaConfig {
+        batch_timeout_ms: 600_000,
+        ..loop_config(&brokers, &input, &output, &dlq, 5_000)
+    };
+    let shutdown = CancellationToken::new();
+    let policy = PublishPolicy {
+        every_event: true,
+        ..PublishPolicy::default()
+    };
+    let task = start_loop(config, policy, (store.clone(), shared), &shutdown, &hooks());
+
+    let updates = read(&brokers, &output, 1).await;
+    assert_eq!(updates.len(), 1, "the lone record's update was held back");
+    wait_for("the batch is durable", || durable(store.as_ref()) == 1).await;
+    shutdown.cancel();
+    let stats: RunStats = task.await.unwrap().unwrap();
+    assert_eq!(stats.applied, 1);
+    drop(cluster);
+}
+
 /// `publish.format = "segment"`: every segment a customer enters or leaves becomes a
 /// Segment-spec Track event on the audience-events topic, matching the update's `changed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
