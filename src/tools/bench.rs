@@ -1218,6 +1218,19 @@ fn seed_store(
             batch.records.clear();
         }
     }
+    // Every customer was assessed against the snapshot: the sweep to its version is done,
+    // as it would be in a store that reached it. Without this the daemon would start a sweep
+    // from version 0 and scan the whole store beside the traffic being measured.
+    let sweep = crate::pipeline::sweep::SweepState {
+        version: snapshot.snapshot.version(),
+        cursor: None,
+        done: true,
+        visited: n as u64,
+    };
+    batch
+        .meta
+        .push((crate::pipeline::sweep::META_KEY.to_vec(), sweep.encode()));
+    store.commit(&batch)?;
     // Steady state: the records compacted, not a bulk load's level-0 files that the daemon
     // would spend its first seconds compacting.
     store.compact()?;
