@@ -208,6 +208,11 @@ impl ClientContext for QuietErrors {
     fn error(&self, error: KafkaError, reason: &str) {
         self.report(format_args!("{error}: {reason}"));
     }
+
+    /// Group consumers ask librdkafka for statistics (see [`group_consumer`]); clients with
+    /// this context export none of them, and the default would parse each report and log it
+    /// whole at info level every interval.
+    fn stats_raw(&self, _statistics: &[u8]) {}
 }
 
 /// Default rebalance handling, for consumers that keep no state of their own.
