@@ -344,10 +344,11 @@ struct Reader {
     zero_quantity_paid_as_one: bool,
     report: FileReport,
     /// Open orders (and returns, for orders files with an event type), by kind and a hash
-    /// of the customer and the order key.
-    open: FxHashMap<GroupId, OpenGroup>,
+    /// of the customer and the order key. Boxed: the map churns (every order is inserted
+    /// and removed), and its rehashes and the sweep's sort then move pointers, not events.
+    open: FxHashMap<GroupId, Box<OpenGroup>>,
     /// Groups closed early (a hash collision) waiting to be applied.
-    ready: Vec<(GroupId, OpenGroup)>,
+    ready: Vec<(GroupId, Box<OpenGroup>)>,
     /// Orders already applied, so a late line of one is reported however many events the
     /// customer has had since (the state's de-duplication window is only 8 events). 16 bytes
     /// an order.
@@ -740,7 +741,7 @@ impl Reader {
             })
             .map(|(k, _)| *k)
             .collect();
-        let mut groups: Vec<(GroupId, OpenGroup)> = closing
+        let mut groups: Vec<(GroupId, Box<OpenGroup>)> = closing
             .into_iter()
             .filter_map(|k| self.open.remove(&k).map(|g| (k, g)))
             .collect();
@@ -752,7 +753,7 @@ impl Reader {
     }
 
     /// Sends a closed group to be applied and remembers it as closed.
-    fn flush(&mut self, id: GroupId, group: OpenGroup) {
+    fn flush(&mut self, id: GroupId, group: Box<OpenGroup>) {
         self.closed.insert(id);
         self.send(Item::Event(group.event));
     }
@@ -1062,12 +1063,12 @@ impl Reader {
     fn open_group(&mut self, id: GroupId, key: String, line: u64, event: Event) {
         let previous = self.open.insert(
             id,
-            OpenGroup {
+            Box::new(OpenGroup {
                 key,
                 first_line: line,
                 last_row: self.row,
                 event,
-            },
+            }),
         );
         // Two groups with the same 64-bit hash: close the older one now.
         self.ready.extend(previous.map(|g| (id, g)));
