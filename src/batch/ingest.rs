@@ -353,6 +353,9 @@ struct Reader {
     /// customer has had since (the state's de-duplication window is only 8 events). 16 bytes
     /// an order.
     closed: rustc_hash::FxHashSet<GroupId>,
+    /// The groups a sweep closes, by first line: kept between sweeps, so that each sweep
+    /// does not fault in fresh pages for a list of tens of thousands of groups.
+    closing: Vec<(u64, GroupId)>,
     /// Order lines read.
     order_lines: u64,
     /// Items not yet handed over, and where they go.
@@ -625,6 +628,7 @@ impl Reader {
             open: FxHashMap::default(),
             ready: Vec::new(),
             closed: rustc_hash::FxHashSet::default(),
+            closing: Vec::new(),
             order_lines: 0,
             out: Vec::with_capacity(CHUNK_ITEMS),
             abandoned: false,
@@ -733,22 +737,25 @@ impl Reader {
         self.report.peak_open_orders = self.report.peak_open_orders.max(self.open.len());
         let horizon = self.watermark.saturating_sub(self.window);
         let last_sweep = self.last_sweep;
-        let closing: Vec<GroupId> = self
-            .open
-            .iter()
-            .filter(|(_, g)| {
-                all || (g.last_row <= last_sweep && g.event.event_time.unix() <= horizon)
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        let mut groups: Vec<(GroupId, Box<OpenGroup>)> = closing
-            .into_iter()
-            .filter_map(|k| self.open.remove(&k).map(|g| (k, g)))
-            .collect();
-        groups.sort_by_key(|(_, g)| g.first_line);
-        for (id, group) in groups {
-            self.flush(id, group);
+        // A group's first line is its own (a line opens at most one group), so sorting by it
+        // alone is a total order.
+        let mut closing = std::mem::take(&mut self.closing);
+        closing.clear();
+        closing.extend(
+            self.open
+                .iter()
+                .filter(|(_, g)| {
+                    all || (g.last_row <= last_sweep && g.event.event_time.unix() <= horizon)
+                })
+                .map(|(k, g)| (g.first_line, *k)),
+        );
+        closing.sort_unstable();
+        for &(_, id) in &closing {
+            if let Some(group) = self.open.remove(&id) {
+                self.flush(id, group);
+            }
         }
+        self.closing = closing;
         self.last_sweep = self.row;
     }
 
