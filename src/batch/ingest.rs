@@ -660,7 +660,7 @@ impl Reader {
                         Err(RowError::AfterAsOf) => self.report.after_as_of += 1,
                     }
                     for (id, group) in std::mem::take(&mut self.ready) {
-                        self.flush(id, group);
+                        self.flush(id, group.event);
                     }
                     if self.row - self.last_sweep >= sweep_rows {
                         self.sweep(false);
@@ -752,7 +752,7 @@ impl Reader {
         closing.sort_unstable();
         for &(_, id) in &closing {
             if let Some(group) = self.open.remove(&id) {
-                self.flush(id, group);
+                self.flush(id, group.event);
             }
         }
         self.closing = closing;
@@ -760,9 +760,9 @@ impl Reader {
     }
 
     /// Sends a closed group to be applied and remembers it as closed.
-    fn flush(&mut self, id: GroupId, group: Box<OpenGroup>) {
+    fn flush(&mut self, id: GroupId, event: Event) {
         self.closed.insert(id);
-        self.send(Item::Event(group.event));
+        self.send(Item::Event(event));
     }
 
     fn text<'r>(&self, record: &'r csv::StringRecord, field: Field) -> Option<&'r str> {
