@@ -14,7 +14,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
@@ -226,6 +226,7 @@ impl ChangelogWriter {
                 }
             }
         }
+        self.send_now();
         let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
         for delivery in pending {
             let delivered = futures::executor::block_on(delivery)
@@ -236,7 +237,26 @@ impl ChangelogWriter {
         }
         Ok(positions)
     }
+
+    /// Sends what is queued now rather than after `linger.ms`, and waits up to
+    /// [`SEND_NOW_WAIT`] for it to be acknowledged. The committer has queued the whole batch
+    /// and waits for all of it anyway, so lingering for more would only add latency, and no
+    /// one else writes through this producer. librdkafka skips the linger only while a flush
+    /// is in progress; rdkafka's `flush` polls with zero-time flushes in a loop, so the
+    /// linger would still apply to most of its wait. What is not acknowledged within the
+    /// wait is awaited on its delivery as before.
+    fn send_now(&self) {
+        let ms = i32::try_from(SEND_NOW_WAIT.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: the handle comes from a live producer that `self` owns for the whole call;
+        // rd_kafka_flush takes the handle and a plain timeout, and is thread-safe.
+        unsafe {
+            rdkafka::bindings::rd_kafka_flush(self.producer.client().native_ptr(), ms);
+        }
+    }
 }
+
+/// How long [`ChangelogWriter::send_now`] waits for the batch's acknowledgements.
+const SEND_NOW_WAIT: Duration = Duration::from_secs(1);
 
 /// What a reader hands each record to: offset, key, value (`None`: a tombstone).
 pub type Visit<'a, E> = dyn FnMut(i64, &[u8], Option<&[u8]>) -> Result<(), E> + 'a;
