@@ -163,9 +163,48 @@ impl Section for KafkaConfig {
         if self.fetch_wait_max_ms > 300_000 {
             return Err("fetch_wait_max_ms must be at most 300000 (librdkafka's limit)".into());
         }
+        if let Some((key, why)) = RESERVED_CLIENT_PROPERTIES
+            .iter()
+            .find(|(key, _)| self.client.contains_key(*key))
+        {
+            return Err(format!(
+                "client.\"{key}\" cannot be set here: segmentd sets it itself ({why})"
+            ));
+        }
         Ok(())
     }
 }
+
+/// librdkafka properties `[kafka.client]` may not set, with why: segmentd sets each itself,
+/// from its own setting or because a guarantee depends on it, and a value given here would
+/// otherwise be silently replaced.
+const RESERVED_CLIENT_PROPERTIES: [(&str, &str); 10] = [
+    ("bootstrap.servers", "use kafka.brokers"),
+    ("group.id", "use kafka.group_id"),
+    ("group.instance.id", "use kafka.group_instance_id"),
+    ("session.timeout.ms", "use kafka.session_timeout_ms"),
+    ("fetch.wait.max.ms", "use kafka.fetch_wait_max_ms"),
+    (
+        "enable.idempotence",
+        "always on: retries must never duplicate or reorder a partition's updates",
+    ),
+    (
+        "enable.auto.commit",
+        "always off: offsets are committed once their batch is durable",
+    ),
+    (
+        "enable.auto.offset.store",
+        "always off: offsets are committed once their batch is durable",
+    ),
+    (
+        "auto.offset.reset",
+        "always earliest: a partition without stored progress is read from its start",
+    ),
+    (
+        "statistics.interval.ms",
+        "the consumer lag gauge is read from librdkafka's statistics",
+    ),
+];
 
 /// Client-level errors and logs from librdkafka, rate-limited: an unreachable broker reports
 /// the same failure many times a second, and librdkafka reconnects by itself.
@@ -269,18 +308,75 @@ pub fn group_consumer<C: ConsumerContext + 'static>(
 /// committed, instead of the delivery failing after five minutes and stopping the daemon
 /// (see [`super::outbox`]).
 pub fn output_producer(config: &KafkaConfig) -> Result<FutureProducer<QuietErrors>, KafkaError> {
+    producer_config(config).create_with_context(QuietErrors::default())
+}
+
+/// The settings of [`output_producer`]: idempotent always; the defaults below unless
+/// `[kafka.client]` sets them.
+fn producer_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = client_config(config);
-    client
-        .set("enable.idempotence", "true")
+    client.set("enable.idempotence", "true");
+    let defaults = [
         // Every batch waits for its deliveries before committing, so time spent lingering
         // is latency; a batch already gives the producer plenty to pack per request.
-        .set("linger.ms", "1")
-        .set("compression.type", "lz4");
+        ("linger.ms", "1"),
+        ("compression.type", "lz4"),
+    ];
+    for (key, value) in defaults {
+        if !config.client.contains_key(key) {
+            client.set(key, value);
+        }
+    }
     if !["message.timeout.ms", "delivery.timeout.ms"]
         .iter()
         .any(|k| config.client.contains_key(*k))
     {
         client.set("message.timeout.ms", "0");
     }
-    client.create_with_context(QuietErrors::default())
+    client
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_client(pairs: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            client: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..KafkaConfig::default()
+        }
+    }
+
+    #[test]
+    fn producer_tunables_are_defaults_the_client_section_overrides() {
+        let plain = producer_config(&KafkaConfig::default());
+        assert_eq!(plain.get("linger.ms"), Some("1"));
+        assert_eq!(plain.get("compression.type"), Some("lz4"));
+        assert_eq!(plain.get("message.timeout.ms"), Some("0"));
+        let tuned = producer_config(&with_client(&[
+            ("linger.ms", "20"),
+            ("compression.type", "zstd"),
+            ("security.protocol", "SASL_SSL"),
+        ]));
+        assert_eq!(tuned.get("linger.ms"), Some("20"));
+        assert_eq!(tuned.get("compression.type"), Some("zstd"));
+        assert_eq!(tuned.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(tuned.get("enable.idempotence"), Some("true"));
+    }
+
+    #[test]
+    fn properties_segmentd_sets_itself_are_refused_with_the_setting_to_use() {
+        assert!(with_client(&[("linger.ms", "5")]).problems().is_ok());
+        for (key, _) in RESERVED_CLIENT_PROPERTIES {
+            let err = with_client(&[(key, "x")]).problems().unwrap_err();
+            assert!(err.contains(key), "{err}");
+        }
+        let err = with_client(&[("group.id", "other")])
+            .problems()
+            .unwrap_err();
+        assert!(err.contains("kafka.group_id"), "{err}");
+    }
 }
