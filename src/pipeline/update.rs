@@ -556,8 +556,19 @@ pub(crate) mod tests {
     fn run(store: &MemStore, inputs: &[Input], policy: PublishPolicy) -> BatchResult {
         let snapshot = sample_snapshot().validate().unwrap();
         let assigner = Assigner::new(&snapshot);
+        commit_batch(store, (&snapshot, &assigner), &policy, inputs)
+    }
+
+    /// Processes `inputs` as one batch from the store's offsets and commits it, as the
+    /// committer would.
+    fn commit_batch(
+        store: &MemStore,
+        (snapshot, assigner): (&ValidSnapshot, &Assigner),
+        policy: &PublishPolicy,
+        inputs: &[Input],
+    ) -> BatchResult {
         let offsets = store.offsets().unwrap();
-        let result = process_batch(store, &snapshot, &assigner, &policy, inputs, &offsets).unwrap();
+        let result = process_batch(store, snapshot, assigner, policy, inputs, &offsets).unwrap();
         store.commit(&result.store_batch).unwrap();
         result
     }
@@ -698,10 +709,7 @@ pub(crate) mod tests {
         let policy = PublishPolicy::default();
         let mut checked = 0;
         for chunk in inputs.chunks(256) {
-            let offsets = store.offsets().unwrap();
-            let result =
-                process_batch(&store, &snapshot, &assigner, &policy, chunk, &offsets).unwrap();
-            store.commit(&result.store_batch).unwrap();
+            let result = commit_batch(&store, (&snapshot, &assigner), &policy, chunk);
             for u in &result.updates {
                 let mut written = Vec::new();
                 u.write_json(&mut written);
@@ -729,10 +737,7 @@ pub(crate) mod tests {
         let mut left: BTreeMap<(String, Axis), Option<u32>> = BTreeMap::new();
         let mut flaps = 0;
         for chunk in inputs.chunks(64) {
-            let offsets = store.offsets().unwrap();
-            let result =
-                process_batch(&store, &snapshot, &assigner, &policy, chunk, &offsets).unwrap();
-            store.commit(&result.store_batch).unwrap();
+            let result = commit_batch(&store, (&snapshot, &assigner), &policy, chunk);
             for u in result.updates.iter().filter(|u| u.seq > 1) {
                 for c in &u.changed {
                     let key = (u.customer_id.to_string(), c.axis);
@@ -783,13 +788,9 @@ pub(crate) mod tests {
         let mut offset = 0;
         let mut step = |snapshot: &ValidSnapshot, id: &str| {
             let assigner = Assigner::new(snapshot);
-            let offsets = store.offsets().unwrap();
             let inputs = [input(order("a", id, 0), offset)];
             offset += 1;
-            let result =
-                process_batch(&store, snapshot, &assigner, &quiet, &inputs, &offsets).unwrap();
-            store.commit(&result.store_batch).unwrap();
-            result
+            commit_batch(&store, (snapshot, &assigner), &quiet, &inputs)
         };
         assert_eq!(step(&v1, "o1").updates.len(), 1);
         // Same segments under v2's carried ids: nothing to publish, but the record moves on.
