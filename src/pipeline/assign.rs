@@ -243,6 +243,41 @@ fn unchanged(
     })
 }
 
+/// Whether [`decide`] would leave a re-assignment across a swap unpublished: the policy
+/// publishes on change only, the customer was last published under an earlier version whose
+/// segment ids `snapshot` carries, and every axis is still on its published segment
+/// (memberships are not compared across versions). The sweep's common case, decided without
+/// building the axes `decide` would compare and then discard.
+pub(crate) fn unchanged_across_swap(
+    snapshot: &ValidSnapshot,
+    assignment: &Assignment,
+    record: &CustomerRecord,
+    policy: &PublishPolicy,
+) -> bool {
+    if policy.every_event {
+        return false;
+    }
+    let Some(published) = record
+        .published
+        .as_ref()
+        .filter(|p| p.snapshot_version != snapshot.version() && ids_comparable(snapshot, p))
+    else {
+        return false;
+    };
+    snapshot.axes().iter().enumerate().all(|(a, axis)| {
+        published
+            .axes
+            .iter()
+            .find(|x| x.axis == axis.model.axis)
+            .is_some_and(|before| {
+                before.segment
+                    == assignment.axes[a]
+                        .segment
+                        .map(|s| axis.model.segments[s].id)
+            })
+    })
+}
+
 fn memberships_moved(before: &PublishedAxis, now: &PublishedAxis, epsilon: f64) -> bool {
     before.memberships.len() != now.memberships.len()
         || before

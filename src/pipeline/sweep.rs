@@ -30,7 +30,7 @@ use super::aging::paced;
 use crate::model::assign::{Assigner, Assignment, LoadedSnapshot};
 use crate::model::snapshot::ValidSnapshot;
 
-use super::assign::{assign_customer, decide, PublishPolicy};
+use super::assign::{assign_customer, decide, unchanged_across_swap, PublishPolicy};
 use super::error::ProcessError;
 use super::pending::Pending;
 use super::publish::{Prepared, SweepProgress};
@@ -242,6 +242,12 @@ pub fn reassign_batch(
             every_event: false,
             ..*policy
         };
+        // Unchanged under carried ids: the record stays as it is (its published version is
+        // still comparable with this snapshot's, through the lineage), which spares the
+        // write that would otherwise dominate a sweep.
+        if unchanged_across_swap(snapshot, &assignment, &record, &sweep_policy) {
+            continue;
+        }
         if let Some(update) = decide(
             snapshot,
             assigner,
@@ -264,9 +270,6 @@ pub fn reassign_batch(
                 .records
                 .push((key.to_vec(), record.encode()));
         }
-        // Unchanged under carried ids: the record stays as it is (its published version is
-        // still comparable with this snapshot's, through the lineage), which spares the
-        // write that would otherwise dominate a sweep.
     }
     Ok(result)
 }
@@ -387,5 +390,88 @@ mod tests {
         assert_eq!(swept.updates[0].seq, 2);
         assert_eq!(swept.updates[0].cause.topic, SWEEP_TOPIC);
         assert_eq!(swept.store_batch.records.len(), 1);
+    }
+
+    /// The sweep skips `decide` for customers whose segments held across a swap with carried
+    /// ids; that must be exactly the customers `decide` would not publish, whether the swap
+    /// carried ids or not.
+    #[test]
+    fn the_unchanged_shortcut_agrees_with_decide() {
+        let v1 = sample_snapshot().validate().unwrap();
+        let a1 = Assigner::new(&v1);
+        let store = MemStore::default();
+        let policy = PublishPolicy::default();
+        let mut inputs = Vec::new();
+        for o in 0..8 {
+            for c in (0..40).filter(|c| c % 9 > o) {
+                let offset = inputs.len() as i64;
+                let event = order(&format!("c{c}"), &format!("o{c}-{o}"), o * 30 + c);
+                inputs.push(input(event, offset));
+            }
+        }
+        let offsets = store.offsets().unwrap();
+        let first = process_batch(&store, &v1, &a1, &policy, &inputs, &offsets).unwrap();
+        store.commit(&first.store_batch).unwrap();
+        let records = store.records_after(None, 100).unwrap();
+        // The same centroids under a shifted scaler: ids carry, and some customers cross.
+        let mut carried = sample_snapshot();
+        carried.version = 2;
+        carried.axes[0].scaler.mean = vec![0.4, 1.2];
+        crate::model::lineage::carry_ids(&v1, &mut carried, 0.5).unwrap();
+        let mut fresh = sample_snapshot();
+        fresh.version = 3;
+        let aging = AgingState::default();
+        let (mut held, mut moved) = (0, 0);
+        for next in [carried, fresh] {
+            let next = next.validate().unwrap();
+            let assigner = Assigner::new(&next);
+            for (key, bytes) in &records {
+                let mut record = decode_stored(key, bytes).unwrap();
+                let as_of = aging.assessed_at(key, &record).unwrap();
+                let mut assignment = Assignment::default();
+                let mut drift = crate::model::drift::DriftSums::default();
+                assign_customer(
+                    &next,
+                    &assigner,
+                    &policy,
+                    &record,
+                    as_of,
+                    &mut assignment,
+                    &mut drift,
+                );
+                let shortcut = unchanged_across_swap(&next, &assignment, &record, &policy);
+                let id = CustomerId::parse(&stored_id(key)).unwrap();
+                let cause = || Cause {
+                    event_id: "sweep".into(),
+                    topic: SWEEP_TOPIC.into(),
+                    partition: -1,
+                    offset: -1,
+                };
+                let update = decide(
+                    &next,
+                    &assigner,
+                    &assignment,
+                    &mut record,
+                    &policy,
+                    &id,
+                    cause,
+                    as_of,
+                );
+                assert_eq!(
+                    shortcut,
+                    update.is_none(),
+                    "{id:?} under v{}",
+                    next.version()
+                );
+                if next.version() == 2 {
+                    if shortcut {
+                        held += 1
+                    } else {
+                        moved += 1
+                    }
+                }
+            }
+        }
+        assert!(held > 0 && moved > 0, "held {held}, moved {moved}");
     }
 }
