@@ -391,6 +391,20 @@ impl Loop {
         let aging = self.aging.due(durable_batch) && !sweeping && !waiting && settled;
         let partitions = self.partitions_due(durable_batch);
         let restoring = self.restoring.is_some();
+        // After a sweep chunk, records already delivered go before the next chunk, so the
+        // sweep neither starves them nor waits for records that have not come. (Restoring
+        // never coincides with sweeping: a sweep waits until every partition is settled.)
+        if sweeping
+            && self.sweep.yields()
+            && !partitions
+            && !shutdown.is_cancelled()
+            && !self.to_committer.is_closed()
+        {
+            if let Some(first) = self.consumer.recv().now_or_never() {
+                let first = first.map(|m| m.detach());
+                return self.received(first, shutdown).await;
+            }
+        }
         tokio::select! {
             // Shutdown first, then a failed committer, then partitions coming and going, then
             // the sweep's turn, then records.
@@ -413,21 +427,33 @@ impl Loop {
             _ = tokio::time::sleep(Duration::from_millis(50)), if waiting => Step::Idle,
             // While no record comes, look at the snapshot now and then: a swap starts a sweep.
             _ = tokio::time::sleep(Duration::from_millis(250)), if !sweeping => Step::Idle,
-            first = self.consumer.recv() => match first {
-                Ok(m) => {
-                    self.errors.clear();
-                    Step::Records(m.detach())
+            first = self.consumer.recv() => {
+                let first = first.map(|m| m.detach());
+                self.received(first, shutdown).await
+            }
+        }
+    }
+
+    /// The step a consumed record (or a consumer error) leads to.
+    async fn received(
+        &mut self,
+        first: Result<OwnedMessage, KafkaError>,
+        shutdown: &CancellationToken,
+    ) -> Step {
+        match first {
+            Ok(m) => {
+                self.errors.clear();
+                Step::Records(m)
+            }
+            Err(e) => {
+                // librdkafka reconnects by itself; back off so an unreachable broker does not
+                // become a busy loop or a flood of identical warnings.
+                self.errors.record(&e);
+                tokio::select! {
+                    _ = shutdown.cancelled() => Step::Stop,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => Step::Idle,
                 }
-                Err(e) => {
-                    // librdkafka reconnects by itself; back off so an unreachable broker
-                    // does not become a busy loop or a flood of identical warnings.
-                    self.errors.record(&e);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => Step::Stop,
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => Step::Idle,
-                    }
-                }
-            },
+            }
         }
     }
 

@@ -166,15 +166,14 @@ impl SweepSchedule {
         !self.state.done && !self.cleared
     }
 
-    /// When the next chunk may run. After a chunk, records already fetched go first: the
-    /// next chunk waits at least a millisecond, which is all they need.
+    /// When the next chunk may run (at once, without a rate limit).
     pub(crate) fn due(&self) -> tokio::time::Instant {
-        if self.last_was_sweep {
-            self.next
-                .max(tokio::time::Instant::now() + std::time::Duration::from_millis(1))
-        } else {
-            self.next
-        }
+        self.next
+    }
+
+    /// Whether the last step was a chunk, so records already delivered go before the next.
+    pub(crate) fn yields(&self) -> bool {
+        self.last_was_sweep
     }
 
     /// Keys per chunk.
