@@ -184,6 +184,9 @@ struct Loop {
     to_committer: mpsc::Sender<InFlight>,
     sweep: SweepSchedule,
     aging: AgingSchedule,
+    /// The last step was a chunk of a pass (sweep or aging): records already delivered go
+    /// before the next chunk.
+    after_chunk: bool,
     batch_id: u64,
     consumed: u64,
     errors: ErrorLog,
@@ -316,6 +319,7 @@ impl Loop {
             to_committer,
             sweep,
             aging,
+            after_chunk: false,
             batch_id: 0,
             consumed: 0,
             errors: ErrorLog::default(),
@@ -345,12 +349,18 @@ impl Loop {
                     self.refresh_group_offsets()?;
                     continue;
                 }
-                Step::Sweep => self.sweep_chunk().await?,
-                Step::Age => self.aging_chunk().await?,
+                Step::Sweep => {
+                    self.after_chunk = true;
+                    self.sweep_chunk().await?
+                }
+                Step::Age => {
+                    self.after_chunk = true;
+                    self.aging_chunk().await?
+                }
                 Step::Partitions => self.partitions().await?,
                 Step::Restored(done) => self.restored(done?).await?,
                 Step::Records(first) => {
-                    self.sweep.records_ran();
+                    self.after_chunk = false;
                     let batch = self.collect(first).await;
                     if batch.is_empty() {
                         continue;
@@ -391,11 +401,11 @@ impl Loop {
         let aging = self.aging.due(durable_batch) && !sweeping && !waiting && settled;
         let partitions = self.partitions_due(durable_batch);
         let restoring = self.restoring.is_some();
-        // After a sweep chunk, records already delivered go before the next chunk, so the
-        // sweep neither starves them nor waits for records that have not come. (Restoring
-        // never coincides with sweeping: a sweep waits until every partition is settled.)
-        if sweeping
-            && self.sweep.yields()
+        // After a chunk of a pass, records already delivered go before the next chunk, so a
+        // pass neither starves them nor waits for records that have not come. (Restoring
+        // never coincides with a pass: both wait until every partition is settled.)
+        if (sweeping || aging)
+            && self.after_chunk
             && !partitions
             && !shutdown.is_cancelled()
             && !self.to_committer.is_closed()

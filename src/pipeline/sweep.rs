@@ -114,7 +114,6 @@ pub(crate) struct SweepSchedule {
     /// scan sees every customer of it.
     cleared: bool,
     next: tokio::time::Instant,
-    last_was_sweep: bool,
 }
 
 impl SweepSchedule {
@@ -126,7 +125,6 @@ impl SweepSchedule {
             state,
             config,
             next: tokio::time::Instant::now(),
-            last_was_sweep: false,
         })
     }
 
@@ -171,11 +169,6 @@ impl SweepSchedule {
         self.next
     }
 
-    /// Whether the last step was a chunk, so records already delivered go before the next.
-    pub(crate) fn yields(&self) -> bool {
-        self.last_was_sweep
-    }
-
     /// Keys per chunk.
     pub(crate) fn chunk(&self) -> usize {
         self.config.chunk.max(1)
@@ -184,13 +177,7 @@ impl SweepSchedule {
     /// A chunk of `swept` customers ran and left the sweep at `state`.
     pub(crate) fn ran(&mut self, state: SweepState, swept: usize) {
         self.state = state;
-        self.last_was_sweep = true;
         self.next = paced(self.next, swept, self.config.customers_per_second);
-    }
-
-    /// A batch of records ran: the next chunk no longer yields to them.
-    pub(crate) fn records_ran(&mut self) {
-        self.last_was_sweep = false;
     }
 }
 
