@@ -209,6 +209,15 @@ struct Loop {
 /// The committer thread, returning the run's counters.
 type CommitterThread = std::thread::JoinHandle<Result<RunStats, RunError>>;
 
+/// Ready at `instant`, and at once when it has passed. (A timer set to a passed instant still
+/// waits for the timer's next tick, up to a millisecond: after every chunk of an unthrottled
+/// pass, that was time with nothing to do.)
+async fn at(instant: tokio::time::Instant) {
+    if instant > tokio::time::Instant::now() {
+        tokio::time::sleep_until(instant).await;
+    }
+}
+
 impl Loop {
     /// Subscribes, and starts the committer thread.
     fn start(
@@ -432,8 +441,8 @@ impl Loop {
                 done.unwrap_or_else(|e| Err(RestoreError::Task(e.to_string())))
             ),
             _ = std::future::ready(()), if partitions => Step::Partitions,
-            _ = tokio::time::sleep_until(self.sweep.due()), if sweeping => Step::Sweep,
-            _ = tokio::time::sleep_until(self.aging.next()), if aging => Step::Age,
+            _ = at(self.sweep.due()), if sweeping => Step::Sweep,
+            _ = at(self.aging.next()), if aging => Step::Age,
             _ = tokio::time::sleep(Duration::from_millis(50)), if waiting => Step::Idle,
             // While no record comes, look at the snapshot now and then: a swap starts a sweep.
             _ = tokio::time::sleep(Duration::from_millis(250)), if !sweeping => Step::Idle,

@@ -992,3 +992,95 @@ async fn the_score_stream_publishes_tier_changes_once_and_refuses_bad_scores() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// An unthrottled aging pass (`customers_per_second = 0`) is always due while it runs, and the
+/// loop's select puts passes before records; events still go between its chunks rather than
+/// after the whole pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_go_between_the_chunks_of_an_unthrottled_pass() {
+    let cluster = Cluster::new();
+    let brokers = cluster.brokers();
+    let (input, output, dlq) = topics(&cluster, "events", 1).await;
+    let config = KafkaConfig {
+        brokers: brokers.clone(),
+        group_id: unique("group"),
+        input_topics: vec![input.clone()],
+        changelog_topic: changelog_of(&input),
+        output_topic: output,
+        dead_letter_topic: dlq,
+        session_timeout_ms: 6_000,
+        ..KafkaConfig::default()
+    };
+    // One customer a chunk, as fast as the loop can: a pass of many short chunks.
+    let aging = AgingConfig {
+        period_seconds: 86_400,
+        customers_per_second: 0,
+        chunk: 1,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn StateStore> = Arc::new(
+        RocksStore::open(&StoreConfig {
+            path: dir.path().join("db"),
+            block_cache_bytes: 8 << 20,
+            ..StoreConfig::default()
+        })
+        .unwrap(),
+    );
+    let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot())));
+    let shutdown = CancellationToken::new();
+    let task = {
+        let (store, shutdown) = (store.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            run(
+                &config,
+                PublishPolicy::default(),
+                SweepConfig::default(),
+                aging,
+                store,
+                shared,
+                shutdown,
+                hooks(),
+            )
+            .await
+        })
+    };
+    // Customers on 1 December; then one order on the 2nd moves the clock past midnight and
+    // opens a boundary, which a pass over every customer assesses.
+    let customers = 3_000;
+    let seed: Vec<(String, String)> = (0..customers)
+        .map(|c| {
+            let id = format!("C{c:04}");
+            (id.clone(), order(&format!("{id}-1"), &id, 1, "7.5"))
+        })
+        .collect();
+    produce(&brokers, &input, &seed).await;
+    produce(
+        &brokers,
+        &input,
+        &[("T".into(), order("T-1", "T", 2, "7.5"))],
+    )
+    .await;
+    let passing = |store: &dyn StateStore| {
+        segmentd::pipeline::aging::load_state(store)
+            .unwrap()
+            .pass
+            .is_some()
+    };
+    wait_for("the pass to start", || passing(store.as_ref())).await;
+    let before = durable(store.as_ref());
+    produce(
+        &brokers,
+        &input,
+        &[("L".into(), order("L-1", "L", 2, "7.5"))],
+    )
+    .await;
+    wait_for("the late event", || durable(store.as_ref()) > before).await;
+    // Batches become durable in order: had the event waited for the pass, the pass would be
+    // over (durably) by now.
+    assert!(
+        passing(store.as_ref()),
+        "the event was applied only after the pass over {customers} customers"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
