@@ -1001,16 +1001,8 @@ async fn events_go_between_the_chunks_of_an_unthrottled_pass() {
     let cluster = Cluster::new();
     let brokers = cluster.brokers();
     let (input, output, dlq) = topics(&cluster, "events", 1).await;
-    let config = KafkaConfig {
-        brokers: brokers.clone(),
-        group_id: unique("group"),
-        input_topics: vec![input.clone()],
-        changelog_topic: changelog_of(&input),
-        output_topic: output,
-        dead_letter_topic: dlq,
-        session_timeout_ms: 6_000,
-        ..KafkaConfig::default()
-    };
+    let max_batch = KafkaConfig::default().max_batch;
+    let config = loop_config(&brokers, &input, &output, &dlq, max_batch);
     // One customer a chunk, as fast as the loop can: a pass of many short chunks.
     let aging = AgingConfig {
         period_seconds: 86_400,
@@ -1018,14 +1010,7 @@ async fn events_go_between_the_chunks_of_an_unthrottled_pass() {
         chunk: 1,
     };
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn StateStore> = Arc::new(
-        RocksStore::open(&StoreConfig {
-            path: dir.path().join("db"),
-            block_cache_bytes: 8 << 20,
-            ..StoreConfig::default()
-        })
-        .unwrap(),
-    );
+    let store = temp_store(dir.path());
     let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot())));
     let shutdown = CancellationToken::new();
     let task = {
