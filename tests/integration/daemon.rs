@@ -39,23 +39,11 @@ fn start_loop(
     shutdown: &CancellationToken,
     hooks: &Hooks,
 ) -> tokio::task::JoinHandle<Result<RunStats, segmentd::pipeline::error::RunError>> {
-    let (shutdown, hooks) = (shutdown.clone(), hooks.clone());
-    tokio::spawn(async move {
-        run(
-            &config,
-            policy,
-            SweepConfig::default(),
-            AgingConfig {
-                period_seconds: 3_650 * 86_400,
-                ..AgingConfig::default()
-            },
-            store,
-            shared,
-            shutdown,
-            hooks,
-        )
-        .await
-    })
+    let aging = AgingConfig {
+        period_seconds: 3_650 * 86_400,
+        ..AgingConfig::default()
+    };
+    loop_task(config, (policy, aging), (store, shared), shutdown, hooks)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1013,22 +1001,13 @@ async fn events_go_between_the_chunks_of_an_unthrottled_pass() {
     let store = temp_store(dir.path());
     let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot())));
     let shutdown = CancellationToken::new();
-    let task = {
-        let (store, shutdown) = (store.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            run(
-                &config,
-                PublishPolicy::default(),
-                SweepConfig::default(),
-                aging,
-                store,
-                shared,
-                shutdown,
-                hooks(),
-            )
-            .await
-        })
-    };
+    let task = loop_task(
+        config,
+        (PublishPolicy::default(), aging),
+        (store.clone(), shared),
+        &shutdown,
+        &hooks(),
+    );
     // Customers on 1 December; then one order on the 2nd moves the clock past midnight and
     // opens a boundary, which a pass over every customer assesses.
     let customers = 3_000;

@@ -30,9 +30,7 @@ use segmentd::model::assign::LoadedSnapshot;
 use segmentd::pipeline::aging::AgingConfig;
 use segmentd::pipeline::assign::PublishPolicy;
 use segmentd::pipeline::commit::RunStats;
-use segmentd::pipeline::consume::run;
 use segmentd::pipeline::error::RunError;
-use segmentd::pipeline::sweep::SweepConfig;
 use segmentd::synth::{Shop, ShopParams};
 use segmentd::tools::broker::{BrokerArgs, DevBroker};
 
@@ -143,20 +141,14 @@ fn spawn_loop(
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<Result<RunStats, RunError>> {
     let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot())));
-    let config = config.clone();
-    tokio::spawn(async move {
-        run(
-            &config,
-            PublishPolicy::default(),
-            SweepConfig::default(),
-            AgingConfig::default(),
-            store,
-            shared,
-            shutdown,
-            hooks(),
-        )
-        .await
-    })
+    let settings = (PublishPolicy::default(), AgingConfig::default());
+    loop_task(
+        config.clone(),
+        settings,
+        (store, shared),
+        &shutdown,
+        &hooks(),
+    )
 }
 
 fn rocks(dir: &std::path::Path) -> Arc<dyn StateStore> {

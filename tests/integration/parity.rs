@@ -27,11 +27,9 @@ use segmentd::model::assign::{Assigner, LoadedSnapshot};
 use segmentd::model::snapshot::ValidSnapshot;
 use segmentd::pipeline::aging::AgingConfig;
 use segmentd::pipeline::assign::PublishPolicy;
-use segmentd::pipeline::consume::run;
-use segmentd::pipeline::sweep::SweepConfig;
 use segmentd::synth::{Shop, ShopParams};
 
-use crate::support::{changelog_of, hooks, topics, unique, Cluster};
+use crate::support::{changelog_of, hooks, loop_task, topics, unique, Cluster};
 
 const DAY: i64 = 86_400;
 /// The default aging period: T is a midnight.
@@ -202,22 +200,13 @@ async fn batch_and_stream_agree_at_the_same_time() {
     };
     let shutdown = CancellationToken::new();
     let shared = Arc::new(ArcSwap::from_pointee(LoadedSnapshot::new(snapshot.clone())));
-    let task = {
-        let (store, shutdown) = (store.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            run(
-                &config,
-                policy,
-                SweepConfig::default(),
-                aging,
-                store,
-                shared,
-                shutdown,
-                hooks(),
-            )
-            .await
-        })
-    };
+    let task = loop_task(
+        config,
+        (policy, aging),
+        (store.clone(), shared),
+        &shutdown,
+        &hooks(),
+    );
     let total = events.len() as i64 + i64::from(PARTITIONS);
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {

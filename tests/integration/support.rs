@@ -4,6 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -15,8 +18,14 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use segmentd::io::kafka::KafkaConfig;
 use segmentd::io::store::{RocksStore, StateStore, StoreConfig};
+use segmentd::model::assign::LoadedSnapshot;
 use segmentd::model::snapshot::ValidSnapshot;
-use segmentd::pipeline::consume::Hooks;
+use segmentd::pipeline::aging::AgingConfig;
+use segmentd::pipeline::assign::PublishPolicy;
+use segmentd::pipeline::commit::RunStats;
+use segmentd::pipeline::consume::{run, Hooks};
+use segmentd::pipeline::error::RunError;
+use segmentd::pipeline::sweep::SweepConfig;
 use segmentd::synth::{Shop, ShopParams};
 use segmentd::telemetry::metrics::Metrics;
 
@@ -302,4 +311,28 @@ pub fn loop_config(
         max_batch,
         ..KafkaConfig::default()
     }
+}
+
+/// The consumer loop on a task of its own, with the sweep's defaults.
+pub fn loop_task(
+    config: KafkaConfig,
+    (policy, aging): (PublishPolicy, AgingConfig),
+    (store, shared): (Arc<dyn StateStore>, Arc<ArcSwap<LoadedSnapshot>>),
+    shutdown: &CancellationToken,
+    hooks: &Hooks,
+) -> tokio::task::JoinHandle<Result<RunStats, RunError>> {
+    let (shutdown, hooks) = (shutdown.clone(), hooks.clone());
+    tokio::spawn(async move {
+        run(
+            &config,
+            policy,
+            SweepConfig::default(),
+            aging,
+            store,
+            shared,
+            shutdown,
+            hooks,
+        )
+        .await
+    })
 }
