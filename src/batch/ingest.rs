@@ -33,8 +33,8 @@ use rustc_hash::FxHashMap;
 use thiserror::Error;
 
 use crate::domain::event::{
-    CustomerId, Engagement, EngagementAction, Event, EventBody, EventError, MessageChannel, Order,
-    OrderChannel, OrderLine, Return, SupportContact,
+    event_id_hash, CustomerId, Engagement, EngagementAction, Event, EventBody, EventError,
+    MessageChannel, Order, OrderChannel, OrderLine, Return, SupportContact,
 };
 use crate::domain::features::Sources;
 use crate::domain::state::{ApplyOutcome, CustomerState, StateParams};
@@ -223,21 +223,22 @@ impl Population {
         &self.states
     }
 
-    fn slot(&mut self, id: &CustomerId) -> usize {
-        if let Some(&i) = self.index.get(id) {
+    /// The customer's slot, added when new.
+    fn slot(&mut self, id: CustomerId) -> usize {
+        if let Some(&i) = self.index.get(&id) {
             return i as usize;
         }
         let i = self.ids.len();
         self.index.insert(id.clone(), i as u32);
-        self.ids.push(id.clone());
+        self.ids.push(id);
         self.states.push(CustomerState::default());
         i
     }
 
-    /// Applies one event to its customer's state.
-    pub fn apply(&mut self, event: &Event, params: &StateParams) -> ApplyOutcome {
-        let slot = self.slot(&event.customer_id);
-        let outcome = self.states[slot].apply(event, params);
+    /// Applies one handed-over event to the state of the customer in `slot`.
+    fn apply(&mut self, slot: usize, event: &Arrival, params: &StateParams) -> ApplyOutcome {
+        let outcome =
+            self.states[slot].apply_parts(event.id_hash, event.event_time, &event.body, params);
         if outcome == ApplyOutcome::Applied {
             self.max_time = Some(
                 self.max_time
@@ -303,9 +304,25 @@ type BadSink = Option<(PathBuf, BufWriter<File>)>;
 /// What a reader hands to the thread that applies, in file order.
 enum Item {
     /// An event to apply.
-    Event(Event),
+    Event(Arrival),
     /// A bad row for the bad-rows file (the reader has counted it).
     Bad { line: u64, reason: String },
+}
+
+/// An event as a reader hands it over: its parts, with the customer given by the reader's
+/// number for it (0, 1, 2… in the order of the customers' first events in the file). The
+/// customer's id travels only with its first event in the file and the event id only as its
+/// fingerprint, so for most events the applying thread neither hashes a string nor frees one
+/// that the reader allocated.
+struct Arrival {
+    /// The reader's number for the customer.
+    customer: usize,
+    /// The customer's id, with the customer's first event in the file.
+    new_customer: Option<CustomerId>,
+    /// The fingerprint of the event id ([`Event::id_hash`]).
+    id_hash: u64,
+    event_time: EventTime,
+    body: EventBody,
 }
 
 /// What a reader thread ends with: its report (without the applied and duplicate counts,
@@ -356,6 +373,10 @@ struct Reader {
     /// The groups a sweep closes, by first line: kept between sweeps, so that each sweep
     /// does not fault in fresh pages for a list of tens of thousands of groups.
     closing: Vec<(u64, GroupId)>,
+    /// This reader's number for each customer seen in the file (see [`Arrival`]).
+    customers: FxHashMap<Box<str>, usize>,
+    /// Where an event id is written out to be fingerprinted, reused from row to row.
+    id_text: String,
     /// Order lines read.
     order_lines: u64,
     /// Items not yet handed over, and where they go.
@@ -454,15 +475,23 @@ fn read_files(
             };
             let (mut events, mut duplicates) = (0, 0);
             let mut sink_error = None;
+            // The population's slot of each of the reader's customer numbers.
+            let mut slots: Vec<usize> = Vec::new();
             // Everything the reader sends is applied, even after a failure of the bad-rows
             // file, so the reader never blocks on a full channel.
             for chunk in rx {
                 for item in chunk {
                     match item {
-                        Item::Event(event) => match population.apply(&event, params) {
-                            ApplyOutcome::Applied => events += 1,
-                            ApplyOutcome::Duplicate => duplicates += 1,
-                        },
+                        Item::Event(mut event) => {
+                            if let Some(id) = event.new_customer.take() {
+                                debug_assert_eq!(event.customer, slots.len());
+                                slots.push(population.slot(id));
+                            }
+                            match population.apply(slots[event.customer], &event, params) {
+                                ApplyOutcome::Applied => events += 1,
+                                ApplyOutcome::Duplicate => duplicates += 1,
+                            }
+                        }
                         Item::Bad { line, reason } if sink_error.is_none() => {
                             sink_error = write_bad_row(bad_sink, &file.path, line, &reason).err();
                         }
@@ -629,6 +658,8 @@ impl Reader {
             ready: Vec::new(),
             closed: rustc_hash::FxHashSet::default(),
             closing: Vec::new(),
+            customers: FxHashMap::default(),
+            id_text: String::new(),
             order_lines: 0,
             out: Vec::with_capacity(CHUNK_ITEMS),
             abandoned: false,
@@ -762,7 +793,55 @@ impl Reader {
     /// Sends a closed group to be applied and remembers it as closed.
     fn flush(&mut self, id: GroupId, event: Event) {
         self.closed.insert(id);
-        self.send(Item::Event(event));
+        let id_hash = event.id_hash();
+        let Event {
+            customer_id,
+            event_time,
+            body,
+            ..
+        } = event;
+        let Ok(()) = self.hand_event(
+            customer_id.as_str(),
+            || Ok::<_, std::convert::Infallible>(customer_id.clone()),
+            (id_hash, event_time, body),
+        );
+    }
+
+    /// Sends an event, given by its parts, to be applied, with the customer by this reader's
+    /// number for it. `id` makes the customer's id; it is called only on the customer's first
+    /// event in the file (and nothing is sent if it fails).
+    fn hand_event<E>(
+        &mut self,
+        customer: &str,
+        id: impl FnOnce() -> Result<CustomerId, E>,
+        (id_hash, event_time, body): (u64, EventTime, EventBody),
+    ) -> Result<(), E> {
+        let (customer, new_customer) = match self.customers.get(customer) {
+            Some(&number) => (number, None),
+            None => {
+                let id = id()?;
+                let number = self.customers.len();
+                self.customers.insert(customer.into(), number);
+                (number, Some(id))
+            }
+        };
+        self.send(Item::Event(Arrival {
+            customer,
+            new_customer,
+            id_hash,
+            event_time,
+            body,
+        }));
+        Ok(())
+    }
+
+    /// The fingerprint of the event id `id` writes ([`Event::id_hash`]), without allocating.
+    fn id_hash(&mut self, id: std::fmt::Arguments) -> u64 {
+        use std::fmt::Write as _;
+        self.id_text.clear();
+        // Writing to a String cannot fail.
+        let _ = self.id_text.write_fmt(id);
+        event_id_hash(&self.id_text)
     }
 
     fn text<'r>(&self, record: &'r csv::StringRecord, field: Field) -> Option<&'r str> {
@@ -855,7 +934,7 @@ impl Reader {
 
     /// A single-row event of `kind` from the row's common fields and its body, sent to be
     /// applied. Its id is `<kind>:<id>` from the file's `id_field` column, or a hash of the
-    /// row when the file has none (see [`content_id`]).
+    /// row when the file has none (see [`content_hash`]).
     fn emit_row(
         &mut self,
         (kind, id_field): (&str, Field),
@@ -863,24 +942,15 @@ impl Reader {
         (customer, event_time, raw_time): (&str, EventTime, &str),
         body: EventBody,
     ) -> Result<(), RowError> {
-        let customer_id = owned_id(customer)?;
-        let event_id = match self.text(record, id_field) {
-            Some(id) => format!("{kind}:{id}"),
-            None => content_id(kind, record, &customer_id, raw_time),
+        body.validate().map_err(|e| describe(&e))?;
+        let id_hash = match self.text(record, id_field) {
+            Some(id) => self.id_hash(format_args!("{kind}:{id}")),
+            None => {
+                let content = content_hash(record);
+                self.id_hash(format_args!("{kind}:{customer}:{raw_time}:{content:016x}"))
+            }
         };
-        self.emit(Event {
-            event_id,
-            customer_id,
-            event_time,
-            body,
-        })
-    }
-
-    /// Validates a single-row event and sends it to be applied.
-    fn emit(&mut self, event: Event) -> Result<(), RowError> {
-        event.validate().map_err(|e| describe(&e))?;
-        self.send(Item::Event(event));
-        Ok(())
+        self.hand_event(customer, || owned_id(customer), (id_hash, event_time, body))
     }
 
     fn order_row(&mut self, record: &csv::StringRecord, line: u64) -> Result<(), RowError> {
@@ -1131,20 +1201,16 @@ fn parse_number(raw: &str) -> Option<f64> {
     raw.parse::<f64>().ok()
 }
 
-/// An event id for rows that carry none: a hash of the row's content, so an identical row
-/// repeated (a double export) counts once, while different rows at the same time do not.
-fn content_id(
-    kind: &str,
-    record: &csv::StringRecord,
-    customer: &CustomerId,
-    raw_time: &str,
-) -> String {
+/// For rows that carry no event id, the event id is `<kind>:<customer>:<time>:<this hash>`:
+/// a hash of the row's content, so an identical row repeated (a double export) counts once,
+/// while different rows at the same time do not.
+fn content_hash(record: &csv::StringRecord) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for field in record.iter() {
         h.update(field.as_bytes());
         h.update(&[0x1f]);
     }
-    format!("{kind}:{customer}:{raw_time}:{:016x}", h.digest())
+    h.digest()
 }
 
 #[cfg(test)]

@@ -405,6 +405,34 @@ impl EventBody {
             Self::Engagement(_) => EventKind::Engagement,
         }
     }
+
+    /// Checks every numeric invariant of the body.
+    pub fn validate(&self) -> Result<(), EventError> {
+        match self {
+            EventBody::Order(order) => {
+                if order.lines.is_empty() {
+                    return Err(EventError::EmptyOrder);
+                }
+                order.lines.iter().try_for_each(OrderLine::validate)
+            }
+            EventBody::Return(ret) => {
+                finite_non_negative("amount", ret.amount)?;
+                at_most("amount", ret.amount, MAX_AMOUNT)
+            }
+            EventBody::SupportContact(contact) => {
+                if !contact.complexity.is_finite() {
+                    return Err(EventError::NotFinite {
+                        field: "complexity",
+                    });
+                }
+                if !(1.0..=5.0).contains(&contact.complexity) {
+                    return Err(EventError::Complexity(contact.complexity));
+                }
+                Ok(())
+            }
+            EventBody::Engagement(_) => Ok(()),
+        }
+    }
 }
 
 /// The four kinds of event, without payload.
@@ -459,30 +487,7 @@ impl Event {
     /// Checks every numeric invariant of the body. Ids and times are checked when they are
     /// parsed.
     pub fn validate(&self) -> Result<(), EventError> {
-        match &self.body {
-            EventBody::Order(order) => {
-                if order.lines.is_empty() {
-                    return Err(EventError::EmptyOrder);
-                }
-                order.lines.iter().try_for_each(OrderLine::validate)
-            }
-            EventBody::Return(ret) => {
-                finite_non_negative("amount", ret.amount)?;
-                at_most("amount", ret.amount, MAX_AMOUNT)
-            }
-            EventBody::SupportContact(contact) => {
-                if !contact.complexity.is_finite() {
-                    return Err(EventError::NotFinite {
-                        field: "complexity",
-                    });
-                }
-                if !(1.0..=5.0).contains(&contact.complexity) {
-                    return Err(EventError::Complexity(contact.complexity));
-                }
-                Ok(())
-            }
-            EventBody::Engagement(_) => Ok(()),
-        }
+        self.body.validate()
     }
 
     /// The 64-bit fingerprint of the event id used for de-duplication in customer state.

@@ -301,20 +301,32 @@ impl CustomerState {
     /// Applies one event. Returns [`ApplyOutcome::Duplicate`] without touching the state when
     /// the event id was applied recently.
     pub fn apply(&mut self, event: &Event, params: &StateParams) -> ApplyOutcome {
-        let id = event.id_hash();
-        if self.recent.contains(id) {
+        self.apply_parts(event.id_hash(), event.event_time, &event.body, params)
+    }
+
+    /// [`CustomerState::apply`] of an event given by its parts: the fingerprint of its id
+    /// ([`Event::id_hash`]), its time and its body. For readers that never build the event
+    /// itself.
+    pub fn apply_parts(
+        &mut self,
+        id_hash: u64,
+        event_time: EventTime,
+        body: &EventBody,
+        params: &StateParams,
+    ) -> ApplyOutcome {
+        if self.recent.contains(id_hash) {
             return ApplyOutcome::Duplicate;
         }
-        self.recent.push(id);
+        self.recent.push(id_hash);
 
-        let t = event.event_time.unix();
+        let t = event_time.unix();
         self.first_seen = Some(self.first_seen.map_or(t, |f| f.min(t)));
         // Weight of a value at time t relative to decay_ref, after moving decay_ref forward
         // to t when the event is the newest seen.
         let (w_long, w_short) = self.advance_decay(t, params);
 
-        match &event.body {
-            EventBody::Order(order) => self.apply_order(order, event.event_time, w_long, w_short),
+        match body {
+            EventBody::Order(order) => self.apply_order(order, event_time, w_long, w_short),
             EventBody::Return(ret) => {
                 self.returns += 1;
                 self.returned_value += ret.amount;
