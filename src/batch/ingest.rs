@@ -16,11 +16,14 @@
 //! NaN, an unknown channel) are counted by reason with their line numbers, and the read goes
 //! on; `strict` turns the first one into an error.
 //!
-//! Each file is parsed and grouped on a thread of its own, all files at once; the calling
-//! thread applies their events to the population in file order, then in each file's own
-//! order, exactly as one thread reading the files one after the other would (the bad-rows
-//! file too). Parsing is most of the work, so the files' parsing and the applying share the
-//! cores; bounded channels keep what waits to be applied small.
+//! Each file is read in a pipeline of three stages, each on a thread of its own: one splits the
+//! rows into fields (the CSV layer), one parses and groups them into events, and the calling
+//! thread applies the events to the population. Two files are read at once, and the calling
+//! thread applies their events in file order, then in each file's own order, exactly as one
+//! thread reading the files one after the other would (the bad-rows file too). The stages share
+//! the cores; bounded channels keep what waits between them small. A reader hands an event over
+//! as its parts, with the customer by the reader's own number for it (see `Arrival`), so that
+//! the applying thread neither hashes customer ids nor frees strings another thread allocated.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -544,7 +547,7 @@ fn read_file_swept(
 ) -> ReaderEnd {
     let started = Instant::now();
     let path_text = file.path.display().to_string();
-    let (mut csv, headers, bar) = open_input(&file.path, &path_text, options.progress)?;
+    let (csv, headers, bar) = open_input(&file.path, &path_text, options.progress)?;
     let bar = bars.add(bar);
     let cols =
         resolve(file.kind, &headers, &file.columns).map_err(|source| IngestError::Mapping {
@@ -553,7 +556,7 @@ fn read_file_swept(
         })?;
     let sources = declared_sources(file.kind, &cols);
     let mut reader = Reader::new(file, cols, path_text, options, to_apply);
-    reader.read_all(&mut csv, sweep_rows)?;
+    reader.read_all(csv, sweep_rows)?;
     bar.finish_and_clear();
     reader.report.elapsed = started.elapsed();
     tracing::debug!(
@@ -568,7 +571,72 @@ fn read_file_swept(
 }
 
 /// A CSV reader over the file.
-type InputCsv = csv::Reader<Box<dyn Read>>;
+type InputCsv = csv::Reader<Box<dyn Read + Send>>;
+
+/// Rows the tokeniser hands over at once, and chunks of them waiting.
+const ROWS_PER_CHUNK: usize = 1_024;
+const ROW_CHUNKS_WAITING: usize = 4;
+
+/// One row as the tokeniser read it: its fields, or why they could not be read.
+struct Tokenised {
+    /// The line the reader was on before the row (for an error without a position).
+    line: u64,
+    record: csv::StringRecord,
+    error: Option<csv::Error>,
+}
+
+/// A chunk of rows: the first `len` are filled. Chunks go back to the tokeniser once read, so
+/// the records' buffers are reused rather than allocated for every row.
+struct Rows {
+    rows: Vec<Tokenised>,
+    len: usize,
+}
+
+/// Splits the file's rows into fields (the CSV layer: quoting, UTF-8, line numbers), a chunk at
+/// a time, for [`Reader::read_all`] to interpret on its own thread. Stops at the end of the
+/// file, after an I/O error, or when the reader stops taking chunks.
+fn tokenise(
+    mut csv: InputCsv,
+    to_reader: &std::sync::mpsc::SyncSender<Rows>,
+    spent: &std::sync::mpsc::Receiver<Rows>,
+) {
+    loop {
+        let mut chunk = spent.try_recv().unwrap_or_else(|_| Rows {
+            rows: Vec::with_capacity(ROWS_PER_CHUNK),
+            len: 0,
+        });
+        let mut end = false;
+        while chunk.len < ROWS_PER_CHUNK {
+            if chunk.len == chunk.rows.len() {
+                chunk.rows.push(Tokenised {
+                    line: 0,
+                    record: csv::StringRecord::new(),
+                    error: None,
+                });
+            }
+            let row = &mut chunk.rows[chunk.len];
+            row.line = csv.position().line() + u64::from(csv.position().line() == 0);
+            match csv.read_record(&mut row.record) {
+                Ok(false) => {
+                    end = true;
+                    break;
+                }
+                Ok(true) => row.error = None,
+                Err(err) => {
+                    end = matches!(err.kind(), csv::ErrorKind::Io(_));
+                    row.error = Some(err);
+                }
+            }
+            chunk.len += 1;
+            if end {
+                break;
+            }
+        }
+        if (chunk.len > 0 && to_reader.send(chunk).is_err()) || end {
+            return;
+        }
+    }
+}
 
 /// Opens a file for reading behind a progress bar: the reader, its header (without a byte
 /// order mark) and the bar.
@@ -585,7 +653,7 @@ fn open_input(
     })?;
     let len = handle.metadata().map(|m| m.len()).unwrap_or(0);
     let bar = progress_bar(len, progress, path);
-    let source: Box<dyn Read> = Box::new(bar.wrap_read(handle));
+    let source: Box<dyn Read + Send> = Box::new(bar.wrap_read(handle));
     let mut csv = csv::ReaderBuilder::new()
         .flexible(true)
         .buffer_capacity(1 << 20)
@@ -674,45 +742,66 @@ impl Reader {
     }
 
     /// Reads every row, sweeping the open orders every `sweep_rows` rows and closing the rest
-    /// at the end.
-    fn read_all(&mut self, csv: &mut InputCsv, sweep_rows: u64) -> Result<(), IngestError> {
-        let mut record = csv::StringRecord::new();
-        while !self.abandoned {
-            let line = csv.position().line() + u64::from(csv.position().line() == 0);
-            match csv.read_record(&mut record) {
-                Ok(false) => break,
-                Ok(true) => {
-                    self.report.rows += 1;
-                    self.row += 1;
-                    let line = record.position().map_or(line, |p| p.line());
-                    match self.row(&record, line) {
-                        Ok(()) => {}
-                        Err(RowError::Bad(reason)) => self.bad(line, reason)?,
-                        Err(RowError::AfterAsOf) => self.report.after_as_of += 1,
+    /// at the end. The rows are split into fields on a thread of their own (see [`tokenise`]).
+    fn read_all(&mut self, csv: InputCsv, sweep_rows: u64) -> Result<(), IngestError> {
+        std::thread::scope(|scope| -> Result<(), IngestError> {
+            let (to_reader, rows) = std::sync::mpsc::sync_channel::<Rows>(ROW_CHUNKS_WAITING);
+            let (to_tokeniser, spent) = std::sync::mpsc::channel::<Rows>();
+            std::thread::Builder::new()
+                .name("segmentd-csv".into())
+                .spawn_scoped(scope, move || tokenise(csv, &to_reader, &spent))
+                .map_err(|source| {
+                    IngestError::File(FileError::Io {
+                        path: self.path_text.clone(),
+                        source,
+                    })
+                })?;
+            // Returning stops the tokeniser: its next send fails once `rows` is dropped.
+            for mut chunk in rows {
+                for row in &mut chunk.rows[..chunk.len] {
+                    if self.abandoned {
+                        return Ok(());
                     }
-                    for (id, group) in std::mem::take(&mut self.ready) {
-                        self.flush(id, group.event);
-                    }
-                    if self.row - self.last_sweep >= sweep_rows {
-                        self.sweep(false);
-                    }
+                    self.take_row(row, sweep_rows)?;
                 }
-                Err(err) => {
-                    // A malformed row (bad quoting, invalid UTF-8) is one bad row, not the end.
-                    self.report.rows += 1;
-                    let line = err.position().map_or(line, |p| p.line());
-                    if matches!(err.kind(), csv::ErrorKind::Io(_)) {
-                        return Err(IngestError::File(FileError::Csv {
-                            path: self.path_text.clone(),
-                            source: err,
-                        }));
-                    }
-                    self.bad(line, format!("unreadable row: {err}"))?;
-                }
+                chunk.len = 0;
+                // The tokeniser may be done: the chunk is then not needed.
+                let _ = to_tokeniser.send(chunk);
             }
-        }
+            Ok(())
+        })?;
         self.sweep(true);
         self.hand_over();
+        Ok(())
+    }
+
+    /// Takes one row as the tokeniser read it (or failed to).
+    fn take_row(&mut self, row: &mut Tokenised, sweep_rows: u64) -> Result<(), IngestError> {
+        self.report.rows += 1;
+        if let Some(err) = row.error.take() {
+            let line = err.position().map_or(row.line, |p| p.line());
+            if matches!(err.kind(), csv::ErrorKind::Io(_)) {
+                return Err(IngestError::File(FileError::Csv {
+                    path: self.path_text.clone(),
+                    source: err,
+                }));
+            }
+            // A malformed row (bad quoting, invalid UTF-8) is one bad row, not the end.
+            return self.bad(line, format!("unreadable row: {err}"));
+        }
+        self.row += 1;
+        let line = row.record.position().map_or(row.line, |p| p.line());
+        match self.row(&row.record, line) {
+            Ok(()) => {}
+            Err(RowError::Bad(reason)) => self.bad(line, reason)?,
+            Err(RowError::AfterAsOf) => self.report.after_as_of += 1,
+        }
+        for (id, group) in std::mem::take(&mut self.ready) {
+            self.flush(id, group.event);
+        }
+        if self.row - self.last_sweep >= sweep_rows {
+            self.sweep(false);
+        }
         Ok(())
     }
 
@@ -1674,6 +1763,73 @@ mod tests {
         assert_eq!(pop.states()[0].opens, 1, "an identical row counts once");
         assert_eq!(r[0].duplicates, 1);
         assert_eq!(r[0].bad_rows, 1);
+    }
+
+    #[test]
+    fn rows_keep_their_lines_and_order_across_the_tokenisers_chunks() {
+        // More rows than three of the tokeniser's chunks, with unreadable rows (invalid UTF-8)
+        // and a bad row over two lines (a quoted line break) at and around the chunks' edges.
+        let header = "customer_id,event_time,channel,action\n";
+        let mut clean = header.as_bytes().to_vec();
+        let mut dirty = clean.clone();
+        let (mut line, mut bad_lines) = (1, Vec::new());
+        for i in 0..3 * ROWS_PER_CHUNK + 100 {
+            let row = format!(
+                "c{},2024-02-{:02} 10:{:02},email,open\n",
+                i % 211,
+                1 + i % 28,
+                i % 60
+            );
+            clean.extend_from_slice(row.as_bytes());
+            dirty.extend_from_slice(row.as_bytes());
+            line += 1;
+            if [
+                ROWS_PER_CHUNK - 2,
+                ROWS_PER_CHUNK - 1,
+                3 * ROWS_PER_CHUNK + 5,
+            ]
+            .contains(&i)
+            {
+                dirty.extend_from_slice(b"c\xff\xfe,2024-02-01 10:00,email,open\n");
+                line += 1;
+                bad_lines.push(line);
+            }
+            if i == 2 * ROWS_PER_CHUNK {
+                dirty.extend_from_slice(b"c9,2024-02-01 10:00,email,\"op\nen\"\n");
+                line += 1;
+                bad_lines.push(line);
+                line += 1;
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let read = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let file = InputFile {
+                kind: FileKind::Engagement,
+                path,
+                columns: ColumnMap::new(),
+            };
+            ingest(&[file], &StateParams::default(), &IngestOptions::default()).unwrap()
+        };
+        let (clean_pop, clean_reports) = read("clean.csv", &clean);
+        let (dirty_pop, dirty_reports) = read("dirty.csv", &dirty);
+        let (c, d) = (&clean_reports[0], &dirty_reports[0]);
+        assert_eq!(clean_pop.len(), 211);
+        assert_eq!(
+            dirty_pop.ids(),
+            clean_pop.ids(),
+            "customers in first-seen order"
+        );
+        assert_eq!(dirty_pop.states(), clean_pop.states());
+        let rows = 3 * ROWS_PER_CHUNK as u64 + 100;
+        assert_eq!((c.rows, c.events, c.bad_rows), (rows, rows, 0));
+        assert_eq!((d.rows, d.events, d.bad_rows), (c.rows + 4, c.events, 4));
+        let lines: Vec<u64> = d.examples.iter().map(|b| b.line).collect();
+        assert_eq!(lines, bad_lines);
+        let reasons: Vec<&str> = d.examples.iter().map(|b| b.reason.as_str()).collect();
+        assert!(reasons[0].starts_with("unreadable row"), "{reasons:?}");
+        assert!(reasons[2].starts_with("bad action"), "{reasons:?}");
     }
 
     #[test]
