@@ -56,6 +56,9 @@ pub const SWEEP_ROWS: u64 = 65_536;
 const CHUNK_ITEMS: usize = 4_096;
 const CHUNKS_WAITING: usize = 8;
 
+/// How many events ahead of the one it applies the applying thread prefetches states.
+const PREFETCH_AHEAD: usize = 8;
+
 /// Files parsed at once.
 const READERS_AT_ONCE: usize = 2;
 
@@ -238,6 +241,15 @@ impl Population {
         i
     }
 
+    /// Starts loading the state of the customer in `slot` into the CPU's caches, where
+    /// [`Population::apply`] will look first: a hint, which changes nothing else.
+    fn prefetch(&self, slot: usize) {
+        let state = &self.states[slot];
+        prefetch(state);
+        prefetch(&state.recent);
+        prefetch(&state.decayed);
+    }
+
     /// Applies one handed-over event to the state of the customer in `slot`.
     fn apply(&mut self, slot: usize, event: &Arrival, params: &StateParams) -> ApplyOutcome {
         let outcome =
@@ -310,6 +322,20 @@ enum Item {
     Event(Arrival),
     /// A bad row for the bad-rows file (the reader has counted it).
     Bad { line: u64, reason: String },
+}
+
+/// Asks the CPU to start loading the cache line that holds `value`.
+#[inline]
+fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint to the cache: it neither reads into the program nor faults,
+    // whatever the address, and this one is a live reference's.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(value).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
 }
 
 /// An event as a reader hands it over: its parts, with the customer given by the reader's
@@ -482,21 +508,28 @@ fn read_files(
             let mut slots: Vec<usize> = Vec::new();
             // Everything the reader sends is applied, even after a failure of the bad-rows
             // file, so the reader never blocks on a full channel.
-            for chunk in rx {
-                for item in chunk {
-                    match item {
-                        Item::Event(mut event) => {
+            for mut chunk in rx {
+                for i in 0..chunk.len() {
+                    // The state an event a few places on will touch is loaded meanwhile: the
+                    // states are far apart, and the loads would otherwise wait in turn.
+                    if let Some(Item::Event(ahead)) = chunk.get(i + PREFETCH_AHEAD) {
+                        if let Some(&slot) = slots.get(ahead.customer) {
+                            population.prefetch(slot);
+                        }
+                    }
+                    match &mut chunk[i] {
+                        Item::Event(event) => {
                             if let Some(id) = event.new_customer.take() {
                                 debug_assert_eq!(event.customer, slots.len());
                                 slots.push(population.slot(id));
                             }
-                            match population.apply(slots[event.customer], &event, params) {
+                            match population.apply(slots[event.customer], event, params) {
                                 ApplyOutcome::Applied => events += 1,
                                 ApplyOutcome::Duplicate => duplicates += 1,
                             }
                         }
                         Item::Bad { line, reason } if sink_error.is_none() => {
-                            sink_error = write_bad_row(bad_sink, &file.path, line, &reason).err();
+                            sink_error = write_bad_row(bad_sink, &file.path, *line, reason).err();
                         }
                         Item::Bad { .. } => {}
                     }
