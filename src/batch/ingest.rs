@@ -1,5 +1,6 @@
 //! Streaming CSV ingestion: files → typed events → per-customer state, in one pass per file,
-//! with memory bounded by the per-customer state plus the orders still open (below).
+//! with memory bounded by the per-customer state plus the orders still open (below) and each
+//! reader's map of its customers' numbers.
 //!
 //! Order lines are grouped into orders: lines of a customer with the same order id (or, without
 //! an order id column, the same timestamp — a basket) form one order event. Real exports are
@@ -22,8 +23,9 @@
 //! thread applies their events in file order, then in each file's own order, exactly as one
 //! thread reading the files one after the other would (the bad-rows file too). The stages share
 //! the cores; bounded channels keep what waits between them small. A reader hands an event over
-//! as its parts, with the customer by the reader's own number for it (see `Arrival`), so that
-//! the applying thread neither hashes customer ids nor frees strings another thread allocated.
+//! as its parts, with the customer by the reader's own number for it (see `Arrival`): no row
+//! allocates a customer id or an event id, and the applying thread hashes a customer's id once
+//! per file rather than once per event.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -56,7 +58,7 @@ pub const SWEEP_ROWS: u64 = 65_536;
 const CHUNK_ITEMS: usize = 4_096;
 const CHUNKS_WAITING: usize = 8;
 
-/// How many events ahead of the one it applies the applying thread prefetches states.
+/// How many items ahead of the one it applies the applying thread prefetches a state.
 const PREFETCH_AHEAD: usize = 8;
 
 /// Files parsed at once.
@@ -339,10 +341,10 @@ fn prefetch<T>(value: &T) {
 }
 
 /// An event as a reader hands it over: its parts, with the customer given by the reader's
-/// number for it (0, 1, 2… in the order of the customers' first events in the file). The
-/// customer's id travels only with its first event in the file and the event id only as its
-/// fingerprint, so for most events the applying thread neither hashes a string nor frees one
-/// that the reader allocated.
+/// number for it (0, 1, 2… in the order the reader hands the customers' first events over).
+/// The customer's id travels only with its first event in the file and the event id only as
+/// its fingerprint, so no row allocates either, and the applying thread hashes a customer's id
+/// once per file.
 struct Arrival {
     /// The reader's number for the customer.
     customer: usize,
@@ -454,8 +456,9 @@ pub(crate) fn progress_bar(len: u64, enabled: bool, path: &Path) -> ProgressBar 
     bar
 }
 
-/// Reads `files` into `population`: each file parsed on a thread of its own, every event
-/// applied here in file order (see the module docs). Returns each file's report.
+/// Reads `files` into `population`: each file split into fields and parsed on two threads of
+/// its own, every event applied here in file order (see the module docs). Returns each file's
+/// report.
 fn read_files(
     files: &[InputFile],
     params: &StateParams,
@@ -487,8 +490,8 @@ fn read_files(
                     })
                 })
         };
-        // The file being applied and the next one are parsed at once: two readers keep two
-        // cores busy, and more would only hold more memory.
+        // The file being applied and the next one are parsed at once: with the applying
+        // thread that keeps two cores busy, and more would only hold more memory.
         let mut readers = std::collections::VecDeque::new();
         let mut next = 0..files.len();
         let mut reports = Vec::with_capacity(files.len());
@@ -779,6 +782,7 @@ impl Reader {
     fn read_all(&mut self, csv: InputCsv, sweep_rows: u64) -> Result<(), IngestError> {
         std::thread::scope(|scope| -> Result<(), IngestError> {
             let (to_reader, rows) = std::sync::mpsc::sync_channel::<Rows>(ROW_CHUNKS_WAITING);
+            // Read chunks go back unbounded: no more exist than the bounded channel lets out.
             let (to_tokeniser, spent) = std::sync::mpsc::channel::<Rows>();
             std::thread::Builder::new()
                 .name("segmentd-csv".into())
