@@ -23,9 +23,10 @@
 //! thread applies their events in file order, then in each file's own order, exactly as one
 //! thread reading the files one after the other would (the bad-rows file too). The stages share
 //! the cores; bounded channels keep what waits between them small. A reader hands an event over
-//! as its parts, with the customer by the reader's own number for it (see `Arrival`): no row
-//! allocates a customer id or an event id, and the applying thread hashes a customer's id once
-//! per file rather than once per event.
+//! as its parts, with the customer by the reader's own number for it (see `Arrival`): a
+//! single-row event allocates no customer id or event id (an order still builds both once, when
+//! its first line opens it), and the applying thread hashes a customer's id once per file rather
+//! than once per event.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -343,8 +344,8 @@ fn prefetch<T>(value: &T) {
 /// An event as a reader hands it over: its parts, with the customer given by the reader's
 /// number for it (0, 1, 2… in the order the reader hands the customers' first events over).
 /// The customer's id travels only with its first event in the file and the event id only as
-/// its fingerprint, so no row allocates either, and the applying thread hashes a customer's id
-/// once per file.
+/// its fingerprint, so a single-row event allocates neither, and the applying thread hashes a
+/// customer's id once per file.
 struct Arrival {
     /// The reader's number for the customer.
     customer: usize,
