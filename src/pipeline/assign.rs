@@ -203,8 +203,6 @@ pub fn published_record(
     }
 }
 
-/// Whether any membership of an axis moved by more than `epsilon` (memberships are stored
-/// as 0..=65535).
 /// Whether `assignment` leaves what was published under this very version as it is: every
 /// axis on its published segment, every membership within `epsilon`. The common case (most
 /// events and most aging assessments publish nothing), decided without building the axes
@@ -223,15 +221,8 @@ fn unchanged(
     else {
         return false;
     };
-    snapshot.axes().iter().enumerate().all(|(a, axis)| {
-        let Some(before) = published.axes.iter().find(|x| x.axis == axis.model.axis) else {
-            return false;
-        };
-        let segment = assignment.axes[a].segment;
-        if before.segment != segment.map(|s| axis.model.segments[s].id) {
-            return false;
-        }
-        let now: &[f64] = if segment.is_some() {
+    on_published_segments(snapshot, assignment, published, |a, before| {
+        let now: &[f64] = if assignment.axes[a].segment.is_some() {
             assignment.memberships(assigner, a)
         } else {
             &[]
@@ -239,6 +230,29 @@ fn unchanged(
         before.memberships.len() == now.len()
             && before.memberships.iter().zip(now).all(|(old, &new)| {
                 (f64::from(*old) - f64::from(quantise(new))).abs() / 65_535.0 <= epsilon
+            })
+    })
+}
+
+/// Whether every axis of `snapshot` is on the segment `published` records for it (by id),
+/// and `also` holds for it (the axis's index and what was published of it).
+fn on_published_segments(
+    snapshot: &ValidSnapshot,
+    assignment: &Assignment,
+    published: &Published,
+    mut also: impl FnMut(usize, &PublishedAxis) -> bool,
+) -> bool {
+    snapshot.axes().iter().enumerate().all(|(a, axis)| {
+        published
+            .axes
+            .iter()
+            .find(|x| x.axis == axis.model.axis)
+            .is_some_and(|before| {
+                before.segment
+                    == assignment.axes[a]
+                        .segment
+                        .map(|s| axis.model.segments[s].id)
+                    && also(a, before)
             })
     })
 }
@@ -264,20 +278,11 @@ pub(crate) fn unchanged_across_swap(
     else {
         return false;
     };
-    snapshot.axes().iter().enumerate().all(|(a, axis)| {
-        published
-            .axes
-            .iter()
-            .find(|x| x.axis == axis.model.axis)
-            .is_some_and(|before| {
-                before.segment
-                    == assignment.axes[a]
-                        .segment
-                        .map(|s| axis.model.segments[s].id)
-            })
-    })
+    on_published_segments(snapshot, assignment, published, |_, _| true)
 }
 
+/// Whether any membership of an axis moved by more than `epsilon` (memberships are stored
+/// as 0..=65535).
 fn memberships_moved(before: &PublishedAxis, now: &PublishedAxis, epsilon: f64) -> bool {
     before.memberships.len() != now.memberships.len()
         || before
