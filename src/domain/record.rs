@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::features::Axis;
-use super::state::{CustomerState, StateCodecError};
+use super::state::{encode_versioned, CustomerState, StateCodecError};
 use super::time::EventTime;
 
 /// Version byte of an encoded [`CustomerRecord`]. Version 1 had no `as_of`, version 2 no
@@ -103,7 +103,7 @@ impl CustomerRecord {
 
     /// A version byte, then postcard.
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_extend(self, vec![RECORD_CODEC_VERSION]).unwrap_or_default()
+        encode_versioned(RECORD_CODEC_VERSION, self)
     }
 
     /// Reads [`CustomerRecord::encode`]'s output.

@@ -519,12 +519,7 @@ impl CustomerState {
 
     /// Serializes the state: a version byte, then the postcard encoding.
     pub fn encode(&self) -> Vec<u8> {
-        let out = vec![STATE_CODEC_VERSION];
-        // postcard only fails on writer errors; a Vec writer cannot fail.
-        match postcard::to_extend(self, out) {
-            Ok(bytes) => bytes,
-            Err(_) => vec![STATE_CODEC_VERSION],
-        }
+        encode_versioned(STATE_CODEC_VERSION, self)
     }
 
     /// Reads a state written by [`CustomerState::encode`].
@@ -535,6 +530,28 @@ impl CustomerState {
         }
         Ok(postcard::from_bytes(body)?)
     }
+}
+
+/// A version byte, then `value`'s postcard encoding, in a vector of exactly that length.
+///
+/// The encoding is written into a scratch buffer kept per thread and copied out once. Encoding
+/// straight into a fresh vector grows it from one byte through every power of two up to the
+/// record's size (about nine reallocations and copies for a 433-byte state), and every event
+/// encodes its customer's record.
+pub(crate) fn encode_versioned<T: Serialize + ?Sized>(version: u8, value: &T) -> Vec<u8> {
+    thread_local! {
+        static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    SCRATCH.with(|scratch| {
+        let mut buffer = scratch.take();
+        buffer.clear();
+        buffer.push(version);
+        // postcard only fails on writer errors; a Vec writer cannot fail.
+        let buffer = postcard::to_extend(value, buffer).unwrap_or_else(|_| vec![version]);
+        let bytes = buffer.clone();
+        scratch.set(buffer);
+        bytes
+    })
 }
 
 /// `2^(-dt/h)`.
