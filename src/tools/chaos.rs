@@ -43,6 +43,8 @@ use crate::io::snapshot_file;
 use crate::io::store::{RocksStore, StateStore, StoreConfig};
 use crate::synth::{Shop, ShopParams};
 
+use super::{http_get, metric};
+
 /// `segmentd chaos`.
 #[derive(Debug, Clone, Args)]
 pub struct ChaosArgs {
@@ -592,11 +594,7 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()?;
-        let metrics = http_get(&address, "/metrics").ok()?;
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
+        metric(&http_get(&address, "/metrics").ok()?, name)
     }
 
     /// Waits until the daemon owns `partitions` partitions, every one restored.
@@ -626,11 +624,7 @@ impl Daemon {
             let address = self.http.lock().unwrap_or_else(|e| e.into_inner()).clone();
             if let Some(address) = address {
                 if let Ok(metrics) = http_get(&address, "/metrics") {
-                    let open = metrics
-                        .lines()
-                        .find_map(|l| l.strip_prefix("segmentd_aging_open_boundaries "))
-                        .and_then(|v| v.trim().parse::<f64>().ok());
-                    if open == Some(0.0) {
+                    if metric(&metrics, "segmentd_aging_open_boundaries") == Some(0.0) {
                         return Ok(());
                     }
                 }
@@ -1028,23 +1022,6 @@ fn report(args: &ChaosArgs, verdict: &Verdict, replays: &Replays, took: Duration
             "DIFFERENT"
         }
     );
-}
-
-/// A plain HTTP/1.1 GET of `path` on `address`; the response body.
-fn http_get(address: &str, path: &str) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut stream = std::net::TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default())
 }
 
 #[cfg(test)]
