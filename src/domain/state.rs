@@ -797,6 +797,30 @@ mod tests {
         assert_eq!(s.decayed.contacts, 2.0);
     }
 
+    /// The scratch buffer behind `encode` is reused: consecutive encodings on one thread give
+    /// exactly the bytes of encoding each into a fresh vector, with nothing of the one before.
+    #[test]
+    fn encodings_on_one_thread_do_not_share_bytes() {
+        let p = StateParams::default();
+        let mut big = CustomerState::default();
+        for o in 0..20i64 {
+            big.apply(
+                &order(
+                    &format!("o{o}"),
+                    T0 + o * DAY,
+                    &[(2.0, 9.5, None, "cat", "prod")],
+                ),
+                &p,
+            );
+        }
+        let small = CustomerState::default();
+        for state in [&big, &small, &big] {
+            let fresh = postcard::to_extend(state, vec![STATE_CODEC_VERSION]).unwrap();
+            assert_eq!(state.encode(), fresh);
+        }
+        assert!(small.encode().len() < big.encode().len());
+    }
+
     /// A customer with every kind of data and a lot of it: 300 orders of 5 lines over two
     /// years, 1,000 distinct products in 150 categories, returns, contacts, and opt-outs on
     /// every channel. Its encoded state must stay within the 512-byte budget.
