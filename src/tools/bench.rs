@@ -652,16 +652,9 @@ async fn owns_every_partition(http: &str, partitions: i32) -> anyhow::Result<Ins
     loop {
         let gauges = {
             let http = http.to_owned();
-            tokio::task::spawn_blocking(move || {
-                let metrics = super::http_get(&http, "/metrics").ok()?;
-                Some((
-                    super::metric(&metrics, "segmentd_partitions_owned")?,
-                    super::metric(&metrics, "segmentd_partitions_restoring")?,
-                ))
-            })
-            .await?
+            tokio::task::spawn_blocking(move || super::partitions_held(&http)).await?
         };
-        if gauges == Some((f64::from(partitions), 0.0)) {
+        if super::holds_every_partition(gauges, partitions) {
             return Ok(Instant::now());
         }
         if gauges != last.0 {

@@ -43,7 +43,7 @@ use crate::io::snapshot_file;
 use crate::io::store::{RocksStore, StateStore, StoreConfig};
 use crate::synth::{Shop, ShopParams};
 
-use super::{http_get, metric};
+use super::{holds_every_partition, http_get, metric, partitions_held};
 
 /// `segmentd chaos`.
 #[derive(Debug, Clone, Args)]
@@ -587,29 +587,19 @@ impl Daemon {
         })
     }
 
-    /// A gauge from the daemon's metrics endpoint.
-    fn gauge(&self, name: &str) -> Option<f64> {
-        let address = self
-            .http
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()?;
-        metric(&http_get(&address, "/metrics").ok()?, name)
-    }
-
     /// Waits until the daemon owns `partitions` partitions, every one restored.
     fn wait_owning(&self, partitions: i32, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let owned = self.gauge("segmentd_partitions_owned");
-            let restoring = self.gauge("segmentd_partitions_restoring");
-            if owned == Some(f64::from(partitions)) && restoring == Some(0.0) {
+            let address = self.http.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let held = address.and_then(|address| partitions_held(&address));
+            if holds_every_partition(held, partitions) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(self.process.failure(&format!(
-                    "did not come to own all {partitions} partitions (owns {owned:?}, \
-                     restoring {restoring:?})"
+                    "did not come to own all {partitions} partitions (owned and restoring: \
+                     {held:?})"
                 )));
             }
             std::thread::sleep(Duration::from_millis(200));
