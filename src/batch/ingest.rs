@@ -414,7 +414,7 @@ struct Reader {
     /// does not fault in fresh pages for a list of tens of thousands of groups.
     closing: Vec<(u64, GroupId)>,
     /// This reader's number for each customer seen in the file (see [`Arrival`]).
-    customers: FxHashMap<Box<str>, usize>,
+    customers: CustomerNumbers,
     /// Where an event id is written out to be fingerprinted, reused from row to row.
     id_text: String,
     /// Order lines read.
@@ -432,6 +432,135 @@ struct Reader {
     row: u64,
     last_sweep: u64,
     window: i64,
+}
+
+/// A reader's number for each customer it has seen, by id: an open-addressing table, so that
+/// the reader can start loading the slot of a row's customer a few rows ahead
+/// ([`CustomerNumbers::prefetch`]). On a large shop the table is far bigger than the CPU's
+/// caches and every customer is somewhere else in it, so each lookup would otherwise wait on
+/// memory. An id of up to [`SHORT_ID_MAX`] bytes (nearly every real one) is held in its slot
+/// itself, so the lookup compares bytes that arrived with the slot; longer ids go to a map of
+/// their own.
+struct CustomerNumbers {
+    /// Linear probing, at most half full; the length is a power of two.
+    slots: Vec<Slot>,
+    short: usize,
+    long: FxHashMap<Box<str>, usize>,
+}
+
+/// A slot of [`CustomerNumbers`]: a short id (its length, its bytes, then zeros) and its
+/// number plus one (0: the slot is empty). 32 bytes, so a slot never straddles two cache
+/// lines.
+#[derive(Clone, Copy)]
+struct Slot {
+    id: ShortId,
+    number: u32,
+}
+
+type ShortId = [u8; SHORT_ID_MAX + 1];
+const SHORT_ID_MAX: usize = 27;
+
+/// Slots of a new table.
+const FIRST_SLOTS: usize = 1 << 12;
+
+impl Default for CustomerNumbers {
+    fn default() -> Self {
+        Self {
+            slots: vec![
+                Slot {
+                    id: [0; SHORT_ID_MAX + 1],
+                    number: 0,
+                };
+                FIRST_SLOTS
+            ],
+            short: 0,
+            long: FxHashMap::default(),
+        }
+    }
+}
+
+impl CustomerNumbers {
+    fn short_id(id: &str) -> Option<ShortId> {
+        let bytes = id.as_bytes();
+        let len = u8::try_from(bytes.len())
+            .ok()
+            .filter(|&l| usize::from(l) <= SHORT_ID_MAX)?;
+        let mut key = [0; SHORT_ID_MAX + 1];
+        key[0] = len;
+        key[1..=bytes.len()].copy_from_slice(bytes);
+        Some(key)
+    }
+
+    /// Where the search for `key` starts.
+    fn home(&self, key: &ShortId) -> usize {
+        // The table's length is a power of two; the hash's low bits pick the slot.
+        (xxhash_rust::xxh3::xxh3_64(key) as usize) & (self.slots.len() - 1)
+    }
+
+    /// The slot holding `key`, or the empty slot where it would go.
+    fn find(&self, key: &ShortId) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut at = self.home(key);
+        loop {
+            let slot = &self.slots[at];
+            if slot.number == 0 || slot.id == *key {
+                return at;
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    /// Starts loading the slot where a lookup of `id` begins: a hint, which changes nothing.
+    fn prefetch(&self, id: &str) {
+        if let Some(key) = Self::short_id(id) {
+            prefetch(&self.slots[self.home(&key)]);
+        }
+    }
+
+    /// The number of customer `id`, if seen.
+    fn get(&self, id: &str) -> Option<usize> {
+        match Self::short_id(id) {
+            Some(key) => {
+                let number = self.slots[self.find(&key)].number;
+                (number > 0).then(|| number as usize - 1)
+            }
+            None => self.long.get(id).copied(),
+        }
+    }
+
+    /// Numbers customer `id` (not seen before) with the next number, and returns it.
+    fn insert(&mut self, id: &str) -> usize {
+        let number = self.short + self.long.len();
+        let Some(key) = Self::short_id(id) else {
+            self.long.insert(id.into(), number);
+            return number;
+        };
+        if 2 * (self.short + 1) > self.slots.len() {
+            self.grow();
+        }
+        let at = self.find(&key);
+        self.slots[at] = Slot {
+            id: key,
+            // A reader numbers fewer customers than a u32 holds: each took a row.
+            number: u32::try_from(number + 1).unwrap_or(u32::MAX),
+        };
+        self.short += 1;
+        number
+    }
+
+    /// Doubles the table, placing every id again.
+    fn grow(&mut self) {
+        let empty = Slot {
+            id: [0; SHORT_ID_MAX + 1],
+            number: 0,
+        };
+        let doubled = vec![empty; self.slots.len() * 2];
+        let old = std::mem::replace(&mut self.slots, doubled);
+        for slot in old.into_iter().filter(|s| s.number > 0) {
+            let at = self.find(&slot.id);
+            self.slots[at] = slot;
+        }
+    }
 }
 
 /// An order group: whether it holds returns, and a hash of the customer id and order key.
@@ -777,7 +906,7 @@ impl Reader {
             ready: Vec::new(),
             closed: rustc_hash::FxHashSet::default(),
             closing: Vec::new(),
-            customers: FxHashMap::default(),
+            customers: CustomerNumbers::default(),
             id_text: String::new(),
             order_lines: 0,
             out: Vec::with_capacity(CHUNK_ITEMS),
@@ -809,12 +938,24 @@ impl Reader {
                     })
                 })?;
             // Returning stops the tokeniser: its next send fails once `rows` is dropped.
+            // A row of a single-row event looks its customer up at once (an order line joins
+            // an open order instead): the customer's slot starts loading a few rows ahead.
+            let ahead = if self.kind == FileKind::Orders {
+                usize::MAX
+            } else {
+                PREFETCH_AHEAD
+            };
             for mut chunk in rows {
-                for row in &mut chunk.rows[..chunk.len] {
+                for k in 0..chunk.len {
                     if self.abandoned {
                         return Ok(());
                     }
-                    self.take_row(row, sweep_rows)?;
+                    if let Some(next) = chunk.rows[..chunk.len].get(k.saturating_add(ahead)) {
+                        if let Some(id) = self.text(&next.record, Field::CustomerId) {
+                            self.customers.prefetch(id);
+                        }
+                    }
+                    self.take_row(&mut chunk.rows[k], sweep_rows)?;
                 }
                 chunk.len = 0;
                 // The tokeniser may be done: the chunk is then not needed.
@@ -960,12 +1101,10 @@ impl Reader {
         (id_hash, event_time, body): (u64, EventTime, EventBody),
     ) -> Result<(), E> {
         let (customer, new_customer) = match self.customers.get(customer) {
-            Some(&number) => (number, None),
+            Some(number) => (number, None),
             None => {
                 let id = id()?;
-                let number = self.customers.len();
-                self.customers.insert(customer.into(), number);
-                (number, Some(id))
+                (self.customers.insert(customer), Some(id))
             }
         };
         self.send(Item::Event(Arrival {
@@ -1903,5 +2042,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("\"total\""), "{err}");
+    }
+
+    #[test]
+    fn customers_are_numbered_in_first_seen_order_whatever_their_id_length() {
+        let mut numbers = CustomerNumbers::default();
+        let at_limit = "x".repeat(SHORT_ID_MAX);
+        let past_limit = "x".repeat(SHORT_ID_MAX + 1);
+        let ids = [
+            "a",
+            "ab",
+            at_limit.as_str(),
+            past_limit.as_str(),
+            "b",
+            "a\u{0}",
+        ];
+        for (expected, id) in ids.iter().enumerate() {
+            assert_eq!(numbers.get(id), None, "{id:?} is new");
+            assert_eq!(numbers.insert(id), expected);
+        }
+        for (expected, id) in ids.iter().enumerate() {
+            assert_eq!(numbers.get(id), Some(expected), "{id:?}");
+        }
+        assert_eq!(numbers.get("x"), None);
+        assert_eq!(numbers.get(&"x".repeat(SHORT_ID_MAX + 2)), None);
+        assert_eq!(numbers.long.len(), 1, "only the id past the limit is boxed");
     }
 }
