@@ -211,13 +211,7 @@ impl ValidKMeansParams {
                 // and no restart's draws depend on another's or on scheduling.
                 let mut rng = ChaCha8Rng::seed_from_u64(self.seed());
                 rng.set_stream(restart as u64);
-                match d {
-                    1 => run_once::<1>(flat, weights, d, k, self.max_iter(), tol_abs, &mut rng),
-                    2 => run_once::<2>(flat, weights, d, k, self.max_iter(), tol_abs, &mut rng),
-                    3 => run_once::<3>(flat, weights, d, k, self.max_iter(), tol_abs, &mut rng),
-                    4 => run_once::<4>(flat, weights, d, k, self.max_iter(), tol_abs, &mut rng),
-                    _ => run_once::<0>(flat, weights, d, k, self.max_iter(), tol_abs, &mut rng),
-                }
+                run_widest(flat, weights, d, k, (self.max_iter(), tol_abs), &mut rng)
             })
             .collect();
 
@@ -337,7 +331,58 @@ fn sq_dist<const D: usize>(a: &[f64], b: &[f64]) -> f64 {
     }
 }
 
+/// [`run_once`] for the data's dimension, with the CPU's widest vectors: on x86-64, AVX2 where
+/// the CPU has it. The result is the same bits either way: the same IEEE operations run in the
+/// same order, only more of them at once.
+fn run_widest(
+    data: &[f64],
+    weights: &[f64],
+    d: usize,
+    k: usize,
+    limits: (usize, f64),
+    rng: &mut ChaCha8Rng,
+) -> Run {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { run_avx2(data, weights, d, k, limits, rng) };
+    }
+    run_by_dimension(data, weights, d, k, limits, rng)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn run_avx2(
+    data: &[f64],
+    weights: &[f64],
+    d: usize,
+    k: usize,
+    limits: (usize, f64),
+    rng: &mut ChaCha8Rng,
+) -> Run {
+    run_by_dimension(data, weights, d, k, limits, rng)
+}
+
+#[inline(always)]
+fn run_by_dimension(
+    data: &[f64],
+    weights: &[f64],
+    d: usize,
+    k: usize,
+    (max_iter, tol): (usize, f64),
+    rng: &mut ChaCha8Rng,
+) -> Run {
+    match d {
+        1 => run_once::<1>(data, weights, d, k, max_iter, tol, rng),
+        2 => run_once::<2>(data, weights, d, k, max_iter, tol, rng),
+        3 => run_once::<3>(data, weights, d, k, max_iter, tol, rng),
+        4 => run_once::<4>(data, weights, d, k, max_iter, tol, rng),
+        _ => run_once::<0>(data, weights, d, k, max_iter, tol, rng),
+    }
+}
+
 /// One k-means++ initialisation followed by Lloyd iterations, as sklearn's `_kmeans_single_lloyd`.
+#[inline(always)]
 fn run_once<const D: usize>(
     data: &[f64],
     weights: &[f64],
@@ -504,6 +549,7 @@ fn unrolled_sum(v: &[f64]) -> f64 {
 /// per-cluster coordinate sums and counts needed for the next update. Returns the inertia and
 /// whether any label changed.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn assign<const D: usize>(
     data: &[f64],
     weights: &[f64],
@@ -895,6 +941,27 @@ mod tests {
         });
         let f = fit(data.view(), 2);
         assert_eq!(f.sizes(), vec![20, 20]);
+    }
+
+    #[test]
+    fn the_widest_vectors_give_the_same_bits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for (n, d, k) in [(301, 1, 3), (402, 2, 4), (503, 3, 5), (250, 4, 2), (199, 6, 3)] {
+            let data: Vec<f64> = (0..n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let weights: Vec<f64> = (0..n).map(|_| rng.random_range(0.5..3.0)).collect();
+            let tol = 1e-4 * mean_feature_variance(&data, d);
+            let run = |widest: bool| {
+                let mut rng = ChaCha8Rng::seed_from_u64(1);
+                let run = if widest {
+                    run_widest(&data, &weights, d, k, (300, tol), &mut rng)
+                } else {
+                    run_by_dimension(&data, &weights, d, k, (300, tol), &mut rng)
+                };
+                let bits: Vec<u64> = run.centroids.iter().map(|c| c.to_bits()).collect();
+                (bits, run.labels, run.inertia.to_bits(), run.n_iter)
+            };
+            assert_eq!(run(true), run(false), "n {n}, d {d}, k {k}");
+        }
     }
 
     #[test]
