@@ -439,7 +439,7 @@ struct Reader {
 /// ([`CustomerNumbers::prefetch`]). On a large shop the table is far bigger than the CPU's
 /// caches and every customer is somewhere else in it, so each lookup would otherwise wait on
 /// memory. An id of up to [`SHORT_ID_MAX`] bytes (nearly every real one) is held in its slot
-/// itself, so the lookup compares bytes that arrived with the slot; longer ids go to a map of
+/// itself, so the lookup compares words that arrived with the slot; longer ids go to a map of
 /// their own.
 struct CustomerNumbers {
     /// Linear probing, at most half full; the length is a power of two.
@@ -448,17 +448,15 @@ struct CustomerNumbers {
     long: FxHashMap<Box<str>, usize>,
 }
 
-/// A slot of [`CustomerNumbers`]: a short id (its length, its bytes, then zeros) and its
-/// number plus one (0: the slot is empty). 32 bytes, so a slot never straddles two cache
-/// lines.
-#[derive(Clone, Copy)]
-struct Slot {
-    id: ShortId,
-    number: u32,
-}
-
-type ShortId = [u8; SHORT_ID_MAX + 1];
+/// A slot of [`CustomerNumbers`], 32 bytes, so that it never straddles two cache lines: a short
+/// id (its length, its bytes, then zeros: [`SHORT_ID_MAX`] + 1 bytes, little-endian in the
+/// words), and in the last word's top half the customer's number plus one (0: the slot is
+/// empty). Plain words, so a new table is allocated zeroed, as fresh pages already are, rather
+/// than written.
+type Slot = [u64; 4];
 const SHORT_ID_MAX: usize = 27;
+/// The last word's bits that hold id bytes.
+const ID_BITS_OF_LAST: u64 = u32::MAX as u64;
 
 /// Slots of a new table.
 const FIRST_SLOTS: usize = 1 << 12;
@@ -466,13 +464,7 @@ const FIRST_SLOTS: usize = 1 << 12;
 impl Default for CustomerNumbers {
     fn default() -> Self {
         Self {
-            slots: vec![
-                Slot {
-                    id: [0; SHORT_ID_MAX + 1],
-                    number: 0,
-                };
-                FIRST_SLOTS
-            ],
+            slots: vec![[0; 4]; FIRST_SLOTS],
             short: 0,
             long: FxHashMap::default(),
         }
@@ -480,30 +472,43 @@ impl Default for CustomerNumbers {
 }
 
 impl CustomerNumbers {
-    fn short_id(id: &str) -> Option<ShortId> {
+    /// The slot words of a short id, with no number.
+    fn short_id(id: &str) -> Option<Slot> {
         let bytes = id.as_bytes();
         let len = u8::try_from(bytes.len())
             .ok()
             .filter(|&l| usize::from(l) <= SHORT_ID_MAX)?;
-        let mut key = [0; SHORT_ID_MAX + 1];
-        key[0] = len;
-        key[1..=bytes.len()].copy_from_slice(bytes);
+        let mut text = [0u8; 32];
+        text[0] = len;
+        text[1..=bytes.len()].copy_from_slice(bytes);
+        let mut key = [0; 4];
+        for (word, eight) in key.iter_mut().zip(text.chunks_exact(8)) {
+            let mut b = [0; 8];
+            b.copy_from_slice(eight);
+            *word = u64::from_le_bytes(b);
+        }
         Some(key)
     }
 
     /// Where the search for `key` starts.
-    fn home(&self, key: &ShortId) -> usize {
+    fn home(&self, key: &Slot) -> usize {
+        let mut bytes = [0; 32];
+        for (eight, word) in bytes.chunks_exact_mut(8).zip(key) {
+            eight.copy_from_slice(&word.to_le_bytes());
+        }
         // The table's length is a power of two; the hash's low bits pick the slot.
-        (xxhash_rust::xxh3::xxh3_64(key) as usize) & (self.slots.len() - 1)
+        (xxhash_rust::xxh3::xxh3_64(&bytes) as usize) & (self.slots.len() - 1)
     }
 
     /// The slot holding `key`, or the empty slot where it would go.
-    fn find(&self, key: &ShortId) -> usize {
+    fn find(&self, key: &Slot) -> usize {
         let mask = self.slots.len() - 1;
         let mut at = self.home(key);
         loop {
             let slot = &self.slots[at];
-            if slot.number == 0 || slot.id == *key {
+            if number_in(slot) == 0
+                || (slot[..3] == key[..3] && slot[3] & ID_BITS_OF_LAST == key[3])
+            {
                 return at;
             }
             at = (at + 1) & mask;
@@ -521,7 +526,7 @@ impl CustomerNumbers {
     fn get(&self, id: &str) -> Option<usize> {
         match Self::short_id(id) {
             Some(key) => {
-                let number = self.slots[self.find(&key)].number;
+                let number = number_in(&self.slots[self.find(&key)]);
                 (number > 0).then(|| number as usize - 1)
             }
             None => self.long.get(id).copied(),
@@ -531,7 +536,7 @@ impl CustomerNumbers {
     /// Numbers customer `id` (not seen before) with the next number, and returns it.
     fn insert(&mut self, id: &str) -> usize {
         let number = self.short + self.long.len();
-        let Some(key) = Self::short_id(id) else {
+        let Some(mut key) = Self::short_id(id) else {
             self.long.insert(id.into(), number);
             return number;
         };
@@ -539,28 +544,30 @@ impl CustomerNumbers {
             self.grow();
         }
         let at = self.find(&key);
-        self.slots[at] = Slot {
-            id: key,
-            // A reader numbers fewer customers than a u32 holds: each took a row.
-            number: u32::try_from(number + 1).unwrap_or(u32::MAX),
-        };
+        // A reader numbers fewer customers than a u32 holds: each took a row.
+        let stored = u32::try_from(number + 1).unwrap_or(u32::MAX);
+        key[3] |= u64::from(stored) << 32;
+        self.slots[at] = key;
         self.short += 1;
         number
     }
 
     /// Doubles the table, placing every id again.
     fn grow(&mut self) {
-        let empty = Slot {
-            id: [0; SHORT_ID_MAX + 1],
-            number: 0,
-        };
-        let doubled = vec![empty; self.slots.len() * 2];
+        let doubled = vec![[0; 4]; self.slots.len() * 2];
         let old = std::mem::replace(&mut self.slots, doubled);
-        for slot in old.into_iter().filter(|s| s.number > 0) {
-            let at = self.find(&slot.id);
+        for slot in old.into_iter().filter(|s| number_in(s) > 0) {
+            let mut key = slot;
+            key[3] &= ID_BITS_OF_LAST;
+            let at = self.find(&key);
             self.slots[at] = slot;
         }
     }
+}
+
+/// The number plus one a slot holds (0: empty).
+fn number_in(slot: &Slot) -> u32 {
+    (slot[3] >> 32) as u32
 }
 
 /// An order group: whether it holds returns, and a hash of the customer id and order key.
