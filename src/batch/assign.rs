@@ -313,12 +313,12 @@ impl Layout {
         let mut line = String::with_capacity(512);
         push_csv_field(&mut line, id.as_str());
         line.push(',');
-        line.push_str(&self.version.to_string());
+        line.push_str(itoa::Buffer::new().format(self.version));
         for (i, axis) in self.axes.iter().enumerate() {
             match a.axes[i].segment {
                 Some(s) => {
                     line.push(',');
-                    line.push_str(&axis.segment_ids[s].to_string());
+                    line.push_str(itoa::Buffer::new().format(axis.segment_ids[s]));
                     line.push(',');
                     push_csv_field(&mut line, &axis.segment_names[s]);
                     for m in a.memberships(assigner, i) {
@@ -419,7 +419,13 @@ fn push_fixed4(line: &mut String, x: f64) {
     if x.is_sign_negative() {
         line.push('-');
     }
-    let _ = write!(line, "{}.{:04}", units / 10_000, units % 10_000);
+    let fraction = units % 10_000;
+    line.push_str(itoa::Buffer::new().format(units / 10_000));
+    line.push('.');
+    for digit in [fraction / 1000, fraction / 100 % 10, fraction / 10 % 10, fraction % 10] {
+        // A decimal digit, 0 to 9.
+        line.push(char::from(b'0' + digit as u8));
+    }
 }
 
 fn push_csv_field(line: &mut String, text: &str) {
