@@ -1290,8 +1290,9 @@ impl Reader {
         let order_id = self.text(record, Field::OrderId);
         let key = order_id.unwrap_or(raw_time);
         let id = group_id(false, customer, key);
-        self.check_open(id, || format!("order:{key}"), customer, event_time)?;
-        // A further line of an open order joins it: nothing else of the row is kept.
+        // A further line of an open order joins it: nothing else of the row is kept. An open
+        // order is not a closed one, so only a line that opens an order is checked against
+        // the closed ones (most lines join).
         if let Some(open) = self.open.get_mut(&id) {
             if open.key == key && open.event.customer_id.as_str() == customer {
                 if let EventBody::Order(order) = &mut open.event.body {
@@ -1301,10 +1302,12 @@ impl Reader {
                     open.last_row = self.row;
                     self.order_lines += 1;
                     self.report.zero_quantity_as_one += u64::from(zero_as_one);
+                    self.watermark = self.watermark.max(event_time.unix());
                     return Ok(());
                 }
             }
         }
+        self.check_open(id, || format!("order:{key}"), customer, event_time)?;
         let event = Event {
             event_id: format!("order:{key}"),
             customer_id: owned_id(customer)?,
