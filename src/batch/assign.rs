@@ -422,7 +422,12 @@ fn push_fixed4(line: &mut String, x: f64) {
     let fraction = units % 10_000;
     line.push_str(itoa::Buffer::new().format(units / 10_000));
     line.push('.');
-    for digit in [fraction / 1000, fraction / 100 % 10, fraction / 10 % 10, fraction % 10] {
+    for digit in [
+        fraction / 1000,
+        fraction / 100 % 10,
+        fraction / 10 % 10,
+        fraction % 10,
+    ] {
         // A decimal digit, 0 to 9.
         line.push(char::from(b'0' + digit as u8));
     }

@@ -946,7 +946,13 @@ mod tests {
     #[test]
     fn the_widest_vectors_give_the_same_bits() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
-        for (n, d, k) in [(301, 1, 3), (402, 2, 4), (503, 3, 5), (250, 4, 2), (199, 6, 3)] {
+        for (n, d, k) in [
+            (301, 1, 3),
+            (402, 2, 4),
+            (503, 3, 5),
+            (250, 4, 2),
+            (199, 6, 3),
+        ] {
             let data: Vec<f64> = (0..n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
             let weights: Vec<f64> = (0..n).map(|_| rng.random_range(0.5..3.0)).collect();
             let tol = 1e-4 * mean_feature_variance(&data, d);
