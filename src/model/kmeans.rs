@@ -211,7 +211,15 @@ impl ValidKMeansParams {
                 // and no restart's draws depend on another's or on scheduling.
                 let mut rng = ChaCha8Rng::seed_from_u64(self.seed());
                 rng.set_stream(restart as u64);
-                run_widest(flat, weights, d, k, (self.max_iter(), tol_abs), &mut rng)
+                let job = Restart {
+                    data: flat,
+                    weights,
+                    d,
+                    k,
+                    max_iter: self.max_iter(),
+                    tol: tol_abs,
+                };
+                run_widest(&job, &mut rng)
             })
             .collect();
 
@@ -331,47 +339,45 @@ fn sq_dist<const D: usize>(a: &[f64], b: &[f64]) -> f64 {
     }
 }
 
+/// What one restart works on: row-major points of `d` columns, their weights, k, and the
+/// iteration limits.
+struct Restart<'a> {
+    data: &'a [f64],
+    weights: &'a [f64],
+    d: usize,
+    k: usize,
+    max_iter: usize,
+    tol: f64,
+}
+
 /// [`run_once`] for the data's dimension, with the CPU's widest vectors: on x86-64, AVX2 where
 /// the CPU has it. The result is the same bits either way: the same IEEE operations run in the
 /// same order, only more of them at once.
-fn run_widest(
-    data: &[f64],
-    weights: &[f64],
-    d: usize,
-    k: usize,
-    limits: (usize, f64),
-    rng: &mut ChaCha8Rng,
-) -> Run {
+fn run_widest(job: &Restart, rng: &mut ChaCha8Rng) -> Run {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { run_avx2(data, weights, d, k, limits, rng) };
+        return unsafe { run_avx2(job, rng) };
     }
-    run_by_dimension(data, weights, d, k, limits, rng)
+    run_by_dimension(job, rng)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn run_avx2(
-    data: &[f64],
-    weights: &[f64],
-    d: usize,
-    k: usize,
-    limits: (usize, f64),
-    rng: &mut ChaCha8Rng,
-) -> Run {
-    run_by_dimension(data, weights, d, k, limits, rng)
+fn run_avx2(job: &Restart, rng: &mut ChaCha8Rng) -> Run {
+    run_by_dimension(job, rng)
 }
 
 #[inline(always)]
-fn run_by_dimension(
-    data: &[f64],
-    weights: &[f64],
-    d: usize,
-    k: usize,
-    (max_iter, tol): (usize, f64),
-    rng: &mut ChaCha8Rng,
-) -> Run {
+fn run_by_dimension(job: &Restart, rng: &mut ChaCha8Rng) -> Run {
+    let &Restart {
+        data,
+        weights,
+        d,
+        k,
+        max_iter,
+        tol,
+    } = job;
     match d {
         1 => run_once::<1>(data, weights, d, k, max_iter, tol, rng),
         2 => run_once::<2>(data, weights, d, k, max_iter, tol, rng),
@@ -956,12 +962,20 @@ mod tests {
             let data: Vec<f64> = (0..n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
             let weights: Vec<f64> = (0..n).map(|_| rng.random_range(0.5..3.0)).collect();
             let tol = 1e-4 * mean_feature_variance(&data, d);
+            let job = Restart {
+                data: &data,
+                weights: &weights,
+                d,
+                k,
+                max_iter: 300,
+                tol,
+            };
             let run = |widest: bool| {
                 let mut rng = ChaCha8Rng::seed_from_u64(1);
                 let run = if widest {
-                    run_widest(&data, &weights, d, k, (300, tol), &mut rng)
+                    run_widest(&job, &mut rng)
                 } else {
-                    run_by_dimension(&data, &weights, d, k, (300, tol), &mut rng)
+                    run_by_dimension(&job, &mut rng)
                 };
                 let bits: Vec<u64> = run.centroids.iter().map(|c| c.to_bits()).collect();
                 (bits, run.labels, run.inertia.to_bits(), run.n_iter)
