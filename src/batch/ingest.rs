@@ -342,14 +342,14 @@ fn prefetch<T>(value: &T) {
 }
 
 /// An event as a reader hands it over: its parts, with the customer given by the reader's
-/// number for it (0, 1, 2… in the order the reader hands the customers' first events over).
-/// The customer's id travels only with its first event in the file and the event id only as
-/// its fingerprint, so a single-row event allocates neither, and the applying thread hashes a
-/// customer's id once per file.
+/// number for it (0, 1, 2… in the order the reader first reads the customers; a number whose
+/// rows all turn out bad is never handed over). The customer's id travels only with the first
+/// event handed over for its number and the event id only as its fingerprint, so a single-row
+/// event allocates neither, and the applying thread hashes a customer's id once per file.
 struct Arrival {
     /// The reader's number for the customer.
     customer: usize,
-    /// The customer's id, with the customer's first event in the file.
+    /// The customer's id, with the first event handed over for the customer.
     new_customer: Option<CustomerId>,
     /// The fingerprint of the event id ([`Event::id_hash`]).
     id_hash: u64,
@@ -364,6 +364,9 @@ struct ToApply {
     chunks: std::sync::mpsc::SyncSender<Vec<Item>>,
     spent: std::sync::mpsc::Receiver<Vec<Item>>,
 }
+
+/// A reader's customer number whose customer the applying thread has not been handed yet.
+const NO_SLOT: usize = usize::MAX;
 
 /// What a reader thread ends with: its report (without the applied and duplicate counts,
 /// which only the population knows), the order lines it read and the kinds of data the file
@@ -415,6 +418,8 @@ struct Reader {
     closing: Vec<(u64, GroupId)>,
     /// This reader's number for each customer seen in the file (see [`Arrival`]).
     customers: CustomerNumbers,
+    /// Whether each number's customer id was handed over (with its first event).
+    handed: Vec<bool>,
     /// Where an event id is written out to be fingerprinted, reused from row to row.
     id_text: String,
     /// Order lines read.
@@ -533,6 +538,14 @@ impl CustomerNumbers {
         }
     }
 
+    /// The number of customer `id`, numbering them with the next number if new.
+    fn number(&mut self, id: &str) -> usize {
+        match self.get(id) {
+            Some(number) => number,
+            None => self.insert(id),
+        }
+    }
+
     /// Numbers customer `id` (not seen before) with the next number, and returns it.
     fn insert(&mut self, id: &str) -> usize {
         let number = self.short + self.long.len();
@@ -575,6 +588,10 @@ type GroupId = (bool, u64);
 
 struct OpenGroup {
     key: String,
+    /// The reader's number for the customer, taken when the group opened: a row's customer
+    /// is looked up while rows go by in order, with its slot loaded ahead, rather than when
+    /// the group closes, in the sweep's order.
+    customer: usize,
     first_line: u64,
     /// The last row that added a line.
     last_row: u64,
@@ -655,7 +672,8 @@ fn read_files(
             };
             let (mut events, mut duplicates) = (0, 0);
             let mut sink_error = None;
-            // The population's slot of each of the reader's customer numbers.
+            // The population's slot of each of the reader's customer numbers ([`NO_SLOT`] for
+            // a number not handed over yet).
             let mut slots: Vec<usize> = Vec::new();
             // Everything the reader sends is applied, even after a failure of the bad-rows
             // file, so the reader never blocks on a full channel.
@@ -664,15 +682,17 @@ fn read_files(
                     // The state an event a few places on will touch is loaded meanwhile: the
                     // states are far apart, and the loads would otherwise wait in turn.
                     if let Some(Item::Event(ahead)) = chunk.get(i + PREFETCH_AHEAD) {
-                        if let Some(&slot) = slots.get(ahead.customer) {
+                        if let Some(&slot) = slots.get(ahead.customer).filter(|&&s| s != NO_SLOT) {
                             population.prefetch(slot);
                         }
                     }
                     match &mut chunk[i] {
                         Item::Event(event) => {
                             if let Some(id) = event.new_customer.take() {
-                                debug_assert_eq!(event.customer, slots.len());
-                                slots.push(population.slot(id));
+                                if slots.len() <= event.customer {
+                                    slots.resize(event.customer + 1, NO_SLOT);
+                                }
+                                slots[event.customer] = population.slot(id);
                             }
                             match population.apply(slots[event.customer], event, params) {
                                 ApplyOutcome::Applied => events += 1,
@@ -914,6 +934,7 @@ impl Reader {
             closed: rustc_hash::FxHashSet::default(),
             closing: Vec::new(),
             customers: CustomerNumbers::default(),
+            handed: Vec::new(),
             id_text: String::new(),
             order_lines: 0,
             out: Vec::with_capacity(CHUNK_ITEMS),
@@ -945,19 +966,14 @@ impl Reader {
                     })
                 })?;
             // Returning stops the tokeniser: its next send fails once `rows` is dropped.
-            // A row of a single-row event looks its customer up at once (an order line joins
-            // an open order instead): the customer's slot starts loading a few rows ahead.
-            let ahead = if self.kind == FileKind::Orders {
-                usize::MAX
-            } else {
-                PREFETCH_AHEAD
-            };
+            // A row of a single-row event, or one that opens an order, looks its customer up
+            // at once: the customer's slot starts loading a few rows ahead.
             for mut chunk in rows {
                 for k in 0..chunk.len {
                     if self.abandoned {
                         return Ok(());
                     }
-                    if let Some(next) = chunk.rows[..chunk.len].get(k.saturating_add(ahead)) {
+                    if let Some(next) = chunk.rows[..chunk.len].get(k + PREFETCH_AHEAD) {
                         if let Some(id) = self.text(&next.record, Field::CustomerId) {
                             self.customers.prefetch(id);
                         }
@@ -997,7 +1013,7 @@ impl Reader {
             Err(RowError::AfterAsOf) => self.report.after_as_of += 1,
         }
         for (id, group) in std::mem::take(&mut self.ready) {
-            self.flush(id, group.event);
+            self.flush(id, *group);
         }
         if self.row - self.last_sweep >= sweep_rows {
             self.sweep(false);
@@ -1074,7 +1090,7 @@ impl Reader {
         closing.sort_unstable();
         for &(_, id) in &closing {
             if let Some(group) = self.open.remove(&id) {
-                self.flush(id, group.event);
+                self.flush(id, *group);
             }
         }
         self.closing = closing;
@@ -1082,8 +1098,11 @@ impl Reader {
     }
 
     /// Sends a closed group to be applied and remembers it as closed.
-    fn flush(&mut self, id: GroupId, event: Event) {
+    fn flush(&mut self, id: GroupId, group: OpenGroup) {
         self.closed.insert(id);
+        let OpenGroup {
+            customer, event, ..
+        } = group;
         let id_hash = event.id_hash();
         let Event {
             customer_id,
@@ -1091,28 +1110,42 @@ impl Reader {
             body,
             ..
         } = event;
-        let Ok(()) = self.hand_event(
-            customer_id.as_str(),
-            || Ok::<_, std::convert::Infallible>(customer_id.clone()),
+        let Ok(()) = self.hand_numbered(
+            customer,
+            || Ok::<_, std::convert::Infallible>(customer_id),
             (id_hash, event_time, body),
         );
     }
 
     /// Sends an event, given by its parts, to be applied, with the customer by this reader's
-    /// number for it. `id` makes the customer's id; it is called only on the customer's first
-    /// event in the file (and nothing is sent if it fails).
+    /// number for it. `id` makes the customer's id; it is called only on the first event
+    /// handed over for the customer (and nothing is sent if it fails).
     fn hand_event<E>(
         &mut self,
         customer: &str,
         id: impl FnOnce() -> Result<CustomerId, E>,
+        parts: (u64, EventTime, EventBody),
+    ) -> Result<(), E> {
+        let number = self.customers.number(customer);
+        self.hand_numbered(number, id, parts)
+    }
+
+    /// [`Reader::hand_event`] for the customer this reader numbered `customer`.
+    fn hand_numbered<E>(
+        &mut self,
+        customer: usize,
+        id: impl FnOnce() -> Result<CustomerId, E>,
         (id_hash, event_time, body): (u64, EventTime, EventBody),
     ) -> Result<(), E> {
-        let (customer, new_customer) = match self.customers.get(customer) {
-            Some(number) => (number, None),
-            None => {
-                let id = id()?;
-                (self.customers.insert(customer), Some(id))
-            }
+        if self.handed.len() <= customer {
+            self.handed.resize(customer + 1, false);
+        }
+        let new_customer = if self.handed[customer] {
+            None
+        } else {
+            let id = id()?;
+            self.handed[customer] = true;
+            Some(id)
         };
         self.send(Item::Event(Arrival {
             customer,
@@ -1430,10 +1463,12 @@ impl Reader {
 
     /// Opens group `id` with its first event.
     fn open_group(&mut self, id: GroupId, key: String, line: u64, event: Event) {
+        let customer = self.customers.number(event.customer_id.as_str());
         let previous = self.open.insert(
             id,
             Box::new(OpenGroup {
                 key,
+                customer,
                 first_line: line,
                 last_row: self.row,
                 event,
@@ -2052,6 +2087,48 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("\"total\""), "{err}");
+    }
+
+    #[test]
+    fn an_order_that_closes_before_an_earlier_customers_is_applied_to_its_own_customer() {
+        // cA's order opens first and keeps taking lines; cB's, opened second, closes at the
+        // second sweep (idle, and more than the window behind cC's later time). So cB's event
+        // is handed over before cA's, though the reader numbered cA first.
+        let dir = tempfile::tempdir().unwrap();
+        let text = "customer_id,order_id,event_time,quantity,unit_price\n\
+                    cA,oA,2024-01-01,1,5\n\
+                    cB,oB,2024-01-01,1,7\n\
+                    cA,oA,2024-01-01,1,5\n\
+                    cC,oC,2024-01-10,1,3\n\
+                    cA,oA,2024-01-01,2,5\n";
+        let files = [InputFile {
+            kind: FileKind::Orders,
+            path: write(dir.path(), "orders.csv", text),
+            columns: ColumnMap::new(),
+        }];
+        let mut population = Population::default();
+        read_files(
+            &files,
+            &StateParams::default(),
+            &IngestOptions::default(),
+            &mut population,
+            &mut None,
+            2,
+        )
+        .unwrap();
+        let ids: Vec<&str> = population.ids().iter().map(CustomerId::as_str).collect();
+        assert_eq!(
+            ids,
+            ["cB", "cA", "cC"],
+            "population order is hand-over order"
+        );
+        let lines: Vec<(u32, u32)> = population
+            .states()
+            .iter()
+            .map(|s| (s.orders, s.lines))
+            .collect();
+        assert_eq!(lines, [(1, 1), (1, 3), (1, 1)]);
+        assert_eq!(population.states()[1].revenue, 20.0);
     }
 
     #[test]
