@@ -342,10 +342,11 @@ fn prefetch<T>(value: &T) {
 }
 
 /// An event as a reader hands it over: its parts, with the customer given by the reader's
-/// number for it (0, 1, 2… in the order the reader first reads the customers; a number whose
-/// rows all turn out bad is never handed over). The customer's id travels only with the first
-/// event handed over for its number and the event id only as its fingerprint, so a single-row
-/// event allocates neither, and the applying thread hashes a customer's id once per file.
+/// number for it (0, 1, 2… in the order the reader first reads the customers, which need not
+/// be the order of their first events handed over: an order opened first may close last). The
+/// customer's id travels only with the first event handed over for its number and the event
+/// id only as its fingerprint, so a single-row event allocates neither, and the applying
+/// thread hashes a customer's id once per file.
 struct Arrival {
     /// The reader's number for the customer.
     customer: usize,
@@ -365,7 +366,8 @@ struct ToApply {
     spent: std::sync::mpsc::Receiver<Vec<Item>>,
 }
 
-/// A reader's customer number whose customer the applying thread has not been handed yet.
+/// The slot of a reader's customer number whose first event the applying thread has not been
+/// handed yet.
 const NO_SLOT: usize = usize::MAX;
 
 /// What a reader thread ends with: its report (without the applied and duplicate counts,
