@@ -99,7 +99,7 @@ pub fn mean_silhouettes_weighted(
         Some(s) => Cow::Borrowed(s),
         None => Cow::Owned(data.iter().copied().collect()),
     };
-    let scores = Ctx::new(flat.as_ref(), d, labelings)?.point_scores(Vectors::Widest);
+    let scores = Ctx::new(flat.as_ref(), (n, d), labelings)?.point_scores(Vectors::Widest);
 
     // Summed sequentially so the result does not depend on how rayon split the rows.
     let mut means = vec![0.0; n_lab];
@@ -186,10 +186,13 @@ enum Vectors {
 }
 
 impl<'a> Ctx<'a> {
-    /// The inputs for scoring `labelings` of the points in `data` (row-major, `d` columns),
-    /// after checking the labelings (see [`cluster_slots`]).
-    fn new(data: &'a [f64], d: usize, labelings: &[&[u32]]) -> Result<Self, SilhouetteError> {
-        let n = data.len() / d.max(1);
+    /// The inputs for scoring `labelings` of the `n` points in `data` (row-major, `d`
+    /// columns), after checking the labelings (see [`cluster_slots`]).
+    fn new(
+        data: &'a [f64],
+        (n, d): (usize, usize),
+        labelings: &[&[u32]],
+    ) -> Result<Self, SilhouetteError> {
         let n_lab = labelings.len();
         let (offsets, sizes) = cluster_slots(labelings, n)?;
         let mut slot_of = vec![0u32; n * n_lab];
@@ -331,7 +334,8 @@ impl Ctx<'_> {
         }
         let dims = if D == 0 { d } else { D };
         for (xj, to_j) in self.data.chunks_exact(d).zip(dists.iter_mut()) {
-            // As [`euclidean`] adds them: from 0, a dimension at a time, then the root.
+            // As a plain Euclidean distance adds them: from 0, a dimension at a time, then
+            // the root (the tests' pass per point does the same).
             let mut acc = [0.0; ROWS_AT_ONCE];
             for (lanes, &x) in coords[..dims].iter().zip(&xj[..dims]) {
                 for r in 0..ROWS_AT_ONCE {
@@ -536,7 +540,7 @@ mod tests {
                 labels[1] = 1;
             }
             let refs: Vec<&[u32]> = labelings.iter().map(Vec::as_slice).collect();
-            let ctx = Ctx::new(&data, d, &refs).unwrap();
+            let ctx = Ctx::new(&data, (n, d), &refs).unwrap();
             let bits = |v: Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let want = bits(scores_point_by_point(&ctx));
             for vectors in [Vectors::Widest, Vectors::Baseline] {
