@@ -33,7 +33,78 @@ pub struct PublishedAxis {
     pub segment: Option<u32>,
     /// Memberships in segment order, quantised to 1/65535 (ample below any useful epsilon,
     /// and a quarter of the bytes of f64).
-    pub memberships: Vec<u16>,
+    pub memberships: Quantised,
+}
+
+/// An axis's quantised memberships, held inline up to 8 segments (more spill to the heap):
+/// decoding a record then allocates nothing per axis. Encoded exactly as a `Vec<u16>` (a
+/// length, then the values), so records written before read the same.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Quantised(smallvec::SmallVec<[u16; 8]>);
+
+impl std::ops::Deref for Quantised {
+    type Target = [u16];
+
+    fn deref(&self) -> &[u16] {
+        &self.0
+    }
+}
+
+impl FromIterator<u16> for Quantised {
+    fn from_iter<I: IntoIterator<Item = u16>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
+impl From<Vec<u16>> for Quantised {
+    fn from(values: Vec<u16>) -> Self {
+        Self(values.into())
+    }
+}
+
+impl Serialize for Quantised {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Quantised {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Quantised;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a sequence of quantised memberships")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Quantised, A::Error> {
+                // Up to 8 values (postcard gives the count) are read straight into the inline
+                // buffer; the count is the record's claim, so nothing is reserved from it.
+                let mut inline = [0u16; 8];
+                let mut n = 0;
+                if seq.size_hint().is_some_and(|hint| hint <= inline.len()) {
+                    while let Some(m) = seq.next_element()? {
+                        let Some(slot) = inline.get_mut(n) else {
+                            return Err(serde::de::Error::invalid_length(n + 1, &self));
+                        };
+                        *slot = m;
+                        n += 1;
+                    }
+                    return Ok(Quantised(smallvec::SmallVec::from_buf_and_len(inline, n)));
+                }
+                let mut values = smallvec::SmallVec::new();
+                while let Some(m) = seq.next_element()? {
+                    values.push(m);
+                }
+                Ok(Quantised(values))
+            }
+        }
+        deserializer.deserialize_seq(Visitor)
+    }
 }
 
 /// Everything stored per customer.
@@ -139,4 +210,31 @@ impl CustomerRecord {
 /// A membership quantised to 1/65535, as [`PublishedAxis::memberships`] keeps it.
 pub fn quantise(m: f64) -> u16 {
     (m.clamp(0.0, 1.0) * 65_535.0).round() as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Memberships held inline encode as the vector they replaced, whatever their count
+    /// (inline or spilled) and however many bytes each value's varint takes, and such bytes
+    /// decode back.
+    #[test]
+    fn quantised_memberships_keep_the_vector_encoding() {
+        let values = [0u16, 1, 127, 128, 16_383, 16_384, 40_000, 65_535];
+        for n in 0..=20 {
+            let plain: Vec<u16> = (0..n).map(|i| values[i % values.len()]).collect();
+            let inline = Quantised::from(plain.clone());
+            let bytes = postcard::to_allocvec(&plain).unwrap();
+            assert_eq!(postcard::to_allocvec(&inline).unwrap(), bytes, "{n} values");
+            let back: Quantised = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(&back[..], &plain[..]);
+        }
+        // A length the bytes do not hold is an error, not a reservation.
+        let mut lying = postcard::to_allocvec(&vec![7u16; 3]).unwrap();
+        lying[0] = 0xff;
+        lying.insert(1, 0xff);
+        lying.insert(2, 0x7f);
+        assert!(postcard::from_bytes::<Quantised>(&lying).is_err());
+    }
 }

@@ -213,7 +213,7 @@ mod tests {
                 .map(|&(axis, segment)| PublishedAxis {
                     axis,
                     segment,
-                    memberships: Vec::new(),
+                    memberships: Default::default(),
                 })
                 .collect(),
         }

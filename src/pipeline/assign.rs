@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::event::CustomerId;
 use crate::domain::features::{Axis, FeatureVector};
-use crate::domain::record::{quantise, CustomerRecord, Published, PublishedAxis};
+use crate::domain::record::{quantise, CustomerRecord, Published, PublishedAxis, Quantised};
 use crate::domain::section::Section;
 use crate::domain::state::CustomerState;
 use crate::domain::time::EventTime;
@@ -169,7 +169,7 @@ pub(crate) fn published_axes(
                         .map(|&m| quantise(m))
                         .collect()
                 } else {
-                    Vec::new()
+                    Quantised::default()
                 },
             }
         })
@@ -288,7 +288,7 @@ fn memberships_moved(before: &PublishedAxis, now: &PublishedAxis, epsilon: f64) 
         || before
             .memberships
             .iter()
-            .zip(&now.memberships)
+            .zip(now.memberships.iter())
             .any(|(old, new)| (f64::from(*old) - f64::from(*new)).abs() / 65_535.0 > epsilon)
 }
 

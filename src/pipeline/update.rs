@@ -851,7 +851,7 @@ pub(crate) mod tests {
                 axes: vec![PublishedAxis {
                     axis: Axis::PurchaseFrequency,
                     segment: Some(1),
-                    memberships: vec![40_000, 25_535],
+                    memberships: vec![40_000, 25_535].into(),
                 }],
             }),
             as_of: Some(1_700_000_000),
