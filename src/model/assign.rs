@@ -74,8 +74,13 @@ pub struct Assignment {
     pub axes: Vec<AxisOutcome>,
     /// Standardised features of all axes, flattened.
     z: Vec<f64>,
-    /// Memberships of all axes, flattened.
+    /// Memberships of all axes, flattened; computed from `distances` only when asked for
+    /// (see [`Assigner::nearest_into`]).
     memberships: Vec<f64>,
+    /// Distances to every centroid of all axes, flattened as `memberships`.
+    distances: Vec<f64>,
+    /// Whether `memberships` hold this assignment's values.
+    complete: bool,
 }
 
 /// Assigns customers against one snapshot.
@@ -139,18 +144,28 @@ impl Assigner {
 
     /// Assigns one customer into `out`, reusing its buffers.
     pub fn assign_into(&self, features: &FeatureVector, out: &mut Assignment) {
+        self.nearest_into(features, out);
+        self.complete(out);
+    }
+
+    /// The nearest segments, distances and standardised features into `out`, without the
+    /// memberships: what a decision that turns on segments alone needs (most customers of a
+    /// re-assignment sweep). [`Assigner::complete`] adds them, the same values as
+    /// [`Assigner::assign_into`] gives.
+    pub fn nearest_into(&self, features: &FeatureVector, out: &mut Assignment) {
         out.axes.clear();
+        out.complete = false;
         out.z.resize(self.z_len, f64::NAN);
         out.memberships.resize(self.m_len, f64::NAN);
+        out.distances.resize(self.m_len, f64::NAN);
         let mut raw = [0.0f64; 8];
-        let mut dist = [0.0f64; super::snapshot::MAX_SEGMENTS_PER_AXIS];
         for plan in &self.axes {
             let d = plan.feature_ids.len();
             let z = &mut out.z[plan.z_offset..plan.z_offset + d];
-            let m = &mut out.memberships[plan.m_offset..plan.m_offset + plan.k];
+            let dist = &mut out.distances[plan.m_offset..plan.m_offset + plan.k];
             if !features.gather(&plan.feature_ids, &mut raw[..d]) {
                 z.fill(f64::NAN);
-                m.fill(f64::NAN);
+                dist.fill(f64::NAN);
                 out.axes.push(AxisOutcome {
                     segment: None,
                     distance: f64::NAN,
@@ -168,12 +183,29 @@ impl Assigner {
                     best = c;
                 }
             }
-            fuzzy_memberships(&dist[..plan.k], self.exponent, m);
             out.axes.push(AxisOutcome {
                 segment: Some(best),
                 distance: dist[best],
             });
         }
+    }
+
+    /// Adds the memberships to an assignment [`Assigner::nearest_into`] made (nothing when
+    /// they are there).
+    pub fn complete(&self, out: &mut Assignment) {
+        if out.complete {
+            return;
+        }
+        for (plan, outcome) in self.axes.iter().zip(&out.axes) {
+            let range = plan.m_offset..plan.m_offset + plan.k;
+            let m = &mut out.memberships[range.clone()];
+            if outcome.segment.is_some() {
+                fuzzy_memberships(&out.distances[range], self.exponent, m);
+            } else {
+                m.fill(f64::NAN);
+            }
+        }
+        out.complete = true;
     }
 }
 
@@ -184,8 +216,10 @@ impl Assignment {
         &self.z[plan.z_offset..plan.z_offset + plan.feature_ids.len()]
     }
 
-    /// Memberships of axis `i`, in segment order (NaN when the axis is absent).
+    /// Memberships of axis `i`, in segment order (NaN when the axis is absent). After
+    /// [`Assigner::nearest_into`], only once [`Assigner::complete`] ran.
     pub fn memberships(&self, assigner: &Assigner, i: usize) -> &[f64] {
+        debug_assert!(self.complete, "memberships read before they were computed");
         let plan = &assigner.axes[i];
         &self.memberships[plan.m_offset..plan.m_offset + plan.k]
     }
@@ -241,6 +275,51 @@ mod tests {
         assert!((m[0] - w1 / (w1 + w2)).abs() < 1e-12);
         assert!((m[1] - w2 / (w1 + w2)).abs() < 1e-12);
         assert!((a.z(&assigner, 0)[0] - z[0]).abs() < 1e-12);
+    }
+
+    /// Memberships added after the nearest segments are the bits `assign_into` gives, and a
+    /// reused assignment carries nothing of the customer before.
+    #[test]
+    fn memberships_completed_later_are_the_same_bits() {
+        let valid = sample_snapshot().validate().unwrap();
+        let assigner = Assigner::new(&valid);
+        let params = valid.state_params();
+        let mut lazy = Assignment::default();
+        for day in 1..20 {
+            let t = EventTime::parse(&format!("2024-03-{day:02}")).unwrap();
+            let mut state = CustomerState::default();
+            for o in 0..day % 5 {
+                let at = EventTime::from_unix(t.unix() - 86_400 * i64::from(o * 7)).unwrap();
+                state.apply(
+                    &crate::domain::event::test_order("c", &format!("o{o}"), at),
+                    params,
+                );
+            }
+            let fv = FeatureVector::compute(&state, t, params);
+            let full = assigner.assign(&fv);
+            assigner.nearest_into(&fv, &mut lazy);
+            let bits = |a: &Assignment| -> Vec<(Option<usize>, u64)> {
+                a.axes
+                    .iter()
+                    .map(|o| (o.segment, o.distance.to_bits()))
+                    .collect()
+            };
+            assert_eq!(bits(&lazy), bits(&full));
+            assigner.complete(&mut lazy);
+            for a in 0..valid.axes().len() {
+                let (m, n) = (
+                    lazy.memberships(&assigner, a),
+                    full.memberships(&assigner, a),
+                );
+                assert_eq!(m.len(), n.len());
+                for (x, y) in m.iter().zip(n) {
+                    assert!(
+                        x.to_bits() == y.to_bits(),
+                        "day {day}, axis {a}: {x} != {y}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -79,7 +79,9 @@ impl Section for PublishPolicy {
 
 /// Assigns a customer's features as of `as_of` into `assignment`, holds their published
 /// segments per the policy's hysteresis, and adds the result to the drift sums: what every
-/// assignment of the daemon does, for an event or for a sweep.
+/// assignment of the daemon does, for an event or for a sweep. The memberships are computed
+/// when the hysteresis or [`decide`] reads them, so a sweep that finds every segment held
+/// never computes them.
 pub(crate) fn assign_customer(
     snapshot: &ValidSnapshot,
     assigner: &Assigner,
@@ -90,7 +92,7 @@ pub(crate) fn assign_customer(
     drift: &mut DriftSums,
 ) {
     let features = FeatureVector::compute(&record.state, as_of, snapshot.state_params());
-    assigner.assign_into(&features, assignment);
+    assigner.nearest_into(&features, assignment);
     hold_segments(
         snapshot,
         assigner,
@@ -140,6 +142,7 @@ fn hold_segments(
         let Some(held) = held.filter(|&h| h != nearest) else {
             continue;
         };
+        assigner.complete(assignment);
         let m = assignment.memberships(assigner, a);
         if m[nearest] - m[held] <= margin {
             assignment.axes[a].segment = Some(held);
@@ -333,13 +336,15 @@ fn update_axes(
 pub(crate) fn decide(
     snapshot: &ValidSnapshot,
     assigner: &Assigner,
-    assignment: &Assignment,
+    assignment: &mut Assignment,
     record: &mut CustomerRecord,
     policy: &PublishPolicy,
     customer: &CustomerId,
     cause: impl FnOnce() -> Cause,
     as_of: EventTime,
 ) -> Option<MembershipUpdate> {
+    assigner.complete(assignment);
+    let assignment = &*assignment;
     let version = snapshot.version();
     if !policy.every_event && unchanged(snapshot, assigner, assignment, record, policy.epsilon) {
         return None;

@@ -212,7 +212,8 @@ pub fn reassign_batch(
         let Some(as_of) = aging.assessed_at(key, &record) else {
             continue;
         };
-        let Ok(id) = CustomerId::parse(&customer) else {
+        // The id is checked here and kept (an allocation) only for a customer who moved.
+        let Ok(checked) = CustomerId::check(&customer) else {
             continue;
         };
         assign_customer(
@@ -234,10 +235,13 @@ pub fn reassign_batch(
         if unchanged_across_swap(snapshot, &assignment, &record, &sweep_policy) {
             continue;
         }
+        let Ok(id) = CustomerId::parse(checked) else {
+            continue;
+        };
         if let Some(update) = decide(
             snapshot,
             assigner,
-            &assignment,
+            &mut assignment,
             &mut record,
             &sweep_policy,
             &id,
@@ -436,7 +440,7 @@ mod tests {
                 let update = decide(
                     &next,
                     &assigner,
-                    &assignment,
+                    &mut assignment,
                     &mut record,
                     &policy,
                     &id,

@@ -141,7 +141,7 @@ pub fn process_batch(
         if let Some(update) = decide(
             snapshot,
             assigner,
-            &assignment,
+            &mut assignment,
             record,
             policy,
             &input.event.customer_id,
