@@ -144,8 +144,7 @@ impl Assigner {
 
     /// Assigns one customer into `out`, reusing its buffers.
     pub fn assign_into(&self, features: &FeatureVector, out: &mut Assignment) {
-        self.nearest_into(features, out);
-        self.complete(out);
+        self.assign_axes(features, out, true);
     }
 
     /// The nearest segments, distances and standardised features into `out`, without the
@@ -153,8 +152,12 @@ impl Assigner {
     /// re-assignment sweep). [`Assigner::complete`] adds them, the same values as
     /// [`Assigner::assign_into`] gives.
     pub fn nearest_into(&self, features: &FeatureVector, out: &mut Assignment) {
+        self.assign_axes(features, out, false);
+    }
+
+    fn assign_axes(&self, features: &FeatureVector, out: &mut Assignment, memberships: bool) {
         out.axes.clear();
-        out.complete = false;
+        out.complete = memberships;
         out.z.resize(self.z_len, f64::NAN);
         out.memberships.resize(self.m_len, f64::NAN);
         out.distances.resize(self.m_len, f64::NAN);
@@ -162,10 +165,12 @@ impl Assigner {
         for plan in &self.axes {
             let d = plan.feature_ids.len();
             let z = &mut out.z[plan.z_offset..plan.z_offset + d];
-            let dist = &mut out.distances[plan.m_offset..plan.m_offset + plan.k];
+            let range = plan.m_offset..plan.m_offset + plan.k;
+            let dist = &mut out.distances[range.clone()];
             if !features.gather(&plan.feature_ids, &mut raw[..d]) {
                 z.fill(f64::NAN);
                 dist.fill(f64::NAN);
+                out.memberships[range].fill(f64::NAN);
                 out.axes.push(AxisOutcome {
                     segment: None,
                     distance: f64::NAN,
@@ -182,6 +187,9 @@ impl Assigner {
                 if dist[c] < dist[best] {
                     best = c;
                 }
+            }
+            if memberships {
+                fuzzy_memberships(dist, self.exponent, &mut out.memberships[range]);
             }
             out.axes.push(AxisOutcome {
                 segment: Some(best),

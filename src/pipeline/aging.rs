@@ -125,7 +125,15 @@ pub(crate) fn age_customer(
             continue;
         }
         last = at;
-        assign_customer(snapshot, assigner, &policy, record, at, assignment, drift);
+        assign_customer(
+            snapshot,
+            assigner,
+            (&policy, true),
+            record,
+            at,
+            assignment,
+            drift,
+        );
         let version = record.published.as_ref().map(|p| p.snapshot_version);
         if let Some(update) = decide(
             snapshot,

@@ -79,20 +79,25 @@ impl Section for PublishPolicy {
 
 /// Assigns a customer's features as of `as_of` into `assignment`, holds their published
 /// segments per the policy's hysteresis, and adds the result to the drift sums: what every
-/// assignment of the daemon does, for an event or for a sweep. The memberships are computed
-/// when the hysteresis or [`decide`] reads them, so a sweep that finds every segment held
-/// never computes them.
+/// assignment of the daemon does, for an event or for a sweep. With `memberships` false
+/// they are computed only when the hysteresis or [`decide`] reads them, so a sweep that finds
+/// every segment held never computes them; an event or an aging assessment, which always goes
+/// on to [`decide`], computes them with the distances.
 pub(crate) fn assign_customer(
     snapshot: &ValidSnapshot,
     assigner: &Assigner,
-    policy: &PublishPolicy,
+    (policy, memberships): (&PublishPolicy, bool),
     record: &CustomerRecord,
     as_of: EventTime,
     assignment: &mut Assignment,
     drift: &mut DriftSums,
 ) {
     let features = FeatureVector::compute(&record.state, as_of, snapshot.state_params());
-    assigner.nearest_into(&features, assignment);
+    if memberships {
+        assigner.assign_into(&features, assignment);
+    } else {
+        assigner.nearest_into(&features, assignment);
+    }
     hold_segments(
         snapshot,
         assigner,

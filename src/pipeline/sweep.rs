@@ -219,7 +219,7 @@ pub fn reassign_batch(
         assign_customer(
             snapshot,
             assigner,
-            policy,
+            (policy, false),
             &record,
             as_of,
             &mut assignment,
@@ -423,7 +423,7 @@ mod tests {
                 assign_customer(
                     &next,
                     &assigner,
-                    &policy,
+                    (&policy, false),
                     &record,
                     as_of,
                     &mut assignment,

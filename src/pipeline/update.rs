@@ -132,7 +132,7 @@ pub fn process_batch(
         assign_customer(
             snapshot,
             assigner,
-            policy,
+            (policy, true),
             record,
             as_of,
             &mut assignment,
