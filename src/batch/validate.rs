@@ -124,7 +124,7 @@ pub fn run(job: &ValidateJob) -> anyhow::Result<ValidateOutcome> {
         .par_iter()
         .map_init(Assignment::default, |buf, state| {
             assigner.assign_into(&FeatureVector::compute(state, as_of, &params), buf);
-            buf.clone()
+            buf.kept()
         })
         .collect();
 

@@ -224,10 +224,28 @@ impl Assignment {
         &self.z[plan.z_offset..plan.z_offset + plan.feature_ids.len()]
     }
 
+    /// A copy to keep once the memberships are computed, without the distances they came
+    /// from (a population's worth of assignments held at once need only the results).
+    pub fn kept(&self) -> Assignment {
+        assert!(
+            self.complete,
+            "an assignment kept before its memberships were computed"
+        );
+        Assignment {
+            axes: self.axes.clone(),
+            z: self.z.clone(),
+            memberships: self.memberships.clone(),
+            distances: Vec::new(),
+            complete: true,
+        }
+    }
+
     /// Memberships of axis `i`, in segment order (NaN when the axis is absent). After
     /// [`Assigner::nearest_into`], only once [`Assigner::complete`] ran.
     pub fn memberships(&self, assigner: &Assigner, i: usize) -> &[f64] {
-        debug_assert!(self.complete, "memberships read before they were computed");
+        // Reading them unset would give the previous customer's: a bug to stop at, not to
+        // publish.
+        assert!(self.complete, "memberships read before they were computed");
         let plan = &assigner.axes[i];
         &self.memberships[plan.m_offset..plan.m_offset + plan.k]
     }
