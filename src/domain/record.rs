@@ -89,7 +89,13 @@ impl<'de> Deserialize<'de> for Quantised {
                 if seq.size_hint().is_some_and(|hint| hint <= inline.len()) {
                     while let Some(m) = seq.next_element()? {
                         let Some(slot) = inline.get_mut(n) else {
-                            return Err(serde::de::Error::invalid_length(n + 1, &self));
+                            // More than the hint said: the rest goes to the heap.
+                            let mut values = smallvec::SmallVec::from_buf_and_len(inline, n);
+                            values.push(m);
+                            while let Some(m) = seq.next_element()? {
+                                values.push(m);
+                            }
+                            return Ok(Quantised(values));
                         };
                         *slot = m;
                         n += 1;
@@ -236,5 +242,25 @@ mod tests {
         lying.insert(1, 0xff);
         lying.insert(2, 0x7f);
         assert!(postcard::from_bytes::<Quantised>(&lying).is_err());
+    }
+
+    /// A deserializer whose length hint is low still gets every value.
+    #[test]
+    fn more_values_than_the_hint_spill_to_the_heap() {
+        use serde::de::value::{Error, SeqDeserializer};
+        /// Twelve values that claim to be one.
+        struct Understated(std::ops::Range<u16>);
+        impl Iterator for Understated {
+            type Item = u16;
+            fn next(&mut self) -> Option<u16> {
+                self.0.next()
+            }
+            fn size_hint(&self) -> (usize, Option<usize>) {
+                (1, Some(1))
+            }
+        }
+        let values = Understated(0..12);
+        let decoded = Quantised::deserialize(SeqDeserializer::<_, Error>::new(values)).unwrap();
+        assert_eq!(&decoded[..], &(0..12).collect::<Vec<u16>>()[..]);
     }
 }
