@@ -82,27 +82,18 @@ impl<'de> Deserialize<'de> for Quantised {
                 self,
                 mut seq: A,
             ) -> Result<Quantised, A::Error> {
-                // Up to 8 values (postcard gives the count) are read straight into the inline
-                // buffer; the count is the record's claim, so nothing is reserved from it.
+                // The first 8 values go straight into the inline buffer, any more to the
+                // heap as they come: nothing is reserved from the length a record claims.
                 let mut inline = [0u16; 8];
-                let mut n = 0;
-                if seq.size_hint().is_some_and(|hint| hint <= inline.len()) {
-                    while let Some(m) = seq.next_element()? {
-                        let Some(slot) = inline.get_mut(n) else {
-                            // More than the hint said: the rest goes to the heap.
-                            let mut values = smallvec::SmallVec::from_buf_and_len(inline, n);
-                            values.push(m);
-                            while let Some(m) = seq.next_element()? {
-                                values.push(m);
-                            }
-                            return Ok(Quantised(values));
-                        };
-                        *slot = m;
-                        n += 1;
+                for n in 0..inline.len() {
+                    match seq.next_element()? {
+                        Some(m) => inline[n] = m,
+                        None => {
+                            return Ok(Quantised(smallvec::SmallVec::from_buf_and_len(inline, n)))
+                        }
                     }
-                    return Ok(Quantised(smallvec::SmallVec::from_buf_and_len(inline, n)));
                 }
-                let mut values = smallvec::SmallVec::new();
+                let mut values = smallvec::SmallVec::from_buf(inline);
                 while let Some(m) = seq.next_element()? {
                     values.push(m);
                 }

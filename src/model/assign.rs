@@ -204,13 +204,15 @@ impl Assigner {
         if out.complete {
             return;
         }
+        // An absent axis's memberships are NaN already.
         for (plan, outcome) in self.axes.iter().zip(&out.axes) {
-            let range = plan.m_offset..plan.m_offset + plan.k;
-            let m = &mut out.memberships[range.clone()];
             if outcome.segment.is_some() {
-                fuzzy_memberships(&out.distances[range], self.exponent, m);
-            } else {
-                m.fill(f64::NAN);
+                let range = plan.m_offset..plan.m_offset + plan.k;
+                fuzzy_memberships(
+                    &out.distances[range.clone()],
+                    self.exponent,
+                    &mut out.memberships[range],
+                );
             }
         }
         out.complete = true;
