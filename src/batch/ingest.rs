@@ -18,8 +18,9 @@
 //! on; `strict` turns the first one into an error.
 //!
 //! Each file is read in a pipeline of three stages, each on a thread of its own: one splits the
-//! rows into fields (the CSV layer), one parses and groups them into events, and the calling
-//! thread applies the events to the population. Two files are read at once, and the calling
+//! rows into fields (the CSV layer) and parses each row on its own (module `rows`), one groups the
+//! parsed rows into events and numbers their customers, and the calling thread applies the
+//! events to the population. Two files are read at once, and the calling
 //! thread applies their events in file order, then in each file's own order, exactly as one
 //! thread reading the files one after the other would (the bad-rows file too). The stages share
 //! the cores; bounded channels keep what waits between them small. A reader hands an event over
@@ -38,15 +39,22 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rustc_hash::FxHashMap;
 use thiserror::Error;
 
-use crate::domain::event::{
-    event_id_hash, CustomerId, Engagement, EngagementAction, Event, EventBody, EventError,
-    MessageChannel, Order, OrderChannel, OrderLine, Return, SupportContact,
-};
+use crate::domain::event::{CustomerId, Event, EventBody, Order};
 use crate::domain::features::Sources;
 use crate::domain::state::{ApplyOutcome, CustomerState, StateParams};
 use crate::domain::time::EventTime;
 
 use super::mapping::{resolve, ColumnMap, Field, FileKind, MappingError, ResolvedColumns};
+use super::FileError;
+
+mod numbers;
+mod rows;
+
+use numbers::{prefetch, CustomerNumbers};
+use rows::{
+    group_id, owned_id, tokenise, GroupId, InputCsv, LineOfOrder, Parsed, ParsedRow, RowError,
+    RowParser, RowRead, Rows, Tokenised, ROW_CHUNKS_WAITING,
+};
 
 /// How many bad rows per file are kept with their line numbers for the terminal report (all of
 /// them go to the bad-rows file when one is asked for).
@@ -327,20 +335,6 @@ enum Item {
     Bad { line: u64, reason: String },
 }
 
-/// Asks the CPU to start loading the cache line that holds `value`.
-#[inline]
-fn prefetch<T>(value: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint to the cache: it neither reads into the program nor faults,
-    // whatever the address, and this one is a live reference's.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(value).cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
-}
-
 /// An event as a reader hands it over: its parts, with the customer given by the reader's
 /// number for it (0, 1, 2… in the order the reader first reads the customers, which need not
 /// be the order of their first events handed over: an order opened first may close last). The
@@ -375,35 +369,11 @@ const NO_SLOT: usize = usize::MAX;
 /// declares.
 type ReaderEnd = Result<(FileReport, u64, Sources), IngestError>;
 
-/// Why a row did not become (part of) an event.
-enum RowError {
-    /// A bad row, with the reason.
-    Bad(String),
-    /// A good row after the as-of time: left out on purpose, counted apart.
-    AfterAsOf,
-}
-
-impl From<String> for RowError {
-    fn from(reason: String) -> Self {
-        Self::Bad(reason)
-    }
-}
-
-impl From<&str> for RowError {
-    fn from(reason: &str) -> Self {
-        Self::Bad(reason.to_owned())
-    }
-}
-
-use super::FileError;
-use crate::domain::time::FUTURE_SLACK_SECONDS;
-
+/// Groups a file's parsed rows into events, numbers their customers and hands the events
+/// over in file order.
 struct Reader {
-    kind: FileKind,
-    cols: ResolvedColumns,
     path_text: String,
     strict: bool,
-    zero_quantity_paid_as_one: bool,
     report: FileReport,
     /// Open orders (and returns, for orders files with an event type), by kind and a hash
     /// of the customer and the order key. Boxed: the map churns (every order is inserted
@@ -422,8 +392,6 @@ struct Reader {
     customers: CustomerNumbers,
     /// Whether each number's customer id was handed over (with its first event).
     handed: Vec<bool>,
-    /// Where an event id is written out to be fingerprinted, reused from row to row.
-    id_text: String,
     /// Order lines read.
     order_lines: u64,
     /// Items not yet handed over, and where they go.
@@ -431,8 +399,6 @@ struct Reader {
     /// The applying thread stopped taking items (it failed): stop reading.
     abandoned: bool,
     to_apply: ToApply,
-    until: Option<i64>,
-    now: i64,
     /// Latest event time read in this file.
     watermark: i64,
     /// Data rows read so far, and the row count at the last sweep.
@@ -440,153 +406,6 @@ struct Reader {
     last_sweep: u64,
     window: i64,
 }
-
-/// A reader's number for each customer it has seen, by id: an open-addressing table, so that
-/// the reader can start loading the slot of a row's customer a few rows ahead
-/// ([`CustomerNumbers::prefetch`]). On a large shop the table is far bigger than the CPU's
-/// caches and every customer is somewhere else in it, so each lookup would otherwise wait on
-/// memory. An id of up to [`SHORT_ID_MAX`] bytes (nearly every real one) is held in its slot
-/// itself, so the lookup compares words that arrived with the slot; longer ids go to a map of
-/// their own.
-struct CustomerNumbers {
-    /// Linear probing, at most half full; the length is a power of two.
-    slots: Vec<Slot>,
-    short: usize,
-    long: FxHashMap<Box<str>, usize>,
-}
-
-/// A slot of [`CustomerNumbers`], 32 bytes, so that it never straddles two cache lines: a short
-/// id (its length, its bytes, then zeros: [`SHORT_ID_MAX`] + 1 bytes, little-endian in the
-/// words), and in the last word's top half the customer's number plus one (0: the slot is
-/// empty). Plain words, so a new table is allocated zeroed, as fresh pages already are, rather
-/// than written.
-type Slot = [u64; 4];
-const SHORT_ID_MAX: usize = 27;
-/// The last word's bits that hold id bytes.
-const ID_BITS_OF_LAST: u64 = u32::MAX as u64;
-
-/// Slots of a new table.
-const FIRST_SLOTS: usize = 1 << 12;
-
-impl Default for CustomerNumbers {
-    fn default() -> Self {
-        Self {
-            slots: vec![[0; 4]; FIRST_SLOTS],
-            short: 0,
-            long: FxHashMap::default(),
-        }
-    }
-}
-
-impl CustomerNumbers {
-    /// The slot words of a short id, with no number.
-    fn short_id(id: &str) -> Option<Slot> {
-        let bytes = id.as_bytes();
-        let len = u8::try_from(bytes.len())
-            .ok()
-            .filter(|&l| usize::from(l) <= SHORT_ID_MAX)?;
-        let mut text = [0u8; 32];
-        text[0] = len;
-        text[1..=bytes.len()].copy_from_slice(bytes);
-        let mut key = [0; 4];
-        for (word, eight) in key.iter_mut().zip(text.chunks_exact(8)) {
-            let mut b = [0; 8];
-            b.copy_from_slice(eight);
-            *word = u64::from_le_bytes(b);
-        }
-        Some(key)
-    }
-
-    /// Where the search for `key` starts.
-    fn home(&self, key: &Slot) -> usize {
-        let mut bytes = [0; 32];
-        for (eight, word) in bytes.chunks_exact_mut(8).zip(key) {
-            eight.copy_from_slice(&word.to_le_bytes());
-        }
-        // The table's length is a power of two; the hash's low bits pick the slot.
-        (xxhash_rust::xxh3::xxh3_64(&bytes) as usize) & (self.slots.len() - 1)
-    }
-
-    /// The slot holding `key`, or the empty slot where it would go.
-    fn find(&self, key: &Slot) -> usize {
-        let mask = self.slots.len() - 1;
-        let mut at = self.home(key);
-        loop {
-            let slot = &self.slots[at];
-            if number_in(slot) == 0
-                || (slot[..3] == key[..3] && slot[3] & ID_BITS_OF_LAST == key[3])
-            {
-                return at;
-            }
-            at = (at + 1) & mask;
-        }
-    }
-
-    /// Starts loading the slot where a lookup of `id` begins: a hint, which changes nothing.
-    fn prefetch(&self, id: &str) {
-        if let Some(key) = Self::short_id(id) {
-            prefetch(&self.slots[self.home(&key)]);
-        }
-    }
-
-    /// The number of customer `id`, if seen.
-    fn get(&self, id: &str) -> Option<usize> {
-        match Self::short_id(id) {
-            Some(key) => {
-                let number = number_in(&self.slots[self.find(&key)]);
-                (number > 0).then(|| number as usize - 1)
-            }
-            None => self.long.get(id).copied(),
-        }
-    }
-
-    /// The number of customer `id`, numbering them with the next number if new.
-    fn number(&mut self, id: &str) -> usize {
-        match self.get(id) {
-            Some(number) => number,
-            None => self.insert(id),
-        }
-    }
-
-    /// Numbers customer `id` (not seen before) with the next number, and returns it.
-    fn insert(&mut self, id: &str) -> usize {
-        let number = self.short + self.long.len();
-        let Some(mut key) = Self::short_id(id) else {
-            self.long.insert(id.into(), number);
-            return number;
-        };
-        if 2 * (self.short + 1) > self.slots.len() {
-            self.grow();
-        }
-        let at = self.find(&key);
-        // A reader numbers fewer customers than a u32 holds: each took a row.
-        let stored = u32::try_from(number + 1).unwrap_or(u32::MAX);
-        key[3] |= u64::from(stored) << 32;
-        self.slots[at] = key;
-        self.short += 1;
-        number
-    }
-
-    /// Doubles the table, placing every id again.
-    fn grow(&mut self) {
-        let doubled = vec![[0; 4]; self.slots.len() * 2];
-        let old = std::mem::replace(&mut self.slots, doubled);
-        for slot in old.into_iter().filter(|s| number_in(s) > 0) {
-            let mut key = slot;
-            key[3] &= ID_BITS_OF_LAST;
-            let at = self.find(&key);
-            self.slots[at] = slot;
-        }
-    }
-}
-
-/// The number plus one a slot holds (0: empty).
-fn number_in(slot: &Slot) -> u32 {
-    (slot[3] >> 32) as u32
-}
-
-/// An order group: whether it holds returns, and a hash of the customer id and order key.
-type GroupId = (bool, u64);
 
 struct OpenGroup {
     key: String,
@@ -620,8 +439,8 @@ pub(crate) fn progress_bar(len: u64, enabled: bool, path: &Path) -> ProgressBar 
     bar
 }
 
-/// Reads `files` into `population`: each file split into fields and parsed on two threads of
-/// its own, every event applied here in file order (see the module docs). Returns each file's
+/// Reads `files` into `population`: each file split into fields, parsed and grouped on two
+/// threads of its own, every event applied here in file order (see the module docs). Returns each file's
 /// report.
 fn read_files(
     files: &[InputFile],
@@ -764,8 +583,14 @@ fn read_file_swept(
             source,
         })?;
     let sources = declared_sources(file.kind, &cols);
-    let mut reader = Reader::new(file, cols, path_text, options, to_apply);
-    reader.read_all(csv, sweep_rows)?;
+    let parser = RowParser::new(
+        file.kind,
+        &cols,
+        options.zero_quantity_paid_as_one,
+        (options.until.map(EventTime::unix), EventTime::now().unix()),
+    );
+    let mut reader = Reader::new(file, path_text, options, to_apply);
+    reader.read_all(csv, parser, sweep_rows)?;
     bar.finish_and_clear();
     reader.report.elapsed = started.elapsed();
     tracing::debug!(
@@ -777,74 +602,6 @@ fn read_file_swept(
         "file read"
     );
     Ok((reader.report, reader.order_lines, sources))
-}
-
-/// A CSV reader over the file.
-type InputCsv = csv::Reader<Box<dyn Read + Send>>;
-
-/// Rows the tokeniser hands over at once, and chunks of them waiting.
-const ROWS_PER_CHUNK: usize = 1_024;
-const ROW_CHUNKS_WAITING: usize = 4;
-
-/// One row as the tokeniser read it: its fields, or why they could not be read.
-struct Tokenised {
-    /// The line the reader was on before the row (for an error without a position).
-    line: u64,
-    record: csv::StringRecord,
-    error: Option<csv::Error>,
-}
-
-/// A chunk of rows: the first `len` are filled. Chunks go back to the tokeniser once read, so
-/// the records' buffers are reused rather than allocated for every row.
-struct Rows {
-    rows: Vec<Tokenised>,
-    len: usize,
-}
-
-/// Splits the file's rows into fields (the CSV layer: quoting, UTF-8, line numbers), a chunk at
-/// a time, for [`Reader::read_all`] to interpret on its own thread. Stops at the end of the
-/// file, after an I/O error, or when the reader stops taking chunks.
-fn tokenise(
-    mut csv: InputCsv,
-    to_reader: &std::sync::mpsc::SyncSender<Rows>,
-    spent: &std::sync::mpsc::Receiver<Rows>,
-) {
-    loop {
-        let mut chunk = spent.try_recv().unwrap_or_else(|_| Rows {
-            rows: Vec::with_capacity(ROWS_PER_CHUNK),
-            len: 0,
-        });
-        let mut end = false;
-        while chunk.len < ROWS_PER_CHUNK {
-            if chunk.len == chunk.rows.len() {
-                chunk.rows.push(Tokenised {
-                    line: 0,
-                    record: csv::StringRecord::new(),
-                    error: None,
-                });
-            }
-            let row = &mut chunk.rows[chunk.len];
-            row.line = csv.position().line() + u64::from(csv.position().line() == 0);
-            match csv.read_record(&mut row.record) {
-                Ok(false) => {
-                    end = true;
-                    break;
-                }
-                Ok(true) => row.error = None,
-                Err(err) => {
-                    end = matches!(err.kind(), csv::ErrorKind::Io(_));
-                    row.error = Some(err);
-                }
-            }
-            chunk.len += 1;
-            if end {
-                break;
-            }
-        }
-        if (chunk.len > 0 && to_reader.send(chunk).is_err()) || end {
-            return;
-        }
-    }
 }
 
 /// Opens a file for reading behind a progress bar: the reader, its header (without a byte
@@ -915,17 +672,13 @@ impl Reader {
     /// A reader for one file, before its first row.
     fn new(
         file: &InputFile,
-        cols: ResolvedColumns,
         path_text: String,
         options: &IngestOptions,
         to_apply: ToApply,
     ) -> Self {
         Self {
-            kind: file.kind,
-            cols,
             path_text,
             strict: options.strict,
-            zero_quantity_paid_as_one: options.zero_quantity_paid_as_one,
             report: FileReport {
                 path: file.path.clone(),
                 kind: Some(file.kind),
@@ -937,13 +690,10 @@ impl Reader {
             closing: Vec::new(),
             customers: CustomerNumbers::default(),
             handed: Vec::new(),
-            id_text: String::new(),
             order_lines: 0,
             out: Vec::with_capacity(CHUNK_ITEMS),
             abandoned: false,
             to_apply,
-            until: options.until.map(EventTime::unix),
-            now: EventTime::now().unix(),
             watermark: i64::MIN,
             row: 0,
             last_sweep: 0,
@@ -952,15 +702,21 @@ impl Reader {
     }
 
     /// Reads every row, sweeping the open orders every `sweep_rows` rows and closing the rest
-    /// at the end. The rows are split into fields on a thread of their own (see [`tokenise`]).
-    fn read_all(&mut self, csv: InputCsv, sweep_rows: u64) -> Result<(), IngestError> {
+    /// at the end. The rows are split into fields and parsed by `parser` on a thread of their
+    /// own (see [`tokenise`]).
+    fn read_all(
+        &mut self,
+        csv: InputCsv,
+        parser: RowParser,
+        sweep_rows: u64,
+    ) -> Result<(), IngestError> {
         std::thread::scope(|scope| -> Result<(), IngestError> {
             let (to_reader, rows) = std::sync::mpsc::sync_channel::<Rows>(ROW_CHUNKS_WAITING);
             // Read chunks go back unbounded: no more exist than the bounded channel lets out.
             let (to_tokeniser, spent) = std::sync::mpsc::channel::<Rows>();
             std::thread::Builder::new()
                 .name("segmentd-csv".into())
-                .spawn_scoped(scope, move || tokenise(csv, &to_reader, &spent))
+                .spawn_scoped(scope, move || tokenise(csv, parser, &to_reader, &spent))
                 .map_err(|source| {
                     IngestError::File(FileError::Io {
                         path: self.path_text.clone(),
@@ -976,8 +732,8 @@ impl Reader {
                         return Ok(());
                     }
                     if let Some(next) = chunk.rows[..chunk.len].get(k + PREFETCH_AHEAD) {
-                        if let Some(id) = self.text(&next.record, Field::CustomerId) {
-                            self.customers.prefetch(id);
+                        if let RowRead::Parsed(Ok(parsed)) = &next.read {
+                            self.customers.prefetch(parsed.customer.text(&next.record));
                         }
                     }
                     self.take_row(&mut chunk.rows[k], sweep_rows)?;
@@ -996,20 +752,14 @@ impl Reader {
     /// Takes one row as the tokeniser read it (or failed to).
     fn take_row(&mut self, row: &mut Tokenised, sweep_rows: u64) -> Result<(), IngestError> {
         self.report.rows += 1;
-        if let Some(err) = row.error.take() {
-            let line = err.position().map_or(row.line, |p| p.line());
-            if matches!(err.kind(), csv::ErrorKind::Io(_)) {
-                return Err(IngestError::File(FileError::Csv {
-                    path: self.path_text.clone(),
-                    source: err,
-                }));
-            }
-            // A malformed row (bad quoting, invalid UTF-8) is one bad row, not the end.
-            return self.bad(line, format!("unreadable row: {err}"));
-        }
+        let parsed = match std::mem::replace(&mut row.read, RowRead::Taken) {
+            RowRead::Parsed(parsed) => parsed,
+            RowRead::Unreadable(err) => return self.unreadable(row.line, err),
+            RowRead::Taken => return Ok(()),
+        };
         self.row += 1;
         let line = row.record.position().map_or(row.line, |p| p.line());
-        match self.row(&row.record, line) {
+        match parsed.and_then(|parsed| self.group_row(&row.record, parsed, line)) {
             Ok(()) => {}
             Err(RowError::Bad(reason)) => self.bad(line, reason)?,
             Err(RowError::AfterAsOf) => self.report.after_as_of += 1,
@@ -1021,6 +771,20 @@ impl Reader {
             self.sweep(false);
         }
         Ok(())
+    }
+
+    /// A row the CSV layer could not read: the end of the read after an I/O error, otherwise
+    /// one bad row.
+    fn unreadable(&mut self, line: u64, err: csv::Error) -> Result<(), IngestError> {
+        let line = err.position().map_or(line, |p| p.line());
+        if matches!(err.kind(), csv::ErrorKind::Io(_)) {
+            return Err(IngestError::File(FileError::Csv {
+                path: self.path_text.clone(),
+                source: err,
+            }));
+        }
+        // A malformed row (bad quoting, invalid UTF-8) is one bad row, not the end.
+        self.bad(line, format!("unreadable row: {err}"))
     }
 
     /// Queues an item; hands the queue over once a chunk is full.
@@ -1159,172 +923,50 @@ impl Reader {
         Ok(())
     }
 
-    /// The fingerprint of the event id `id` writes ([`Event::id_hash`]), without allocating.
-    fn id_hash(&mut self, id: std::fmt::Arguments) -> u64 {
-        use std::fmt::Write as _;
-        self.id_text.clear();
-        // Writing to a String cannot fail.
-        let _ = self.id_text.write_fmt(id);
-        event_id_hash(&self.id_text)
-    }
-
-    fn text<'r>(&self, record: &'r csv::StringRecord, field: Field) -> Option<&'r str> {
-        self.cols
-            .get(field)
-            .and_then(|i| record.get(i))
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-    }
-
-    fn number(&self, record: &csv::StringRecord, field: Field) -> Result<Option<f64>, String> {
-        match self.text(record, field) {
-            None => Ok(None),
-            Some(raw) => {
-                let value: f64 = parse_number(raw)
-                    .ok_or_else(|| format!("bad number in {}: {raw:?}", field.as_str()))?;
-                if !value.is_finite() {
-                    return Err(format!(
-                        "bad number in {}: {raw:?} is not finite",
-                        field.as_str()
-                    ));
-                }
-                Ok(Some(value))
-            }
-        }
-    }
-
-    /// The fields every row has: the customer id (checked, as [`CustomerId::parse`] keeps
-    /// it), the event time, and the time as written.
-    fn common<'r>(
-        &self,
-        record: &'r csv::StringRecord,
-    ) -> Result<(&'r str, EventTime, &'r str), RowError> {
-        let customer = CustomerId::check(self.text(record, Field::CustomerId).unwrap_or(""))
-            .map_err(|e| format!("bad customer_id: {e}"))?;
-        let raw_time = self
-            .text(record, Field::EventTime)
-            .ok_or_else(|| "missing event_time: empty".to_owned())?;
-        let time = EventTime::parse(raw_time).map_err(|e| format!("bad event_time: {e}"))?;
-        if time.unix() > self.now + FUTURE_SLACK_SECONDS {
-            return Err(format!("bad event_time: {raw_time:?} is in the future").into());
-        }
-        if self.until.is_some_and(|until| time.unix() > until) {
-            return Err(RowError::AfterAsOf);
-        }
-        Ok((customer, time, raw_time))
-    }
-
-    fn row(&mut self, record: &csv::StringRecord, line: u64) -> Result<(), RowError> {
-        match self.kind {
-            FileKind::Orders => self.order_row(record, line),
-            FileKind::Returns => {
-                let common = self.common(record)?;
-                let amount = self
-                    .number(record, Field::Amount)?
-                    .ok_or("missing amount: empty")?
-                    .abs();
-                let body = EventBody::Return(Return {
-                    order_id: self.text(record, Field::OrderId).map(str::to_owned),
-                    amount,
-                    reason: self.text(record, Field::Reason).map(str::to_owned),
-                });
-                self.emit_row(("return", Field::ReturnId), record, common, body)
-            }
-            FileKind::Support => {
-                let common = self.common(record)?;
-                let topic = self
-                    .text(record, Field::Topic)
-                    .ok_or("missing topic: empty")?
-                    .to_owned();
-                let complexity = self
-                    .number(record, Field::Complexity)?
-                    .ok_or("missing complexity: empty")?;
-                let body = EventBody::SupportContact(SupportContact { topic, complexity });
-                self.emit_row(("support", Field::ContactId), record, common, body)
-            }
-            FileKind::Engagement => {
-                let common = self.common(record)?;
-                let channel =
-                    MessageChannel::parse(self.text(record, Field::Channel).unwrap_or(""))
-                        .map_err(|e| format!("bad channel: {e}"))?;
-                let action =
-                    EngagementAction::parse(self.text(record, Field::Action).unwrap_or(""))
-                        .map_err(|e| format!("bad action: {e}"))?;
-                let body = EventBody::Engagement(Engagement { channel, action });
-                self.emit_row(("engagement", Field::EventId), record, common, body)
-            }
-        }
-    }
-
-    /// A single-row event of `kind` from the row's common fields and its body, sent to be
-    /// applied. Its id is `<kind>:<id>` from the file's `id_field` column, or a hash of the
-    /// row when the file has none (see [`content_hash`]).
-    fn emit_row(
+    /// Groups a parsed row: a single-row event is handed over at once, an order line joins
+    /// its open order or opens one, and a return line of an orders file joins its open
+    /// return or opens one.
+    fn group_row(
         &mut self,
-        (kind, id_field): (&str, Field),
         record: &csv::StringRecord,
-        (customer, event_time, raw_time): (&str, EventTime, &str),
-        body: EventBody,
+        parsed: Parsed,
+        line: u64,
     ) -> Result<(), RowError> {
-        body.validate().map_err(|e| describe(&e))?;
-        let id_hash = match self.text(record, id_field) {
-            Some(id) => self.id_hash(format_args!("{kind}:{id}")),
-            None => {
-                let content = content_hash(record);
-                self.id_hash(format_args!("{kind}:{customer}:{raw_time}:{content:016x}"))
+        let Parsed {
+            customer,
+            event_time,
+            row,
+        } = parsed;
+        let customer = customer.text(record);
+        match row {
+            ParsedRow::Event { id_hash, body } => {
+                self.hand_event(customer, || owned_id(customer), (id_hash, event_time, body))
             }
-        };
-        self.hand_event(customer, || owned_id(customer), (id_hash, event_time, body))
+            ParsedRow::ReturnLine { event, key } => self.group(*event, key, line, true),
+            ParsedRow::OrderLine(order_line) => {
+                self.order_line(record, customer, event_time, *order_line, line)
+            }
+        }
     }
 
-    fn order_row(&mut self, record: &csv::StringRecord, line: u64) -> Result<(), RowError> {
-        let (customer, event_time, raw_time) = self.common(record)?;
-        let is_return = self.is_return(record)?;
-        let mut quantity = self.number(record, Field::Quantity)?.unwrap_or(1.0);
-        let unit_price = self.number(record, Field::UnitPrice)?;
-        let line_total = self.number(record, Field::LineTotal)?;
-        // Counted once the line is part of an order (it may still be refused below).
-        let zero_as_one = !is_return
-            && quantity == 0.0
-            && self.zero_quantity_paid_as_one
-            && line_total.is_some_and(|t| t > 0.0);
-        if zero_as_one {
-            quantity = 1.0;
-        }
-        if unit_price.is_none() && line_total.is_none() {
-            return Err("missing price: unit_price and line_total are both empty".into());
-        }
-        if is_return {
-            let amount = line_total
-                .or_else(|| unit_price.map(|p| p * quantity))
-                .unwrap_or(0.0)
-                .abs();
-            // One return per order and time: a second, later partial return of the same order
-            // is a second event, not a duplicate of the first.
-            let key = match self.text(record, Field::OrderId) {
-                Some(order) => format!("{order}@{raw_time}"),
-                None => raw_time.to_owned(),
-            };
-            let event = Event {
-                event_id: format!("order-return:{key}"),
-                customer_id: owned_id(customer)?,
-                event_time,
-                body: EventBody::Return(Return {
-                    order_id: self.text(record, Field::OrderId).map(str::to_owned),
-                    amount,
-                    reason: None,
-                }),
-            };
-            return self.group(event, key, line, true);
-        }
-        let order_line = self.order_line(record, quantity, unit_price, line_total)?;
-        let channel = match self.text(record, Field::Channel) {
-            None => None,
-            Some(raw) => Some(OrderChannel::parse(raw).map_err(|e| format!("bad channel: {e}"))?),
-        };
-        let order_id = self.text(record, Field::OrderId);
-        let key = order_id.unwrap_or(raw_time);
-        let id = group_id(false, customer, key);
+    /// Adds a line to its open order, or opens one.
+    fn order_line(
+        &mut self,
+        record: &csv::StringRecord,
+        customer: &str,
+        event_time: EventTime,
+        order_line: LineOfOrder,
+        line: u64,
+    ) -> Result<(), RowError> {
+        let LineOfOrder {
+            order_id,
+            key,
+            group: id,
+            line: order_line,
+            channel,
+            zero_as_one,
+        } = order_line;
+        let key = key.text(record);
         // A further line of an open order joins it: nothing else of the row is kept. An open
         // order is not a closed one, so only a line that opens an order is checked against
         // the closed ones (most lines join).
@@ -1348,7 +990,7 @@ impl Reader {
             customer_id: owned_id(customer)?,
             event_time,
             body: EventBody::Order(Order {
-                order_id: order_id.map(str::to_owned),
+                order_id: order_id.map(|id| id.text(record).to_owned()),
                 channel,
                 lines: vec![order_line],
             }),
@@ -1357,65 +999,6 @@ impl Reader {
         self.order_lines += 1;
         self.report.zero_quantity_as_one += u64::from(zero_as_one);
         Ok(())
-    }
-
-    /// Whether an orders row is a return, by its event type; without one it is an order.
-    fn is_return(&self, record: &csv::StringRecord) -> Result<bool, RowError> {
-        match self.text(record, Field::EventType) {
-            None => Ok(false),
-            Some(t) => match t.to_ascii_lowercase().as_str() {
-                "order" | "sale" | "purchase" | "sold" | "buy" => Ok(false),
-                "return" | "refund" | "returned" | "credit" => Ok(true),
-                other => Err(
-                    format!("bad event_type: {other:?} is neither an order nor a return").into(),
-                ),
-            },
-        }
-    }
-
-    /// The line of a row that is not a return, with the unit price taken from the line
-    /// total and the list price from the discount when the file lacks them.
-    fn order_line(
-        &self,
-        record: &csv::StringRecord,
-        quantity: f64,
-        unit_price: Option<f64>,
-        line_total: Option<f64>,
-    ) -> Result<OrderLine, RowError> {
-        if quantity < 0.0 {
-            return Err(
-                format!("negative quantity: {quantity} on a line that is not a return").into(),
-            );
-        }
-        if quantity == 0.0 {
-            return Err(
-                "zero quantity: nothing was bought (--zero-quantity-paid-as-one reads a zero quantity with a positive line total as one unit)"
-                    .into(),
-            );
-        }
-        let unit_price = match (unit_price, line_total) {
-            (Some(p), _) => p,
-            (None, Some(total)) => total / quantity,
-            (None, None) => 0.0,
-        };
-        let list_price = match (
-            self.number(record, Field::ListPrice)?,
-            self.number(record, Field::Discount)?,
-        ) {
-            (Some(list), _) => Some(list),
-            // Discounts are a line amount; exports disagree on their sign.
-            (None, Some(discount)) => Some(unit_price + discount.abs() / quantity),
-            (None, None) => None,
-        };
-        let order_line = OrderLine {
-            product_id: self.text(record, Field::ProductId).map(str::to_owned),
-            category: self.text(record, Field::Category).map(str::to_owned),
-            quantity,
-            unit_price,
-            list_price,
-        };
-        order_line.validate().map_err(|e| describe(&e))?;
-        Ok(order_line)
     }
 
     /// Adds a row's event to its open group, or opens one.
@@ -1463,7 +1046,7 @@ impl Reader {
         Ok(())
     }
 
-    /// Opens group `id` with its first event.
+    /// Opens group `id` with its first event, from the row at `line`.
     fn open_group(&mut self, id: GroupId, key: String, line: u64, event: Event) {
         let customer = self.customers.number(event.customer_id.as_str());
         let previous = self.open.insert(
@@ -1481,22 +1064,6 @@ impl Reader {
     }
 }
 
-/// A group's id: whether it holds returns (returns and orders are grouped apart, so a return
-/// line between two lines of an order does not split the order), and a hash of the customer
-/// and the order key.
-fn group_id(is_return: bool, customer: &str, key: &str) -> GroupId {
-    let customer = xxhash_rust::xxh3::xxh3_64(customer.as_bytes());
-    (
-        is_return,
-        xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), customer),
-    )
-}
-
-/// A checked customer id (see [`Reader::common`]) as the event's.
-fn owned_id(customer: &str) -> Result<CustomerId, RowError> {
-    CustomerId::parse(customer).map_err(|e| RowError::Bad(format!("bad customer_id: {e}")))
-}
-
 fn merge_into(open: &mut Event, next: Event) {
     open.event_time = open.event_time.min(next.event_time);
     match (&mut open.body, next.body) {
@@ -1511,40 +1078,10 @@ fn merge_into(open: &mut Event, next: Event) {
     }
 }
 
-fn describe(e: &EventError) -> String {
-    match e {
-        EventError::NotFinite { field } | EventError::Negative { field, .. } => {
-            format!("bad {field}: {e}")
-        }
-        EventError::ZeroQuantity => format!("zero quantity: {e}"),
-        EventError::Implausible { field, .. } => format!("implausible {field}: {e}"),
-        EventError::Complexity(_) => format!("bad complexity: {e}"),
-        other => format!("invalid event: {other}"),
-    }
-}
-
-/// Parses a number the way exports write them: optional thousands separators are not accepted
-/// (ambiguous with decimal commas), `NaN` and `inf` parse and are then refused as not finite.
-fn parse_number(raw: &str) -> Option<f64> {
-    let raw = raw.strip_prefix('$').unwrap_or(raw);
-    raw.parse::<f64>().ok()
-}
-
-/// For rows that carry no event id, the event id is `<kind>:<customer>:<time>:<this hash>`:
-/// a hash of the row's content, so an identical row repeated (a double export) counts once,
-/// while different rows at the same time do not.
-fn content_hash(record: &csv::StringRecord) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for field in record.iter() {
-        h.update(field.as_bytes());
-        h.update(&[0x1f]);
-    }
-    h.digest()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rows::ROWS_PER_CHUNK;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let path = dir.join(name);
@@ -2131,30 +1668,5 @@ mod tests {
             .collect();
         assert_eq!(lines, [(1, 1), (1, 3), (1, 1)]);
         assert_eq!(population.states()[1].revenue, 20.0);
-    }
-
-    #[test]
-    fn customers_are_numbered_in_first_seen_order_whatever_their_id_length() {
-        let mut numbers = CustomerNumbers::default();
-        let at_limit = "x".repeat(SHORT_ID_MAX);
-        let past_limit = "x".repeat(SHORT_ID_MAX + 1);
-        let ids = [
-            "a",
-            "ab",
-            at_limit.as_str(),
-            past_limit.as_str(),
-            "b",
-            "a\u{0}",
-        ];
-        for (expected, id) in ids.iter().enumerate() {
-            assert_eq!(numbers.get(id), None, "{id:?} is new");
-            assert_eq!(numbers.insert(id), expected);
-        }
-        for (expected, id) in ids.iter().enumerate() {
-            assert_eq!(numbers.get(id), Some(expected), "{id:?}");
-        }
-        assert_eq!(numbers.get("x"), None);
-        assert_eq!(numbers.get(&"x".repeat(SHORT_ID_MAX + 2)), None);
-        assert_eq!(numbers.long.len(), 1, "only the id past the limit is boxed");
     }
 }
