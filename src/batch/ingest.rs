@@ -18,11 +18,11 @@
 //! on; `strict` turns the first one into an error.
 //!
 //! Each file is read in a pipeline of three stages, each on a thread of its own: one splits the
-//! rows into fields (the CSV layer) and parses each row on its own (module `rows`), one groups the
-//! parsed rows into events and numbers their customers, and the calling thread applies the
-//! events to the population. Two files are read at once, and the calling
-//! thread applies their events in file order, then in each file's own order, exactly as one
-//! thread reading the files one after the other would (the bad-rows file too). The stages share
+//! rows into fields (the CSV layer) and parses each row on its own (module `rows`), one groups
+//! the parsed rows into events and numbers their customers, and the calling thread applies the
+//! events to the population. Two files are read at once, and the calling thread applies their
+//! events in file order, then in each file's own order, exactly as one thread reading the
+//! files one after the other would (the bad-rows file too). The stages share
 //! the cores; bounded channels keep what waits between them small. A reader hands an event over
 //! as its parts, with the customer by the reader's own number for it (see `Arrival`): a
 //! single-row event allocates no customer id or event id (an order still builds both once, when
