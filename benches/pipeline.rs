@@ -1,4 +1,6 @@
 //! Per-event and per-customer costs of the hot path, on a generated shop:
+//! - `decode_event`: one event's JSON payload into an event (the daemon's decoder), over the
+//!   shop's mix of orders, returns, contacts and engagement;
 //! - `state_apply_event`: one event into a customer's state (the feature update);
 //! - `features_compute`: all 39 features of one customer;
 //! - `assign_13_axes`: one customer against a 13-axis snapshot (features + assignment);
@@ -30,7 +32,7 @@ use segmentd::io::store::{RocksStore, StateStore, StoreBatch, StoreConfig};
 use segmentd::model::assign::{Assigner, Assignment};
 use segmentd::model::build::build_snapshot;
 use segmentd::pipeline::assign::{published_record, PublishPolicy};
-use segmentd::pipeline::decode::{Input, Source};
+use segmentd::pipeline::decode::{decode, Input, Source};
 use segmentd::pipeline::sweep::reassign_batch;
 use segmentd::pipeline::update::process_batch;
 use segmentd::synth::{Shop, ShopParams};
@@ -89,6 +91,22 @@ fn benches(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("hot_path");
     g.throughput(Throughput::Elements(1));
+    g.bench_function("decode_event", |b| {
+        let payloads: Vec<(Vec<u8>, Vec<u8>)> = f
+            .events
+            .iter()
+            .map(|e| {
+                let key = e.customer_id.as_str().as_bytes().to_vec();
+                (key, serde_json::to_vec(e).expect("an event serialises"))
+            })
+            .collect();
+        let mut i = 0usize;
+        b.iter(|| {
+            let (key, payload) = &payloads[i % payloads.len()];
+            i += 1;
+            black_box(decode(Some(key), Some(payload)).map(|e| e.event_time))
+        })
+    });
     g.bench_function("state_apply_event", |b| {
         // A fresh state per batch of events so the dedup ring never short-circuits and the
         // state grows as it would for a real customer.
