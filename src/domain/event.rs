@@ -5,6 +5,7 @@
 //! an [`Event`] exists its invariants hold: a non-empty customer id, a sane event time, finite
 //! non-negative money and quantities.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -186,10 +187,10 @@ fn with_ascii_lowercase<R>(raw: &str, f: impl FnOnce(&str) -> R) -> R {
 pub struct OrderLine {
     /// Product id, when the source has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub product_id: Option<String>,
+    pub product_id: Option<CompactString>,
     /// Product category, when the source has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub category: Option<String>,
+    pub category: Option<CompactString>,
     /// Units bought; > 0.
     pub quantity: f64,
     /// Price paid per unit, after discounts; >= 0.
@@ -603,6 +604,20 @@ mod tests {
         assert_eq!(order.lines[0].is_discounted(), Some(true));
         let back: Event = serde_json::from_str(&serde_json::to_string(&event).unwrap()).unwrap();
         assert_eq!(back, event);
+    }
+
+    #[test]
+    fn a_lines_text_writes_as_the_string_it_read_whatever_its_length() {
+        // Short texts are held inline and longer ones on the heap: both are plain strings on
+        // the wire, escapes included.
+        let long = "product-with-an-id-longer-than-twenty-four-bytes";
+        let json = format!(
+            r#"{{"product_id":"{long}","category":"t\"ea","quantity":1.0,"unit_price":2.0}}"#
+        );
+        let line: OrderLine = serde_json::from_str(&json).unwrap();
+        assert_eq!(line.product_id.as_deref(), Some(long));
+        assert_eq!(line.category.as_deref(), Some("t\"ea"));
+        assert_eq!(serde_json::to_string(&line).unwrap(), json);
     }
 
     #[test]

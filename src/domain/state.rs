@@ -943,8 +943,8 @@ mod tests {
                 }),
                 lines: (0..=(amount % 3))
                     .map(|l| OrderLine {
-                        product_id: Some(format!("p{}", product.wrapping_add(l))),
-                        category: Some(format!("c{category}")),
+                        product_id: Some(format!("p{}", product.wrapping_add(l)).into()),
+                        category: Some(format!("c{category}").into()),
                         quantity: 1.0 + f64::from(l),
                         unit_price: f64::from(amount) / 4.0,
                         list_price: (amount % 2 == 0).then_some(f64::from(amount) / 3.0),

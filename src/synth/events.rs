@@ -6,6 +6,7 @@ use crate::domain::event::{
     OrderChannel, OrderLine, Return, SupportContact,
 };
 use crate::domain::time::EventTime;
+use compact_str::CompactString;
 
 use super::behaviour::{LineRec, REASONS};
 use super::catalogue::Catalogue;
@@ -83,12 +84,10 @@ pub(crate) fn order(
         .map(|l| {
             let product = &catalogue.products[l.product as usize];
             OrderLine {
-                product_id: Some(product.id.to_string()),
-                category: Some(
-                    catalogue.categories[usize::from(product.category)]
-                        .name
-                        .to_string(),
-                ),
+                product_id: Some(CompactString::from(&*product.id)),
+                category: Some(CompactString::from(
+                    &*catalogue.categories[usize::from(product.category)].name,
+                )),
                 quantity: f64::from(l.quantity),
                 unit_price: money(u64::from(l.unit_cents)),
                 list_price: Some(money(u64::from(product.list_cents))),

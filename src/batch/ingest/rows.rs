@@ -8,6 +8,7 @@
 //! counts. That splits a file's work about evenly between the two threads, where the reader
 //! alone used to be the slowest stage of the pipeline.
 
+use compact_str::CompactString;
 use csv::StringRecord;
 
 use crate::batch::mapping::{Field, FileKind, ResolvedColumns};
@@ -474,8 +475,8 @@ impl RowParser {
             (None, None) => None,
         };
         let order_line = OrderLine {
-            product_id: self.text(record, Field::ProductId).map(str::to_owned),
-            category: self.text(record, Field::Category).map(str::to_owned),
+            product_id: self.text(record, Field::ProductId).map(CompactString::from),
+            category: self.text(record, Field::Category).map(CompactString::from),
             quantity,
             unit_price,
             list_price,
