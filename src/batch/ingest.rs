@@ -22,12 +22,12 @@
 //! the parsed rows into events and numbers their customers, and the calling thread applies the
 //! events to the population. Two files are read at once, and the calling thread applies their
 //! events in file order, then in each file's own order, exactly as one thread reading the
-//! files one after the other would (the bad-rows file too). The stages share
-//! the cores; bounded channels keep what waits between them small. A reader hands an event over
-//! as its parts, with the customer by the reader's own number for it (see `Arrival`): a
-//! single-row event allocates no customer id or event id (an order still builds both once, when
-//! its first line opens it), and the applying thread hashes a customer's id once per file rather
-//! than once per event.
+//! files one after the other would (the bad-rows file too). The stages share the cores;
+//! bounded channels keep what waits between them small. A reader hands an event over as its
+//! parts, with the customer by the reader's own number for it (see `Arrival`): a single-row
+//! event allocates no customer id or event id (an order still builds both once, when its first
+//! line opens it), and the applying thread hashes a customer's id once per file rather than
+//! once per event.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -440,8 +440,8 @@ pub(crate) fn progress_bar(len: u64, enabled: bool, path: &Path) -> ProgressBar 
 }
 
 /// Reads `files` into `population`: each file split into fields, parsed and grouped on two
-/// threads of its own, every event applied here in file order (see the module docs). Returns each file's
-/// report.
+/// threads of its own, every event applied here in file order (see the module docs). Returns
+/// each file's report.
 fn read_files(
     files: &[InputFile],
     params: &StateParams,
@@ -755,7 +755,8 @@ impl Reader {
         let parsed = match std::mem::replace(&mut row.read, RowRead::Taken) {
             RowRead::Parsed(parsed) => parsed,
             RowRead::Unreadable(err) => return self.unreadable(row.line, err),
-            RowRead::Taken => return Ok(()),
+            // The tokeniser fills every row of a chunk up to its length, and each is taken once.
+            RowRead::Taken => unreachable!("a row of a chunk was not read, or taken twice"),
         };
         self.row += 1;
         let line = row.record.position().map_or(row.line, |p| p.line());

@@ -129,7 +129,12 @@ pub(super) struct Span {
 impl Span {
     /// The span of `text`, which must be a slice of `record`'s text.
     fn of(record: &StringRecord, text: &str) -> Self {
-        let start = text.as_ptr() as usize - record.as_slice().as_ptr() as usize;
+        let whole = record.as_slice().as_bytes().as_ptr_range();
+        debug_assert!(
+            whole.start <= text.as_ptr() && text.as_bytes().as_ptr_range().end <= whole.end,
+            "{text:?} is not a slice of the record"
+        );
+        let start = text.as_ptr() as usize - whole.start as usize;
         Self {
             start,
             end: start + text.len(),
