@@ -11,7 +11,7 @@ use serde::Serialize;
 pub enum DeadLetterReason {
     /// No payload (a tombstone).
     EmptyPayload,
-    /// Payload larger than [`MAX_PAYLOAD_BYTES`].
+    /// Payload larger than [`MAX_PAYLOAD_BYTES`](crate::pipeline::decode::MAX_PAYLOAD_BYTES).
     TooLarge,
     /// Not valid JSON (including bare NaN, which JSON does not have).
     NotJson,

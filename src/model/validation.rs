@@ -92,7 +92,7 @@ impl Section for ValidateConfig {
 /// Probability floor used in KL so an empty segment gives a large, finite divergence.
 const KL_EPSILON: f64 = 1e-6;
 
-/// KL(p ‖ q) with both floored at [`KL_EPSILON`] and renormalised.
+/// KL(p ‖ q) with both floored at `KL_EPSILON` (10⁻⁶) and renormalised.
 pub fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
     let norm = |v: &[f64]| {
         let floored: Vec<f64> = v.iter().map(|x| x.max(KL_EPSILON)).collect();

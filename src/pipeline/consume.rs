@@ -3,7 +3,7 @@
 //!
 //! Per batch:
 //! 1. collect up to `max_batch` records: those already delivered, and more for at most
-//!    `batch_timeout_ms` only while the committer is full (see [`Loop::collect`]);
+//!    `batch_timeout_ms` only while the committer is full (see `Loop::collect`);
 //! 2. decode them; refused records become dead letters;
 //! 3. process the events against the state and the current snapshot (off the async runtime);
 //! 4. produce the updates and dead letters and **await every delivery**;
