@@ -115,8 +115,14 @@ impl std::fmt::Display for CustomerId {
 
 impl TryFrom<String> for CustomerId {
     type Error = EventError;
+    /// Keeps `value`'s own buffer when there is nothing to trim (every decoded event's id
+    /// passes here: one allocation, not two).
     fn try_from(value: String) -> Result<Self, Self::Error> {
-        Self::parse(&value)
+        if Self::check(&value)?.len() == value.len() {
+            Ok(Self(value.into_boxed_str()))
+        } else {
+            Self::parse(&value)
+        }
     }
 }
 
@@ -587,6 +593,12 @@ mod tests {
             CustomerId::parse("a\u{0}b"),
             Err(EventError::CustomerIdControlChar)
         );
+        // Decoded ids go through the same checks, with or without white space to trim.
+        let decoded = |json: &str| serde_json::from_str::<CustomerId>(json);
+        assert_eq!(decoded(r#""c-1""#).unwrap().as_str(), "c-1");
+        assert_eq!(decoded(r#"" c-1 ""#).unwrap().as_str(), "c-1");
+        assert!(decoded(r#""   ""#).is_err());
+        assert!(decoded(r#""a\u0000b""#).is_err());
     }
 
     #[test]
