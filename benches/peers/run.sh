@@ -9,7 +9,15 @@
 #   - python3 with this directory's requirements.txt (pip install -r requirements.txt);
 #   - a release build of segmentd (cargo build --release).
 # Usage: benches/peers/run.sh   (CUSTOMERS, LINES, PAIRS, PARTITIONS, PORT override;
-#        CHANGELOG=false runs segmentd without its state changelog)
+#        CHANGELOG=false runs segmentd without its state changelog; AGING_PERIOD sets its
+#        aging.period_seconds)
+#
+# The events replay a year of the shop's history in about a second, and segmentd's aging
+# follows the stream clock, not wall time: with the daily default it would assess every
+# customer at each of the ~365 days the clock crosses (work that a real clock spreads over a
+# year), and the peer has no such work. Like the traffic runs of `segmentd bench`, segmentd
+# runs here with a one-year period (the replay crosses one boundary), so the figures compare
+# the work per event; AGING_PERIOD=86400 measures the replay with daily aging.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 HERE=benches/peers
@@ -21,6 +29,7 @@ PAIRS=${PAIRS:-2}
 PARTITIONS=${PARTITIONS:-4}
 PORT=${PORT:-19092}
 CHANGELOG=${CHANGELOG:-true}
+AGING_PERIOD=${AGING_PERIOD:-31536000}
 BROKERS=127.0.0.1:$PORT
 [ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 command -v "$TANSU" >/dev/null || { echo "tansu not found: cargo install tansu --features dynostore" >&2; exit 2; }
@@ -64,7 +73,7 @@ for name, future in admin.create_topics(topics).items():
 PY
 python3 "$HERE/produce.py" "$BROKERS" peer-events "$S/events.jsonl"
 
-echo "$EVENTS events of $CUSTOMERS customers in $PARTITIONS partitions, $PAIRS pairs ($(nproc) cores; segmentd changelog: $CHANGELOG)"
+echo "$EVENTS events of $CUSTOMERS customers in $PARTITIONS partitions, $PAIRS pairs ($(nproc) cores; segmentd changelog: $CHANGELOG, aging period: $AGING_PERIOD s)"
 for pair in $(seq "$PAIRS"); do
   HTTP=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   cat > "$WORK/segmentd-$pair.toml" <<TOML
@@ -85,6 +94,9 @@ changelog = $CHANGELOG
 
 [store]
 path = "$WORK/segmentd-db-$pair"
+
+[aging]
+period_seconds = $AGING_PERIOD
 TOML
   ours=$(python3 "$HERE/time_segmentd.py" "$BIN" "$WORK/segmentd-$pair.toml" \
     "http://127.0.0.1:$HTTP/metrics" "$EVENTS" "$WORK/segmentd-$pair.log")
