@@ -337,6 +337,50 @@ static CHAOS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// One daemon killed eight times, restarted on its own store (the fifth time on an empty
 /// one): kills land between publishing and committing, and the replays are identical.
+/// `THP_enabled` of a `segmentd broker` process started with `env`, read off its
+/// `/proc/<pid>/status` once the broker is up.
+fn broker_thp_enabled(env: &[(&str, &str)]) -> String {
+    let mut child = Command::new(BIN)
+        .args(["broker", "--listen", "127.0.0.1:0"])
+        .env_remove("MIMALLOC_ALLOW_THP")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let status = thp_enabled(&format!("/proc/{}/status", child.id()));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.starts_with("127.0.0.1:"), "{line:?}");
+    status
+}
+
+fn thp_enabled(status_path: &str) -> String {
+    let status = std::fs::read_to_string(status_path).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .unwrap_or_else(|| panic!("no THP_enabled in {status}"))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn transparent_huge_pages_are_off_unless_mimalloc_allow_thp_is_set() {
+    assert_eq!(broker_thp_enabled(&[]), "0");
+    // With the variable set, the process keeps what it inherited (a child inherits the
+    // setting of the process that started it).
+    assert_eq!(
+        broker_thp_enabled(&[("MIMALLOC_ALLOW_THP", "1")]),
+        thp_enabled("/proc/self/status")
+    );
+}
+
 #[test]
 fn kill_9_chaos_short_run_is_identical() {
     let (stdout, report) = chaos_run(&["--kills", "8", "--instances", "1", "--seed", "3"]);
