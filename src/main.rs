@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     let cli = segmentd::cli::Cli::parse();
     segmentd::telemetry::init_tracing(cli.log_format, cli.verbose);
     if let Err(reason) = huge_pages {
-        tracing::debug!(%reason, "transparent huge pages left as the system has them");
+        tracing::debug!(%reason, "transparent huge pages not turned off by segmentd");
     }
     segmentd::cli::run(cli)
 }

@@ -331,12 +331,6 @@ fn a_second_signal_exits_at_once() {
     );
 }
 
-/// The chaos runs one at a time: each needs both cores for its kills to land where it
-/// aims them (between publishing and committing).
-static CHAOS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// One daemon killed eight times, restarted on its own store (the fifth time on an empty
-/// one): kills land between publishing and committing, and the replays are identical.
 /// `THP_enabled` of a `segmentd broker` process started with `env`, read off its
 /// `/proc/<pid>/status` once the broker is up.
 fn broker_thp_enabled(env: &[(&str, &str)]) -> String {
@@ -381,6 +375,12 @@ fn transparent_huge_pages_are_off_unless_mimalloc_allow_thp_is_set() {
     );
 }
 
+/// The chaos runs one at a time: each needs both cores for its kills to land where it
+/// aims them (between publishing and committing).
+static CHAOS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// One daemon killed eight times, restarted on its own store (the fifth time on an empty
+/// one): kills land between publishing and committing, and the replays are identical.
 #[test]
 fn kill_9_chaos_short_run_is_identical() {
     let (stdout, report) = chaos_run(&["--kills", "8", "--instances", "1", "--seed", "3"]);
