@@ -22,7 +22,14 @@ struct Broker {
 
 impl Broker {
     fn start() -> Self {
-        let mut child = Command::new(BIN)
+        Self::start_with(|_| {})
+    }
+
+    /// As `start`, with `configure` applied to the command first (its environment, say).
+    fn start_with(configure: impl FnOnce(&mut Command)) -> Self {
+        let mut command = Command::new(BIN);
+        configure(&mut command);
+        let mut child = command
             .args([
                 "broker",
                 "--listen",
@@ -331,27 +338,16 @@ fn a_second_signal_exits_at_once() {
     );
 }
 
-/// `THP_enabled` of a `segmentd broker` process started with `env`, read off its
-/// `/proc/<pid>/status` once the broker is up.
-fn broker_thp_enabled(env: &[(&str, &str)]) -> String {
-    let mut child = Command::new(BIN)
-        .args(["broker", "--listen", "127.0.0.1:0"])
-        .env_remove("MIMALLOC_ALLOW_THP")
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let status = thp_enabled(&format!("/proc/{}/status", child.id()));
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(line.starts_with("127.0.0.1:"), "{line:?}");
-    status
+/// `THP_enabled` of a `segmentd broker` process started without `MIMALLOC_ALLOW_THP` or
+/// with it at `allow`, read off its `/proc/<pid>/status` once the broker is up.
+fn broker_thp_enabled(allow: Option<&str>) -> String {
+    let broker = Broker::start_with(|command| {
+        command.env_remove("MIMALLOC_ALLOW_THP");
+        if let Some(allow) = allow {
+            command.env("MIMALLOC_ALLOW_THP", allow);
+        }
+    });
+    thp_enabled(&format!("/proc/{}/status", broker.child.id()))
 }
 
 fn thp_enabled(status_path: &str) -> String {
@@ -366,11 +362,11 @@ fn thp_enabled(status_path: &str) -> String {
 
 #[test]
 fn transparent_huge_pages_are_off_unless_mimalloc_allow_thp_is_set() {
-    assert_eq!(broker_thp_enabled(&[]), "0");
+    assert_eq!(broker_thp_enabled(None), "0");
     // With the variable set, the process keeps what it inherited (a child inherits the
     // setting of the process that started it).
     assert_eq!(
-        broker_thp_enabled(&[("MIMALLOC_ALLOW_THP", "1")]),
+        broker_thp_enabled(Some("1")),
         thp_enabled("/proc/self/status")
     );
 }
