@@ -13,8 +13,8 @@
 #        aging.period_seconds)
 #
 # The events replay a year of the shop's history in about a second, and segmentd's aging
-# follows the stream clock, not wall time: with the daily default it would assess every
-# customer at each of the ~365 days the clock crosses (work that a real clock spreads over a
+# follows the stream clock, not wall time: with the daily default it would assess customers at
+# a boundary for nearly every day the clock enters (work that a real clock spreads over a
 # year), and the peer has no such work. Like the traffic runs of `segmentd bench`, segmentd
 # runs here with a one-year period (the replay crosses one boundary), so the figures compare
 # the work per event; AGING_PERIOD=86400 measures the replay with daily aging.
@@ -31,6 +31,7 @@ PORT=${PORT:-19092}
 CHANGELOG=${CHANGELOG:-true}
 AGING_PERIOD=${AGING_PERIOD:-31536000}
 BROKERS=127.0.0.1:$PORT
+[[ $AGING_PERIOD =~ ^[0-9]+$ ]] || { echo "AGING_PERIOD must be a number of seconds" >&2; exit 2; }
 [ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 command -v "$TANSU" >/dev/null || { echo "tansu not found: cargo install tansu --features dynostore" >&2; exit 2; }
 python3 -c "import quixstreams" 2>/dev/null || { echo "pip install -r $HERE/requirements.txt" >&2; exit 2; }
