@@ -980,7 +980,6 @@ async fn aging_with_traffic(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let buckets = || histogram_buckets(&m.event_to_publish_seconds);
-    let start = buckets();
     let rest: Payloads = Arc::new(events[1..].to_vec());
     let feeder = {
         let (producer, rest, progress) = (rig.producer.clone(), rest.clone(), progress.clone());
@@ -992,18 +991,9 @@ async fn aging_with_traffic(
         progress.store((done - 1).max(0) as u64, Ordering::Relaxed);
         Ok(())
     };
-    // Five seconds to warm the block cache and the clients, then five of steady traffic.
-    let mut start = start;
-    for phase in 0..2 {
-        let until = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < until {
-            track()?;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if phase == 0 {
-            start = buckets();
-        }
-    }
+    watch(WARM_UP, &track).await?;
+    let start = buckets();
+    watch(STEADY, &track).await?;
     let before = buckets();
     // One record per partition a day on: each partition's clock crosses into the next day.
     let visited_before = m.aging_customers.get();
@@ -1033,8 +1023,9 @@ async fn aging_with_traffic(
     ))
 }
 
-/// Feeds `events` at `rate`; swaps to `next` after 5 s of steady traffic and follows the
-/// sweep to the end of the events. Returns the p99 before, during and after the sweep.
+/// Feeds `events` at `rate`; swaps to `next` after [`WARM_UP`] and [`STEADY`] of traffic and
+/// follows the sweep to the end of the events. Returns the p99 of the steady traffic, and
+/// during and after the sweep.
 async fn swap_with_traffic(
     running: &Running,
     producer: &FutureProducer,
@@ -1049,18 +1040,19 @@ async fn swap_with_traffic(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let buckets = || histogram_buckets(&running.metrics.event_to_publish_seconds);
-    let start_buckets = buckets();
     let rest: Payloads = Arc::new(events[1..].to_vec());
     let feeder = {
         let (producer, rest, progress) = (producer.clone(), rest.clone(), progress.clone());
         tokio::spawn(async move { feed(&producer, input, &rest, Some(rate), &progress).await })
     };
-    let steady_until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < steady_until {
+    let track = || -> anyhow::Result<()> {
         let done = running.consumed()?;
         progress.store((done - 1).max(0) as u64, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        Ok(())
+    };
+    watch(WARM_UP, &track).await?;
+    let start_buckets = buckets();
+    watch(STEADY, &track).await?;
     let before = buckets();
     let swapped = Instant::now();
     let activate = crate::control::registry::Activation::Always;
@@ -1085,6 +1077,24 @@ async fn swap_with_traffic(
         p99_between(&before, &during),
         p99_between(&during, &after),
     ))
+}
+
+/// Traffic before the steady window of the runs that compare a pass's latency with the
+/// steady state's: the first seconds on a store just opened (cold block cache, clients
+/// connecting) are not the steady state.
+const WARM_UP: Duration = Duration::from_secs(5);
+
+/// The steady window those runs compare with.
+const STEADY: Duration = Duration::from_secs(5);
+
+/// Calls `track` every 5 ms for `how_long`.
+async fn watch(how_long: Duration, track: impl Fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let until = Instant::now() + how_long;
+    while Instant::now() < until {
+        track()?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
 }
 
 /// The p99 of the samples between two looks at a histogram.
