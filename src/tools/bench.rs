@@ -1060,12 +1060,7 @@ async fn swap_with_traffic(
     running
         .registry
         .offer(&serde_json::to_vec(next)?, origin, activate)?;
-    sweep_done(&running.store, next.version, || {
-        let done = running.consumed()?;
-        progress.store((done - 1).max(0) as u64, Ordering::Relaxed);
-        Ok(())
-    })
-    .await?;
+    sweep_done(&running.store, next.version, track).await?;
     let sweep_seconds = swapped.elapsed().as_secs_f64();
     let during = buckets();
     follow(running, events.len() as i64, &progress, || Ok(())).await?;
